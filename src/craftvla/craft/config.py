@@ -1,0 +1,94 @@
+"""CRaFT configuration (`--craft.*` flags of `craftvla train`; names from the design notes,
+seed 000: use_craft -> enabled, craft_retention_weight -> retention_weight, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from craftvla.craft.functional import ANCHOR_TYPES, POOLING_MODES, PROJECTION_SCOPES
+from craftvla.errors import ConfigError
+
+ANCHOR_SOURCES = ("online", "swap", "cache")
+# craft: projection + dual ascent (the method). The other three are the retention-study
+# baselines run by the same plug-in: l2_init = L2-SP penalty (retention_weight/2)*||theta-theta0||^2;
+# distill_fixed = feature distillation with a fixed weight (no projection, no dual update);
+# dual_only = feature distillation with the dual update but no projection.
+MODES = ("craft", "l2_init", "distill_fixed", "dual_only")
+
+
+def _require(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
+@dataclass
+class CraftConfig:
+    # Turn the CRaFT plug-in on (the design notes' use_craft); off = plain fine-tuning.
+    enabled: bool = False
+    # "craft" (the method) or a baseline: "l2_init", "distill_fixed", "dual_only" (see MODES).
+    mode: str = "craft"
+    # Initial lambda, the weight of g_ret (for l2_init: the L2-SP coefficient alpha).
+    retention_weight: float = 1.0
+    # epsilon: the retention budget; lambda grows while L_ret exceeds it and shrinks below it.
+    retention_budget: float = 0.1
+    # eta_lambda: step size of the dual update lambda <- max(0, lambda + eta * (L_ret - epsilon)).
+    dual_lr: float = 0.01
+    # delta in the projection denominator ||g_ret||^2 + delta (guards a vanishing g_ret).
+    projection_eps: float = 1e-8
+    # Project g_act off g_ret when they conflict (only read in mode "craft"; baselines never project).
+    enable_projection: bool = True
+    # "global": one projection over the whole trainable-parameter vector (the formula's meaning);
+    # "per_tensor": one per parameter tensor (what the design notes' loop did).
+    projection_scope: str = "global"
+    # LLM layer whose vision-patch states give C_R (hidden_states index, 0 = embeddings);
+    # None = num_layers // 2 (the model decides, SPEC §2).
+    anchor_layer_idx: Optional[int] = None
+    # Which bridge features are kept: "both" (C_R and C_AQ, the SPEC default), "vision" (C_R
+    # only) or "action_query" (C_AQ only). Keep "both" when the starting checkpoint trained its
+    # action queries (a VLA checkpoint); use "vision" when it did not (a plain VLM start, where
+    # the queries are zero-initialised and their "initial features" carry no knowledge to keep).
+    anchor_type: str = "both"
+    # Token pooling for the bridge features: "mean" or "max".
+    pooling: str = "mean"
+    # Where anchor features come from: "online" (initial weights on the same batch, exact and
+    # cheap: adapters disabled / functional_call), "swap" (the design notes' CPU weight swap,
+    # a benchmark reference), "cache" (an offline anchor cache, see anchor_cache).
+    anchor_source: str = "online"
+    # Anchor-cache directory for anchor_source="cache".
+    anchor_cache: Optional[str] = None
+    # Log craft/* metrics every this many optimizer steps (averaged over those steps).
+    log_freq: int = 10
+
+    def __post_init__(self) -> None:
+        _require(self.mode in MODES, "craft.mode", self.mode, f"choose one of {MODES}")
+        _require(self.retention_weight >= 0, "craft.retention_weight", self.retention_weight, "must be >= 0")
+        _require(self.retention_budget >= 0, "craft.retention_budget", self.retention_budget, "must be >= 0")
+        _require(self.dual_lr >= 0, "craft.dual_lr", self.dual_lr, "must be >= 0")
+        _require(self.projection_eps >= 0, "craft.projection_eps", self.projection_eps, "must be >= 0")
+        _require(self.projection_scope in PROJECTION_SCOPES, "craft.projection_scope", self.projection_scope,
+                 f"choose one of {PROJECTION_SCOPES}")
+        _require(self.anchor_layer_idx is None or self.anchor_layer_idx >= 0, "craft.anchor_layer_idx",
+                 self.anchor_layer_idx, "must be >= 0 (a hidden_states index) or null for the middle layer")
+        _require(self.anchor_type in ANCHOR_TYPES, "craft.anchor_type", self.anchor_type, f"choose one of {ANCHOR_TYPES}")
+        _require(self.pooling in POOLING_MODES, "craft.pooling", self.pooling, f"choose one of {POOLING_MODES}")
+        _require(self.anchor_source in ANCHOR_SOURCES, "craft.anchor_source", self.anchor_source,
+                 f"choose one of {ANCHOR_SOURCES}")
+        _require(self.anchor_source != "cache" or self.anchor_cache, "craft.anchor_cache", self.anchor_cache,
+                 "craft.anchor_source='cache' needs the cache directory")
+        _require(self.log_freq >= 1, "craft.log_freq", self.log_freq, "must be >= 1")
+
+    @property
+    def projection_on(self) -> bool:
+        """Gradient projection is part of the method only; the baselines never project."""
+        return self.mode == "craft" and self.enable_projection
+
+    @property
+    def dual_on(self) -> bool:
+        """The dual update runs for the method and the dual-only baseline."""
+        return self.mode in ("craft", "dual_only")
+
+    @property
+    def uses_features(self) -> bool:
+        """Every mode but L2-SP needs bridge features and anchors."""
+        return self.mode != "l2_init"

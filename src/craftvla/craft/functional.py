@@ -1,0 +1,191 @@
+"""CRaFT as pure tensor functions (SPEC §2): pooling, bridge features, retention loss, gradient
+surgery, dual update. Nothing here knows about models, optimizers or the training loop.
+
+The surgery is written in its "beta form": projecting ``g_act`` away from ``g_ret`` when they
+conflict and then adding ``lam * g_ret`` gives ``g_act + beta * g_ret`` with
+
+    beta = lam - [<g_act, g_ret> < 0] * <g_act, g_ret> / (||g_ret||^2 + eps)
+
+so one step needs two reductions (the dot product and ``||g_ret||^2``; ``||g_act||^2`` only for
+the logged cosine) and one fused multiply-add, whatever the number of parameter tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from craftvla.errors import CraftVLAError, ConfigError
+
+POOLING_MODES = ("mean", "max")
+ANCHOR_TYPES = ("both", "vision", "action_query")
+PROJECTION_SCOPES = ("global", "per_tensor")
+
+
+def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "mean") -> torch.Tensor:
+    """Pool token states over the token axis: (B, N, D) with optional (B, N) bool mask -> (B, D).
+
+    Masked-out tokens are ignored; a row with no kept token pools to zeros (not NaN / -inf), so a
+    sample whose tokens were all pruned contributes a constant, not a poisoned loss.
+    """
+    if mode not in POOLING_MODES:
+        raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {mode!r}")
+    if mask is None:
+        return h.mean(dim=1) if mode == "mean" else h.amax(dim=1)
+    keep = mask.to(torch.bool).unsqueeze(-1)  # (B, N, 1)
+    if mode == "mean":
+        count = keep.sum(dim=1).clamp_min(1).to(h.dtype)  # (B, 1)
+        return torch.where(keep, h, 0.0).sum(dim=1) / count  # (B, D)
+    pooled = h.masked_fill(~keep, float("-inf")).amax(dim=1)  # (B, D)
+    return torch.where(keep.any(dim=1), pooled, 0.0)
+
+
+def bridge_features(
+    vision_states: torch.Tensor | None,
+    query_states: torch.Tensor | None,
+    vision_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+    pooling: str = "mean",
+    anchor_type: str = "both",
+) -> torch.Tensor:
+    """Pool and concatenate the bridge features: (B, N_vis, D), (B, Q, D) -> (B, 2D) for "both",
+    (B, D) for "vision" (C_R only) or "action_query" (C_AQ only); the unused input may be None."""
+    if anchor_type not in ANCHOR_TYPES:
+        raise ConfigError(f"anchor_type must be one of {ANCHOR_TYPES}, got {anchor_type!r}")
+    parts = []
+    if anchor_type in ("both", "vision"):
+        parts.append(pool_tokens(vision_states, vision_mask, pooling))  # (B, D)
+    if anchor_type in ("both", "action_query"):
+        parts.append(pool_tokens(query_states, query_mask, pooling))  # (B, D)
+    return torch.cat(parts, dim=-1)
+
+
+def retention_loss(f: torch.Tensor, f_anchor: torch.Tensor) -> torch.Tensor:
+    """L_ret = MSE(f, f_anchor), mean over all elements: (B, F), (B, F) -> scalar. No gradient
+    flows into the anchor."""
+    if f.shape != f_anchor.shape:
+        raise CraftVLAError(
+            f"retention features {tuple(f.shape)} and anchor features {tuple(f_anchor.shape)} "
+            "differ in shape (different anchor_type, pooling or model width?)"
+        )
+    return F.mse_loss(f, f_anchor.detach().to(f.dtype))
+
+
+def surgery_beta(
+    dot: torch.Tensor, ret_sq: torch.Tensor, lam, eps: float = 1e-8, enable_projection: bool = True
+) -> torch.Tensor:
+    """beta with g_act + beta * g_ret == project-then-add; elementwise, so () -> () and (K,) -> (K,).
+
+    ``dot`` = <g_act, g_ret>, ``ret_sq`` = ||g_ret||^2, ``lam`` a float or 0-d tensor.
+    """
+    lam = torch.as_tensor(lam, dtype=dot.dtype, device=dot.device)
+    if not enable_projection:
+        return lam + torch.zeros_like(dot)
+    coef = dot / (ret_sq + eps)
+    return lam - torch.where(dot < 0, coef, torch.zeros_like(coef))
+
+
+def dual_update(lam, l_ret, budget: float, lr: float):
+    """Projected dual ascent on the retention constraint: max(0, lam + lr * (L_ret - budget)).
+
+    Works on floats or tensors (a device tensor stays on the device: no sync)."""
+    if isinstance(lam, torch.Tensor) or isinstance(l_ret, torch.Tensor):
+        return torch.clamp(torch.as_tensor(lam) + lr * (l_ret - budget), min=0.0)
+    return max(0.0, lam + lr * (l_ret - budget))
+
+
+def _flat_reductions(a: torch.Tensor, r: torch.Tensor, lengths: torch.Tensor | None):
+    """Dot, ||a||^2, ||r||^2 of flat (P,) vectors, in float32: -> three (K,) tensors, K segments
+    of the given ``lengths`` (K = 1 when lengths is None)."""
+    a32, r32 = a.float(), r.float()  # no-op for float32 buffers
+    if lengths is None:
+        return (torch.dot(a32, r32).reshape(1), torch.dot(a32, a32).reshape(1),
+                torch.dot(r32, r32).reshape(1))
+    seg = lambda x: torch.segment_reduce(x, "sum", lengths=lengths)  # noqa: E731  one kernel
+    return seg(a32 * r32), seg(a32 * a32), seg(r32 * r32)
+
+
+def project_flat(
+    g_act: torch.Tensor,
+    g_ret: torch.Tensor,
+    lam,
+    eps: float = 1e-8,
+    lengths: torch.Tensor | None = None,
+    enable_projection: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Surgery on flat (P,) gradient vectors, in place: g_act <- g_act + beta * g_ret.
+
+    ``lengths`` (K,) splits the vector into K parameter tensors laid end to end for per-tensor
+    projection (one beta per segment); None projects the whole vector (one beta). Returns stats
+    as 0-d tensors (no host sync): dot and cos of the whole vectors, beta (mean over segments),
+    conflict (1.0 if conflicting; per tensor, the fraction of segments that conflict).
+    """
+    dots, act_sq, ret_sq = _flat_reductions(g_act, g_ret, lengths)  # (K,) each
+    beta = surgery_beta(dots, ret_sq, lam, eps, enable_projection)  # (K,)
+    if lengths is None:
+        g_act.addcmul_(g_ret, beta.to(g_act.dtype).squeeze(0))  # fused, no temporary
+    else:
+        full = beta.to(g_act.dtype).repeat_interleave(lengths, output_size=g_act.numel())  # (P,)
+        g_act.addcmul_(g_ret, full)
+    return _stats(dots, act_sq, ret_sq, beta)
+
+
+def _stats(dots, act_sq, ret_sq, beta) -> dict[str, torch.Tensor]:
+    dot = dots.sum()
+    cos = dot / (act_sq.sum().sqrt() * ret_sq.sum().sqrt()).clamp_min(1e-30)
+    return {"dot": dot, "cos": cos, "beta": beta.mean(), "conflict": (dots < 0).float().mean()}
+
+
+def project_gradients(
+    g_act: Sequence[torch.Tensor],
+    g_ret: Sequence[torch.Tensor],
+    lam,
+    eps: float = 1e-8,
+    scope: str = "global",
+    enable_projection: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Surgery on lists of per-parameter gradients, in place: g_act[i] <- g_act[i] + beta * g_ret[i].
+
+    scope "global": one beta from the whole trainable-parameter vector (the formula's meaning);
+    "per_tensor": one beta per tensor. Vectorised: the reductions run on one flattened copy
+    (a fixed number of kernels whatever the number of tensors) and the update is one foreach
+    multiply-add. Callers that own flat buffers should call ``project_flat`` (no copy).
+    """
+    if scope not in PROJECTION_SCOPES:
+        raise ConfigError(f"projection_scope must be one of {PROJECTION_SCOPES}, got {scope!r}")
+    if len(g_act) != len(g_ret):
+        raise CraftVLAError(f"{len(g_act)} action gradients but {len(g_ret)} retention gradients")
+    flat_a = torch.cat([g.reshape(-1) for g in g_act])  # (P,) views -> one copy
+    flat_r = torch.cat([g.reshape(-1) for g in g_ret])  # (P,)
+    lengths = None
+    if scope == "per_tensor":
+        lengths = torch.tensor([g.numel() for g in g_act], device=flat_a.device)  # (K,)
+    dots, act_sq, ret_sq = _flat_reductions(flat_a, flat_r, lengths)
+    beta = surgery_beta(dots, ret_sq, lam, eps, enable_projection)  # (1,) or (K,)
+    betas = list(beta.to(g_act[0].dtype).expand(len(g_act)).unbind())  # K views, no copies
+    torch._foreach_add_(list(g_act), torch._foreach_mul(list(g_ret), betas))
+    return _stats(dots, act_sq, ret_sq, beta)
+
+
+def project_gradients_reference(
+    g_act: Sequence[torch.Tensor], g_ret: Sequence[torch.Tensor], lam: float, eps: float = 1e-8,
+    scope: str = "per_tensor", enable_projection: bool = True,
+) -> list[torch.Tensor]:
+    """The explicit two-stage surgery (project g_act if it conflicts, then add lam * g_ret), as
+    the design notes write it: a Python loop over tensors. Reference for tests and the ``swap``
+    benchmark row; returns new tensors."""
+    if scope == "global":
+        dot = sum((a.double() * r.double()).sum() for a, r in zip(g_act, g_ret))
+        ret_sq = sum((r.double() ** 2).sum() for r in g_ret)
+        coef = dot / (ret_sq + eps) if (enable_projection and dot < 0) else 0.0
+        return [a - coef * r + lam * r for a, r in zip(g_act, g_ret)]
+    out = []
+    for a, r in zip(g_act, g_ret):
+        a_flat, r_flat = a.flatten(), r.flatten()
+        dot = torch.dot(a_flat, r_flat)
+        if enable_projection and dot < 0:
+            a_flat = a_flat - dot / (torch.dot(r_flat, r_flat) + eps) * r_flat
+        out.append((a_flat + lam * r_flat).reshape(a.shape))
+    return out

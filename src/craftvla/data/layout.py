@@ -1,0 +1,217 @@
+"""The LeRobot v3.0 on-disk layout: path templates, info.json keys, and metadata loading.
+
+Every key name here was checked against LeRobot's own source (huggingface/lerobot):
+- path templates, default chunk/file sizes and the info.json keys: `src/lerobot/datasets/utils.py`
+  (`DEFAULT_DATA_PATH`, `DEFAULT_VIDEO_PATH`, `DEFAULT_EPISODES_PATH`, `DEFAULT_TASKS_PATH`,
+  `DEFAULT_CHUNK_SIZE` = 1000, `DEFAULT_DATA_FILE_SIZE_IN_MB` = 100,
+  `DEFAULT_VIDEO_FILE_SIZE_IN_MB` = 500, `create_empty_dataset_info`, `DEFAULT_FEATURES`,
+  `update_chunk_file_indices`);
+- the per-episode columns (`episode_index`, `tasks`, `length`, `data/chunk_index`,
+  `data/file_index`, `dataset_from_index`, `dataset_to_index`, `videos/<key>/chunk_index`,
+  `videos/<key>/file_index`, `videos/<key>/from_timestamp`, `videos/<key>/to_timestamp`,
+  `meta/episodes/chunk_index`, `meta/episodes/file_index`, `stats/<key>/<stat>`):
+  `src/lerobot/datasets/dataset_metadata.py` (`save_episode`, `_save_episode_metadata`) and
+  `aggregate.py`;
+- tasks.parquet = a pandas frame with the task string as index (named "task") and a
+  `task_index` column: `dataset_metadata.py` (`save_episode_tasks`);
+- the video feature's "info" block: `video_utils.py` (`get_video_info`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from craftvla.errors import CraftVLAError
+
+CODEBASE_VERSION = "v3.0"
+INFO_PATH = "meta/info.json"
+STATS_PATH = "meta/stats.json"
+TASKS_PATH = "meta/tasks.parquet"
+EPISODES_DIR = "meta/episodes"
+CHUNK_FILE = "chunk-{chunk_index:03d}/file-{file_index:03d}"
+EPISODES_PATH = EPISODES_DIR + "/" + CHUNK_FILE + ".parquet"
+DATA_PATH = "data/" + CHUNK_FILE + ".parquet"
+VIDEO_PATH = "videos/{video_key}/" + CHUNK_FILE + ".mp4"
+DEFAULT_CHUNKS_SIZE = 1000  # files per chunk directory (LeRobot DEFAULT_CHUNK_SIZE)
+DEFAULT_DATA_FILE_SIZE_IN_MB = 100
+DEFAULT_VIDEO_FILE_SIZE_IN_MB = 500
+
+# Bookkeeping columns LeRobot adds to every dataset (utils.DEFAULT_FEATURES).
+DEFAULT_FEATURES: dict[str, dict[str, Any]] = {
+    "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+    "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+    "episode_index": {"dtype": "int64", "shape": [1], "names": None},
+    "index": {"dtype": "int64", "shape": [1], "names": None},
+    "task_index": {"dtype": "int64", "shape": [1], "names": None},
+}
+IMAGE_PREFIX = "observation.images."
+STATE_KEY = "observation.state"
+ACTION_KEY = "action"
+
+
+def next_chunk_file(chunk_index: int, file_index: int, chunks_size: int) -> tuple[int, int]:
+    """The (chunk, file) pair after this one: files fill a chunk directory, then a new chunk."""
+    if file_index == chunks_size - 1:
+        return chunk_index + 1, 0
+    return chunk_index, file_index + 1
+
+
+@dataclass
+class DatasetMeta:
+    """Parsed meta/ of a v3.0 dataset (what the reader and the trainer need)."""
+
+    root: Path  # dataset directory
+    info: dict[str, Any]  # meta/info.json as written
+    tasks: list[str]  # task strings, position == task_index
+    episodes: pa.Table  # meta/episodes rows (without stats/ columns), sorted by episode_index
+    fps: int = field(init=False)
+    features: dict[str, dict[str, Any]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fps = int(self.info["fps"])
+        self.features = self.info["features"]
+
+    @property
+    def camera_keys(self) -> list[str]:
+        """Video features, "observation.images.<camera>", in info.json order."""
+        return [k for k, ft in self.features.items() if ft["dtype"] == "video"]
+
+    @property
+    def state_dim(self) -> int:
+        """Length of observation.state (0 when the dataset has none)."""
+        ft = self.features.get(STATE_KEY)
+        return int(ft["shape"][0]) if ft else 0
+
+    @property
+    def action_dim(self) -> int:
+        """Length of the action vector."""
+        return int(self.features[ACTION_KEY]["shape"][0])
+
+    @property
+    def total_episodes(self) -> int:
+        return int(self.info["total_episodes"])
+
+    @property
+    def total_frames(self) -> int:
+        return int(self.info["total_frames"])
+
+    def data_file(self, chunk_index: int, file_index: int) -> Path:
+        """Absolute path of a data parquet file."""
+        return self.root / self.info["data_path"].format(chunk_index=chunk_index, file_index=file_index)
+
+    def video_file(self, video_key: str, chunk_index: int, file_index: int) -> Path:
+        """Absolute path of one camera's mp4 file."""
+        rel = self.info["video_path"].format(
+            video_key=video_key, chunk_index=chunk_index, file_index=file_index
+        )
+        return self.root / rel
+
+
+def read_json(path: Path) -> Any:
+    """Load a JSON file; a missing or broken file is a CraftVLAError naming it."""
+    if not path.is_file():
+        raise CraftVLAError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CraftVLAError(f"{path}: not valid JSON ({err})") from err
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a parquet file; a missing or unreadable file is a CraftVLAError naming it."""
+    if not path.is_file():
+        raise CraftVLAError(f"{path}: file not found")
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError, KeyError) as err:
+        raise CraftVLAError(f"{path}: cannot read parquet ({err})") from err
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """Write JSON through a temp file in the same directory, then os.replace (no half files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=4, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def check_info(info: dict[str, Any], path: Path) -> None:
+    """Validate the info.json keys this package relies on; errors name the file and the key."""
+    version = info.get("codebase_version")
+    if isinstance(version, str) and version.startswith("v2"):
+        raise CraftVLAError(
+            f"{path}: codebase_version {version!r} is the old LeRobot layout (one parquet/mp4 per "
+            "episode); convert it to v3.0 with LeRobot's `convert_dataset_v21_to_v30` script"
+        )
+    if version != CODEBASE_VERSION:
+        raise CraftVLAError(f"{path}: unknown codebase_version {version!r}; expected {CODEBASE_VERSION!r}")
+    for key in ("fps", "features", "data_path", "total_episodes", "total_frames"):
+        if key not in info:
+            raise CraftVLAError(f"{path}: missing key {key!r}")
+    if ACTION_KEY not in info["features"]:
+        raise CraftVLAError(f"{path}: features has no {ACTION_KEY!r} entry")
+    has_video = any(ft.get("dtype") == "video" for ft in info["features"].values())
+    if has_video and not info.get("video_path"):
+        raise CraftVLAError(f"{path}: video features but no 'video_path' template")
+
+
+def load_tasks(path: Path) -> list[str]:
+    """meta/tasks.parquet -> task strings ordered by task_index.
+
+    LeRobot writes it from pandas with the task string as the index; pyarrow sees that index as a
+    column (named "task", or "__index_level_0__" when the index is unnamed).
+    """
+    table = read_parquet(path)
+    names = table.column_names
+    text_cols = [n for n in names if n != "task_index" and pa.types.is_string(table.schema.field(n).type)]
+    if "task_index" not in names or not text_cols:
+        raise CraftVLAError(f"{path}: expected a task string column and a 'task_index' column, got {names}")
+    col = "task" if "task" in text_cols else text_cols[0]
+    pairs = sorted(zip(table["task_index"].to_pylist(), table[col].to_pylist()))
+    if [i for i, _ in pairs] != list(range(len(pairs))):
+        raise CraftVLAError(f"{path}: task_index values are not 0..{len(pairs) - 1}")
+    return [t for _, t in pairs]
+
+
+def load_episodes(root: Path) -> pa.Table:
+    """All meta/episodes/chunk-*/file-*.parquet rows (stats/ columns dropped), by episode_index."""
+    paths = sorted((root / EPISODES_DIR).glob("chunk-*/file-*.parquet"))
+    if not paths:
+        raise CraftVLAError(f"{root / EPISODES_DIR}: no episode metadata files (chunk-*/file-*.parquet)")
+    tables = []
+    for p in paths:
+        schema = pq.read_schema(p)
+        tables.append(read_parquet(p, [n for n in schema.names if not n.startswith("stats/")]))
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as err:
+        raise CraftVLAError(f"{root / EPISODES_DIR}: episode files have incompatible schemas ({err})") from err
+    required = ["episode_index", "length", "data/chunk_index", "data/file_index",
+                "dataset_from_index", "dataset_to_index"]
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise CraftVLAError(f"{paths[0]}: episode metadata lacks columns {missing}")
+    return table.sort_by("episode_index")
+
+
+def load_meta(root: str | Path) -> DatasetMeta:
+    """Read and validate meta/ of a v3.0 dataset at `root` (never writes anything)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CraftVLAError(f"{root}: dataset directory not found")
+    info_path = root / INFO_PATH
+    info = read_json(info_path)
+    check_info(info, info_path)
+    meta = DatasetMeta(root=root, info=info, tasks=load_tasks(root / TASKS_PATH), episodes=load_episodes(root))
+    if meta.episodes.num_rows != meta.total_episodes:
+        raise CraftVLAError(
+            f"{info_path}: total_episodes={meta.total_episodes} but meta/episodes has {meta.episodes.num_rows} rows"
+        )
+    return meta

@@ -1,0 +1,13 @@
+"""The one exception type for expected failures (bad input, missing files, mismatches).
+
+The CLI prints its message on one line and exits non-zero without a traceback; anything else
+is a bug and keeps its traceback.
+"""
+
+
+class CraftVLAError(Exception):
+    """A user-facing error: the message names the file, field or value at fault."""
+
+
+class ConfigError(CraftVLAError, ValueError):
+    """An invalid configuration value; the message names the field and the value."""

@@ -1,0 +1,209 @@
+"""Checkpoints: our own save/load, and loading real VLA-Adapter / Prismatic-style parts.
+
+craftvla checkpoint (`save_pretrained`), a Hugging Face-style directory:
+    config.json         the VLAConfig (draccus encoding) + {"craftvla_format": 1}
+    llm_config.json     the transformers config of the LLM (so no original weights dir is needed)
+    model.safetensors   every weight, keys as in `VLAPolicy.state_dict()`
+    tokenizer/          the tokenizer (save_pretrained)
+    stats.json          normalisation statistics (optional; LeRobot stats.json format)
+Saves are atomic: written to a temporary sibling directory, then swapped in by rename.
+
+Real-weights directory (`VLAConfig.weights_dir`), the layout a VLA-Adapter export unpacks to:
+    llm/                              transformers save_pretrained (Qwen2ForCausalLM or Qwen2Model) + tokenizer
+    vision/featurizer.safetensors     timm state dict of tower 0 (DINOv2 in fused mode, SigLIP alone)
+    vision/fused_featurizer.safetensors  timm state dict of tower 1 (SigLIP in fused mode)
+    projector.safetensors             optional; keys mapped by PROJECTOR_KEY_MAP
+    action_head.safetensors           optional; craftvla head keys (`action_head.*` prefix stripped)
+Any weight file may also be `.pt`/`.pth`/`.bin`, read with `torch.load(weights_only=True)` (no pickle code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from craftvla.config import VLAConfig
+from craftvla.errors import CraftVLAError
+
+FORMAT_VERSION = 1
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+# Projector key names in the wild -> ours. OpenVLA's HF export uses fc1/fc2/fc3 (ours too);
+# Prismatic's FusedMLPProjector / MLPProjector is an nn.Sequential: Linear(0) GELU(1) Linear(2) GELU(3) Linear(4).
+PROJECTOR_KEY_MAP = {"projector.0.": "fc1.", "projector.2.": "fc2.", "projector.4.": "fc3.",
+                     "0.": "fc1.", "2.": "fc2.", "4.": "fc3.", "projector.fc": "fc"}
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A weight file as a flat dict of tensors, never unpickling code."""
+    if not path.is_file():
+        raise CraftVLAError(f"weight file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CraftVLAError(f"cannot read weights {path}: {err}") from None
+    data = data.get("state_dict", data.get("model", data)) if isinstance(data, dict) else data
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CraftVLAError(f"{path} is not a flat tensor state dict")
+    return data
+
+
+def find_weight_file(directory: Path, stem: str, required: bool = True) -> Path | None:
+    for suffix in WEIGHT_SUFFIXES:
+        if (directory / f"{stem}{suffix}").is_file():
+            return directory / f"{stem}{suffix}"
+    if required:
+        raise CraftVLAError(f"missing {stem}{{{','.join(WEIGHT_SUFFIXES)}}} in {directory}")
+    return None
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with one readable error listing missing / unexpected / mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"{len(shapes)} mis-shaped (e.g. {shapes[:2]})" if shapes else ""]
+        raise CraftVLAError(f"{source} does not match the model: " + "; ".join(p for p in parts if p))
+    module.load_state_dict(state, strict=True)
+
+
+def map_keys(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Rename keys by the first matching prefix in key_map (longest prefixes listed first)."""
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in key_map if key.startswith(p)), None)
+        out[key if prefix is None else key_map[prefix] + key[len(prefix):]] = value
+    return out
+
+
+# ----- pretrained parts ---------------------------------------------------------------------------
+
+
+def load_pretrained_parts(policy) -> None:
+    """Load the vision towers, projector and head named by the config (the LLM loads itself)."""
+    cfg: VLAConfig = policy.config
+    if cfg.vision.weights_dir is not None:
+        _load_towers(policy, Path(cfg.vision.weights_dir))
+    elif cfg.vision.backbone_id == "mobilenet_v2":
+        _load_packaged_mobilenet(policy)
+    if cfg.weights_dir is not None:
+        root = Path(cfg.weights_dir)
+        projector = find_weight_file(root, "projector", required=False)
+        if projector is not None:
+            load_into(policy.projector, map_keys(read_state_dict(projector), PROJECTOR_KEY_MAP), str(projector))
+        head = find_weight_file(root, "action_head", required=False)
+        if head is not None:
+            load_into(policy.action_head, map_keys(read_state_dict(head), {"action_head.": ""}), str(head))
+
+
+def _load_towers(policy, directory: Path) -> None:
+    from craftvla.model.vision import TOWER_NAMES
+
+    if not directory.is_dir():
+        raise CraftVLAError(f"vision.weights_dir={str(directory)!r}: no such directory")
+    for name, tower in zip(TOWER_NAMES, policy.vision.towers):
+        path = find_weight_file(directory, name)
+        load_into(tower.model, read_state_dict(path), str(path))
+
+
+def _load_packaged_mobilenet(policy) -> None:
+    from craftvla.model.vision import packaged_mobilenet_v2_weights
+
+    path = packaged_mobilenet_v2_weights()
+    tower = policy.vision.towers[0]
+    keep = {k[len("features."):]: v for k, v in read_state_dict(path).items() if k.startswith("features.")}
+    kept_blocks = {str(i) for i in range(len(tower.model))}  # we drop the final block(s)
+    load_into(tower.model, {k: v for k, v in keep.items() if k.split(".")[0] in kept_blocks}, str(path))
+
+
+# ----- craftvla checkpoints -------------------------------------------------------------------------
+
+
+def save_policy(policy, directory) -> None:
+    """Write a checkpoint directory atomically (a crash leaves the previous one intact)."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        _write_files(policy, tmp)
+        _swap_in(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_files(policy, out: Path) -> None:
+    config = {"craftvla_format": FORMAT_VERSION, **policy.config.to_dict()}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "llm_config.json").write_text(policy.llm.model.config.to_json_string())
+    state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "craftvla_format": str(FORMAT_VERSION)})
+    policy.tokenizer.save_pretrained(str(out / "tokenizer"))
+    if policy.dataset_stats is not None:
+        (out / "stats.json").write_text(json.dumps(_jsonable(policy.dataset_stats), indent=2))
+    for path in out.rglob("*"):  # make the bytes durable before the rename publishes them
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace `final` by `tmp` with renames only; the old directory is removed last."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _jsonable(stats: dict) -> dict:
+    out = {}
+    for feature, values in stats.items():
+        out[feature] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in values.items()}
+    return out
+
+
+def load_stats(path: Path) -> dict:
+    import numpy as np
+
+    raw = json.loads(path.read_text())
+    return {feature: {k: np.asarray(v, dtype=np.float32) for k, v in values.items()} for feature, values in raw.items()}
+
+
+def load_policy(cls, directory, map_location="cpu"):
+    """Rebuild a policy from a craftvla checkpoint directory (no network, no pickle)."""
+    from transformers import AutoConfig
+
+    from craftvla.model.language import load_tokenizer
+
+    root = Path(directory)
+    for name in ("config.json", "llm_config.json", "model.safetensors"):
+        if not (root / name).is_file():
+            raise CraftVLAError(f"not a craftvla checkpoint: {root / name} is missing")
+    raw = json.loads((root / "config.json").read_text())
+    if raw.pop("craftvla_format", None) != FORMAT_VERSION:
+        raise CraftVLAError(f"{root / 'config.json'}: unknown craftvla_format (expected {FORMAT_VERSION})")
+    config = VLAConfig.from_dict(raw)
+    llm_raw = json.loads((root / "llm_config.json").read_text())
+    llm_config = AutoConfig.for_model(llm_raw.pop("model_type"), **llm_raw)
+    tokenizer = load_tokenizer(config.llm, saved=root / "tokenizer")
+    policy = cls(config, load_weights=False, llm_config=llm_config, tokenizer=tokenizer)
+    load_into(policy, load_file(str(root / "model.safetensors")), str(root / "model.safetensors"))
+    if (root / "stats.json").is_file():
+        policy.dataset_stats = load_stats(root / "stats.json")
+    return policy.to(map_location)

@@ -1,0 +1,77 @@
+"""Action heads. `l1_bridge`: VLA-Adapter's bridge-attention head (L1RegressionActionHead).
+
+One `BridgeBlock` per LLM layer: the action-chunk latent attends (a) to itself and to that
+layer's action-query states plus a proprioception token, and (b) to that layer's vision-patch
+states through a tanh gate initialised at zero, so the raw vision branch opens only as training
+finds it useful (VLA-Adapter's "bridge attention").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from craftvla.config import ActionHeadConfig
+
+
+class BridgeBlock(nn.Module):
+    """x (B, H, d) attends to [x, queries (B, Q, D), proprio (B, 1, D)] and, gated, to vision (B, N, D)."""
+
+    def __init__(self, dim: int, llm_dim: int, num_heads: int, gate_init: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_x = nn.LayerNorm(dim)
+        self.norm_cond = nn.LayerNorm(llm_dim)  # LLM states of different layers differ wildly in scale
+        self.q_proj = nn.Linear(dim, dim)
+        self.kv_self = nn.Linear(dim, 2 * dim)
+        self.kv_adapter = nn.Linear(llm_dim, 2 * dim)
+        self.kv_vision = nn.Linear(llm_dim, 2 * dim)
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.o_proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, n, d) -> (B, heads, n, d / heads)
+        return rearrange(t, "b n (h e) -> b h n e", h=self.num_heads)
+
+    def forward(self, x, vision, queries, proprio) -> torch.Tensor:
+        h = self.norm_x(x)
+        q = self._heads(self.q_proj(h))  # (B, h, H, e)
+        k_self, v_self = self.kv_self(h).chunk(2, dim=-1)  # (B, H, d) each
+        k_ad, v_ad = self.kv_adapter(self.norm_cond(torch.cat([queries, proprio], dim=1))).chunk(2, dim=-1)  # (B, Q+1, d)
+        k_vis, v_vis = self.kv_vision(self.norm_cond(vision)).chunk(2, dim=-1)  # (B, N, d)
+        main = F.scaled_dot_product_attention(q, self._heads(torch.cat([k_self, k_ad], 1)), self._heads(torch.cat([v_self, v_ad], 1)))
+        seen = F.scaled_dot_product_attention(q, self._heads(k_vis), self._heads(v_vis))
+        mixed = rearrange(main + torch.tanh(self.gate) * seen, "b h n e -> b n (h e)")  # (B, H, d)
+        x = x + self.o_proj(mixed)
+        return x + self.mlp(x)
+
+
+class L1BridgeHead(nn.Module):
+    """Per-layer vision and query states + proprio -> an action chunk `(B, H, A)`, trained with L1."""
+
+    def __init__(self, cfg: ActionHeadConfig, llm_dim: int, num_layers: int, state_dim: int,
+                 action_dim: int, chunk_size: int):
+        super().__init__()
+        dim = cfg.hidden_dim or llm_dim
+        # VLA-Adapter's ProprioProjector: state -> one LLM-width token.
+        self.proprio = nn.Sequential(nn.Linear(state_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+        self.chunk_embed = nn.Parameter(torch.randn(chunk_size, dim) * 0.02)  # one latent per future step
+        self.blocks = nn.ModuleList(BridgeBlock(dim, llm_dim, cfg.num_heads, cfg.gate_init) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, action_dim)
+
+    def forward(self, vision: list[torch.Tensor], queries: list[torch.Tensor], state: torch.Tensor) -> torch.Tensor:
+        """vision[l]: (B, N_vis, D), queries[l]: (B, Q, D) of LLM layer l+1; state (B, S) -> (B, H, A)."""
+        proprio = self.proprio(state).unsqueeze(1)  # (B, 1, D)
+        x = self.chunk_embed.expand(state.shape[0], -1, -1)  # (B, H, d)
+        for block, vis, qry in zip(self.blocks, vision, queries, strict=True):
+            x = block(x, vis, qry, proprio)
+        return self.out(self.norm(x))
+
+    @staticmethod
+    def loss(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
+        """Mean L1 over real (non-padded) steps: pred, target (B, H, A), is_pad (B, H) bool."""
+        keep = (~is_pad).unsqueeze(-1).to(pred.dtype)  # (B, H, 1)
+        return ((pred - target).abs() * keep).sum() / (keep.sum() * pred.shape[-1]).clamp(min=1)

@@ -1,0 +1,299 @@
+"""`craftvla train` configuration: one dataclass per concern, nested into `TrainConfig`.
+
+Every field is overridable from the command line (`--optim.lr 1e-4`, `--lora.rank 8`,
+`--policy.llm.num_layers 2`) or a YAML file (`--config f.yaml`); draccus does the parsing.
+The policy section starts from a named preset (`--preset tiny`), so a flag or YAML key overrides
+the preset rather than the dataclass default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import draccus
+import yaml
+
+from craftvla.config import VLAConfig
+from craftvla.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "adamw_8bit")
+STRATEGIES = ("ddp", "fsdp")
+PRECISIONS = ("auto", "no", "bf16")
+
+
+def _require(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
+@dataclass
+class DatasetConfig:
+    # LeRobot v3 dataset directory; None = fake batches from the policy config (smoke runs only).
+    root: Optional[str] = None
+    # DataLoader worker processes (0 = load in the training process).
+    num_workers: int = 0
+    # Decoded-video cache per worker, MiB (whole episodes are decoded once and reused).
+    video_cache_mb: float = 512.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    # "adamw" (torch) or "adamw_8bit" (bitsandbytes; needs CUDA).
+    name: str = "adamw"
+    # Peak learning rate (reached after the warm-up).
+    lr: float = 3e-4
+    # Decoupled weight decay, applied to matrices only (not to biases, norms, gates).
+    weight_decay: float = 0.01
+    # Adam moment coefficients.
+    betas: tuple[float, float] = (0.9, 0.95)
+    # Adam denominator epsilon.
+    eps: float = 1e-8
+    # Global gradient-norm clip; 0 = no clipping (the norm is still logged).
+    grad_clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.name in OPTIMIZERS, "optim.name", self.name, f"choose one of {OPTIMIZERS}")
+        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.grad_clip_norm >= 0, "optim.grad_clip_norm", self.grad_clip_norm, "must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    # Linear warm-up from 0 to optim.lr over this many optimizer steps (once, not per step);
+    # None = 5% of the run's steps.
+    warmup_steps: Optional[int] = None
+    # Cosine decay ends at min_lr_ratio * optim.lr at the last step.
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps is None or self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+
+
+@dataclass
+class LoraConfig:
+    # LoRA rank on the LLM; 0 = no LoRA (full fine-tuning of whatever is not frozen).
+    rank: int = 0
+    # LoRA scaling numerator (the update is scaled by alpha / rank).
+    alpha: float = 16.0
+    # Dropout on the LoRA branch input.
+    dropout: float = 0.0
+    # LLM module names to adapt (e.g. [q_proj, v_proj]); None = policy.lora_target_modules().
+    target_modules: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "lora.rank", self.rank, "must be >= 0 (0 disables LoRA)")
+        _require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class FreezeConfig:
+    # Freeze the vision backbone (policy.vision).
+    vision: bool = False
+    # Freeze the vision-to-LLM projector (policy.projector).
+    projector: bool = False
+    # Freeze the LLM (policy.llm); with LoRA the LLM's base weights are frozen regardless.
+    llm: bool = False
+    # Freeze the action head (policy.action_head); only useful for probing experiments.
+    action_head: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every this many optimizer steps (and always at the end); 0 = only at the end.
+    save_freq: int = 500
+    # Numbered checkpoints to keep (the newest K; `last` always points at the newest).
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.save_freq >= 0, "checkpoint.save_freq", self.save_freq, "must be >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    # Write one metrics.jsonl line (averaged over the interval) every this many steps.
+    log_freq: int = 10
+    # Show a tqdm progress bar on the main process.
+    progress: bool = True
+    # Write PNG training curves (plots/) at the end of the run.
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.log_freq >= 1, "log.log_freq", self.log_freq, "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    # Run closed-loop simulator evaluation every this many steps (on a saved checkpoint); 0 = off.
+    freq: int = 0
+    # Meta-World tasks, comma-separated; None = the dataset's tasks as `craftvla eval` infers them.
+    tasks: Optional[str] = None
+    # Episodes per task for each periodic evaluation.
+    episodes: int = 5
+    # First seed of the evaluation episodes (choose seeds the demonstrations did not use).
+    seed: int = 10_000
+
+    def __post_init__(self) -> None:
+        _require(self.freq >= 0, "eval.freq", self.freq, "must be >= 0")
+        _require(self.episodes >= 1, "eval.episodes", self.episodes, "must be >= 1")
+
+
+@dataclass
+class AccelConfig:
+    # Multi-process strategy under `accelerate launch` / `torchrun`: "ddp" or "fsdp".
+    strategy: str = "ddp"
+    # "auto" = bf16 autocast on CUDA, fp32 on CPU; "no" = fp32 everywhere; "bf16" = force bf16.
+    mixed_precision: str = "auto"
+    # Wrap the policy with torch.compile (through Accelerate's dynamo plugin).
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in STRATEGIES, "accel.strategy", self.strategy, f"choose one of {STRATEGIES}")
+        _require(self.mixed_precision in PRECISIONS, "accel.mixed_precision", self.mixed_precision,
+                 f"choose one of {PRECISIONS}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `craftvla train` needs; see the module docstring for how it is parsed."""
+
+    # Policy preset the `policy` section starts from (craftvla.config.PRESETS).
+    preset: str = "tiny"
+    # The policy; its camera/state/action sizes are replaced by the dataset's metadata.
+    policy: VLAConfig = field(default_factory=lambda: VLAConfig.preset("tiny"))
+    # A saved policy directory (save_pretrained layout) to fine-tune; None = fresh init from `policy`.
+    init_from: Optional[str] = None
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # Run directory: metrics.jsonl, checkpoints/, plots/, train_config.yaml.
+    output_dir: str = "runs/train"
+    # Optimizer steps in the whole run (the LR schedule spans exactly this many).
+    steps: int = 1000
+    # Samples per optimizer step, summed over processes and micro-batches: DDP and accumulation
+    # split it, so neither changes the optimisation (only memory and speed).
+    batch_size: int = 32
+    # Micro-batches per optimizer step on each process (gradient accumulation).
+    grad_accum_steps: int = 1
+    # Seed of initialisation, data order and every RNG (the run is reproducible on CPU).
+    seed: int = 0
+    # Continue from output_dir/checkpoints/last (same config; the data order continues exactly).
+    resume: bool = False
+    # End this invocation after this step (a job time limit); the schedule still spans `steps`.
+    stop_at_step: Optional[int] = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    accel: AccelConfig = field(default_factory=AccelConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        _require(self.batch_size % self.grad_accum_steps == 0, "batch_size", self.batch_size,
+                 f"must be divisible by grad_accum_steps={self.grad_accum_steps}")
+        _require(self.warmup_steps() < self.steps, "schedule.warmup_steps", self.schedule.warmup_steps,
+                 f"must be < steps={self.steps}")
+        _require(self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps, "stop_at_step",
+                 self.stop_at_step, f"must be in [1, steps={self.steps}]")
+
+    def warmup_steps(self) -> int:
+        """schedule.warmup_steps, or 5% of `steps` when it is None (kept None so presets stay relative)."""
+        return self.steps // 20 if self.schedule.warmup_steps is None else self.schedule.warmup_steps
+
+    def micro_batch_size(self, world_size: int) -> int:
+        """Samples per forward on one process: batch_size / (world_size * grad_accum_steps)."""
+        split = world_size * self.grad_accum_steps
+        if self.batch_size % split:
+            raise ConfigError(f"batch_size={self.batch_size}: must be divisible by processes ({world_size}) "
+                              f"x grad_accum_steps ({self.grad_accum_steps}) = {split}")
+        return self.batch_size // split
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+        # `normalization` is a free-form mapping: replace it whole, never merge key by key.
+        out[key] = _deep_merge(out[key], value) if both_dicts and key != "normalization" else value
+    return out
+
+
+def _prescan(argv: list[str], flag: str) -> Optional[str]:
+    """The value of `--flag v` / `--flag=v` in argv (draccus parses it again later)."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
+def parse_train_config(argv: list[str]) -> TrainConfig:
+    """TrainConfig from `--preset`, an optional `--config f.yaml`, then command-line overrides.
+
+    The preset's policy becomes the base, the YAML file is merged over it, and draccus applies
+    the flags last, so each layer overrides the one before; unknown keys raise ConfigError.
+    """
+    argv = list(argv)
+    config_path = _prescan(argv, "--config")
+    if config_path is not None:
+        i = next(i for i, a in enumerate(argv) if a.startswith("--config"))
+        del argv[i : i + (1 if "=" in argv[i] else 2)]
+    user = _read_yaml(config_path) if config_path else {}
+    preset = _prescan(argv, "--preset") or user.get("preset", "tiny")
+    base = draccus.encode(TrainConfig(preset=preset, policy=VLAConfig.preset(preset)))
+    merged = _deep_merge(base, user)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(merged, f)
+    try:
+        return draccus.parse(config_class=TrainConfig, config_path=f.name, args=argv, exit_on_error=False)
+    except Exception as err:  # draccus wraps our own ConfigError from __post_init__: unwrap it
+        raise _config_error(err, config_path) from None
+    finally:
+        os.unlink(f.name)
+
+
+def _config_error(err: BaseException, config_path: Optional[str]) -> ConfigError:
+    """The ConfigError at the root of a draccus exception chain, else one naming the source."""
+    cause: Optional[BaseException] = err
+    while cause is not None:
+        if isinstance(cause, ConfigError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    where = f" (from --config {config_path} and the command line)" if config_path else " (command line)"
+    return ConfigError(f"invalid train config{where}: {err}")
+
+
+def dump_train_config(cfg: TrainConfig, path: str) -> None:
+    """Write the resolved config as YAML (atomically), e.g. RUN/train_config.yaml."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(draccus.encode(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """dataclasses.replace that re-runs validation (a convenience for tests and the demo)."""
+    return dataclasses.replace(cfg, **changes)

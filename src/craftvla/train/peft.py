@@ -1,0 +1,97 @@
+"""Partial and parameter-efficient training: freezing components, LoRA on the LLM through PEFT.
+
+`apply_lora` injects PEFT LoRA layers into `policy.llm` in place (`peft.inject_adapter_in_model`),
+so the policy's forward and module tree are unchanged except that each targeted Linear becomes
+a `lora.Linear` wrapping the original as `base_layer`. For inference checkpoints,
+`merged_copy` folds the adapters into the base weights (the plain `VLAPolicy` layout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+from torch import nn
+
+from craftvla.errors import CraftVLAError
+from craftvla.train.config import FreezeConfig, LoraConfig
+
+COMPONENTS = ("vision", "projector", "llm", "action_head")
+
+
+def apply_freeze(policy: nn.Module, cfg: FreezeConfig) -> list[str]:
+    """Turn off gradients of the components named in `cfg`; returns the frozen names (for the log)."""
+    frozen = [name for name in COMPONENTS if getattr(cfg, name)]
+    for name in frozen:
+        getattr(policy, name).requires_grad_(False)
+    return frozen
+
+
+def apply_lora(policy: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Inject rank-`cfg.rank` LoRA adapters into `policy.llm`; only the adapters of the LLM train.
+
+    Target modules: `cfg.target_modules`, else `policy.lora_target_modules()`. Components outside
+    the LLM keep their `requires_grad` (freeze them with FreezeConfig). Returns the targets used.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    targets = list(cfg.target_modules or policy.lora_target_modules())
+    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+    try:
+        inject_adapter_in_model(peft_cfg, policy.llm)
+    except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
+        raise CraftVLAError(f"lora.target_modules={targets}: {err}") from None
+    for name, param in policy.llm.named_parameters():
+        param.requires_grad_(is_lora_param(name))
+    return targets
+
+
+def is_lora_param(name: str) -> bool:
+    """True for PEFT LoRA adapter tensors (lora_A / lora_B / magnitude vectors)."""
+    return "lora_" in name
+
+
+def lora_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """The PEFT tuner layers inside `model` (empty without LoRA)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return (m for m in model.modules() if isinstance(m, BaseTunerLayer))
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether `apply_lora` has injected adapters into `model`."""
+    return next(lora_layers(model), None) is not None
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its base weights (adapters bypassed), e.g. for CRaFT's anchor features."""
+    layers = list(lora_layers(model))
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def merged_copy(policy: nn.Module) -> nn.Module:
+    """A deep copy of `policy` with every LoRA adapter merged into its base Linear and removed.
+
+    The original keeps its unmerged adapters (merging in place and unmerging again would change
+    the weights by rounding and break exact resume).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(policy)
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name) if parent_name else merged, child, module.get_base_layer())
+    if has_lora(merged):
+        raise CraftVLAError("could not merge every LoRA layer into its base layer")
+    return merged
