@@ -134,6 +134,8 @@ class ActionHeadConfig:
     num_heads: int = 4
     # Initial value of each block's vision gate g (the branch is scaled by tanh(g)); 0 = VLA-Adapter.
     gate_init: float = 0.0
+    # Hidden width of each block's MLP as a multiple of hidden_dim (VLA-Adapter's block FFN is 1x).
+    mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
         _require(self.type in ACTION_HEADS, "head.type", self.type, f"choose one of {ACTION_HEADS} (others are not built yet)")
@@ -212,7 +214,7 @@ class VLAConfig:
         except ConfigError:
             raise
         except Exception as err:  # draccus raises its own DecodingError for unknown / mistyped keys
-            raise ConfigError(f"invalid policy config: {err}") from None
+            raise _config_error(err, "invalid policy config") from None
 
     def to_dict(self) -> dict:
         return draccus.encode(self)
@@ -251,7 +253,15 @@ def parse_config(cls, config_path: Optional[str] = None, args: Optional[list[str
     except SystemExit as err:  # argparse-style failure inside draccus (message already printed)
         raise ConfigError(f"invalid command-line arguments {args}") from err
     except Exception as err:
-        raise ConfigError(f"invalid config{' ' + config_path if config_path else ''}: {err}") from None
+        raise _config_error(err, f"invalid config{' ' + config_path if config_path else ''}") from None
+
+
+def _config_error(err: Exception, context: str) -> ConfigError:
+    """draccus wraps __post_init__ errors ("Couldn't instantiate class ..."): surface ours."""
+    cause = err
+    while cause is not None and not isinstance(cause, ConfigError):
+        cause = cause.__cause__ or cause.__context__
+    return cause if cause is not None else ConfigError(f"{context}: {err}")
 
 
 # ----- presets ------------------------------------------------------------------------------------
@@ -289,7 +299,7 @@ def _vla_adapter_qwen25_05b() -> VLAConfig:
         vision=VisionConfig(backbone_id="dinosiglip-vit-so-224px", image_size=224, patch_size=14),
         llm=LLMConfig(family="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
                       intermediate_size=4864, vocab_size=151936, attention="causal"),
-        head=ActionHeadConfig(hidden_dim=896, num_heads=8),
+        head=ActionHeadConfig(hidden_dim=896, num_heads=8, mlp_ratio=1),
         camera_keys=[IMAGE_KEY_PREFIX + "image", IMAGE_KEY_PREFIX + "wrist_image"],
         state_dim=8,
         action_dim=7,

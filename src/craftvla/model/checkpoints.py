@@ -145,8 +145,18 @@ def save_policy(policy, directory) -> None:
         raise
 
 
+def portable_config(config: VLAConfig) -> dict:
+    """The config as saved: pretrained-source paths move to "pretrained_from" (the checkpoint holds
+    every weight, so loading it must not need, or check, the original directories)."""
+    data = config.to_dict()
+    sources = {"weights_dir": data.pop("weights_dir"), "llm.weights_dir": data["llm"]["weights_dir"],
+               "vision.weights_dir": data["vision"]["weights_dir"]}
+    data["llm"]["weights_dir"] = data["vision"]["weights_dir"] = None
+    return {"craftvla_format": FORMAT_VERSION, "pretrained_from": sources, **data}
+
+
 def _write_files(policy, out: Path) -> None:
-    config = {"craftvla_format": FORMAT_VERSION, **policy.config.to_dict()}
+    config = portable_config(policy.config)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "llm_config.json").write_text(policy.llm.model.config.to_json_string())
     state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
@@ -196,6 +206,7 @@ def load_policy(cls, directory, map_location="cpu"):
         if not (root / name).is_file():
             raise CraftVLAError(f"not a craftvla checkpoint: {root / name} is missing")
     raw = json.loads((root / "config.json").read_text())
+    raw.pop("pretrained_from", None)
     if raw.pop("craftvla_format", None) != FORMAT_VERSION:
         raise CraftVLAError(f"{root / 'config.json'}: unknown craftvla_format (expected {FORMAT_VERSION})")
     config = VLAConfig.from_dict(raw)

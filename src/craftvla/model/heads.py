@@ -19,7 +19,7 @@ from craftvla.config import ActionHeadConfig
 class BridgeBlock(nn.Module):
     """x (B, H, d) attends to [x, queries (B, Q, D), proprio (B, 1, D)] and, gated, to vision (B, N, D)."""
 
-    def __init__(self, dim: int, llm_dim: int, num_heads: int, gate_init: float):
+    def __init__(self, dim: int, llm_dim: int, num_heads: int, gate_init: float, mlp_ratio: int = 4):
         super().__init__()
         self.num_heads = num_heads
         self.norm_x = nn.LayerNorm(dim)
@@ -30,7 +30,8 @@ class BridgeBlock(nn.Module):
         self.kv_vision = nn.Linear(llm_dim, 2 * dim)
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
         self.o_proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
+                                 nn.Linear(mlp_ratio * dim, dim))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, n, d) -> (B, heads, n, d / heads)
         return rearrange(t, "b n (h e) -> b h n e", h=self.num_heads)
@@ -58,7 +59,8 @@ class L1BridgeHead(nn.Module):
         # VLA-Adapter's ProprioProjector: state -> one LLM-width token.
         self.proprio = nn.Sequential(nn.Linear(state_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
         self.chunk_embed = nn.Parameter(torch.randn(chunk_size, dim) * 0.02)  # one latent per future step
-        self.blocks = nn.ModuleList(BridgeBlock(dim, llm_dim, cfg.num_heads, cfg.gate_init) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(BridgeBlock(dim, llm_dim, cfg.num_heads, cfg.gate_init, cfg.mlp_ratio)
+                                    for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, action_dim)
 

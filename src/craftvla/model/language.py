@@ -31,7 +31,7 @@ def byte_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(BYTE_SPECIALS)}
-    for char in pre_tokenizers.ByteLevel.alphabet():
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):  # alphabet() is a set: fix the order
         vocab[char] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -113,7 +113,14 @@ class LanguageBackbone(nn.Module):
 
         directory = resolve_weights_dir(cfg.weights_dir)
         if load_weights and directory is not None:
-            self.model = AutoModel.from_pretrained(str(directory), config=config, local_files_only=True)
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # a CausalLM checkpoint's lm_head is expected to go unused
+            try:
+                self.model = AutoModel.from_pretrained(str(directory), config=config, local_files_only=True)
+            finally:
+                hf_logging.set_verbosity(verbosity)
         else:
             self.model = AutoModel.from_config(config)
         self.is_encoder = config.model_type == "bert"

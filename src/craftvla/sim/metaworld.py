@@ -197,7 +197,9 @@ def make_renderer(model: mujoco.MjModel, size: int, fast: bool = True) -> mujoco
     """An offscreen renderer; `fast` turns off shadows, reflections and multisampling."""
     if fast:
         model.vis.quality.offsamples = 0  # no MSAA buffer: the main cost on a CPU (llvmpipe)
+    _load_triton_before_egl()
     renderer = mujoco.Renderer(model, height=size, width=size)
+    _register_exit_hook()
     if fast:
         renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
@@ -296,9 +298,26 @@ class MetaWorldEnv:
         self.close()
 
 
-@atexit.register
+@functools.lru_cache(maxsize=1)  # once per process
+def _load_triton_before_egl() -> None:
+    # Measured here: creating an EGL context (Mesa llvmpipe loads its libLLVM) and *then*
+    # importing torchvision (-> torch._dynamo -> triton's own LLVM in libtriton) segfaults on a
+    # symbol clash; loading libtriton first (0.3 s) avoids it. Harmless where triton is absent.
+    try:
+        import triton._C.libtriton  # noqa: F401
+    except ImportError:
+        pass
+
+
+@functools.lru_cache(maxsize=1)  # register once
+def _register_exit_hook() -> None:
+    # mujoco.egl registers eglTerminate(display) at exit when it creates its first context;
+    # atexit runs hooks last-in first-out, so ours (registered after it) frees our contexts
+    # while the display is still alive; freeing them later prints EGLError tracebacks.
+    atexit.register(_close_open_envs)
+
+
 def _close_open_envs() -> None:
-    # Free EGL contexts while the EGL library is still loaded (before interpreter teardown).
     for env in list(_OPEN_ENVS):
         env.close()
 

@@ -1,0 +1,185 @@
+"""`craftvla eval`: closed-loop success rates in Meta-World, with episode videos.
+
+    craftvla eval --checkpoint runs/x/final --tasks drawer-close-v3 --episodes 20 --out runs/x/eval
+    craftvla eval --policy expert --tasks drawer-close-v3 --episodes 20 --out /tmp/expert_row
+
+Writes DIR/results.json
+    {"tasks": {"<task>": {"success_rate": float, "episodes": int, "mean_length": float}},
+     "mean_success_rate": float}
+plus DIR/episodes.json (per-episode seed, success, length) and DIR/videos/<task>_ep<i>.mp4.
+Positions come from the evaluation seed stream (`metaworld.EVAL_STREAM`): never those `collect`
+trained on, whatever the two seeds. `evaluate(...)` is the same thing as a function, for the
+training loop and the demo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from craftvla.errors import ConfigError, CraftVLAError
+
+from .collect import parse_flags
+from .metaworld import DEFAULT_CAMERA, DEFAULT_TASKS, EVAL_STREAM, IMAGE_PREFIX, control_fps, parse_cameras, parse_tasks
+from .policies import CheckpointPolicy, ExpertPolicy, RandomPolicy, SimPolicy
+from .rollout import Episode, RolloutSpec, run_episodes
+
+POLICIES = ("checkpoint", "expert", "random")
+
+
+@dataclass
+class EvalConfig:
+    """Flags of `craftvla eval`."""
+
+    out: str = ""  # output directory for results.json, episodes.json and videos/
+    checkpoint: str = ""  # a save_pretrained directory (needed by --policy checkpoint)
+    env: str = "metaworld"  # simulator (only Meta-World for now)
+    tasks: str = ",".join(DEFAULT_TASKS)  # comma-separated Meta-World task names
+    episodes: int = 20  # episodes per task
+    policy: str = "checkpoint"  # checkpoint | expert | random (reference rows)
+    execute_steps: int = 0  # actions executed per predicted chunk before re-planning; 0 = H // 2
+    seed: int = 0  # base seed of positions (evaluation stream: disjoint from collect's)
+    num_videos: int = 2  # episodes per task saved as mp4
+    max_steps: int = 200  # an episode not solved in this many steps counts as failed
+    num_envs: int = 5  # envs stepped in lockstep; their observations form one policy batch
+    image_size: int = 0  # render size; 0 = the checkpoint's image size (64 for expert/random)
+    camera: str = DEFAULT_CAMERA  # video camera when the policy reads no images
+    device: str = "cpu"  # torch device of the checkpoint policy
+    overwrite: bool = False  # replace an existing DIR/results.json
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("--out: required (the directory for results.json)")
+        if self.env != "metaworld":
+            raise ConfigError(f"--env={self.env!r}: only 'metaworld' is supported")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"--policy={self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if self.policy == "checkpoint" and not self.checkpoint:
+            raise ConfigError("--checkpoint: required with --policy checkpoint (or use --policy expert|random)")
+        for name in ("episodes", "max_steps", "num_envs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 1")
+        for name in ("execute_steps", "num_videos", "image_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
+
+
+def evaluate(policy: SimPolicy, tasks: str | list[str], episodes: int, seed: int = 0, execute_steps: int = 0,
+             out_dir: str | Path | None = None, max_steps: int = 200, num_videos: int = 2, num_envs: int = 5,
+             image_size: int = 0, camera: str = DEFAULT_CAMERA, overwrite: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Roll `policy` out on each task; returns (and writes to out_dir/results.json) the results dict.
+
+    execute_steps: actions executed from each chunk of H before re-planning (0 = max(1, H // 2)).
+    image_size: render size (0 = the policy's, else 64). Deterministic given seed and num_envs.
+    """
+    tasks = parse_tasks(tasks)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and (out / "results.json").exists() and not overwrite:
+        raise CraftVLAError(f"{out / 'results.json'}: already exists; pass overwrite=True (--overwrite true)")
+    video_camera = policy.cameras[0] if policy.cameras else parse_cameras(camera)[0]
+    spec = RolloutSpec(seed=seed, stream=EVAL_STREAM, max_steps=max_steps, num_envs=num_envs,
+                       execute_steps=execute_steps or max(1, policy.chunk_size // 2),
+                       image_size=image_size or policy.image_size or 64, video_camera=video_camera,
+                       video_episodes=num_videos if out is not None else 0)
+    per_task = {task: _run_task(policy, task, episodes, spec, progress) for task in tasks}
+    rows = {task: _summary(eps) for task, eps in per_task.items()}
+    results = {"tasks": rows, "mean_success_rate": float(np.mean([r["success_rate"] for r in rows.values()]))}
+    if out is not None:
+        _write_outputs(out, results, per_task, control_fps(tasks[0]))
+    return results
+
+
+def _run_task(policy: SimPolicy, task: str, episodes: int, spec: RolloutSpec, progress: bool) -> list[Episode]:
+    done: list[Episode] = []
+    with tqdm(total=episodes, desc=task, unit="ep", disable=not progress, file=sys.stderr) as bar:
+        for episode in run_episodes(policy, task, episodes, spec):
+            done.append(episode)
+            bar.update(1)
+            bar.set_postfix(success=f"{sum(e.success for e in done)}/{len(done)}")
+    return sorted(done, key=lambda e: e.index)
+
+
+def _summary(episodes: list[Episode]) -> dict[str, Any]:
+    return {
+        "success_rate": float(np.mean([e.success for e in episodes])),
+        "episodes": len(episodes),
+        "mean_length": float(np.mean([e.length for e in episodes])),
+    }
+
+
+def _write_outputs(out: Path, results: dict, per_task: dict[str, list[Episode]], fps: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for task, episodes in per_task.items():
+        for e in episodes:
+            if e.video:
+                write_video(out / "videos" / f"{task}_ep{e.index}_{'success' if e.success else 'fail'}.mp4",
+                            e.video, fps)
+    rows = [{"task": e.task, "episode": e.index, "seed": e.seed, "success": e.success, "length": e.length}
+            for episodes in per_task.values() for e in episodes]
+    write_json_atomic(out / "episodes.json", rows)
+    write_json_atomic(out / "results.json", results)  # last: its presence marks a finished run
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file in the same directory, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
+    """Encode (H, W, 3) uint8 frames as H.264 mp4 (PyAV), atomically (temp file + rename)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape[:2]
+    tmp = path.with_name(f".{path.name}.tmp.mp4")
+    try:
+        with av.open(str(tmp), mode="w") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"  # even sizes
+            for frame in frames:
+                frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())  # flush
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def make_policy(cfg: EvalConfig) -> SimPolicy:
+    """The policy named by --policy (a checkpoint is loaded onto --device)."""
+    if cfg.policy == "expert":
+        return ExpertPolicy()
+    if cfg.policy == "random":
+        return RandomPolicy(seed=cfg.seed)
+    return CheckpointPolicy.from_pretrained(cfg.checkpoint, device=cfg.device)
+
+
+def main(argv: list[str]) -> int:
+    """CLI entry: parse flags, evaluate, print one line per task."""
+    cfg = parse_flags(EvalConfig, argv)
+    parse_tasks(cfg.tasks)  # fail on a bad name before loading a checkpoint
+    results = evaluate(make_policy(cfg), cfg.tasks, cfg.episodes, seed=cfg.seed, execute_steps=cfg.execute_steps,
+                       out_dir=cfg.out, max_steps=cfg.max_steps, num_videos=cfg.num_videos, num_envs=cfg.num_envs,
+                       image_size=cfg.image_size, camera=cfg.camera, overwrite=cfg.overwrite)
+    for task, row in results["tasks"].items():
+        print(f"{task}: success {row['success_rate']:.2f} over {row['episodes']} episodes, "
+              f"mean length {row['mean_length']:.1f}")
+    print(f"mean success rate {results['mean_success_rate']:.3f}; results in {Path(cfg.out) / 'results.json'}")
+    return 0

@@ -1,0 +1,38 @@
+"""Bidirectional vs causal attention, proven by perturbing a later token."""
+
+import pytest
+import torch
+
+from craftvla import VLAPolicy
+from craftvla.config import LLMConfig
+
+from .conftest import micro_config
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_later_token_reaches_earlier_states_only_when_bidirectional(family, attention):
+    torch.manual_seed(0)
+    llm = LLMConfig(family=family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=128, attention=attention)
+    policy = VLAPolicy(micro_config(llm=llm)).eval()
+    batch = policy.config.fake_batch(1)
+    hidden, layout = policy.encode(batch)
+    with torch.no_grad():  # perturb the action queries: the last tokens but STOP
+        policy.action_queries.weight.add_(torch.randn_like(policy.action_queries.weight))
+    hidden2, _ = policy.encode(batch)
+    early = layout.vision_index  # vision tokens come before the queries
+    changed = not torch.allclose(hidden[1][:, early], hidden2[1][:, early], atol=1e-6)
+    assert changed == (attention == "bidirectional")
+    assert not torch.allclose(hidden[1][:, layout.query_index], hidden2[1][:, layout.query_index])
+
+
+def test_instruction_padding_is_invisible():
+    """A short instruction gives the same features alone or right-padded in a batch."""
+    torch.manual_seed(0)
+    policy = VLAPolicy(micro_config()).eval()
+    batch = policy.config.fake_batch(2)
+    batch["task"] = ["open", "open the drawer slowly please"]
+    full = policy.predict_action_chunk(batch)
+    single = {k: (v[:1] if torch.is_tensor(v) else v[:1]) for k, v in batch.items()}
+    assert torch.allclose(policy.predict_action_chunk(single), full[:1], atol=1e-5)

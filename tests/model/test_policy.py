@@ -1,0 +1,151 @@
+"""The policy interface: shapes for every component combination, round trips, counts, overfitting."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from craftvla import VLAConfig, VLAPolicy
+from craftvla.config import IMAGE_KEY_PREFIX, LLMConfig, ProjectorConfig, VisionConfig
+from craftvla.errors import CraftVLAError
+
+from .conftest import micro_config
+
+CAMERAS = [IMAGE_KEY_PREFIX + name for name in ("corner", "wrist", "top")]
+
+
+@pytest.mark.parametrize("backbone", ["tiny-vit", "tiny-dinosiglip"])
+@pytest.mark.parametrize("projector", ["linear", "mlp", "fused_mlp"])
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+@pytest.mark.parametrize("n_cams", [1, 3])
+def test_shapes_for_every_combination(backbone, projector, attention, n_cams):
+    vision = VisionConfig(backbone_id=backbone, image_size=32, patch_size=8, width=32, depth=2, num_heads=2)
+    llm = LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, attention=attention)
+    cfg = micro_config(vision=vision, llm=llm, projector=ProjectorConfig(type=projector), camera_keys=CAMERAS[:n_cams])
+    policy = VLAPolicy(cfg)
+    batch = cfg.fake_batch(batch_size=3)
+    out = policy.forward_outputs(batch)
+    n_vis = n_cams * 16  # (32 / 8)^2 patches per image
+    assert out.layout.vision_index.shape == (n_vis,)
+    assert out.layout.query_index.shape == (cfg.num_action_queries,)
+    assert len(out.hidden_states) == cfg.llm.num_layers + 1
+    assert out.hidden_states[0].shape == (3, out.layout.seq_len, 64)
+    assert out.layout.seq_len == 1 + n_vis + out.layout.text_index.numel() + cfg.num_action_queries + 1
+    assert out.actions.shape == (3, cfg.chunk_size, cfg.action_dim)
+    assert policy.predict_action_chunk(batch).shape == (3, cfg.chunk_size, cfg.action_dim)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert policy.bridge_features(out).shape == (3, 2 * 64)
+    assert policy.vision.embed_dim == (64 if backbone == "tiny-dinosiglip" else 32)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "bert"])
+def test_other_llm_families(family):
+    llm = LLMConfig(family=family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4 if family == "bert" else 2,
+                    intermediate_size=128)
+    cfg = micro_config(llm=llm)
+    policy = VLAPolicy(cfg)
+    loss, metrics = policy(cfg.fake_batch(2))
+    assert torch.isfinite(loss) and "l1_loss" in metrics
+    assert policy.llm.is_encoder == (family == "bert")
+
+
+def test_layout_indices_select_the_right_tokens(micro):
+    policy = VLAPolicy(micro)
+    batch = micro.fake_batch(2)
+    ids, mask = policy.tokenize(batch["task"])
+    _, layout = policy.encode(batch)
+    seq_ids = torch.full((2, layout.seq_len), -1)
+    seq_ids[:, layout.text_index] = ids
+    assert torch.equal(layout.text(seq_ids.unsqueeze(-1))[0].squeeze(-1), ids)
+    assert torch.equal(layout.text_mask, mask)
+    # the padding of the shorter instruction is masked out, every other token is attended
+    assert layout.attention_mask.sum(1).tolist() == [layout.seq_len - int((~m).sum()) for m in mask]
+    assert layout.vision_index.tolist() == list(range(1, 1 + policy.vision.num_patches))
+    assert layout.query_index[-1].item() == layout.seq_len - 2  # queries sit right before STOP
+
+
+def test_batch_is_not_mutated(micro):
+    policy = VLAPolicy(micro)
+    batch = micro.fake_batch(2)
+    before = copy.deepcopy(batch)
+    policy(batch)
+    policy.predict_action_chunk(batch)
+    assert batch.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(batch[key], value) if torch.is_tensor(value) else batch[key] == value
+
+
+def test_save_load_round_trip_gives_identical_outputs(micro, tmp_path):
+    import numpy as np
+
+    policy = VLAPolicy(micro).eval()
+    policy.dataset_stats = {"action": {"mean": np.array([0.1, 0.2, 0.3, 0.4]), "std": np.ones(4)}}
+    batch = micro.fake_batch(3)
+    policy.save_pretrained(tmp_path / "ckpt")
+    loaded = VLAPolicy.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config.to_dict() == policy.config.to_dict()  # the tiny preset has no source paths
+    assert torch.equal(loaded.predict_action_chunk(batch), policy.predict_action_chunk(batch))
+    assert np.allclose(loaded.dataset_stats["action"]["mean"], [0.1, 0.2, 0.3, 0.4])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json", "llm_config.json", "model.safetensors", "stats.json", "tokenizer"]
+
+
+def test_save_replaces_atomically_and_leaves_no_temp(micro, tmp_path):
+    policy = VLAPolicy(micro)
+    policy.save_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        policy.action_queries.weight.fill_(0.5)
+    policy.save_pretrained(tmp_path / "ckpt")  # overwrite
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert VLAPolicy.from_pretrained(tmp_path / "ckpt").action_queries.weight.eq(0.5).all()
+
+
+def test_trainable_parameter_counts(micro):
+    policy = VLAPolicy(micro)
+    d, q, dv = 64, micro.num_action_queries, 32
+    assert policy.action_queries.weight.numel() == q * d
+    assert sum(p.numel() for p in policy.projector.parameters()) == (dv * d + d) + (d * d + d)  # mlp
+    assert not policy.action_queries.weight.any()  # zero-initialised (VLA-Adapter)
+    assert all(block.gate.item() == 0.0 for block in policy.action_head.blocks)
+    parts = [policy.vision, policy.projector, policy.llm, policy.action_queries, policy.action_head]
+    assert sum(p.numel() for m in parts for p in m.parameters()) == sum(p.numel() for p in policy.parameters())
+    for p in policy.vision.parameters():
+        p.requires_grad_(False)
+    frozen = sum(p.numel() for p in policy.vision.parameters())
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in policy.parameters()) - frozen
+
+
+def test_tiny_preset_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = VLAConfig.preset("tiny")
+    policy = VLAPolicy(cfg)
+    batch = cfg.fake_batch(batch_size=4)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
+    first = None
+    for step in range(200):
+        loss, _ = policy(batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < first / 10:
+            break
+    assert loss.item() < first / 10, f"loss {first:.3f} -> {loss.item():.3f} after {step + 1} steps"
+
+
+def test_missing_batch_key_is_a_clear_error(micro):
+    batch = micro.fake_batch(2)
+    del batch["observation.state"]
+    with pytest.raises(CraftVLAError, match="observation.state"):
+        VLAPolicy(micro)(batch)
+
+
+def test_padded_actions_do_not_count_in_the_loss(micro):
+    policy = VLAPolicy(micro)
+    batch = micro.fake_batch(2)
+    loss, _ = policy(batch)
+    batch["action"] = batch["action"].clone()
+    batch["action"][batch["action_is_pad"]] = 100.0  # garbage where padded
+    assert torch.equal(policy(batch)[0], loss)
