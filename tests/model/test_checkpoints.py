@@ -16,17 +16,19 @@ def write_vla_adapter_dir(root, seed=1):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from craftvla.model.language import byte_tokenizer
-    from craftvla.model.vision import VisionBackbone
+    from craftvla.model.vision import _tiny_vit
 
     torch.manual_seed(seed)
     llm_cfg = Qwen2Config(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False)
     Qwen2ForCausalLM(llm_cfg).save_pretrained(root / "llm")
     byte_tokenizer().save_pretrained(root / "llm")
-    vision = VisionBackbone(VisionConfig(backbone_id="tiny-dinosiglip", image_size=32, patch_size=8, width=32, depth=2, num_heads=2))
+    # full, unpruned timm ViTs as Prismatic stores them (all blocks, final norm)
+    vcfg = VisionConfig(backbone_id="tiny-dinosiglip", image_size=32, patch_size=8, width=32, depth=2, num_heads=2)
+    vision = [_tiny_vit(vcfg, reg_tokens=4), _tiny_vit(vcfg, class_token=False)]
     (root / "vision").mkdir()
-    save_file(vision.towers[0].model.state_dict(), root / "vision" / "featurizer.safetensors")
-    torch.save(vision.towers[1].model.state_dict(), root / "vision" / "fused_featurizer.pt")  # .pt works too
+    save_file(vision[0].state_dict(), root / "vision" / "featurizer.safetensors")
+    torch.save(vision[1].state_dict(), root / "vision" / "fused_featurizer.pt")  # .pt works too
     fused_dim = 64
     projector = {"projector.0.weight": torch.randn(4 * fused_dim, fused_dim), "projector.0.bias": torch.randn(4 * fused_dim),
                  "projector.2.weight": torch.randn(64, 4 * fused_dim), "projector.2.bias": torch.randn(64),
@@ -45,9 +47,11 @@ def test_loads_every_part_of_a_vla_adapter_directory(tmp_path):
     policy = VLAPolicy(real_layout_config(tmp_path))
     llm_file = load_file(tmp_path / "llm" / "model.safetensors")
     assert torch.equal(policy.llm.model.layers[1].self_attn.q_proj.weight, llm_file["model.layers.1.self_attn.q_proj.weight"])
-    for ours, theirs in zip(policy.vision.towers, vision.towers):
-        for (name, a), b in zip(ours.model.state_dict().items(), theirs.model.state_dict().values()):
-            assert torch.equal(a, b), name
+    for ours, theirs in zip(policy.vision.towers, vision):
+        assert len(ours.model.blocks) == 1  # the last block is pruned (features come from the penultimate)
+        full = theirs.state_dict()
+        for name, value in ours.model.state_dict().items():
+            assert torch.equal(value, full[name]), name
     assert torch.equal(policy.projector.fc3.weight, projector["projector.4.weight"])
     assert policy.llm.model.config.is_causal is True
     loss, _ = policy(policy.config.fake_batch(2))

@@ -116,7 +116,7 @@ def _load_towers(policy, directory: Path) -> None:
         raise CraftVLAError(f"vision.weights_dir={str(directory)!r}: no such directory")
     for name, tower in zip(TOWER_NAMES, policy.vision.towers):
         path = find_weight_file(directory, name)
-        load_into(tower.model, read_state_dict(path), str(path))
+        load_into(tower.model, tower.pretrained_state(read_state_dict(path)), str(path))
 
 
 def _load_packaged_mobilenet(policy) -> None:

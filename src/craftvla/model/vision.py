@@ -36,15 +36,31 @@ class ImageNormalize(nn.Module):
 
 
 class ViTTower(nn.Module):
-    """A timm ViT returning the patch tokens (no prefix tokens) of one block, unnormalised."""
+    """A timm ViT returning the patch tokens (no prefix tokens) of one block, unnormalised.
+
+    Blocks after the feature layer, the final norm and the head are pruned (timm's
+    `prune_intermediate_layers`): they never run, hold no weights, and leave no parameters without
+    gradients (which would force DDP's costly `find_unused_parameters`).
+    """
 
     def __init__(self, vit: nn.Module, feature_layer: int, mean: tuple, std: tuple):
         super().__init__()
         self.normalize = ImageNormalize(mean, std)
-        self.model = vit
         self.block_index = len(vit.blocks) + feature_layer  # -2 -> penultimate (Prismatic)
+        vit.prune_intermediate_layers([self.block_index], prune_norm=True, prune_head=True)
+        self.model = vit
         self.embed_dim = vit.embed_dim
         self.num_patches = vit.patch_embed.num_patches
+
+    def pretrained_state(self, state: dict) -> dict:
+        """A full timm state dict minus the pruned parts (later blocks, final norm, pooling, head)."""
+        def pruned(key: str) -> bool:
+            head, _, rest = key.partition(".")
+            if head == "blocks":
+                return int(rest.split(".")[0]) > self.block_index
+            return head in ("norm", "fc_norm", "head", "attn_pool")
+
+        return {k: v for k, v in state.items() if not pruned(k)}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, N, D)
         tokens = self.model.forward_intermediates(

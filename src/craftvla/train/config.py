@@ -102,6 +102,8 @@ class FreezeConfig:
     projector: bool = False
     # Freeze the LLM (policy.llm); with LoRA the LLM's base weights are frozen regardless.
     llm: bool = False
+    # Freeze the learnable action queries (policy.action_queries).
+    action_queries: bool = False
     # Freeze the action head (policy.action_head); only useful for probing experiments.
     action_head: bool = False
 
@@ -188,6 +190,8 @@ class TrainConfig:
     resume: bool = False
     # End this invocation after this step (a job time limit); the schedule still spans `steps`.
     stop_at_step: Optional[int] = None
+    # End this invocation (with a checkpoint) once this many minutes of training have passed.
+    max_minutes: Optional[float] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -17,7 +17,7 @@ from torch import nn
 from craftvla.errors import CraftVLAError
 from craftvla.train.config import FreezeConfig, LoraConfig
 
-COMPONENTS = ("vision", "projector", "llm", "action_head")
+COMPONENTS = ("vision", "projector", "llm", "action_queries", "action_head")
 
 
 def apply_freeze(policy: nn.Module, cfg: FreezeConfig) -> list[str]:

@@ -1,0 +1,373 @@
+"""`craftvla train`: the training loop — `train_step` and a short `main`.
+
+    craftvla train --preset tiny --dataset.root DIR --output_dir RUN --steps 2000
+    accelerate launch --num_processes 2 -m craftvla train ...   (or torchrun; DDP, gloo on CPU)
+
+Writes RUN/train_config.yaml, RUN/metrics.jsonl, RUN/checkpoints/<step>/ + last (see state.py)
+and RUN/plots/*.png. Plug-ins attach here: a *gradient plug-in* (CRaFT) takes over the backward
+pass and the final gradient; *loss plug-ins* (e.g. L2-to-init) add a term to the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from craftvla.train import state as ckpt
+from craftvla.train.batches import StepSampler, data_loader, fake_micro_batches, to_device
+from craftvla.train.config import TrainConfig, dump_train_config, parse_train_config
+from craftvla.train.metrics import MetricsLogger, truncate_metrics
+
+log = logging.getLogger("craftvla.train")
+
+
+class GradPlugin(Protocol):
+    """Takes over backward and the final gradient (CRaFT). See `train_step` for the call order."""
+
+    def backward(self, model: nn.Module, batch: dict, scale: float) -> dict[str, float]: ...
+
+    def before_optimizer_step(self, params: list[nn.Parameter]) -> Optional[dict[str, float]]: ...
+
+    def after_optimizer_step(self) -> Optional[dict[str, float]]: ...
+
+
+# A loss plug-in: (model, micro_batch) -> (extra loss term, metrics), added to the policy's loss.
+LossPlugin = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, scheduler, accelerator,
+               grad_clip_norm: float, grad_plugin: Optional[GradPlugin] = None,
+               loss_plugins: Sequence[LossPlugin] = ()) -> dict[str, float]:
+    """One optimizer step over the micro-batches of this process; returns averaged metrics.
+
+    Plain path: each micro-batch's loss (/ n) is backpropagated, with DDP's gradient all-reduce
+    only on the last one (`no_sync` on the others), so accumulated gradients equal one big batch.
+    Gradient plug-in path (CRaFT): `grad_plugin.backward` runs forward + backward itself with NO
+    DDP sync at all (it keeps its gradient pieces apart and all-reduces them once), then
+    `before_optimizer_step(params)` writes the final `.grad`; `after_optimizer_step()` runs after
+    the update (the dual step). Clipping and the optimizer see the final gradient either way.
+    """
+    n = len(micro_batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(micro_batches):
+        sync = grad_plugin is None and i == n - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            if grad_plugin is not None:
+                metrics = grad_plugin.backward(model, batch, scale=1.0 / n)
+            else:
+                loss, metrics = model(batch)
+                for plugin in loss_plugins:
+                    extra, extra_metrics = plugin(model, batch)
+                    loss, metrics = loss + extra, {**metrics, **extra_metrics}
+                accelerator.backward(loss / n)
+                metrics = {**metrics, "loss": loss.detach().item()}
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value) / n
+    if grad_plugin is not None:
+        totals.update(grad_plugin.before_optimizer_step(params) or {})
+    norm = accelerator.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else math.inf)
+    totals["grad_norm"] = float(norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if grad_plugin is not None:
+        totals.update(grad_plugin.after_optimizer_step() or {})
+    return totals
+
+
+# ----- wiring ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs, built once by `setup`; `policy` is the unwrapped model."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    policy: nn.Module
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    batches: Iterator[dict]
+    run_dir: Path
+    start_step: int = 0
+    num_samples: Optional[int] = None  # dataset frames (None for fake batches)
+    grad_plugin: Optional[GradPlugin] = None
+    loss_plugins: Sequence[LossPlugin] = ()
+    plugins: dict[str, ckpt.Stateful] = field(default_factory=dict)  # saved in training_state/
+
+
+def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False):
+    """Device, precision and distribution in one place: DDP/FSDP from the launcher's environment
+    (gloo on CPU, NCCL on CUDA), bf16 autocast on CUDA only unless configured otherwise."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+
+    precision = cfg.accel.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    fsdp = FullyShardedDataParallelPlugin() if cfg.accel.strategy == "fsdp" else None
+    dynamo = TorchDynamoPlugin(backend="inductor") if cfg.accel.compile else None
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    # cpu=True on CPU-only machines: without it Accelerate ignores torchrun's WORLD_SIZE there and
+    # every process would silently train alone.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, fsdp_plugin=fsdp, dynamo_plugin=dynamo, kwargs_handlers=[ddp],
+                       step_scheduler_with_optimizer=False)
+
+
+def unused_trainable_parameters(policy: nn.Module) -> list[str]:
+    """Trainable parameters that one forward/backward on a fake batch leaves without a gradient.
+
+    DDP's reducer waits for every parameter's gradient: with unused ones (e.g. vision blocks after
+    the feature layer) its last bucket is never all-reduced and ranks silently diverge, unless
+    DDP is told to search for them (find_unused_parameters, a per-step cost we pay only then).
+    """
+    loss, _ = policy(policy.config.fake_batch(1))
+    loss.backward()
+    unused = [n for n, p in policy.named_parameters() if p.requires_grad and p.grad is None]
+    policy.zero_grad(set_to_none=True)
+    return unused
+
+
+def build_policy(cfg: TrainConfig, dataset) -> nn.Module:
+    """The policy to train: from `init_from` or fresh from `cfg.policy` sized by the dataset,
+    then freezing and LoRA (imported only when enabled)."""
+    from craftvla.model.policy import VLAPolicy
+    from craftvla.train.peft import apply_freeze
+
+    policy_cfg = cfg.policy
+    if dataset is not None:
+        m = dataset.meta
+        policy_cfg = policy_cfg.for_dataset(camera_keys=m.camera_keys, state_dim=m.state_dim, action_dim=m.action_dim)
+    policy = VLAPolicy.from_pretrained(cfg.init_from) if cfg.init_from else VLAPolicy(policy_cfg)
+    if cfg.init_from and dataset is not None:
+        _check_compatible(policy.config, policy_cfg, cfg.init_from)
+    if dataset is not None:
+        policy.dataset_stats = dataset.stats
+    frozen = apply_freeze(policy, cfg.freeze)
+    if cfg.lora.rank > 0:
+        from craftvla.train.peft import apply_lora
+
+        apply_lora(policy, cfg.lora)
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in policy.parameters())
+    log.info("policy: %.2fM parameters, %.2fM trainable; frozen: %s; LoRA rank %d",
+             total / 1e6, trainable / 1e6, frozen or "none", cfg.lora.rank)
+    return policy
+
+
+def _check_compatible(have, want, source: str) -> None:
+    for name in ("camera_keys", "state_dim", "action_dim", "chunk_size"):
+        if getattr(have, name) != getattr(want, name):
+            from craftvla.errors import ConfigError
+
+            raise ConfigError(f"init_from={source!r}: {name}={getattr(have, name)!r} but the dataset needs "
+                              f"{getattr(want, name)!r}")
+
+
+def open_dataset(cfg: TrainConfig):
+    """The LeRobot dataset with normalisation, or None for fake-batch smoke runs."""
+    if cfg.dataset.root is None:
+        return None
+    from craftvla.data import LeRobotDataset
+    from craftvla.data.transforms import Normalize
+
+    dataset = LeRobotDataset(cfg.dataset.root, chunk_size=cfg.policy.chunk_size,
+                             video_cache_mb=cfg.dataset.video_cache_mb)
+    mapping = {k: v for k, v in cfg.policy.normalization.items() if k in dataset.stats}
+    dataset.transform = Normalize(dataset.stats, mapping)  # normalisation outside the network
+    return dataset
+
+
+def micro_batch_stream(cfg: TrainConfig, dataset, policy_cfg, accelerator, start_step: int) -> Iterator[dict]:
+    """Endless micro-batches for this process, starting at `start_step` (see batches.py)."""
+    micro = cfg.micro_batch_size(accelerator.num_processes)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if dataset is None:
+        log.warning("no --dataset.root: training on FAKE batches (random images and actions; smoke runs only)")
+        return fake_micro_batches(policy_cfg, cfg.seed, micro, cfg.batch_size, rank, world, start_step)
+    sampler = StepSampler(len(dataset), cfg.seed, cfg.batch_size, micro, rank, world, start_step)
+    return iter(data_loader(dataset, sampler, cfg.dataset.num_workers, cfg.seed + rank))
+
+
+def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
+          loss_plugins: Sequence[LossPlugin] = ()) -> Run:
+    """Build the accelerator, data, policy, optimizer and plug-ins; restore state on --resume."""
+    from accelerate.utils import set_seed
+
+    from craftvla.train.optim import build_optimizer, build_scheduler
+
+    set_seed(cfg.seed)  # same initial weights on every rank
+    run_dir = Path(cfg.output_dir)
+    dataset = open_dataset(cfg)
+    policy = build_policy(cfg, dataset)
+    unused = unused_trainable_parameters(policy) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else []
+    if unused:
+        log.warning("%d trainable parameters get no gradient (e.g. %s): DDP will search for unused "
+                    "parameters every step; freeze or remove them to avoid that cost", len(unused), unused[:3])
+    accelerator = make_accelerator(cfg, find_unused_parameters=bool(unused))
+    grad_plugin = make_grad_plugin(policy, cfg, accelerator) if make_grad_plugin else None
+    optimizer = build_optimizer(policy, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps(), cfg.steps, cfg.schedule.min_lr_ratio)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    policy = accelerator.unwrap_model(model)  # the one unwrap; the trainer never touches .module
+    plugins = {"grad_plugin": grad_plugin} if hasattr(grad_plugin, "state_dict") else {}
+    run = Run(cfg, accelerator, policy, model, optimizer, scheduler, iter(()), run_dir,
+              num_samples=len(dataset) if dataset is not None else None, grad_plugin=grad_plugin, loss_plugins=loss_plugins, plugins=plugins)
+    if cfg.resume:
+        run.start_step = resume(run)
+    run.batches = micro_batch_stream(cfg, dataset, policy.config, accelerator, run.start_step)
+    return run
+
+
+def resume(run: Run) -> int:
+    """Load RUN/checkpoints/last into the run; returns the step it was saved at."""
+    from craftvla.errors import ConfigError
+
+    path = ckpt.last_checkpoint(run.run_dir)
+    saved = ckpt.read_training_state(path, run.accelerator.process_index)
+    for name in ("batch_size", "seed", "steps"):
+        if saved["state"][name] != getattr(run.cfg, name):
+            raise ConfigError(f"--resume: {name}={getattr(run.cfg, name)!r} but {path} was trained with "
+                              f"{saved['state'][name]!r}; an exact resume needs the same value")
+    ckpt.load_model_weights(path, run.policy)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    ckpt.load_plugins(run.plugins, saved["plugins"], path)
+    ckpt.set_rng_state(saved["rng"])
+    log.info("resumed from %s at step %d", path, saved["state"]["step"])
+    return int(saved["state"]["step"])
+
+
+def export_model(policy: nn.Module) -> nn.Module:
+    """The inference model of a checkpoint: LoRA merged into a copy, else the policy itself."""
+    from craftvla.train.peft import has_lora, merged_copy
+
+    return merged_copy(policy) if has_lora(policy) else policy
+
+
+def save(run: Run, step: int) -> Path:
+    """Write checkpoint `step` (all ranks participate)."""
+    from craftvla.train.peft import has_lora
+
+    cfg = run.cfg
+    state = {"step": step, "samples_seen": step * cfg.batch_size, "batch_size": cfg.batch_size,
+             "seed": cfg.seed, "steps": cfg.steps, "world_size": run.accelerator.num_processes}
+
+    def write_main(ts: Path) -> None:
+        training = {"state": state, "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(),
+                    "plugins": {name: p.state_dict() for name, p in run.plugins.items()}}
+        ckpt.write_training_state(ts, training, run.policy if has_lora(run.policy) else None)
+
+    export = export_model(run.policy) if run.accelerator.is_main_process else run.policy
+    return ckpt.save_checkpoint(run.run_dir, step, run.accelerator, export, write_main, cfg.checkpoint.keep_last)
+
+
+def periodic_eval(run: Run, step: int) -> dict[str, float]:
+    """Closed-loop Meta-World evaluation of the current weights (main rank); RNG-neutral, so a
+    run with evaluation trains exactly like one without."""
+    from craftvla.sim.evaluate import evaluate
+    from craftvla.sim.metaworld import DEFAULT_TASKS
+    from craftvla.sim.policies import CheckpointPolicy
+
+    record: dict[str, float] = {}
+    if run.accelerator.is_main_process:
+        saved = ckpt.rng_state()
+        e = run.cfg.eval
+        try:
+            sim_policy = CheckpointPolicy(export_model(run.policy), device=str(run.accelerator.device))
+            results = evaluate(sim_policy, e.tasks or list(DEFAULT_TASKS), e.episodes, seed=e.seed,
+                               out_dir=run.run_dir / "eval" / ckpt.step_dir_name(step), progress=False)
+        finally:
+            run.policy.train()
+            ckpt.set_rng_state(saved)
+        record = {"eval/mean_success_rate": results["mean_success_rate"],
+                  **{f"eval/{t}": r["success_rate"] for t, r in results["tasks"].items()}}
+    run.accelerator.wait_for_everyone()
+    return record
+
+
+def fit(run: Run) -> dict[str, Any]:
+    """Train from run.start_step to the end (or stop_at_step); returns the last logged metrics."""
+    cfg, acc = run.cfg, run.accelerator
+    end = cfg.stop_at_step or cfg.steps
+    metrics_path = run.run_dir / "metrics.jsonl"
+    logger = MetricsLogger(metrics_path, acc, cfg.log.log_freq, run.start_step, cfg.steps, cfg.log.progress)
+    run.model.train()
+    last: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    step = run.start_step
+    for step in range(run.start_step + 1, end + 1):
+        lr = run.scheduler.get_last_lr()[0]  # the LR this step's update uses
+        micro = [to_device(next(run.batches), acc.device) for _ in range(cfg.grad_accum_steps)]
+        last = train_step(run.model, micro, run.optimizer, run.scheduler, acc, cfg.optim.grad_clip_norm,
+                          run.grad_plugin, run.loss_plugins)
+        epoch = {"epoch": step * cfg.batch_size / run.num_samples} if run.num_samples else {}
+        logger.update(step, {**last, "lr": lr}, cfg.batch_size, epoch)
+        out_of_time = _out_of_time(acc, t0, cfg.max_minutes)
+        if step == end or out_of_time or (cfg.checkpoint.save_freq and step % cfg.checkpoint.save_freq == 0):
+            save(run, step)
+        if cfg.eval.freq and step % cfg.eval.freq == 0:
+            logger.log({"step": step, **periodic_eval(run, step)})
+        if out_of_time:
+            log.warning("max_minutes=%s reached: stopped at step %d of %d", cfg.max_minutes, step, cfg.steps)
+            break
+    logger.close(step)
+    return last
+
+
+def _out_of_time(accelerator, t0: float, max_minutes: Optional[float]) -> bool:
+    """Whether the time budget is spent, decided on the main rank so every rank stops together."""
+    if max_minutes is None:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - t0 > 60 * max_minutes)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="max")
+    return bool(flag.item())
+
+
+def train(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
+          loss_plugins: Sequence[LossPlugin] = ()) -> Run:
+    """Set up and run training from a parsed config (the programmatic entry point)."""
+    run_dir = Path(cfg.output_dir)
+    if not cfg.resume and (run_dir / "checkpoints" / ckpt.LAST).exists():
+        from craftvla.errors import CraftVLAError
+
+        raise CraftVLAError(f"{run_dir}: already holds a run; pass --resume true to continue it, "
+                            "or choose another --output_dir")
+    run = setup(cfg, make_grad_plugin, loss_plugins)
+    if run.accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_train_config(cfg, str(run_dir / "train_config.yaml"))
+        truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
+    run.accelerator.wait_for_everyone()
+    t0 = time.perf_counter()
+    fit(run)
+    if run.accelerator.is_main_process and cfg.log.plots and (run_dir / "metrics.jsonl").is_file():
+        from craftvla.train.plots import plot_metrics
+
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
+    log.info("done in %.0f s: %s", time.perf_counter() - t0, run_dir)
+    return run
+
+
+def main(argv: list[str]) -> int:
+    """CLI entry: `craftvla train [--flag value ...]` (see TrainConfig for every flag)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = parse_train_config(argv)
+    run = train(cfg)
+    if run.accelerator.is_main_process:
+        print(f"run written to {cfg.output_dir} (metrics.jsonl, checkpoints/last, plots/)")
+    run.accelerator.end_training()
+    return 0

@@ -1,0 +1,100 @@
+"""metrics.jsonl writing and the progress bar (main process only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after `last_step` (written after the checkpoint a resume starts from).
+
+    Rewritten through a temp file + os.replace, so a crash here cannot lose the earlier lines.
+    """
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Averages step metrics over `log_freq` steps, reduces them across ranks, writes JSONL lines.
+
+    Every rank calls `update` (the cross-rank mean is a collective); only the main rank writes
+    the file and draws the tqdm bar. Component metrics from the policy and plug-ins (e.g.
+    `l1_loss`, `craft/lambda`) are logged under their own keys.
+    """
+
+    def __init__(self, path: Path, accelerator, log_freq: int, start_step: int, total_steps: int,
+                 progress: bool) -> None:
+        self.path, self.accelerator, self.log_freq = path, accelerator, log_freq
+        self.main = accelerator.is_main_process
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count, self.samples, self.t0 = 0, 0, time.perf_counter()
+        self.started = self.t0  # elapsed_s: wall time of this invocation (a resumed run restarts it)
+        self.bar = None
+        if self.main and progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def update(self, step: int, metrics: dict[str, float], samples: int, extra: Optional[dict] = None) -> None:
+        """Record one optimizer step; write a line when `step` is a multiple of log_freq."""
+        for key, value in metrics.items():
+            self.sums[key] += float(value)
+        self.count += 1
+        self.samples += samples
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.log_freq == 0:
+            self._flush(step, extra or {})
+
+    def _flush(self, step: int, extra: dict) -> None:
+        keys = sorted(self.sums)
+        values = torch.tensor([self.sums[k] / self.count for k in keys], dtype=torch.float64,
+                              device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean") if self.accelerator.num_processes > 1 else values
+        seconds = time.perf_counter() - self.t0
+        record = {"step": step, **dict(zip(keys, values.tolist())), "samples_per_s": self.samples / seconds,
+                  "elapsed_s": time.perf_counter() - self.started, **extra}
+        if torch.cuda.is_available():
+            record["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                                     samples_s=f"{record['samples_per_s']:.1f}")
+        self.sums.clear()
+        self.count, self.samples, self.t0 = 0, 0, time.perf_counter()
+
+    def log(self, record: dict) -> None:
+        """Write a record as-is (e.g. periodic evaluation results), main rank only."""
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.bar is not None:
+                self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in record.items()))
+
+    def close(self, step: int, extra: Optional[dict] = None) -> None:
+        """Write what is pending since the last line (a run ending off the log_freq grid)."""
+        if self.count:
+            self._flush(step, extra or {})
+        if self.bar is not None:
+            self.bar.close()

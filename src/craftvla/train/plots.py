@@ -1,0 +1,69 @@
+"""PNG training curves from a run's metrics.jsonl (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from craftvla.train.metrics import read_metrics
+
+# Curves drawn on a log y-axis (losses and norms span decades over a run).
+LOG_SCALE_PREFIXES = ("loss", "l1_loss", "grad_norm")
+SKIP_KEYS = ("step",)
+
+
+def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """metric name -> (steps, values), for every numeric key in the records."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for rec in records:
+        for key, value in rec.items():
+            if key in SKIP_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            steps, values = out.setdefault(key, ([], []))
+            steps.append(rec["step"])
+            values.append(float(value))
+    return out
+
+
+def plot_metrics(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+    """One PNG per metric (loss.png, lr.png, ...) plus overview.png; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    curves = series(read_metrics(metrics_path))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, (steps, values) in curves.items():
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        _draw(ax, key, steps, values)
+        written.append(_save(fig, out / f"{key.replace('/', '_')}.png"))
+        plt.close(fig)
+    main_keys = [k for k in ("loss", "lr", "samples_per_s", "grad_norm") if k in curves]
+    main_keys += sorted(k for k in curves if k.startswith("eval/"))[:2]
+    if main_keys:
+        fig, axes = plt.subplots(1, len(main_keys), figsize=(4 * len(main_keys), 3.2), dpi=100, squeeze=False)
+        for ax, key in zip(axes[0], main_keys):
+            _draw(ax, key, *curves[key])
+        written.append(_save(fig, out / "overview.png"))
+        plt.close(fig)
+    return written
+
+
+def _draw(ax, key: str, steps: list[int], values: list[float]) -> None:
+    ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3)
+    ax.set_title(key)
+    ax.set_xlabel("step")
+    if key.startswith(LOG_SCALE_PREFIXES) and min(values) > 0:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,286 @@
+"""Anchor caches: build / load round trips, detection, refusal, interruption, training, exactness."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from craftvla.craft import cache as C
+from craftvla.craft.config import CraftConfig
+from craftvla.errors import CraftVLAError
+
+from .conftest import CAM
+
+NUM_LAYERS, WIDTH, N_VIS, T_MAX, N_QUERY = 3, 64, 16, 40, 4
+L_MAX = 1 + N_VIS + T_MAX + N_QUERY + 1
+N_VECS = {"mean_image_tokens": N_VIS, "mean_all_tokens": L_MAX, "mean_text_tokens": T_MAX, "last_token": 1}
+# Every pooling and every dtype on both float target types; token_level ignores both.
+ROUND_TRIPS = [("token_level", "mean_image_tokens", "float16")] + [
+    (kind, pooling, dtype) for kind in ("hidden_state", "hidden_feature")
+    for pooling, dtype in zip(C.POOLINGS, ("float16", "bfloat16", "float32", "bfloat16"))]
+
+
+def _policy(checkpoint):
+    from craftvla.model.policy import VLAPolicy
+
+    return VLAPolicy.from_pretrained(checkpoint).eval()
+
+
+def _all_samples(cache: C.AnchorCache) -> dict:
+    return cache.samples(list(range(len(cache))))
+
+
+@pytest.mark.parametrize("kind,pooling,dtype", ROUND_TRIPS)
+def test_round_trip_shapes_dtypes_meta(build, kind, pooling, dtype):
+    path = build(type=kind, pooling=pooling, dtype=dtype, num_samples=5, shard_size=2)
+    cache = C.AnchorCache(path)
+    meta = cache.meta
+    assert cache.cache_type == kind and len(cache) == 5 and len(cache.files) == 3
+    assert (meta["hidden_layer"], meta["hidden_layer_index"], meta["pooling"], meta["dtype"]) == (-2, 2, pooling, dtype)
+    assert meta["feature_width"] == WIDTH and meta["shard_size"] == 2 and len(meta["model_fingerprint"]) == 64
+    batch = _all_samples(cache)
+    assert batch[CAM].shape == (5, 3, 32, 32) and batch[CAM].dtype == torch.float32
+    assert 0 <= batch[CAM].min() and batch[CAM].max() <= 1
+    assert batch["input_ids"].shape == (5, T_MAX) and batch["attention_mask"].dtype == torch.bool
+    assert len(batch["task"]) == 5 and batch["observation.state"].shape == (5, 4)
+    target = batch[C.TARGET_KEYS[kind]]
+    if kind == "token_level":
+        assert target.shape == (5, L_MAX) and target.dtype == torch.int64
+        real = batch["attention_mask"]  # labels = the instruction ids, right after BOS + vision
+        for i in range(5):
+            n = int(real[i].sum())
+            assert torch.equal(target[i, 1 + N_VIS:1 + N_VIS + n], batch["input_ids"][i, :n])
+            assert (target[i] != C.IGNORE_INDEX).sum() == n
+    elif kind == "hidden_state":
+        assert target.shape == (5, 1, N_VECS[pooling], WIDTH) and target.dtype == C.DTYPES[dtype]
+        assert batch["token_mask"].shape == (5, N_VECS[pooling])
+    else:
+        assert target.shape == (5, WIDTH) and target.dtype == C.DTYPES[dtype]
+
+
+def test_detects_type_from_keys(build, tmp_path):
+    path = build(type="hidden_state", pooling="mean_image_tokens", dtype="float16", num_samples=5, shard_size=2)
+    copy = shutil.copytree(path, tmp_path / "c")
+    meta = json.loads((copy / "meta.json").read_text())
+    del meta["cache_type"]
+    (copy / "meta.json").write_text(json.dumps(meta))
+    assert C.AnchorCache(copy).cache_type == "hidden_state"
+    meta["cache_type"] = "hidden_feature"
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CraftVLAError, match="'hidden_feature' in the cache but the student extracts 'hidden_state'"):
+        C.AnchorCache(copy)
+
+
+@pytest.mark.parametrize("field,change,message", [
+    ("layers", (1,), r"hidden layer is \(2,\) in the cache but the student extracts \(1,\)"),
+    ("pooling", "mean_all_tokens", "pooling is 'mean_image_tokens' in the cache but the student extracts 'mean_all_tokens'"),
+    ("width", 128, "feature width is 64 in the cache but the student extracts 128"),
+    ("fingerprint", "f" * 64, "model fingerprint is '[0-9a-f]{64}' in the cache but the student extracts 'f{64}'"),
+])
+def test_mismatch_refused(build, checkpoint, field, change, message):
+    path = build(type="hidden_feature", pooling="mean_image_tokens", dtype="float16", num_samples=5, shard_size=2)
+    cache = C.AnchorCache(path)
+    good = C.ExtractionSettings((2,), "mean_image_tokens", WIDTH, C.model_fingerprint(_policy(checkpoint)))
+    cache.check(good)  # the matching student passes
+    bad = C.ExtractionSettings(**{**good.__dict__, field: change})
+    with pytest.raises(CraftVLAError, match=message):
+        cache.check(bad)
+
+
+def test_craft_config_mismatch_names_flags(build, checkpoint):
+    path = build(type="hidden_feature", pooling="mean_image_tokens", dtype="float16", num_samples=5, shard_size=2)
+    policy = _policy(checkpoint)
+    default = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_type="vision")
+    with pytest.raises(CraftVLAError, match=r"\(2,\) in the cache but the student extracts \(1,\).*anchor_layer_idx=2"):
+        C.open_anchor_stream(path, policy, default)  # craft's default layer is the middle one (1)
+    both = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_layer_idx=2)
+    with pytest.raises(CraftVLAError, match="'mean_image_tokens' in the cache but the student extracts 'mean_image_and_query_tokens'"):
+        C.open_anchor_stream(path, policy, both)
+
+
+def _shards(path) -> dict:
+    from safetensors.torch import load_file
+
+    return {f.name: load_file(str(f)) for f in sorted(path.glob("shard-*.safetensors"))}
+
+
+def test_interrupted_build_resumes_to_the_same_cache(build, checkpoint, anchor_dataset, tmp_path, monkeypatch):
+    flags = dict(type="hidden_feature", pooling="mean_text_tokens", dtype="float32", num_samples=9, shard_size=4)
+    cfg = C.CacheBuildConfig(checkpoint=str(checkpoint), dataset=str(anchor_dataset), out=str(tmp_path / "c"),
+                             batch_size=4, device="cpu", **flags)
+    real_save = C.save_file
+    calls = []
+
+    def crash_mid_write(tensors, filename, metadata=None):  # 2nd shard: half a file, then die
+        calls.append(filename)
+        if len(calls) == 2:
+            (tmp_path / "c" / filename.split("/")[-1]).write_bytes(b"\0" * 100)
+            raise KeyboardInterrupt("killed mid-write")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(C, "save_file", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        C.build_cache(cfg)
+    out = tmp_path / "c"
+    assert not (out / "meta.json").exists()
+    assert [f.name for f in out.glob("shard-*")] == ["shard-00000.safetensors"]  # the torn one is not visible
+    with pytest.raises(CraftVLAError, match="interrupted build"):
+        C.AnchorCache(out)
+    monkeypatch.setattr(C, "save_file", real_save)
+    first = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    C.build_cache(cfg)  # resumes
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first  # kept, not rebuilt
+    assert not list(out.glob(".*.tmp"))
+    reference = build(**flags)
+    assert json.loads((out / "meta.json").read_text()) | {"out": 0} == json.loads(
+        (reference / "meta.json").read_text()) | {"out": 0}
+    got, want = _shards(out), _shards(reference)
+    assert got.keys() == want.keys() and len(got) == 3
+    for name in want:
+        assert all(torch.equal(got[name][k], want[name][k]) for k in want[name])
+
+
+def test_interrupted_build_before_any_shard(checkpoint, anchor_dataset, tmp_path):
+    cfg = C.CacheBuildConfig(checkpoint=str(checkpoint), dataset=str(anchor_dataset), out=str(tmp_path / "c"),
+                             num_samples=4, shard_size=2, device="cpu")
+    with pytest.raises(RuntimeError, match="simulated"):
+        C.build_cache(cfg, fail_after_shards=1)
+    changed = C.CacheBuildConfig(**{**cfg.__dict__, "pooling": "last_token"})
+    with pytest.raises(CraftVLAError, match=r"other settings \(\['pooling'\]\).*--overwrite true"):
+        C.build_cache(changed)
+    C.build_cache(C.CacheBuildConfig(**{**changed.__dict__, "overwrite": True}))
+    assert C.AnchorCache(tmp_path / "c").meta["pooling"] == "last_token"
+    with pytest.raises(CraftVLAError, match="already a complete cache"):
+        C.build_cache(changed)
+
+
+def test_loader_cycles_and_reshuffles(build):
+    cache = C.AnchorCache(build(type="hidden_feature", pooling="mean_image_tokens", dtype="float16",
+                                num_samples=5, shard_size=2))
+    orders = [cache.epoch_order(e, seed=3) for e in range(4)]
+    assert all(sorted(o) == list(range(5)) for o in orders) and len({tuple(o) for o in orders}) > 1
+    ids = {tuple(s.tolist()): i for i, s in enumerate(_all_samples(cache)["observation.state"])}
+    stream = cache.batches(batch_size=3, seed=3)
+    seen = [ids[tuple(s.tolist())] for _ in range(5) for s in next(stream)["observation.state"]]
+    assert seen == sum(orders, [])[:15]  # 3 epochs' worth, epoch after epoch, without end
+    again = cache.batches(batch_size=3, seed=3)
+    assert torch.equal(next(again)["target_features"], next(cache.batches(3, seed=3))["target_features"])
+
+
+def _online_features(policy, batch, layer):
+    """What helper CRaFT's online provider computes: C_R mean-pooled at `layer` (anchor_type vision)."""
+    from craftvla.craft.anchors import OnlineAnchors
+
+    feature_fn = lambda out: policy.bridge_features(out, layer_idx=layer, pooling="mean", anchor_type="vision")
+    return OnlineAnchors(policy, feature_fn).features(policy, batch)
+
+
+def _dataset_batch(checkpoint, anchor_dataset, cache):
+    """The same samples straight from the anchor dataset (not the cache's stored copies)."""
+    from craftvla.craft.cache import _open_anchor_dataset
+
+    policy = _policy(checkpoint)
+    dataset = _open_anchor_dataset(str(anchor_dataset), policy)
+    indices = json.loads((cache.path / "build.json").read_text())["indices"]
+    items = [dataset[i] for i in indices]
+    return policy, {CAM: torch.stack([it[CAM] for it in items]), "task": [it["task"] for it in items],
+                    "observation.state": torch.stack([it["observation.state"] for it in items])}
+
+
+@pytest.mark.parametrize("dtype,image_dtype,rtol", [("float32", "float32", 1e-5), ("float16", "float16", 2e-3)])
+def test_cache_targets_equal_online_anchors(build, checkpoint, anchor_dataset, dtype, image_dtype, rtol):
+    cache = C.AnchorCache(build(type="hidden_feature", pooling="mean_image_tokens", dtype=dtype,
+                                image_dtype=image_dtype, num_samples=6, shard_size=4))
+    policy, batch = _dataset_batch(checkpoint, anchor_dataset, cache)
+    online = _online_features(policy, batch, layer=2)  # (6, D); --layer -2 of 3 layers = index 2
+    cached = _all_samples(cache)["target_features"].float()
+    scale = online.abs().max()
+    assert (cached - online).abs().max() <= rtol * scale
+
+
+def test_padded_token_sets_match_per_sample_forward(build, checkpoint):
+    """mean_all_tokens / hidden_state targets do not depend on the other instructions of the batch."""
+    cache = C.AnchorCache(build(type="hidden_state", pooling="mean_all_tokens", dtype="float32",
+                                image_dtype="float32", num_samples=12, shard_size=12))
+    policy, batch = _policy(checkpoint), _all_samples(cache)
+    assert len({int(m.sum()) for m in batch["attention_mask"]}) == 3  # three instruction lengths
+    with torch.no_grad():
+        for i in range(0, 12, 5):
+            one = {k: (v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1]) for k, v in batch.items()}
+            hidden, layout = policy.encode(one)  # batch of one: no text padding at all
+            states, mask = C.student_targets("hidden_state", cache.meta, hidden, layout)
+            assert torch.equal(mask, batch["token_mask"][i:i + 1])
+            torch.testing.assert_close(states, batch["teacher_hidden"][i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+def _perturb(policy, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5 * (p.std() if p.numel() > 1 else 1))
+
+
+@pytest.mark.parametrize("kind", ["hidden_feature", "hidden_state"])
+def test_training_on_the_cache_lowers_the_retention_loss(build, checkpoint, kind):
+    from craftvla.craft.anchors import make_anchor_provider
+    from craftvla.craft.functional import retention_loss
+
+    path = build(type=kind, pooling="mean_image_tokens", dtype="float32", num_samples=8, shard_size=4)
+    policy = _policy(checkpoint).train()
+    cfg = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_type="vision",
+                      anchor_layer_idx=2)
+    feature_fn = lambda out: policy.bridge_features(out, layer_idx=2, pooling="mean", anchor_type="vision")
+    if kind == "hidden_feature":  # helper CRaFT's own provider, through open_anchor_stream
+        provider = make_anchor_provider(policy, cfg, feature_fn)
+    else:  # per-token MSE over the cached states
+        provider = C.CacheAnchorProvider(policy, feature_fn, cfg, batch_size=4)
+    with torch.no_grad():
+        start = retention_loss(*provider.retention_pair(policy, None, None)).item()
+    assert start < 1e-8  # the unchanged teacher reproduces its own targets
+    _perturb(policy)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = retention_loss(*provider.retention_pair(policy, None, None))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 1e-4
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_token_level_cache_refused_for_retention(build, checkpoint):
+    path = build(type="token_level", pooling="mean_image_tokens", dtype="float16", num_samples=5, shard_size=2)
+    cfg = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_type="vision")
+    with pytest.raises(CraftVLAError, match="token_level anchor cache cannot feed"):
+        C.CacheAnchorProvider(_policy(checkpoint), None, cfg)
+
+
+def test_cli_build_and_errors(checkpoint, anchor_dataset, tmp_path, capsys):
+    from craftvla.cli import main
+
+    out = tmp_path / "c"
+    args = ["cache", "build", "--checkpoint", str(checkpoint), "--dataset", str(anchor_dataset), "--out", str(out),
+            "--type", "hidden_feature", "--layer", "-1", "--dtype", "bfloat16", "--num_samples", "3",
+            "--shard_size", "2", "--device", "cpu"]
+    assert main(args) == 0
+    assert C.AnchorCache(out).meta["hidden_layer_index"] == 3
+    assert main(args) == 1 and "already a complete cache" in capsys.readouterr().err
+    assert main(["cache", "build", "--type", "logits"]) == 1
+    assert main(["cache", "bulid"]) == 1 and "unknown sub-verb 'bulid'" in capsys.readouterr().err
+    assert main(["cache", "build", "--checkpoint", str(checkpoint), "--dataset", str(anchor_dataset),
+                 "--out", str(tmp_path / "d"), "--layer", "7"]) == 1
+
+
+def test_overwrite_never_deletes_a_foreign_directory(checkpoint, anchor_dataset, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    cfg = C.CacheBuildConfig(checkpoint=str(checkpoint), dataset=str(anchor_dataset), out=str(tmp_path / "mine"),
+                             num_samples=2, device="cpu", overwrite=True)
+    with pytest.raises(CraftVLAError, match="is not an anchor cache"):
+        C.build_cache(cfg)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
