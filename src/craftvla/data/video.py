@@ -132,6 +132,16 @@ def decode_slice(container, path: Path, from_ts: float, num_frames: int, fps: in
     return np.stack(out)  # (T, H, W, 3)
 
 
+# Containers a forked worker inherited from its parent, kept referenced for the child's lifetime.
+# Freeing an FFmpeg decoder joins its frame threads; in a forked child those threads do not
+# exist, so the join blocks forever while holding the GIL (measured here: a DataLoader worker
+# hung whenever the parent had an unclosed threaded decoder that the child's garbage collector
+# reached). So a child never frees what it inherited, and a parent always closes what it opened
+# (`close`, also on `__del__`) instead of leaving decoders to the cyclic GC (PyAV containers
+# and their streams form reference cycles).
+_INHERITED_CONTAINERS: list = []
+
+
 class VideoFrameSource:
     """Per-process video access: lazily opened containers and an LRU of decoded episodes.
 
@@ -158,9 +168,25 @@ class VideoFrameSource:
         self.__dict__.update(state)
         self._reset()
 
+    def close(self) -> None:
+        """Close the containers this process opened (inherited ones are only dropped)."""
+        containers = getattr(self, "_containers", None)
+        if not containers:
+            return
+        if os.getpid() != self._pid:
+            _INHERITED_CONTAINERS.extend(containers.values())
+        else:
+            for container in containers.values():
+                container.close()
+        containers.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
     def _container(self, path: Path):
         if os.getpid() != self._pid:  # forked after opening: never share FFmpeg handles
-            self._reset()
+            self.close()
+            self._pid = os.getpid()
         if path in self._containers:
             self._containers.move_to_end(path)
             return self._containers[path]
