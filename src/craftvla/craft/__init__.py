@@ -1,0 +1,19 @@
+"""CRaFT: constrained representation fine-tuning (SPEC §2).
+
+functional.py  pure tensor functions (pooling, retention loss, surgery, dual update)
+config.py      CraftConfig (the --craft.* flags)
+anchors.py     anchor-feature providers: online (default), swap (reference), cache
+plugin.py      CraftPlugin, the object train_step calls
+"""
+
+from craftvla.craft.config import CraftConfig
+
+__all__ = ["CraftConfig", "CraftPlugin"]
+
+
+def __getattr__(name):  # lazy: the plug-in pulls in the model stack
+    if name == "CraftPlugin":
+        from craftvla.craft.plugin import CraftPlugin
+
+        return CraftPlugin
+    raise AttributeError(f"module 'craftvla.craft' has no attribute {name!r}")
