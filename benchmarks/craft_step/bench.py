@@ -1,10 +1,14 @@
-"""Step time and peak memory: plain fine-tuning vs CRaFT online vs the seed-style swap reference.
+"""Step time and peak memory: plain fine-tuning vs CRaFT online vs CRaFT from an anchor cache vs the
+seed-style swap reference.
 
     .venv/bin/python benchmarks/craft_step/bench.py [--rounds 12] [--batch 4] [--out benchmarks/craft_step]
 
 Times: every variant steps once per round, in a shuffled order, on its own copy of the same
 initial policy (AdamW, full fine-tuning of the trainable parts); medians over the rounds after
-two warm-up rounds. The FLOP-model floor of exact online CRaFT = plain step + one no-grad
+two warm-up rounds. The cache variant reads a hidden_feature cache built (once per config, by
+`craft.cache.build_cache`) from the same initial policy on a small synthetic LeRobot dataset; it
+keeps the vision bridge feature only (the one a cache can hold), one anchor batch of `--batch`
+samples per step. The FLOP-model floor of exact online CRaFT = plain step + one no-grad
 encoder forward (the anchor) + one backward of L_ret alone (the second backward through the
 retention subgraph), each component timed in the same rounds. Peak memory: on CUDA
 max_memory_allocated per variant; on CPU each variant runs 3 steps in a fresh subprocess while
@@ -18,12 +22,16 @@ import copy
 import dataclasses
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -33,7 +41,7 @@ from craftvla.craft.functional import retention_loss
 from craftvla.craft.plugin import CraftPlugin
 from craftvla.model.policy import VLAPolicy
 
-VARIANTS = ("plain", "craft_online", "craft_swap")
+VARIANTS = ("plain", "craft_online", "craft_cache", "craft_swap")
 
 
 def configs() -> dict[str, VLAConfig]:
@@ -43,21 +51,52 @@ def configs() -> dict[str, VLAConfig]:
     return {"tiny": tiny, "larger-cpu (LLM 512 wide, 8 layers)": larger}
 
 
-def craft_cfg(variant: str) -> CraftConfig | None:
+def craft_cfg(variant: str, cache: Path | None, batch_size: int) -> CraftConfig | None:
     if variant == "craft_online":
         return CraftConfig(enabled=True)
+    if variant == "craft_cache":  # a cache holds the vision feature (C_R) of the middle layer
+        return CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(cache), anchor_type="vision",
+                           anchor_batch_size=batch_size)
     if variant == "craft_swap":  # the design notes' reference: CPU weight swap + per-tensor loop
         return CraftConfig(enabled=True, anchor_source="swap", projection_scope="per_tensor")
     return None
 
 
+def initial_policy(cfg: VLAConfig) -> VLAPolicy:
+    torch.manual_seed(0)  # every variant, the cache's teacher and the memory children start here
+    return VLAPolicy(cfg)
+
+
+def build_anchor_cache(cfg: VLAConfig, work: Path, samples: int = 32) -> Path:
+    """A hidden_feature cache of the initial policy on a synthetic dataset of random frames."""
+    from craftvla.craft.cache import CacheBuildConfig, build_cache
+    from craftvla.data import LeRobotDatasetWriter
+
+    initial_policy(cfg).save_pretrained(work / "ckpt")
+    size, rng = cfg.vision.image_size, np.random.default_rng(0)
+    features = {k: {"dtype": "video", "shape": (size, size, 3), "names": ["height", "width", "channels"]}
+                for k in cfg.camera_keys}
+    features.update({"observation.state": {"dtype": "float32", "shape": (cfg.state_dim,), "names": None},
+                     "action": {"dtype": "float32", "shape": (cfg.action_dim,), "names": None}})
+    writer = LeRobotDatasetWriter(work / "data", fps=10, features=features)
+    for f in range(samples):
+        writer.add_frame({**{k: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for k in cfg.camera_keys},
+                          "observation.state": rng.normal(size=cfg.state_dim).astype(np.float32),
+                          "action": rng.normal(size=cfg.action_dim).astype(np.float32)}, task="close the drawer")
+        if f % 8 == 7:
+            writer.save_episode()
+    build_cache(CacheBuildConfig(checkpoint=str(work / "ckpt"), dataset=str(writer.finalize()), out=str(work / "cache"),
+                                 layer=cfg.llm.num_layers // 2, dtype="float32", image_dtype="float32", device="cpu"))
+    return work / "cache"
+
+
 class Runner:
     """One variant's policy, optimizer and plug-in; `step(batch)` is one optimizer step."""
 
-    def __init__(self, policy: VLAPolicy, variant: str):
+    def __init__(self, policy: VLAPolicy, variant: str, cache: Path | None, batch_size: int):
         self.policy, self.variant = policy, variant
         self.opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
-        cfg = craft_cfg(variant)
+        cfg = craft_cfg(variant, cache, batch_size)
         self.plugin = CraftPlugin(policy, cfg) if cfg else None
 
     def step(self, batch: dict) -> None:
@@ -101,10 +140,9 @@ def floor_components(policy: VLAPolicy, batch: dict, device) -> dict[str, float]
     return {"anchor_forward": timed(anchor_forward, device), "retention_backward": ret_bwd}
 
 
-def time_config(cfg: VLAConfig, rounds: int, batch_size: int, device) -> dict:
-    torch.manual_seed(0)
-    base = VLAPolicy(cfg).to(device)
-    runners = {v: Runner(copy.deepcopy(base), v) for v in VARIANTS}
+def time_config(cfg: VLAConfig, rounds: int, batch_size: int, device, cache: Path) -> dict:
+    base = initial_policy(cfg).to(device)
+    runners = {v: Runner(copy.deepcopy(base), v, cache, batch_size) for v in VARIANTS}
     probe = copy.deepcopy(base)
     batch = _to(cfg.fake_batch(batch_size), device)
     times = {k: [] for k in [*VARIANTS, "anchor_forward", "retention_backward"]}
@@ -124,6 +162,7 @@ def time_config(cfg: VLAConfig, rounds: int, batch_size: int, device) -> dict:
     med["anchors"] = runners["craft_online"].plugin.anchors.description
     med["trainable"] = sum(p.numel() for p in base.parameters() if p.requires_grad)
     med["extra_mib"] = {v: _plugin_bytes(runners[v].plugin) / 2**20 for v in VARIANTS[1:]}
+    med["cache"] = runners["craft_cache"].plugin.anchors.description
     return med
 
 
@@ -131,16 +170,17 @@ def _plugin_bytes(plugin) -> int:
     """Memory the plug-in holds between steps: its gradient buffer and its copies of initial weights
     (on the device for online, in host memory for swap)."""
     held = plugin._buf.numel() * plugin._buf.element_size()
-    return held + sum(t.numel() * t.element_size() for t in plugin.anchors.initial.values())
+    initial = getattr(plugin.anchors, "initial", {})  # the cache provider keeps no weights
+    return held + sum(t.numel() * t.element_size() for t in initial.values())
 
 
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def peak_memory_cpu(cfg_name: str, variant: str, batch_size: int) -> float:
+def peak_memory_cpu(cfg_name: str, variant: str, batch_size: int, cache: Path) -> float:
     """MiB: run 3 steps of `variant` in a fresh interpreter, sampling RSS (see module docstring)."""
-    cmd = [sys.executable, __file__, "--memory-child", cfg_name, variant, "--batch", str(batch_size)]
+    cmd = [sys.executable, __file__, "--memory-child", cfg_name, variant, str(cache), "--batch", str(batch_size)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -150,10 +190,9 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * 4096 / 2**20
 
 
-def memory_child(cfg_name: str, variant: str, batch_size: int) -> None:
-    torch.manual_seed(0)
+def memory_child(cfg_name: str, variant: str, cache: str, batch_size: int) -> None:
     cfg = configs()[cfg_name]
-    runner = Runner(VLAPolicy(cfg), variant)
+    runner = Runner(initial_policy(cfg), variant, Path(cache), batch_size)
     batch = cfg.fake_batch(batch_size)
     start, peak, done = _rss_mib(), [0.0], threading.Event()
 
@@ -173,17 +212,20 @@ def memory_child(cfg_name: str, variant: str, batch_size: int) -> None:
 
 def table(results: dict, memory: dict, device) -> str:
     lines = [f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}", "",
-             "| config | trainable | plain s/step | CRaFT online | floor (exact CRaFT) | swap (seed) | online/floor | online/swap | online/plain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| config | trainable | plain s/step | CRaFT online | floor (exact CRaFT) | CRaFT cache | swap (seed) "
+             "| online/floor | online/swap | online/plain | cache/plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in results.items():
         lines.append(f"| {name} | {m['trainable']:,} | {m['plain']:.3f} | {m['craft_online']:.3f} | {m['floor']:.3f} | "
-                     f"{m['craft_swap']:.3f} | {m['craft_online'] / m['floor']:.3f} | {m['craft_online'] / m['craft_swap']:.3f} | "
-                     f"{m['craft_online'] / m['plain']:.3f} |")
+                     f"{m['craft_cache']:.3f} | {m['craft_swap']:.3f} | {m['craft_online'] / m['floor']:.3f} | "
+                     f"{m['craft_online'] / m['craft_swap']:.3f} | {m['craft_online'] / m['plain']:.3f} | "
+                     f"{m['craft_cache'] / m['plain']:.3f} |")
     lines += ["", "floor components (medians, s): " + "; ".join(
         f"{n}: anchor forward {m['anchor_forward']:.3f}, retention backward {m['retention_backward']:.3f}"
         for n, m in results.items()), "", "online anchors: " + "; ".join(f"{n}: {m['anchors']}" for n, m in results.items())]
     lines += ["", "held between steps by the plug-in (gradient buffer + initial-weight copies), MiB: " + "; ".join(
-        f"{n}: online {m['extra_mib']['craft_online']:.0f}, swap {m['extra_mib']['craft_swap']:.0f} (host)" for n, m in results.items())]
+        f"{n}: online {m['extra_mib']['craft_online']:.0f}, cache {m['extra_mib']['craft_cache']:.0f}, "
+        f"swap {m['extra_mib']['craft_swap']:.0f} (host)" for n, m in results.items())]
     if memory:
         lines += ["", "| config | " + " | ".join(f"{v} peak MiB" for v in VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
         for name, row in memory.items():
@@ -197,14 +239,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--memory-child", nargs=2, default=None)
+    ap.add_argument("--memory-child", nargs=3, default=None)
     args = ap.parse_args()
     if args.memory_child:
         return memory_child(*args.memory_child, args.batch)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = {name: time_config(cfg, args.rounds, args.batch, device) for name, cfg in configs().items()}
+    work = Path(tempfile.mkdtemp(prefix="craft_step_"))
+    caches = {name: build_anchor_cache(cfg, work / str(i)) for i, (name, cfg) in enumerate(configs().items())}
+    results = {name: time_config(cfg, args.rounds, args.batch, device, caches[name]) for name, cfg in configs().items()}
     memory = {} if args.skip_memory or device.type == "cuda" else {
-        name: {v: peak_memory_cpu(name, v, args.batch) for v in VARIANTS} for name in configs()}
+        name: {v: peak_memory_cpu(name, v, args.batch, caches[name]) for v in VARIANTS} for name in configs()}
+    shutil.rmtree(work)
     text = table(results, memory, device)
     print(text)
     if args.out:

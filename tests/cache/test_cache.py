@@ -10,6 +10,7 @@ import torch
 
 from craftvla.craft import cache as C
 from craftvla.craft.config import CraftConfig
+from craftvla.craft.plugin import CraftPlugin
 from craftvla.errors import CraftVLAError
 
 from .conftest import CAM
@@ -95,10 +96,10 @@ def test_craft_config_mismatch_names_flags(build, checkpoint):
     policy = _policy(checkpoint)
     default = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_type="vision")
     with pytest.raises(CraftVLAError, match=r"\(2,\) in the cache but the student extracts \(1,\).*anchor_layer_idx=2"):
-        C.open_anchor_stream(path, policy, default)  # craft's default layer is the middle one (1)
+        CraftPlugin(policy, default)  # craft's default layer is the middle one (1)
     both = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_layer_idx=2)
     with pytest.raises(CraftVLAError, match="'mean_image_tokens' in the cache but the student extracts 'mean_image_and_query_tokens'"):
-        C.open_anchor_stream(path, policy, both)
+        CraftPlugin(policy, both)
 
 
 def _shards(path) -> dict:
@@ -231,12 +232,10 @@ def test_training_on_the_cache_lowers_the_retention_loss(build, checkpoint, kind
     path = build(type=kind, pooling="mean_image_tokens", dtype="float32", num_samples=8, shard_size=4)
     policy = _policy(checkpoint).train()
     cfg = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_type="vision",
-                      anchor_layer_idx=2)
+                      anchor_layer_idx=2, anchor_batch_size=4)
     feature_fn = lambda out: policy.bridge_features(out, layer_idx=2, pooling="mean", anchor_type="vision")
-    if kind == "hidden_feature":  # helper CRaFT's own provider, through open_anchor_stream
-        provider = make_anchor_provider(policy, cfg, feature_fn)
-    else:  # per-token MSE over the cached states
-        provider = C.CacheAnchorProvider(policy, feature_fn, cfg, batch_size=4)
+    # hidden_feature: MSE of the pooled feature; hidden_state: per-token MSE over the cached states
+    provider = make_anchor_provider(policy, cfg, feature_fn)
     with torch.no_grad():
         start = retention_loss(*provider.retention_pair(policy, None, None)).item()
     assert start < 1e-8  # the unchanged teacher reproduces its own targets
@@ -251,6 +250,24 @@ def test_training_on_the_cache_lowers_the_retention_loss(build, checkpoint, kind
         losses.append(loss.item())
     assert losses[0] > 1e-4
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_craft_train_run_reads_the_cache(build, checkpoint, anchor_dataset, tmp_path):
+    """`craftvla train --craft.anchor_source cache`: the student starts as the cache's teacher."""
+    from craftvla.train.loop import train
+    from craftvla.train.metrics import read_metrics
+    from tests.train.conftest import train_config
+
+    path = build(type="hidden_feature", pooling="mean_image_tokens", dtype="float32", image_dtype="float32",
+                 num_samples=8, shard_size=4, layer=1)
+    run = tmp_path / "run"
+    train(train_config(run, "--init_from", str(checkpoint), "--dataset.root", str(anchor_dataset), "--steps", "5",
+                       "--batch_size", "4", "--optim.lr", "1e-2", "--log.log_freq", "1", "--craft.enabled", "true",
+                       "--craft.anchor_source", "cache", "--craft.anchor_cache", str(path), "--craft.anchor_type",
+                       "vision", "--craft.anchor_batch_size", "4", "--craft.log_freq", "1"))
+    records = read_metrics(run / "metrics.jsonl")
+    assert records[0]["craft/retention_loss"] < 1e-10  # the cache's targets are the initial model's own
+    assert records[-1]["craft/retention_loss"] > 1e-6  # the task steps moved the features; the cache sees it
 
 
 def test_token_level_cache_refused_for_retention(build, checkpoint):

@@ -12,20 +12,20 @@ with `f_theta` carrying gradient and `f_anchor` not:
   Exact: equal to a frozen copy of the initial model.
 - `SwapAnchors`: the design notes' reference (seed 000): a CPU snapshot, weights copied into the
   model and back on every step. Kept for the benchmark only.
-- `CacheAnchors`: targets from an offline anchor cache (SPEC §3), on an anchor batch.
+- `craft.cache.CacheAnchorProvider`: targets from an offline anchor cache (SPEC §3), on anchor
+  batches drawn from the cache alongside the task data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 from craftvla.craft.config import CraftConfig
-from craftvla.errors import CraftVLAError
 
 log = logging.getLogger(__name__)
 FeatureFn = Callable[[object], torch.Tensor]  # VLAOutput-like -> (B, F)
@@ -162,38 +162,12 @@ class SwapAnchors:
         return self.feature_fn(out), anchor
 
 
-class CacheAnchors:
-    """Targets from an offline anchor cache, on anchor batches drawn alongside the task data.
-
-    Interface expected from `craftvla.craft.cache` (the anchor-cache issue):
-        open_anchor_stream(path, policy, craft_cfg) -> Iterator[tuple[dict, Tensor]]
-    yielding (model batch, target features (B, F)) without end, after checking the cache's meta
-    (layer, pooling) against `craft_cfg` and raising CraftVLAError on a mismatch.
-    """
-
-    description = "offline anchor cache"
-
-    def __init__(self, policy: nn.Module, feature_fn: FeatureFn, cfg: CraftConfig):
-        try:
-            from craftvla.craft.cache import open_anchor_stream
-        except ImportError:
-            raise CraftVLAError(
-                f"craft.anchor_source='cache' (craft.anchor_cache={cfg.anchor_cache!r}): the anchor cache "
-                "is not built yet (craftvla.craft.cache.open_anchor_stream does not exist); use 'online'"
-            ) from None
-        self.feature_fn = feature_fn
-        self.stream: Iterator = open_anchor_stream(cfg.anchor_cache, policy, cfg)
-
-    def retention_pair(self, policy: nn.Module, batch: dict, out) -> tuple[torch.Tensor, torch.Tensor]:
-        anchor_batch, target = next(self.stream)
-        hidden, layout = policy.encode(anchor_batch)  # with gradient; the action head is not needed
-        return self.feature_fn(_Encoded(hidden, layout)), target
-
-
-def make_anchor_provider(policy: nn.Module, cfg: CraftConfig, feature_fn: FeatureFn):
-    """The provider named by `cfg.anchor_source`."""
+def make_anchor_provider(policy: nn.Module, cfg: CraftConfig, feature_fn: FeatureFn, seed: int = 0):
+    """The provider named by `cfg.anchor_source` (`seed` orders the cache's anchor batches)."""
     if cfg.anchor_source == "online":
         return OnlineAnchors(policy, feature_fn)
     if cfg.anchor_source == "swap":
         return SwapAnchors(policy, feature_fn)
-    return CacheAnchors(policy, feature_fn, cfg)
+    from craftvla.craft.cache import CacheAnchorProvider
+
+    return CacheAnchorProvider(policy, feature_fn, cfg, batch_size=cfg.anchor_batch_size, seed=seed)

@@ -537,25 +537,6 @@ def checked_cache(path, policy, craft_cfg, settings: Optional[ExtractionSettings
     return cache
 
 
-def open_anchor_stream(path, policy, craft_cfg, batch_size: int = 8, seed: int = 0) -> Iterator[tuple[dict, torch.Tensor]]:
-    """The interface of craft/anchors.py's CacheAnchors: endless (model batch, target (B, D)).
-
-    The cache is checked against `student_settings(policy, craft_cfg)` here, once, before the
-    first batch (so call this while the policy holds its initial weights). A hidden_state cache
-    is pooled to features of its first layer with its own pooling; batches sit on the policy's device."""
-    cache = checked_cache(path, policy, craft_cfg)
-    device = policy.action_queries.weight.device
-
-    def stream():
-        for batch in cache.batches(batch_size, seed=seed, device=device):
-            target = batch.pop(TARGET_KEYS[cache.cache_type])
-            if cache.cache_type == "hidden_state":
-                target = masked_mean(target[:, 0].float(), batch[TOKEN_MASK_KEY])  # (B, D)
-            yield batch, target
-
-    return stream()
-
-
 class CacheAnchorProvider:
     """A `retention_pair` provider for anchor_source="cache" (the contract of craft/anchors.py's
     providers): each call draws one anchor batch from the cache, runs the student on the cache's

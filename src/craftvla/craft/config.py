@@ -55,8 +55,10 @@ class CraftConfig:
     # cheap: adapters disabled / functional_call), "swap" (the design notes' CPU weight swap,
     # a benchmark reference), "cache" (an offline anchor cache, see anchor_cache).
     anchor_source: str = "online"
-    # Anchor-cache directory for anchor_source="cache".
+    # Anchor-cache directory for anchor_source="cache" (built by `craftvla cache build`).
     anchor_cache: Optional[str] = None
+    # Anchor samples drawn from the cache per micro-batch (anchor_source="cache" only).
+    anchor_batch_size: int = 8
     # Log craft/* metrics every this many optimizer steps (averaged over those steps).
     log_freq: int = 10
 
@@ -76,6 +78,7 @@ class CraftConfig:
                  f"choose one of {ANCHOR_SOURCES}")
         _require(self.anchor_source != "cache" or self.anchor_cache, "craft.anchor_cache", self.anchor_cache,
                  "craft.anchor_source='cache' needs the cache directory")
+        _require(self.anchor_batch_size >= 1, "craft.anchor_batch_size", self.anchor_batch_size, "must be >= 1")
         _require(self.log_freq >= 1, "craft.log_freq", self.log_freq, "must be >= 1")
 
     @property

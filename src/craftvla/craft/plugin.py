@@ -38,7 +38,7 @@ class CraftPlugin:
     state into it): that is what the anchors and L2-to-init refer to.
     """
 
-    def __init__(self, policy: nn.Module, cfg: CraftConfig):
+    def __init__(self, policy: nn.Module, cfg: CraftConfig, seed: int = 0):
         self.cfg = cfg
         self._policy = policy
         named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
@@ -54,7 +54,7 @@ class CraftPlugin:
         self.step, self._micro = 0, 0
         self._pending = None
         self._log_sum, self._log_n = torch.zeros(len(METRIC_KEYS), device=device), 0
-        self.anchors = make_anchor_provider(policy, cfg, self._features) if cfg.uses_features else None
+        self.anchors = make_anchor_provider(policy, cfg, self._features, seed) if cfg.uses_features else None
         self.initial = [p.detach().clone() for p in self.params] if cfg.mode == "l2_init" else None
         log.info("CRaFT mode=%s over %d trainable tensors (%s values); anchors: %s", cfg.mode,
                  len(self.params), f"{self._numel:,}", getattr(self.anchors, "description", "none"))

@@ -18,6 +18,7 @@ import draccus
 import yaml
 
 from craftvla.config import VLAConfig
+from craftvla.craft.config import CraftConfig
 from craftvla.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -200,8 +201,12 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     accel: AccelConfig = field(default_factory=AccelConfig)
+    # CRaFT (--craft.enabled true) and the retention baselines (--craft.mode); off = plain fine-tuning.
+    craft: CraftConfig = field(default_factory=CraftConfig)
 
     def __post_init__(self) -> None:
+        _require(not (self.craft.enabled and self.accel.strategy == "fsdp"), "accel.strategy", self.accel.strategy,
+                 "CRaFT's gradient surgery needs whole (unsharded) gradients: use ddp with craft.enabled")
         _require(self.steps >= 1, "steps", self.steps, "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")

@@ -51,26 +51,23 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
 
     Plain path: each micro-batch's loss (/ n) is backpropagated, with DDP's gradient all-reduce
     only on the last one (`no_sync` on the others), so accumulated gradients equal one big batch.
-    Gradient plug-in path (CRaFT): `grad_plugin.backward` runs forward + backward itself with NO
-    DDP sync at all (it keeps its gradient pieces apart and all-reduces them once), then
-    `before_optimizer_step(params)` writes the final `.grad`; `after_optimizer_step()` runs after
-    the update (the dual step). Clipping and the optimizer see the final gradient either way.
+    Gradient plug-in path (CRaFT): `grad_plugin.backward` runs forward + backward on the unwrapped
+    policy (no DDP hook fires), keeping g_act and g_ret apart over all micro-batches; then
+    `before_optimizer_step` all-reduces them once, does the surgery on the rank-averaged sums and
+    writes the final `.grad`; `after_optimizer_step` runs the dual update. Clipping and the
+    optimizer see the final gradient either way.
     """
     n = len(micro_batches)
-    params = [p for p in model.parameters() if p.requires_grad]
+    policy = accelerator.unwrap_model(model)
+    params = [p for p in policy.parameters() if p.requires_grad]
     totals: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
-        sync = grad_plugin is None and i == n - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            if grad_plugin is not None:
-                metrics = grad_plugin.backward(model, batch, scale=1.0 / n)
-            else:
-                loss, metrics = model(batch)
-                for plugin in loss_plugins:
-                    extra, extra_metrics = plugin(model, batch)
-                    loss, metrics = loss + extra, {**metrics, **extra_metrics}
-                accelerator.backward(loss / n)
-                metrics = {**metrics, "loss": loss.detach().item()}
+        if grad_plugin is not None:
+            with accelerator.autocast():  # what the wrapped model's forward would have applied
+                metrics = grad_plugin.backward(policy, batch, scale=1.0 / n)
+        else:
+            with contextlib.nullcontext() if i == n - 1 else accelerator.no_sync(model):
+                metrics = _plain_backward(model, batch, n, accelerator, loss_plugins)
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + float(value) / n
     if grad_plugin is not None:
@@ -83,6 +80,16 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
     if grad_plugin is not None:
         totals.update(grad_plugin.after_optimizer_step() or {})
     return totals
+
+
+def _plain_backward(model: nn.Module, batch: dict, n: int, accelerator, loss_plugins: Sequence[LossPlugin]) -> dict:
+    """Forward through the (wrapped) model, add loss plug-in terms, backward loss / n."""
+    loss, metrics = model(batch)
+    for plugin in loss_plugins:
+        extra, extra_metrics = plugin(model, batch)
+        loss, metrics = loss + extra, {**metrics, **extra_metrics}
+    accelerator.backward(loss / n)
+    return {**metrics, "loss": loss.detach().item()}
 
 
 # ----- wiring ---------------------------------------------------------------------------------------
@@ -123,6 +130,15 @@ def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False):
     # every process would silently train alone.
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, fsdp_plugin=fsdp, dynamo_plugin=dynamo, kwargs_handlers=[ddp],
                        step_scheduler_with_optimizer=False)
+
+
+def make_craft_plugin(policy: nn.Module, cfg: TrainConfig, accelerator) -> Optional[GradPlugin]:
+    """CRaFT (or a retention baseline) when `--craft.enabled true`, else None (plain fine-tuning)."""
+    if not cfg.craft.enabled:
+        return None
+    from craftvla.craft.plugin import CraftPlugin
+
+    return CraftPlugin(policy, cfg.craft, seed=cfg.seed + accelerator.process_index)
 
 
 def unused_trainable_parameters(policy: nn.Module) -> list[str]:
@@ -216,11 +232,13 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
         log.warning("%d trainable parameters get no gradient (e.g. %s): DDP will search for unused "
                     "parameters every step; freeze or remove them to avoid that cost", len(unused), unused[:3])
     accelerator = make_accelerator(cfg, find_unused_parameters=bool(unused))
-    grad_plugin = make_grad_plugin(policy, cfg, accelerator) if make_grad_plugin else None
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps(), cfg.steps, cfg.schedule.min_lr_ratio)
     model, optimizer = accelerator.prepare(policy, optimizer)
     policy = accelerator.unwrap_model(model)  # the one unwrap; the trainer never touches .module
+    # Built on the device-resident policy while it still holds its initial weights (before a
+    # resume loads trained ones): CRaFT's anchors and L2-to-init refer to those.
+    grad_plugin = (make_grad_plugin or make_craft_plugin)(policy, cfg, accelerator)
     plugins = {"grad_plugin": grad_plugin} if hasattr(grad_plugin, "state_dict") else {}
     run = Run(cfg, accelerator, policy, model, optimizer, scheduler, iter(()), run_dir,
               num_samples=len(dataset) if dataset is not None else None, grad_plugin=grad_plugin, loss_plugins=loss_plugins, plugins=plugins)

@@ -44,6 +44,7 @@ class MetricsLogger:
         self.path, self.accelerator, self.log_freq = path, accelerator, log_freq
         self.main = accelerator.is_main_process
         self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)  # per key: plug-ins report some keys only every k steps
         self.count, self.samples, self.t0 = 0, 0, time.perf_counter()
         self.started = self.t0  # elapsed_s: wall time of this invocation (a resumed run restarts it)
         self.bar = None
@@ -57,6 +58,7 @@ class MetricsLogger:
         """Record one optimizer step; write a line when `step` is a multiple of log_freq."""
         for key, value in metrics.items():
             self.sums[key] += float(value)
+            self.counts[key] += 1
         self.count += 1
         self.samples += samples
         if self.bar is not None:
@@ -66,7 +68,7 @@ class MetricsLogger:
 
     def _flush(self, step: int, extra: dict) -> None:
         keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] / self.count for k in keys], dtype=torch.float64,
+        values = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64,
                               device=self.accelerator.device)
         values = self.accelerator.reduce(values, reduction="mean") if self.accelerator.num_processes > 1 else values
         seconds = time.perf_counter() - self.t0
@@ -81,6 +83,7 @@ class MetricsLogger:
                 self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
                                      samples_s=f"{record['samples_per_s']:.1f}")
         self.sums.clear()
+        self.counts.clear()
         self.count, self.samples, self.t0 = 0, 0, time.perf_counter()
 
     def log(self, record: dict) -> None:

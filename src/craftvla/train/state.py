@@ -234,9 +234,10 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 
 def load_plugins(plugins: Mapping[str, Stateful], states: Mapping[str, dict], ckpt: Path) -> None:
-    """Restore each registered plug-in from the saved `plugins.pt` mapping."""
+    """Restore each registered plug-in from the saved `plugins.pt` mapping; the saved and the
+    registered plug-ins must be the same set (a dropped one would silently lose its state)."""
+    if set(plugins) != set(states):
+        raise CraftVLAError(f"{ckpt}/{TRAINING_STATE}/plugins.pt: saved plug-in state {sorted(states)} but this run "
+                            f"has {sorted(plugins)}; resume with the same plug-ins enabled (e.g. --craft.enabled)")
     for name, plugin in plugins.items():
-        if name not in states:
-            raise CraftVLAError(f"{ckpt}/{TRAINING_STATE}/plugins.pt: no state for plug-in {name!r} "
-                                f"(saved: {sorted(states)}); resume with the same plug-ins enabled")
         plugin.load_state_dict(states[name])

@@ -1,0 +1,72 @@
+"""CRaFT through `craftvla train`: the craft/* metrics, the dual rule across a resume, the flags."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from craftvla.craft.functional import dual_update
+from craftvla.errors import ConfigError
+from craftvla.train.loop import train
+from craftvla.train.metrics import read_metrics
+from tests.train.conftest import train_config
+
+CRAFT = ["--craft.enabled", "true", "--craft.log_freq", "1", "--craft.dual_lr", "2.0",
+         "--craft.retention_budget", "0.001", "--craft.retention_weight", "0.5"]
+
+
+def _flags(data, out, *extra):
+    return train_config(out, "--dataset.root", str(data), "--steps", "6", "--batch_size", "4",
+                        "--grad_accum_steps", "2", "--log.log_freq", "1", "--checkpoint.save_freq", "3",
+                        "--optim.lr", "3e-3", "--schedule.warmup_steps", "0", "--seed", "1", *CRAFT, *extra)
+
+
+def test_lambda_follows_the_dual_rule_from_logged_losses_and_survives_resume(tiny_dataset, tmp_path):
+    full = tmp_path / "full"
+    train(_flags(tiny_dataset, full))
+    part = tmp_path / "part"
+    train(_flags(tiny_dataset, part, "--stop_at_step", "4"))
+    shutil.rmtree(part / "checkpoints" / "000004")  # as if killed before step 4's checkpoint
+    (part / "checkpoints" / "last").unlink()
+    (part / "checkpoints" / "last").symlink_to("000003")
+    train(_flags(tiny_dataset, part, "--resume", "true"))
+
+    records = read_metrics(full / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    lam = 0.5
+    for r in records:  # lambda_t = max(0, lambda_{t-1} + eta * (L_ret_t - eps)), from the logged L_ret
+        lam = dual_update(lam, r["craft/retention_loss"], 0.001, 2.0)
+        assert r["craft/lambda"] == pytest.approx(lam, rel=1e-5, abs=1e-7)
+        assert {"craft/conflict", "craft/cos", "craft/beta"} <= set(r)
+    assert records[0]["craft/retention_loss"] == pytest.approx(0.0, abs=1e-12)  # step 1: weights are the anchors
+    assert records[-1]["craft/retention_loss"] > 1e-6  # ... then the features drift and lambda responds
+    assert len({round(r["craft/lambda"], 7) for r in records}) == 6
+
+    resumed = read_metrics(part / "metrics.jsonl")
+    for a, b in zip(records, resumed, strict=True):
+        for key in ("loss", "craft/retention_loss", "craft/lambda", "craft/beta", "grad_norm"):
+            assert a[key] == b[key], (a["step"], key)
+    saved = torch.load(full / "checkpoints" / "last" / "training_state" / "plugins.pt", weights_only=True)
+    assert saved["grad_plugin"]["lambda"] == pytest.approx(records[-1]["craft/lambda"])
+
+
+def test_resume_with_craft_switched_off_is_refused(tiny_dataset, tmp_path):
+    from craftvla.errors import CraftVLAError
+
+    run = tmp_path / "run"
+    train(_flags(tiny_dataset, run, "--stop_at_step", "1", "--checkpoint.save_freq", "1"))
+    with pytest.raises(CraftVLAError, match="grad_plugin"):  # the saved lambda would be dropped silently
+        train(_flags(tiny_dataset, run, "--resume", "true", "--craft.enabled", "false"))
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--craft.mode", "ewc"], "craft.mode"),
+    (["--craft.enabled", "true", "--accel.strategy", "fsdp"], "accel.strategy"),
+    (["--craft.anchor_source", "cache"], "craft.anchor_cache"),
+    (["--craft.retention_budget", "-1"], "craft.retention_budget"),
+])
+def test_bad_craft_flags_name_the_field(tmp_path, flags, field):
+    with pytest.raises(ConfigError, match=field):
+        train_config(tmp_path / "run", *flags)
