@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import draccus
 
-from craftvla.errors import ConfigError
+from craftvla.errors import ConfigError, require
 
 IMAGE_KEY_PREFIX = "observation.images."
 STATE_KEY = "observation.state"
@@ -34,10 +34,6 @@ ATTENTION_MODES = ("bidirectional", "causal")
 ACTION_HEADS = ("l1_bridge",)
 NORM_MODES = ("mean_std", "min_max", "identity")
 
-
-def _require(ok: bool, name: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r}: {why}")
 
 
 @dataclass
@@ -65,17 +61,17 @@ class VisionConfig:
     weights_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _require(self.backbone_id in VISION_BACKBONES, "vision.backbone_id", self.backbone_id, f"choose one of {VISION_BACKBONES}")
-        _require(self.image_size >= 16, "vision.image_size", self.image_size, "must be >= 16")
-        _require(self.image_size % self.patch_size == 0, "vision.image_size", self.image_size,
+        require(self.backbone_id in VISION_BACKBONES, "vision.backbone_id", self.backbone_id, f"choose one of {VISION_BACKBONES}")
+        require(self.image_size >= 16, "vision.image_size", self.image_size, "must be >= 16")
+        require(self.image_size % self.patch_size == 0, "vision.image_size", self.image_size,
                  f"must be divisible by vision.patch_size={self.patch_size}")
-        _require(self.width % self.num_heads == 0, "vision.width", self.width,
+        require(self.width % self.num_heads == 0, "vision.width", self.width,
                  f"must be divisible by vision.num_heads={self.num_heads}")
-        _require(self.feature_layer < 0, "vision.feature_layer", self.feature_layer, "counts from the end: use -1, -2, ...")
+        require(self.feature_layer < 0, "vision.feature_layer", self.feature_layer, "counts from the end: use -1, -2, ...")
         inferred = self.backbone_id.replace("tiny-", "").startswith(FUSED_PREFIXES)
         if self.use_fused_vision_backbone is None:
             self.use_fused_vision_backbone = inferred
-        _require(self.use_fused_vision_backbone == inferred, "vision.use_fused_vision_backbone",
+        require(self.use_fused_vision_backbone == inferred, "vision.use_fused_vision_backbone",
                  self.use_fused_vision_backbone, f"backbone {self.backbone_id!r} is {'fused' if inferred else 'single'}")
 
 
@@ -86,7 +82,7 @@ class ProjectorConfig:
     type: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _require(self.type is None or self.type in PROJECTORS, "projector.type", self.type, f"choose one of {PROJECTORS}")
+        require(self.type is None or self.type in PROJECTORS, "projector.type", self.type, f"choose one of {PROJECTORS}")
 
 
 @dataclass
@@ -112,16 +108,16 @@ class LLMConfig:
     max_text_tokens: int = 48
 
     def __post_init__(self) -> None:
-        _require(self.family in LLM_FAMILIES, "llm.family", self.family, f"choose one of {LLM_FAMILIES}")
-        _require(self.attention in ATTENTION_MODES, "llm.attention", self.attention, f"choose one of {ATTENTION_MODES}")
-        _require(not (self.family == "bert" and self.attention == "causal"), "llm.attention", self.attention,
+        require(self.family in LLM_FAMILIES, "llm.family", self.family, f"choose one of {LLM_FAMILIES}")
+        require(self.attention in ATTENTION_MODES, "llm.attention", self.attention, f"choose one of {ATTENTION_MODES}")
+        require(not (self.family == "bert" and self.attention == "causal"), "llm.attention", self.attention,
                  "an encoder LM (llm.family='bert') is bidirectional only")
-        _require(self.hidden_size % self.num_heads == 0, "llm.hidden_size", self.hidden_size,
+        require(self.hidden_size % self.num_heads == 0, "llm.hidden_size", self.hidden_size,
                  f"must be divisible by llm.num_heads={self.num_heads}")
-        _require(self.num_heads % self.num_kv_heads == 0, "llm.num_kv_heads", self.num_kv_heads,
+        require(self.num_heads % self.num_kv_heads == 0, "llm.num_kv_heads", self.num_kv_heads,
                  f"must divide llm.num_heads={self.num_heads}")
-        _require(self.num_layers >= 1, "llm.num_layers", self.num_layers, "must be >= 1")
-        _require(self.max_text_tokens >= 1, "llm.max_text_tokens", self.max_text_tokens, "must be >= 1")
+        require(self.num_layers >= 1, "llm.num_layers", self.num_layers, "must be >= 1")
+        require(self.max_text_tokens >= 1, "llm.max_text_tokens", self.max_text_tokens, "must be >= 1")
 
 
 @dataclass
@@ -138,8 +134,8 @@ class ActionHeadConfig:
     mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
-        _require(self.type in ACTION_HEADS, "head.type", self.type, f"choose one of {ACTION_HEADS} (others are not built yet)")
-        _require(self.hidden_dim is None or self.hidden_dim % self.num_heads == 0, "head.hidden_dim", self.hidden_dim,
+        require(self.type in ACTION_HEADS, "head.type", self.type, f"choose one of {ACTION_HEADS} (others are not built yet)")
+        require(self.hidden_dim is None or self.hidden_dim % self.num_heads == 0, "head.hidden_dim", self.hidden_dim,
                  f"must be divisible by head.num_heads={self.num_heads}")
 
 
@@ -175,16 +171,16 @@ class VLAConfig:
     preset_name: str = "custom"
 
     def __post_init__(self) -> None:
-        _require(1 <= len(self.camera_keys) <= 3, "camera_keys", self.camera_keys, "need 1 to 3 cameras")
+        require(1 <= len(self.camera_keys) <= 3, "camera_keys", self.camera_keys, "need 1 to 3 cameras")
         for key in self.camera_keys:
-            _require(key.startswith(IMAGE_KEY_PREFIX), "camera_keys", key, f"camera keys start with {IMAGE_KEY_PREFIX!r}")
-        _require(len(set(self.camera_keys)) == len(self.camera_keys), "camera_keys", self.camera_keys, "duplicates")
+            require(key.startswith(IMAGE_KEY_PREFIX), "camera_keys", key, f"camera keys start with {IMAGE_KEY_PREFIX!r}")
+        require(len(set(self.camera_keys)) == len(self.camera_keys), "camera_keys", self.camera_keys, "duplicates")
         for name in ("state_dim", "action_dim", "chunk_size", "num_action_queries"):
-            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         for key, mode in self.normalization.items():
-            _require(mode in NORM_MODES, f"normalization[{key!r}]", mode, f"choose one of {NORM_MODES}")
+            require(mode in NORM_MODES, f"normalization[{key!r}]", mode, f"choose one of {NORM_MODES}")
         if self.weights_dir is not None:
-            _require(Path(self.weights_dir).is_dir(), "weights_dir", self.weights_dir, "no such directory")
+            require(Path(self.weights_dir).is_dir(), "weights_dir", self.weights_dir, "no such directory")
             self.llm.weights_dir = self.llm.weights_dir or str(Path(self.weights_dir) / "llm")
             self.vision.weights_dir = self.vision.weights_dir or str(Path(self.weights_dir) / "vision")
         if self.projector.type is None:

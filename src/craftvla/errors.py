@@ -11,3 +11,9 @@ class CraftVLAError(Exception):
 
 class ConfigError(CraftVLAError, ValueError):
     """An invalid configuration value; the message names the field and the value."""
+
+
+def require(ok: bool, name: str, value: object, why: str) -> None:
+    """Raise ConfigError("name=value: why") unless `ok` (the config classes' validation)."""
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")

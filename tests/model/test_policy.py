@@ -1,7 +1,6 @@
 """The policy interface: shapes for every component combination, round trips, counts, overfitting."""
 
 import copy
-import dataclasses
 
 import pytest
 import torch

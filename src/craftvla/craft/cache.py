@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from craftvla.config import IMAGE_KEY_PREFIX, STATE_KEY, TASK_KEY, parse_config
-from craftvla.errors import ConfigError, CraftVLAError
+from craftvla.config import STATE_KEY, TASK_KEY, parse_config
+from craftvla.errors import ConfigError, CraftVLAError, require
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,6 @@ IGNORE_INDEX = -100  # PyTorch cross-entropy's ignore_index, as Prismatic's labe
 META_FILE, PLAN_FILE = "meta.json", "build.json"
 FORMAT_VERSION = 1
 
-
-def _require(ok: bool, name: str, value, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r}: {why}")
 
 
 @dataclass
@@ -104,16 +100,16 @@ class CacheBuildConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.type in CACHE_TYPES, "type", self.type, f"choose one of {CACHE_TYPES}")
-        _require(self.pooling in POOLINGS, "pooling", self.pooling, f"choose one of {POOLINGS}")
-        _require(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {tuple(DTYPES)}")
-        _require(self.image_dtype in IMAGE_DTYPES, "image_dtype", self.image_dtype, f"choose one of {IMAGE_DTYPES}")
-        _require(self.layers is None or self.type == "hidden_state", "layers", self.layers,
+        require(self.type in CACHE_TYPES, "type", self.type, f"choose one of {CACHE_TYPES}")
+        require(self.pooling in POOLINGS, "pooling", self.pooling, f"choose one of {POOLINGS}")
+        require(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {tuple(DTYPES)}")
+        require(self.image_dtype in IMAGE_DTYPES, "image_dtype", self.image_dtype, f"choose one of {IMAGE_DTYPES}")
+        require(self.layers is None or self.type == "hidden_state", "layers", self.layers,
                  "only a hidden_state cache keeps several layers (use --layer)")
-        _require(self.layers is None or len(self.layers) >= 1, "layers", self.layers, "give at least one layer")
-        _require(self.num_samples is None or self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
-        _require(self.shard_size >= 1, "shard_size", self.shard_size, "must be >= 1")
-        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(self.layers is None or len(self.layers) >= 1, "layers", self.layers, "give at least one layer")
+        require(self.num_samples is None or self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        require(self.shard_size >= 1, "shard_size", self.shard_size, "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -368,7 +364,7 @@ def build_cache(cfg: CacheBuildConfig, fail_after_shards: Optional[int] = None) 
     from craftvla.model.policy import VLAPolicy
 
     for name in ("checkpoint", "dataset", "out"):
-        _require(getattr(cfg, name) is not None, name, None, "required")
+        require(getattr(cfg, name) is not None, name, None, "required")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     policy = VLAPolicy.from_pretrained(cfg.checkpoint, map_location=device).eval()
     dataset = _open_anchor_dataset(cfg.dataset, policy)

@@ -4,10 +4,10 @@ seed 000: use_craft -> enabled, craft_retention_weight -> retention_weight, ...)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from craftvla.craft.functional import ANCHOR_TYPES, POOLING_MODES, PROJECTION_SCOPES
-from craftvla.errors import ConfigError
+from craftvla.errors import require
 
 ANCHOR_SOURCES = ("online", "swap", "cache")
 # craft: projection + dual ascent (the method). The other three are the retention-study
@@ -16,10 +16,6 @@ ANCHOR_SOURCES = ("online", "swap", "cache")
 # dual_only = feature distillation with the dual update but no projection.
 MODES = ("craft", "l2_init", "distill_fixed", "dual_only")
 
-
-def _require(ok: bool, name: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r}: {why}")
 
 
 @dataclass
@@ -63,23 +59,23 @@ class CraftConfig:
     log_freq: int = 10
 
     def __post_init__(self) -> None:
-        _require(self.mode in MODES, "craft.mode", self.mode, f"choose one of {MODES}")
-        _require(self.retention_weight >= 0, "craft.retention_weight", self.retention_weight, "must be >= 0")
-        _require(self.retention_budget >= 0, "craft.retention_budget", self.retention_budget, "must be >= 0")
-        _require(self.dual_lr >= 0, "craft.dual_lr", self.dual_lr, "must be >= 0")
-        _require(self.projection_eps >= 0, "craft.projection_eps", self.projection_eps, "must be >= 0")
-        _require(self.projection_scope in PROJECTION_SCOPES, "craft.projection_scope", self.projection_scope,
+        require(self.mode in MODES, "craft.mode", self.mode, f"choose one of {MODES}")
+        require(self.retention_weight >= 0, "craft.retention_weight", self.retention_weight, "must be >= 0")
+        require(self.retention_budget >= 0, "craft.retention_budget", self.retention_budget, "must be >= 0")
+        require(self.dual_lr >= 0, "craft.dual_lr", self.dual_lr, "must be >= 0")
+        require(self.projection_eps >= 0, "craft.projection_eps", self.projection_eps, "must be >= 0")
+        require(self.projection_scope in PROJECTION_SCOPES, "craft.projection_scope", self.projection_scope,
                  f"choose one of {PROJECTION_SCOPES}")
-        _require(self.anchor_layer_idx is None or self.anchor_layer_idx >= 0, "craft.anchor_layer_idx",
+        require(self.anchor_layer_idx is None or self.anchor_layer_idx >= 0, "craft.anchor_layer_idx",
                  self.anchor_layer_idx, "must be >= 0 (a hidden_states index) or null for the middle layer")
-        _require(self.anchor_type in ANCHOR_TYPES, "craft.anchor_type", self.anchor_type, f"choose one of {ANCHOR_TYPES}")
-        _require(self.pooling in POOLING_MODES, "craft.pooling", self.pooling, f"choose one of {POOLING_MODES}")
-        _require(self.anchor_source in ANCHOR_SOURCES, "craft.anchor_source", self.anchor_source,
+        require(self.anchor_type in ANCHOR_TYPES, "craft.anchor_type", self.anchor_type, f"choose one of {ANCHOR_TYPES}")
+        require(self.pooling in POOLING_MODES, "craft.pooling", self.pooling, f"choose one of {POOLING_MODES}")
+        require(self.anchor_source in ANCHOR_SOURCES, "craft.anchor_source", self.anchor_source,
                  f"choose one of {ANCHOR_SOURCES}")
-        _require(self.anchor_source != "cache" or self.anchor_cache, "craft.anchor_cache", self.anchor_cache,
+        require(self.anchor_source != "cache" or self.anchor_cache, "craft.anchor_cache", self.anchor_cache,
                  "craft.anchor_source='cache' needs the cache directory")
-        _require(self.anchor_batch_size >= 1, "craft.anchor_batch_size", self.anchor_batch_size, "must be >= 1")
-        _require(self.log_freq >= 1, "craft.log_freq", self.log_freq, "must be >= 1")
+        require(self.anchor_batch_size >= 1, "craft.anchor_batch_size", self.anchor_batch_size, "must be >= 1")
+        require(self.log_freq >= 1, "craft.log_freq", self.log_freq, "must be >= 1")
 
     @property
     def projection_on(self) -> bool:

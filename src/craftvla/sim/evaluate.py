@@ -28,7 +28,7 @@ from tqdm import tqdm
 from craftvla.errors import ConfigError, CraftVLAError
 
 from .collect import parse_flags
-from .metaworld import DEFAULT_CAMERA, DEFAULT_TASKS, EVAL_STREAM, IMAGE_PREFIX, control_fps, parse_cameras, parse_tasks
+from .metaworld import DEFAULT_CAMERA, DEFAULT_TASKS, EVAL_STREAM, control_fps, parse_cameras, parse_tasks
 from .policies import CheckpointPolicy, ExpertPolicy, RandomPolicy, SimPolicy
 from .rollout import Episode, RolloutSpec, run_episodes
 

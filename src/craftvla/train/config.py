@@ -19,16 +19,12 @@ import yaml
 
 from craftvla.config import VLAConfig
 from craftvla.craft.config import CraftConfig
-from craftvla.errors import ConfigError
+from craftvla.errors import ConfigError, require
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "no", "bf16")
 
-
-def _require(ok: bool, name: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r}: {why}")
 
 
 @dataclass
@@ -41,7 +37,7 @@ class DatasetConfig:
     video_cache_mb: float = 512.0
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "must be >= 0")
+        require(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "must be >= 0")
 
 
 @dataclass
@@ -60,10 +56,10 @@ class OptimConfig:
     grad_clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.name in OPTIMIZERS, "optim.name", self.name, f"choose one of {OPTIMIZERS}")
-        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        _require(self.grad_clip_norm >= 0, "optim.grad_clip_norm", self.grad_clip_norm, "must be >= 0")
+        require(self.name in OPTIMIZERS, "optim.name", self.name, f"choose one of {OPTIMIZERS}")
+        require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        require(self.grad_clip_norm >= 0, "optim.grad_clip_norm", self.grad_clip_norm, "must be >= 0")
 
 
 @dataclass
@@ -75,8 +71,8 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
-        _require(self.warmup_steps is None or self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
-        _require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(self.warmup_steps is None or self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
 
 
 @dataclass
@@ -91,8 +87,8 @@ class LoraConfig:
     target_modules: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
-        _require(self.rank >= 0, "lora.rank", self.rank, "must be >= 0 (0 disables LoRA)")
-        _require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+        require(self.rank >= 0, "lora.rank", self.rank, "must be >= 0 (0 disables LoRA)")
+        require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
 
 
 @dataclass
@@ -117,8 +113,8 @@ class CheckpointConfig:
     keep_last: int = 2
 
     def __post_init__(self) -> None:
-        _require(self.save_freq >= 0, "checkpoint.save_freq", self.save_freq, "must be >= 0")
-        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+        require(self.save_freq >= 0, "checkpoint.save_freq", self.save_freq, "must be >= 0")
+        require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
 
 
 @dataclass
@@ -131,7 +127,7 @@ class LogConfig:
     plots: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.log_freq >= 1, "log.log_freq", self.log_freq, "must be >= 1")
+        require(self.log_freq >= 1, "log.log_freq", self.log_freq, "must be >= 1")
 
 
 @dataclass
@@ -146,8 +142,8 @@ class EvalConfig:
     seed: int = 10_000
 
     def __post_init__(self) -> None:
-        _require(self.freq >= 0, "eval.freq", self.freq, "must be >= 0")
-        _require(self.episodes >= 1, "eval.episodes", self.episodes, "must be >= 1")
+        require(self.freq >= 0, "eval.freq", self.freq, "must be >= 0")
+        require(self.episodes >= 1, "eval.episodes", self.episodes, "must be >= 1")
 
 
 @dataclass
@@ -160,8 +156,8 @@ class AccelConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.strategy in STRATEGIES, "accel.strategy", self.strategy, f"choose one of {STRATEGIES}")
-        _require(self.mixed_precision in PRECISIONS, "accel.mixed_precision", self.mixed_precision,
+        require(self.strategy in STRATEGIES, "accel.strategy", self.strategy, f"choose one of {STRATEGIES}")
+        require(self.mixed_precision in PRECISIONS, "accel.mixed_precision", self.mixed_precision,
                  f"choose one of {PRECISIONS}")
 
 
@@ -205,16 +201,16 @@ class TrainConfig:
     craft: CraftConfig = field(default_factory=CraftConfig)
 
     def __post_init__(self) -> None:
-        _require(not (self.craft.enabled and self.accel.strategy == "fsdp"), "accel.strategy", self.accel.strategy,
+        require(not (self.craft.enabled and self.accel.strategy == "fsdp"), "accel.strategy", self.accel.strategy,
                  "CRaFT's gradient surgery needs whole (unsharded) gradients: use ddp with craft.enabled")
-        _require(self.steps >= 1, "steps", self.steps, "must be >= 1")
-        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        _require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
-        _require(self.batch_size % self.grad_accum_steps == 0, "batch_size", self.batch_size,
+        require(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        require(self.batch_size % self.grad_accum_steps == 0, "batch_size", self.batch_size,
                  f"must be divisible by grad_accum_steps={self.grad_accum_steps}")
-        _require(self.warmup_steps() < self.steps, "schedule.warmup_steps", self.schedule.warmup_steps,
+        require(self.warmup_steps() < self.steps, "schedule.warmup_steps", self.schedule.warmup_steps,
                  f"must be < steps={self.steps}")
-        _require(self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps, "stop_at_step",
+        require(self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps, "stop_at_step",
                  self.stop_at_step, f"must be in [1, steps={self.steps}]")
 
     def warmup_steps(self) -> int:
