@@ -162,21 +162,39 @@ def check_info(info: dict[str, Any], path: Path) -> None:
         raise CraftVLAError(f"{path}: video features but no 'video_path' template")
 
 
+def _is_text(dtype: pa.DataType) -> bool:
+    """string, large_string (what pandas 2+ / pyarrow write for LeRobot's task index) or string_view."""
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype)
+
+
+def _task_column(table: pa.Table, path: Path) -> str:
+    """The task-string column: "task", else the pandas index column ("__index_level_0__" when
+    LeRobot's index is unnamed), else the table's only text column."""
+    text = [f.name for f in table.schema if f.name != "task_index" and _is_text(f.type)]
+    pandas_meta = json.loads((table.schema.metadata or {}).get(b"pandas", b"{}"))
+    index_cols = [c for c in pandas_meta.get("index_columns", []) if isinstance(c, str) and c in text]
+    for choice in (["task"] if "task" in text else []) + index_cols + (text if len(text) == 1 else []):
+        return choice
+    raise CraftVLAError(f"{path}: expected a task string column and a 'task_index' column, got "
+                        f"{[f'{f.name}: {f.type}' for f in table.schema]}")
+
+
 def load_tasks(path: Path) -> list[str]:
     """meta/tasks.parquet -> task strings ordered by task_index.
 
-    LeRobot writes it from pandas with the task string as the index; pyarrow sees that index as a
-    column (named "task", or "__index_level_0__" when the index is unnamed).
+    LeRobot writes it from pandas with the task string as the index (`save_episode_tasks`);
+    pyarrow sees that index as a column: "task" when named, "__index_level_0__" (large_string)
+    as lerobot 0.4.4 writes it (tests/data/fixtures/lerobot_v30).
     """
     table = read_parquet(path)
-    names = table.column_names
-    text_cols = [n for n in names if n != "task_index" and pa.types.is_string(table.schema.field(n).type)]
-    if "task_index" not in names or not text_cols:
-        raise CraftVLAError(f"{path}: expected a task string column and a 'task_index' column, got {names}")
-    col = "task" if "task" in text_cols else text_cols[0]
+    if "task_index" not in table.column_names or not pa.types.is_integer(table.schema.field("task_index").type):
+        raise CraftVLAError(f"{path}: expected an integer 'task_index' column, got {table.column_names}")
+    col = _task_column(table, path)
     pairs = sorted(zip(table["task_index"].to_pylist(), table[col].to_pylist()))
     if [i for i, _ in pairs] != list(range(len(pairs))):
         raise CraftVLAError(f"{path}: task_index values are not 0..{len(pairs) - 1}")
+    if not all(isinstance(t, str) and t for _, t in pairs):
+        raise CraftVLAError(f"{path}: empty or missing task strings in column {col!r}")
     return [t for _, t in pairs]
 
 
