@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except CraftVLAError as err:
         print(f"craftvla {verb}: error: {err}", file=sys.stderr)
         return 1
+    except SystemExit as err:  # `--help` printed the verb's flags
+        return err.code if isinstance(err.code, int) else 0
     except KeyboardInterrupt:
         print(f"craftvla {verb}: interrupted", file=sys.stderr)
         return 130

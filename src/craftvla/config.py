@@ -240,16 +240,23 @@ class VLAConfig:
         return batch
 
 
-def parse_config(cls, config_path: Optional[str] = None, args: Optional[list[str]] = None):
-    """draccus.parse with its errors turned into one-line ConfigErrors (unknown keys, bad values)."""
+def parse_config(cls, config_path: Optional[str] = None, args: Optional[list[str]] = None,
+                 prog: Optional[str] = None, source: Optional[str] = None):
+    """draccus.parse with its errors turned into one-line ConfigErrors (unknown keys, bad values).
+
+    `--help` prints every flag with its comment under `usage: <prog>` and raises SystemExit(0),
+    which the CLI turns into its return code; `prog` is the verb ("craftvla train"); `source`
+    names where the values came from in error messages (default: config_path and the command line)."""
+    args = list(args or [])
     try:
-        return draccus.parse(config_class=cls, config_path=config_path, args=args or [])
-    except ConfigError:
-        raise
-    except SystemExit as err:  # argparse-style failure inside draccus (message already printed)
-        raise ConfigError(f"invalid command-line arguments {args}") from err
-    except Exception as err:
-        raise _config_error(err, f"invalid config{' ' + config_path if config_path else ''}") from None
+        return draccus.parse(config_class=cls, config_path=config_path, args=args, prog=prog, exit_on_error=False)
+    except SystemExit as err:
+        if err.code in (0, None):  # --help was printed
+            raise
+        raise ConfigError(f"invalid command-line arguments {args}") from None
+    except Exception as err:  # draccus: DecodingError, DraccusException, argparse.ArgumentError, ...
+        source = source or (f"{config_path} and the command line" if config_path else "the command line")
+        raise _config_error(err, f"invalid {prog or 'config'} flags (from {source})") from None
 
 
 def _config_error(err: Exception, context: str) -> ConfigError:
@@ -257,7 +264,9 @@ def _config_error(err: Exception, context: str) -> ConfigError:
     cause = err
     while cause is not None and not isinstance(cause, ConfigError):
         cause = cause.__cause__ or cause.__context__
-    return cause if cause is not None else ConfigError(f"{context}: {err}")
+    if cause is not None:
+        return cause
+    return ConfigError(f"{context}: " + " ".join(str(err).split()))  # one line
 
 
 # ----- presets ------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def evaluate_checkpoint(cfg: DemoConfig, checkpoint: Path, out: Path) -> dict:
 def main(argv: list[str]) -> int:
     """CLI entry: `craftvla demo [--steps N] [--episodes N] [--out DIR] ...`."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cfg = parse_config(DemoConfig, args=argv)
+    cfg = parse_config(DemoConfig, args=argv, prog="craftvla demo")
     out = Path(cfg.out)
     t0 = time.perf_counter()
     data = collect_once(cfg, out / "data")

@@ -40,7 +40,8 @@ def test_round_trip_shapes_dtypes_meta(build, kind, pooling, dtype):
     cache = C.AnchorCache(path)
     meta = cache.meta
     assert cache.cache_type == kind and len(cache) == 5 and len(cache.files) == 3
-    assert (meta["hidden_layer"], meta["hidden_layer_index"], meta["pooling"], meta["dtype"]) == (-2, 2, pooling, dtype)
+    # default layer: CRaFT's default anchor layer, the middle one (3 // 2)
+    assert (meta["hidden_layer"], meta["hidden_layer_index"], meta["pooling"], meta["dtype"]) == (1, 1, pooling, dtype)
     assert meta["feature_width"] == WIDTH and meta["shard_size"] == 2 and len(meta["model_fingerprint"]) == 64
     batch = _all_samples(cache)
     assert batch[CAM].shape == (5, 3, 32, 32) and batch[CAM].dtype == torch.float32
@@ -76,7 +77,7 @@ def test_detects_type_from_keys(build, tmp_path):
 
 
 @pytest.mark.parametrize("field,change,message", [
-    ("layers", (1,), r"hidden layer is \(2,\) in the cache but the student extracts \(1,\)"),
+    ("layers", (2,), r"hidden layer is \(1,\) in the cache but the student extracts \(2,\)"),
     ("pooling", "mean_all_tokens", "pooling is 'mean_image_tokens' in the cache but the student extracts 'mean_all_tokens'"),
     ("width", 128, "feature width is 64 in the cache but the student extracts 128"),
     ("fingerprint", "f" * 64, "model fingerprint is '[0-9a-f]{64}' in the cache but the student extracts 'f{64}'"),
@@ -84,22 +85,49 @@ def test_detects_type_from_keys(build, tmp_path):
 def test_mismatch_refused(build, checkpoint, field, change, message):
     path = build(type="hidden_feature", pooling="mean_image_tokens", dtype="float16", num_samples=5, shard_size=2)
     cache = C.AnchorCache(path)
-    good = C.ExtractionSettings((2,), "mean_image_tokens", WIDTH, C.model_fingerprint(_policy(checkpoint)))
+    good = C.ExtractionSettings((1,), "mean_image_tokens", WIDTH, C.model_fingerprint(_policy(checkpoint)))
     cache.check(good)  # the matching student passes
     bad = C.ExtractionSettings(**{**good.__dict__, field: change})
     with pytest.raises(CraftVLAError, match=message):
         cache.check(bad)
 
 
-def test_craft_config_mismatch_names_flags(build, checkpoint):
-    path = build(type="hidden_feature", pooling="mean_image_tokens", dtype="float16", num_samples=5, shard_size=2)
+def test_craft_adopts_the_cache_settings_left_unset(build, checkpoint, caplog):
+    """`cache build` defaults + `--craft.anchor_cache DIR` alone: layer, pooling and feature type
+    come from the cache (and are logged); the provider reproduces the cached targets."""
+    path = build(type="hidden_feature", pooling="mean_text_tokens", dtype="float32", layer=2, num_samples=4,
+                 shard_size=2)
     policy = _policy(checkpoint)
-    default = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_type="vision")
-    with pytest.raises(CraftVLAError, match=r"\(2,\) in the cache but the student extracts \(1,\).*anchor_layer_idx=2"):
-        CraftPlugin(policy, default)  # craft's default layer is the middle one (1)
-    both = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_layer_idx=2)
-    with pytest.raises(CraftVLAError, match="'mean_image_tokens' in the cache but the student extracts 'mean_image_and_query_tokens'"):
-        CraftPlugin(policy, both)
+    cfg = CraftConfig(enabled=True, anchor_cache=str(path), anchor_batch_size=4)
+    assert cfg.source == "cache" and cfg.anchor_type is None and cfg.pooling is None
+    with caplog.at_level("INFO", logger="craftvla.craft.cache"):
+        provider = C.CacheAnchorProvider(policy, None, cfg, batch_size=cfg.anchor_batch_size)
+    assert "craft.anchor_layer_idx=2, craft.anchor_type=vision, craft.pooling=mean_text_tokens" in caplog.text
+    with torch.no_grad():
+        student, target = provider.retention_pair(policy, None, None)
+    assert student.shape == target.shape == (4, WIDTH)
+    torch.testing.assert_close(student, target, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(anchor_layer_idx=2), r"hidden layer is \(1,\) in the cache but the student extracts \(2,\).*leave "
+                               r"craft.anchor_layer_idx unset"),
+    (dict(pooling="max"), "'mean_image_tokens' in the cache but the student extracts 'max_image_tokens'"),
+    (dict(anchor_type="both"), "'mean_image_tokens' in the cache but the student extracts 'mean_image_and_query_tokens'"),
+])
+def test_craft_flags_set_against_the_cache_are_refused(build, checkpoint, flags, message):
+    path = build(type="hidden_feature", pooling="mean_image_tokens", dtype="float16", num_samples=5, shard_size=2)
+    with pytest.raises(CraftVLAError, match=message):
+        CraftPlugin(_policy(checkpoint), CraftConfig(enabled=True, anchor_cache=str(path), **flags))
+
+
+def test_cache_source_flags_conflict():
+    from craftvla.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="craft.anchor_source='online': conflicts with craft.anchor_cache"):
+        CraftConfig(enabled=True, anchor_source="online", anchor_cache="some/dir")
+    with pytest.raises(ConfigError, match="craft.anchor_cache=None: craft.anchor_source='cache' needs"):
+        CraftConfig(enabled=True, anchor_source="cache")
 
 
 def _shards(path) -> dict:
@@ -196,7 +224,7 @@ def test_cache_targets_equal_online_anchors(build, checkpoint, anchor_dataset, d
     cache = C.AnchorCache(build(type="hidden_feature", pooling="mean_image_tokens", dtype=dtype,
                                 image_dtype=image_dtype, num_samples=6, shard_size=4))
     policy, batch = _dataset_batch(checkpoint, anchor_dataset, cache)
-    online = _online_features(policy, batch, layer=2)  # (6, D); --layer -2 of 3 layers = index 2
+    online = _online_features(policy, batch, layer=1)  # (6, D); the default layer: 3 // 2 = index 1
     cached = _all_samples(cache)["target_features"].float()
     scale = online.abs().max()
     assert (cached - online).abs().max() <= rtol * scale
@@ -232,8 +260,8 @@ def test_training_on_the_cache_lowers_the_retention_loss(build, checkpoint, kind
     path = build(type=kind, pooling="mean_image_tokens", dtype="float32", num_samples=8, shard_size=4)
     policy = _policy(checkpoint).train()
     cfg = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_type="vision",
-                      anchor_layer_idx=2, anchor_batch_size=4)
-    feature_fn = lambda out: policy.bridge_features(out, layer_idx=2, pooling="mean", anchor_type="vision")
+                      anchor_layer_idx=1, anchor_batch_size=4)
+    feature_fn = lambda out: policy.bridge_features(out, layer_idx=1, pooling="mean", anchor_type="vision")
     # hidden_feature: MSE of the pooled feature; hidden_state: per-token MSE over the cached states
     provider = make_anchor_provider(policy, cfg, feature_fn)
     with torch.no_grad():
@@ -258,13 +286,12 @@ def test_craft_train_run_reads_the_cache(build, checkpoint, anchor_dataset, tmp_
     from craftvla.train.metrics import read_metrics
     from tests.train.conftest import train_config
 
-    path = build(type="hidden_feature", pooling="mean_image_tokens", dtype="float32", image_dtype="float32",
-                 num_samples=8, shard_size=4, layer=1)
+    path = build(dtype="float32", image_dtype="float32", num_samples=8, shard_size=4)  # the build defaults
     run = tmp_path / "run"
+    # no --craft.anchor_source / anchor_type / pooling / anchor_layer_idx: adopted from the cache
     train(train_config(run, "--init_from", str(checkpoint), "--dataset.root", str(anchor_dataset), "--steps", "5",
                        "--batch_size", "4", "--optim.lr", "1e-2", "--log.log_freq", "1", "--craft.enabled", "true",
-                       "--craft.anchor_source", "cache", "--craft.anchor_cache", str(path), "--craft.anchor_type",
-                       "vision", "--craft.anchor_batch_size", "4", "--craft.log_freq", "1"))
+                       "--craft.anchor_cache", str(path), "--craft.anchor_batch_size", "4"))
     records = read_metrics(run / "metrics.jsonl")
     assert records[0]["craft/retention_loss"] < 1e-10  # the cache's targets are the initial model's own
     assert records[-1]["craft/retention_loss"] > 1e-6  # the task steps moved the features; the cache sees it

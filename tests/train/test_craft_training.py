@@ -70,3 +70,24 @@ def test_resume_with_craft_switched_off_is_refused(tiny_dataset, tmp_path):
 def test_bad_craft_flags_name_the_field(tmp_path, flags, field):
     with pytest.raises(ConfigError, match=field):
         train_config(tmp_path / "run", *flags)
+
+
+@pytest.mark.parametrize("log_flags, craft_steps, all_steps", [
+    ([], [3, 6, 7], [3, 6, 7]),  # default: the run's log frequency, and the run's last step (7)
+    (["--craft.log_freq", "1"], [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]),  # finer than the run's: lines at each
+    (["--craft.log_freq", "5"], [5, 7], [3, 5, 6, 7]),  # coarser: craft/* only every 5 (and at the end)
+])
+def test_craft_metrics_follow_one_logging_knob(tmp_path, log_flags, craft_steps, all_steps):
+    run = tmp_path / "run"
+    train(train_config(run, "--steps", "7", "--batch_size", "2", "--log.log_freq", "3", "--checkpoint.save_freq",
+                       "0", "--craft.enabled", "true", *log_flags))
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == all_steps
+    assert [r["step"] for r in records if "craft/lambda" in r] == craft_steps
+
+
+def test_run_shorter_than_the_interval_still_logs_craft(tmp_path):
+    run = tmp_path / "run"
+    train(train_config(run, "--steps", "4", "--batch_size", "2", "--craft.enabled", "true"))  # log_freq 10
+    (record,) = read_metrics(run / "metrics.jsonl")
+    assert record["step"] == 4 and {"craft/retention_loss", "craft/lambda", "loss"} <= set(record)

@@ -163,10 +163,10 @@ class SwapAnchors:
 
 
 def make_anchor_provider(policy: nn.Module, cfg: CraftConfig, feature_fn: FeatureFn, seed: int = 0):
-    """The provider named by `cfg.anchor_source` (`seed` orders the cache's anchor batches)."""
-    if cfg.anchor_source == "online":
+    """The provider named by `cfg.source` (`seed` orders the cache's anchor batches)."""
+    if cfg.source == "online":
         return OnlineAnchors(policy, feature_fn)
-    if cfg.anchor_source == "swap":
+    if cfg.source == "swap":
         return SwapAnchors(policy, feature_fn)
     from craftvla.craft.cache import CacheAnchorProvider
 

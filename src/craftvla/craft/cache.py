@@ -1,7 +1,11 @@
 """Offline anchor caches (SPEC §3, design note 001): the frozen model's targets, computed once.
 
-    craftvla cache build --checkpoint CKPT --dataset DIR --out CACHE --type hidden_feature \
-        --pooling mean_image_tokens --layer -2 --dtype float16 [--num_samples N] [--shard_size 1000]
+    craftvla cache build --checkpoint CKPT --dataset DIR --out CACHE [--type hidden_feature] \
+        [--pooling mean_image_tokens] [--layer L] [--dtype float16] [--num_samples N] [--shard_size 1000]
+
+The defaults are what CRaFT extracts by default (C_R: the middle layer's image tokens,
+mean-pooled), and `craftvla train --craft.anchor_cache CACHE` adopts the cache's layer, pooling
+and feature type for every --craft.* flag left unset, so the two verbs compose without flags.
 
 A cache directory holds
     build.json                      the build plan (settings + sample indices), written first
@@ -77,8 +81,9 @@ class CacheBuildConfig:
     # Token set pooled (hidden_feature) or kept (hidden_state): mean_image_tokens, mean_all_tokens,
     # mean_text_tokens, last_token.
     pooling: str = "mean_image_tokens"
-    # hidden_states index (0 = embeddings; negative counts from the end, -2 = hidden_states[-2]).
-    layer: int = -2
+    # hidden_states index (0 = embeddings; negative counts from the end, -2 = hidden_states[-2]);
+    # None = CRaFT's default anchor layer, the middle one (num_layers // 2).
+    layer: Optional[int] = None
     # hidden_state only: several layers, e.g. "[-2,-1]"; None = [layer].
     layers: Optional[list[int]] = None
     # Storage dtype of the targets: float16, bfloat16 or float32 (labels are always int64).
@@ -253,13 +258,14 @@ def _open_anchor_dataset(root: str, policy):
 def _plan(cfg: CacheBuildConfig, policy, num_frames: int) -> dict:
     """Everything that determines the cache's bytes: compared on resume, published as meta.json."""
     num_layers = policy.llm.num_layers
-    layers = [absolute_layer(i, num_layers) for i in (cfg.layers or [cfg.layer])]
+    layer = policy.anchor_layer() if cfg.layer is None else cfg.layer
+    layers = [absolute_layer(i, num_layers) for i in (cfg.layers or [layer])]
     count = num_frames if cfg.num_samples is None else min(cfg.num_samples, num_frames)
     gen = torch.Generator().manual_seed(cfg.seed)
     indices = torch.randperm(num_frames, generator=gen)[:count].sort().values.tolist()
     return {
         "format": FORMAT_VERSION, "cache_type": cfg.type, "target_key": TARGET_KEYS[cfg.type],
-        "hidden_layer": cfg.layer if cfg.layers is None else cfg.layers[0], "hidden_layer_index": layers[0],
+        "hidden_layer": layer if cfg.layers is None else cfg.layers[0], "hidden_layer_index": layers[0],
         "hidden_layers": layers, "pooling": cfg.pooling, "dtype": cfg.dtype, "image_dtype": cfg.image_dtype,
         "feature_width": policy.llm.hidden_size, "max_text_tokens": policy.config.llm.max_text_tokens,
         "camera_keys": list(policy.config.camera_keys), "model_fingerprint": model_fingerprint(policy),
@@ -436,7 +442,8 @@ class AnchorCache:
         layers = tuple(meta["hidden_layers"]) if self.cache_type == "hidden_state" else (meta["hidden_layer_index"],)
         if self.cache_type != "token_level":
             _check("hidden layer", layers, expected.layers, self.path,
-                   f" (set craft.anchor_layer_idx={layers[0]} or rebuild the cache with --layer {expected.layers[0]})")
+                   f" (leave craft.anchor_layer_idx unset to adopt the cache's, or rebuild the cache with "
+                   f"--layer {expected.layers[0]})")
             _check("pooling", meta["pooling"], expected.pooling, self.path)
             _check("feature width", meta["feature_width"], expected.width, self.path)
         if expected.fingerprint is not None:
@@ -503,32 +510,46 @@ def student_targets(cache_type: str, meta: dict, hidden_states, layout) -> tuple
         "the policy's LLM has no LM head to score token labels with; build a hidden_feature or hidden_state cache")
 
 
-def student_settings(policy, craft_cfg, pooling: Optional[str] = None) -> ExtractionSettings:
-    """What CRaFT's config makes the student extract: C_R at `anchor_layer_idx` (None = the
-    middle layer, as the online anchors use) mean-pooled over the image tokens, width D. Only the
-    vision bridge feature has a cached counterpart ("both" doubles the width: refused)."""
+def student_settings(policy, craft_cfg, meta: dict) -> tuple[ExtractionSettings, dict]:
+    """What CRaFT's config makes the student extract against a cache with `meta`, and what it
+    adopted from the cache. Each of anchor_layer_idx / anchor_type / pooling left unset (None)
+    takes the cache's value; one that is set must match (else `AnchorCache.check` refuses).
+
+    A cache holds one pooled vision-side feature (C_R) of width D, so anchor_type "both" or
+    "action_query" never matches (its pooling name is one no cache has: refused, with both names)."""
     num_layers, width = policy.llm.num_layers, policy.llm.hidden_size
-    layer = num_layers // 2 if craft_cfg.anchor_layer_idx is None else craft_cfg.anchor_layer_idx
-    if craft_cfg.anchor_type != "vision":
-        width *= 2 if craft_cfg.anchor_type == "both" else 1
-        tokens = "image_and_query_tokens" if craft_cfg.anchor_type == "both" else "query_tokens"
-        pooling = pooling or f"{craft_cfg.pooling}_{tokens}"  # no cache pooling is named so: refused
-    elif pooling is None:
-        pooling = "mean_image_tokens" if craft_cfg.pooling == "mean" else "max_image_tokens"
-    return ExtractionSettings((absolute_layer(layer, num_layers),), pooling, width, model_fingerprint(policy))
+    cached = tuple(meta["hidden_layers"]) if meta["cache_type"] == "hidden_state" else (meta["hidden_layer_index"],)
+    adopted: dict = {}
+    if craft_cfg.anchor_layer_idx is None:
+        layers, adopted["anchor_layer_idx"] = cached, cached[0]
+    else:
+        layer = absolute_layer(policy.anchor_layer(craft_cfg.anchor_layer_idx), num_layers)
+        layers = cached if cached[0] == layer else (layer,)  # a hidden_state cache matches on its first layer
+    anchor_type = craft_cfg.anchor_type or "vision"
+    if craft_cfg.anchor_type is None:
+        adopted["anchor_type"] = anchor_type
+    if anchor_type != "vision":
+        width *= 2 if anchor_type == "both" else 1
+        tokens = "image_and_query_tokens" if anchor_type == "both" else "query_tokens"
+        pooling = f"{craft_cfg.pooling or 'mean'}_{tokens}"
+    elif craft_cfg.pooling is None:
+        pooling = adopted["pooling"] = meta["pooling"]
+    else:
+        pooling = f"{craft_cfg.pooling}_image_tokens"
+    return ExtractionSettings(layers, pooling, width, model_fingerprint(policy)), adopted
 
 
 def checked_cache(path, policy, craft_cfg, settings: Optional[ExtractionSettings] = None) -> AnchorCache:
-    """Open the cache and refuse it unless it matches the student (`student_settings` by default)
-    and can feed a feature MSE. A hidden_state cache matches when its first layer is the student's."""
+    """Open the cache and refuse it unless it matches the student (`student_settings` by default,
+    logging what was adopted from the cache) and can feed a feature MSE."""
     cache = AnchorCache(path)
     if cache.cache_type == "token_level":
         student_targets("token_level", cache.meta, None, None)  # raises, with the reason
     if settings is None:
-        settings = student_settings(policy, craft_cfg)
-        layers = tuple(cache.meta["hidden_layers"])
-        if cache.cache_type == "hidden_state" and layers[0] == settings.layers[0]:
-            settings = replace(settings, layers=layers)
+        settings, adopted = student_settings(policy, craft_cfg, cache.meta)
+        if adopted:
+            log.info("CRaFT: adopted from anchor cache %s (flags left unset): %s", cache.path,
+                     ", ".join(f"craft.{k}={v}" for k, v in adopted.items()))
     cache.check(settings)
     return cache
 
@@ -563,12 +584,12 @@ class CacheAnchorProvider:
 def main(argv: list[str]) -> int:
     """`craftvla cache build ...` (see the module docstring)."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: craftvla cache build --checkpoint CKPT --dataset DIR --out CACHE [--type hidden_feature] "
-              "[--pooling mean_image_tokens] [--layer -2] [--dtype float16] [--num_samples N] [--shard_size 1000]")
+        print("usage: craftvla cache build [--flag value ...]   (craftvla cache build --help for flags)\n\n"
+              "sub-verbs:\n  build     compute a frozen checkpoint's anchor targets over a LeRobot dataset")
         return 0 if argv else 2
     if argv[0] != "build":
         raise CraftVLAError(f"craftvla cache: unknown sub-verb {argv[0]!r}; use `craftvla cache build ...`")
-    cfg = parse_config(CacheBuildConfig, args=argv[1:])
+    cfg = parse_config(CacheBuildConfig, args=argv[1:], prog="craftvla cache build")
     if not _is_main_process():
         log.info("not the main process: rank 0 builds the cache")
         return 0

@@ -38,25 +38,31 @@ class CraftConfig:
     # "per_tensor": one per parameter tensor (what the design notes' loop did).
     projection_scope: str = "global"
     # LLM layer whose vision-patch states give C_R (hidden_states index, 0 = embeddings);
-    # None = num_layers // 2 (the model decides, SPEC §2).
+    # None = the policy's default anchor layer, num_layers // 2 (SPEC §2), or, with an anchor
+    # cache, the layer the cache was built at.
     anchor_layer_idx: Optional[int] = None
     # Which bridge features are kept: "both" (C_R and C_AQ, the SPEC default), "vision" (C_R
     # only) or "action_query" (C_AQ only). Keep "both" when the starting checkpoint trained its
     # action queries (a VLA checkpoint); use "vision" when it did not (a plain VLM start, where
     # the queries are zero-initialised and their "initial features" carry no knowledge to keep).
-    anchor_type: str = "both"
-    # Token pooling for the bridge features: "mean" or "max".
-    pooling: str = "mean"
+    # None = "both", or, with an anchor cache, what the cache holds ("vision": a cache stores
+    # pooled vision-side features).
+    anchor_type: Optional[str] = None
+    # Token pooling for the bridge features: "mean" or "max"; None = "mean", or, with an anchor
+    # cache, the cache's pooling.
+    pooling: Optional[str] = None
     # Where anchor features come from: "online" (initial weights on the same batch, exact and
     # cheap: adapters disabled / functional_call), "swap" (the design notes' CPU weight swap,
     # a benchmark reference), "cache" (an offline anchor cache, see anchor_cache).
-    anchor_source: str = "online"
-    # Anchor-cache directory for anchor_source="cache" (built by `craftvla cache build`).
+    # None = "cache" when anchor_cache is given, else "online".
+    anchor_source: Optional[str] = None
+    # Anchor-cache directory (built by `craftvla cache build`); implies anchor_source="cache".
     anchor_cache: Optional[str] = None
     # Anchor samples drawn from the cache per micro-batch (anchor_source="cache" only).
     anchor_batch_size: int = 8
-    # Log craft/* metrics every this many optimizer steps (averaged over those steps).
-    log_freq: int = 10
+    # Log craft/* metrics every this many optimizer steps (averaged over those steps);
+    # None = the run's logging frequency (--log.log_freq).
+    log_freq: Optional[int] = None
 
     def __post_init__(self) -> None:
         require(self.mode in MODES, "craft.mode", self.mode, f"choose one of {MODES}")
@@ -68,14 +74,34 @@ class CraftConfig:
                  f"choose one of {PROJECTION_SCOPES}")
         require(self.anchor_layer_idx is None or self.anchor_layer_idx >= 0, "craft.anchor_layer_idx",
                  self.anchor_layer_idx, "must be >= 0 (a hidden_states index) or null for the middle layer")
-        require(self.anchor_type in ANCHOR_TYPES, "craft.anchor_type", self.anchor_type, f"choose one of {ANCHOR_TYPES}")
-        require(self.pooling in POOLING_MODES, "craft.pooling", self.pooling, f"choose one of {POOLING_MODES}")
-        require(self.anchor_source in ANCHOR_SOURCES, "craft.anchor_source", self.anchor_source,
-                 f"choose one of {ANCHOR_SOURCES}")
-        require(self.anchor_source != "cache" or self.anchor_cache, "craft.anchor_cache", self.anchor_cache,
-                 "craft.anchor_source='cache' needs the cache directory")
+        require(self.anchor_type is None or self.anchor_type in ANCHOR_TYPES, "craft.anchor_type", self.anchor_type,
+                f"choose one of {ANCHOR_TYPES}")
+        require(self.pooling is None or self.pooling in POOLING_MODES, "craft.pooling", self.pooling,
+                f"choose one of {POOLING_MODES}")
+        require(self.anchor_source is None or self.anchor_source in ANCHOR_SOURCES, "craft.anchor_source",
+                self.anchor_source, f"choose one of {ANCHOR_SOURCES}")
+        require(self.source != "cache" or self.anchor_cache, "craft.anchor_cache", self.anchor_cache,
+                "craft.anchor_source='cache' needs the cache directory")
+        require(self.source == "cache" or not self.anchor_cache, "craft.anchor_source", self.anchor_source,
+                f"conflicts with craft.anchor_cache={self.anchor_cache!r} (drop one of the two flags)")
         require(self.anchor_batch_size >= 1, "craft.anchor_batch_size", self.anchor_batch_size, "must be >= 1")
-        require(self.log_freq >= 1, "craft.log_freq", self.log_freq, "must be >= 1")
+        require(self.log_freq is None or self.log_freq >= 1, "craft.log_freq", self.log_freq, "must be >= 1")
+
+    # Unset fields stay None (so a saved config keeps meaning "the default"); these resolve them.
+    @property
+    def source(self) -> str:
+        """anchor_source, or "cache" when only anchor_cache is given, else "online"."""
+        return self.anchor_source or ("cache" if self.anchor_cache else "online")
+
+    @property
+    def online_anchor_type(self) -> str:
+        """anchor_type for online / swap anchors (a cache run adopts the cache's instead)."""
+        return self.anchor_type or "both"
+
+    @property
+    def online_pooling(self) -> str:
+        """pooling for online / swap anchors (a cache run adopts the cache's instead)."""
+        return self.pooling or "mean"
 
     @property
     def projection_on(self) -> bool:

@@ -7,6 +7,7 @@ The loop (train/loop.py) calls, with the *unwrapped* policy and no DDP gradient 
     plugin.before_optimizer_step()     # all-reduce g_act | g_ret once, surgery, write .grad
     optimizer.step(); optimizer.zero_grad(set_to_none=True)
     craft_metrics = plugin.after_optimizer_step()   # dual update; craft/* every log_freq steps
+    craft_metrics = plugin.flush_metrics()          # at the run's end: what is still pending
 
 `g_act` and `g_ret` accumulate over the micro-batches into one flat buffer (autograd adds into
 views of it directly, so no per-micro-batch gradient copies); the surgery runs once per
@@ -35,11 +36,13 @@ class CraftPlugin:
     """CRaFT (and its baselines) for one policy's trainable parameters; see the module docstring.
 
     Build it on the policy holding its *initial* weights (before loading a resumed training
-    state into it): that is what the anchors and L2-to-init refer to.
+    state into it): that is what the anchors and L2-to-init refer to. `log_freq` is the run's
+    logging frequency, used unless `cfg.log_freq` asks for another.
     """
 
-    def __init__(self, policy: nn.Module, cfg: CraftConfig, seed: int = 0):
+    def __init__(self, policy: nn.Module, cfg: CraftConfig, seed: int = 0, log_freq: int = 1):
         self.cfg = cfg
+        self.log_freq = cfg.log_freq or log_freq  # craft/* metrics every this many optimizer steps
         self._policy = policy
         named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
         if not named:
@@ -123,7 +126,7 @@ class CraftPlugin:
             penalty = 0.5 * cfg.retention_weight * torch.stack(torch._foreach_powsum(diff, 2)).sum()
             zero = torch.zeros((), device=penalty.device)
             return {"l_ret": penalty, "cos": zero, "beta": zero + cfg.retention_weight, "conflict": zero}
-        if cfg.anchor_source == "swap":
+        if cfg.source == "swap":
             return self._combine_reference()
         lengths = self._lengths if cfg.projection_scope == "per_tensor" else None
         stats = CF.project_flat(self.g_act, self.g_ret, self.lam, cfg.projection_eps, lengths, cfg.projection_on)
@@ -151,9 +154,14 @@ class CraftPlugin:
         self._micro = 0
         self._log_sum += torch.stack([stats["l_ret"], stats["conflict"], stats["cos"], stats["beta"]]).float()
         self._log_n += 1
-        if self.step % self.cfg.log_freq:
+        return {} if self.step % self.log_freq else self.flush_metrics()
+
+    def flush_metrics(self) -> dict[str, float]:
+        """The craft/* metrics averaged over the steps since the last log ({} if none): called
+        every `log_freq` steps, and by the loop at the run's end so a short run still logs them."""
+        if not self._log_n:
             return {}
-        values = (self._log_sum / self._log_n).tolist()  # the one host sync, every log_freq steps
+        values = (self._log_sum / self._log_n).tolist()  # the one host sync per logged line
         self._log_sum.zero_()
         self._log_n = 0
         return {**dict(zip(METRIC_KEYS, values)), "craft/lambda": float(self.lam)}
@@ -172,5 +180,5 @@ class CraftPlugin:
 
 def out_policy_features(policy: nn.Module, out, cfg: CraftConfig) -> torch.Tensor:
     """The policy's bridge features of `out` with the configured layer, pooling and anchor type."""
-    return policy.bridge_features(out, layer_idx=cfg.anchor_layer_idx, pooling=cfg.pooling,
-                                  anchor_type=cfg.anchor_type)
+    return policy.bridge_features(out, layer_idx=cfg.anchor_layer_idx, pooling=cfg.online_pooling,
+                                  anchor_type=cfg.online_anchor_type)

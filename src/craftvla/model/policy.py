@@ -105,11 +105,16 @@ class VLAPolicy(nn.Module):
         """No per-episode state (chunk execution is the runner's job); kept for the interface."""
 
     # ----- CRaFT bridge features -----------------------------------------------------------------
+    def anchor_layer(self, layer_idx: Optional[int] = None) -> int:
+        """The hidden_states index of C_R: `layer_idx`, else the default, the middle layer
+        num_layers // 2 (SPEC §2; CRaFT and `craftvla cache build` both default to it)."""
+        return self.llm.num_layers // 2 if layer_idx is None else layer_idx
+
     def bridge_features(self, out: VLAOutput, layer_idx: Optional[int] = None, pooling: str = "mean",
                         anchor_type: str = "both") -> torch.Tensor:
         """Pooled bridge features: C_R (vision states of a middle layer) and C_AQ (query states of
         the last layer) -> (B, 2D) for "both", (B, D) for "vision" / "action_query"."""
-        layer = self.llm.num_layers // 2 if layer_idx is None else layer_idx
+        layer = self.anchor_layer(layer_idx)
         parts = []
         if anchor_type in ("both", "vision"):
             parts.append(_pool(out.layout.vision(out.hidden_states[layer]), pooling))  # (B, D)

@@ -39,7 +39,7 @@ def describe(cfg: VLAConfig, meta: bool = True) -> str:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_config(InfoConfig, args=argv)
+    args = parse_config(InfoConfig, args=argv, prog="craftvla info")
     cfg = VLAConfig.from_yaml(args.config) if args.config else VLAConfig.preset(args.preset)
     print(describe(cfg, meta=args.meta))
     return 0

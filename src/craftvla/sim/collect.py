@@ -123,20 +123,9 @@ def _write_episode(writer, episode: Episode, task_text: str) -> None:
     writer.save_episode()
 
 
-def parse_flags(cls, argv: list[str]):
-    """`parse_config`, but surfacing our own `__post_init__` message, which draccus wraps."""
-    try:
-        return parse_config(cls, args=argv)
-    except ConfigError as err:
-        inner = getattr(err.__context__, "__cause__", None)  # ParsingError <- our ConfigError
-        if isinstance(inner, ConfigError):
-            raise inner from None
-        raise
-
-
 def main(argv: list[str]) -> int:
     """CLI entry: parse flags, collect, print a one-line summary per task."""
-    cfg = parse_flags(CollectConfig, argv)
+    cfg = parse_config(CollectConfig, args=argv, prog="craftvla collect")
     summary = collect(cfg)
     for task, c in summary.items():
         print(f"{task}: kept {c['kept']} episodes (expert solved {c['solved']}/{c['tried']})")

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from craftvla.config import parse_config
 from craftvla.errors import ConfigError, CraftVLAError
 
-from .collect import parse_flags
 from .metaworld import DEFAULT_CAMERA, DEFAULT_TASKS, EVAL_STREAM, control_fps, parse_cameras, parse_tasks
 from .policies import CheckpointPolicy, ExpertPolicy, RandomPolicy, SimPolicy
 from .rollout import Episode, RolloutSpec, run_episodes
@@ -173,7 +173,7 @@ def make_policy(cfg: EvalConfig) -> SimPolicy:
 
 def main(argv: list[str]) -> int:
     """CLI entry: parse flags, evaluate, print one line per task."""
-    cfg = parse_flags(EvalConfig, argv)
+    cfg = parse_config(EvalConfig, args=argv, prog="craftvla eval")
     parse_tasks(cfg.tasks)  # fail on a bad name before loading a checkpoint
     results = evaluate(make_policy(cfg), cfg.tasks, cfg.episodes, seed=cfg.seed, execute_steps=cfg.execute_steps,
                        out_dir=cfg.out, max_steps=cfg.max_steps, num_videos=cfg.num_videos, num_envs=cfg.num_envs,

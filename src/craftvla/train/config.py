@@ -17,7 +17,7 @@ from typing import Any, Optional
 import draccus
 import yaml
 
-from craftvla.config import VLAConfig
+from craftvla.config import VLAConfig, parse_config
 from craftvla.craft.config import CraftConfig
 from craftvla.errors import ConfigError, require
 
@@ -65,7 +65,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     # Linear warm-up from 0 to optim.lr over this many optimizer steps (once, not per step);
-    # None = 5% of the run's steps.
+    # None = 1/20 of the run's steps.
     warmup_steps: Optional[int] = None
     # Cosine decay ends at min_lr_ratio * optim.lr at the last step.
     min_lr_ratio: float = 0.1
@@ -248,8 +248,11 @@ def _prescan(argv: list[str], flag: str) -> Optional[str]:
 def _read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--config: file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
     return data
@@ -272,23 +275,11 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
     merged = _deep_merge(base, user)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(merged, f)
+    source = f"preset {preset!r}" + (f", {config_path}" if config_path else "") + " and the command line"
     try:
-        return draccus.parse(config_class=TrainConfig, config_path=f.name, args=argv, exit_on_error=False)
-    except Exception as err:  # draccus wraps our own ConfigError from __post_init__: unwrap it
-        raise _config_error(err, config_path) from None
+        return parse_config(TrainConfig, config_path=f.name, args=argv, prog="craftvla train", source=source)
     finally:
         os.unlink(f.name)
-
-
-def _config_error(err: BaseException, config_path: Optional[str]) -> ConfigError:
-    """The ConfigError at the root of a draccus exception chain, else one naming the source."""
-    cause: Optional[BaseException] = err
-    while cause is not None:
-        if isinstance(cause, ConfigError):
-            return cause
-        cause = cause.__cause__ or cause.__context__
-    where = f" (from --config {config_path} and the command line)" if config_path else " (command line)"
-    return ConfigError(f"invalid train config{where}: {err}")
 
 
 def dump_train_config(cfg: TrainConfig, path: str) -> None:

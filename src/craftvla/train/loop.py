@@ -138,7 +138,7 @@ def make_craft_plugin(policy: nn.Module, cfg: TrainConfig, accelerator) -> Optio
         return None
     from craftvla.craft.plugin import CraftPlugin
 
-    return CraftPlugin(policy, cfg.craft, seed=cfg.seed + accelerator.process_index)
+    return CraftPlugin(policy, cfg.craft, seed=cfg.seed + accelerator.process_index, log_freq=cfg.log.log_freq)
 
 
 def unused_trainable_parameters(policy: nn.Module) -> list[str]:
@@ -332,9 +332,12 @@ def fit(run: Run) -> dict[str, Any]:
         last = train_step(run.model, micro, run.optimizer, run.scheduler, acc, cfg.optim.grad_clip_norm,
                           run.grad_plugin, run.loss_plugins)
         epoch = {"epoch": step * cfg.batch_size / run.num_samples} if run.num_samples else {}
-        logger.update(step, {**last, "lr": lr}, cfg.batch_size, epoch)
         out_of_time = _out_of_time(acc, t0, cfg.max_minutes)
-        if step == end or out_of_time or (cfg.checkpoint.save_freq and step % cfg.checkpoint.save_freq == 0):
+        final = step == end or out_of_time
+        if final and hasattr(run.grad_plugin, "flush_metrics"):  # a run shorter than its interval
+            last.update(run.grad_plugin.flush_metrics())
+        logger.update(step, {**last, "lr": lr}, cfg.batch_size, epoch, force=final or _plugin_logs(run, step))
+        if final or (cfg.checkpoint.save_freq and step % cfg.checkpoint.save_freq == 0):
             save(run, step)
         if cfg.eval.freq and step % cfg.eval.freq == 0:
             logger.log({"step": step, **periodic_eval(run, step)})
@@ -343,6 +346,13 @@ def fit(run: Run) -> dict[str, Any]:
             break
     logger.close(step)
     return last
+
+
+def _plugin_logs(run: Run, step: int) -> bool:
+    """Whether the gradient plug-in reported its metrics at this step (its own log_freq may be
+    finer than the run's: the line is written then, so its values are not averaged away)."""
+    freq = getattr(run.grad_plugin, "log_freq", None)
+    return bool(freq) and step % freq == 0
 
 
 def _out_of_time(accelerator, t0: float, max_minutes: Optional[float]) -> bool:

@@ -48,14 +48,18 @@ class MetricsLogger:
         self.count, self.samples, self.t0 = 0, 0, time.perf_counter()
         self.started = self.t0  # elapsed_s: wall time of this invocation (a resumed run restarts it)
         self.bar = None
+        if self.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
         if self.main and progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                             dynamic_ncols=True)
 
-    def update(self, step: int, metrics: dict[str, float], samples: int, extra: Optional[dict] = None) -> None:
-        """Record one optimizer step; write a line when `step` is a multiple of log_freq."""
+    def update(self, step: int, metrics: dict[str, float], samples: int, extra: Optional[dict] = None,
+               force: bool = False) -> None:
+        """Record one optimizer step; write a line when `step` is a multiple of log_freq or `force`
+        (the run's last step; a plug-in's own logging step). Every rank must pass the same `force`."""
         for key, value in metrics.items():
             self.sums[key] += float(value)
             self.counts[key] += 1
@@ -63,7 +67,7 @@ class MetricsLogger:
         self.samples += samples
         if self.bar is not None:
             self.bar.update(1)
-        if step % self.log_freq == 0:
+        if force or step % self.log_freq == 0:
             self._flush(step, extra or {})
 
     def _flush(self, step: int, extra: dict) -> None:

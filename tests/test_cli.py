@@ -1,0 +1,44 @@
+"""Every verb and sub-verb answers --help with its flags and comments under its own name, and
+bad flags end in one line and a non-zero code (no traceback)."""
+
+from __future__ import annotations
+
+import pytest
+
+from craftvla.cli import VERBS, main
+
+# verb argv -> (a flag it must list, words from that flag's comment)
+HELP = {
+    ("collect",): ("--episodes", "episodes to keep per task"),
+    ("train",): ("--craft.retention_budget", "retention budget"),
+    ("eval",): ("--checkpoint", "checkpoint"),
+    ("cache", "build"): ("--pooling", "Token set pooled"),
+    ("demo",): ("--steps", "steps"),
+    ("info",): ("--preset", "preset"),
+}
+
+
+def test_every_verb_is_covered():
+    assert {argv[0] for argv in HELP} == set(VERBS)
+
+
+@pytest.mark.parametrize("argv", list(HELP), ids=" ".join)
+def test_help_lists_flags_under_the_verb_name(argv, capsys):
+    flag, words = HELP[argv]
+    assert main([*argv, "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert out.startswith(f"usage: craftvla {' '.join(argv)} ")
+    assert flag in out and words in out
+
+
+def test_cache_without_sub_verb_lists_build(capsys):
+    assert main(["cache", "--help"]) == 0
+    assert "craftvla cache build" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["train", "--steps", "x"], ["collect", "--nope", "1"], ["eval", "--episodes"],
+                                  ["cache", "build", "--layer", "two"], ["info", "--preset", "huge"]])
+def test_bad_flags_are_one_line_errors(argv, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"craftvla {argv[0]}: error:") and "\n" not in err and "Traceback" not in err
