@@ -42,3 +42,25 @@ def test_bad_flags_are_one_line_errors(argv, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"craftvla {argv[0]}: error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_broken_yaml_config_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [1e-3\n")  # an unclosed list
+    assert main(["train", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{bad}: not valid YAML" in err and "\n" not in err
+    bad.write_text("optim:\n  lr_max: 1e-3\n")  # valid YAML, unknown key
+    assert main(["train", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and "lr_max" in err and "\n" not in err
+
+
+def test_broken_policy_yaml_names_the_file(tmp_path):
+    from craftvla.config import VLAConfig
+    from craftvla.errors import ConfigError
+
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("vision: {image_size: 64\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        VLAConfig.from_yaml(bad)

@@ -28,6 +28,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _message(err: CraftVLAError) -> str:
+    """The error's one-line message. An error raised in a DataLoader worker comes back re-raised
+    with the worker's traceback in its text (torch's ExceptionWrapper): keep only our line."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(f"{type(err).__name__}: ", 1)[-1]
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -41,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(rest) or 0)
     except CraftVLAError as err:
-        print(f"craftvla {verb}: error: {err}", file=sys.stderr)
+        print(f"craftvla {verb}: error: {_message(err)}", file=sys.stderr)
         return 1
     except SystemExit as err:  # `--help` printed the verb's flags
         return err.code if isinstance(err.code, int) else 0

@@ -328,3 +328,46 @@ def test_overwrite_never_deletes_a_foreign_directory(checkpoint, anchor_dataset,
     with pytest.raises(CraftVLAError, match="is not an anchor cache"):
         C.build_cache(cfg)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def _edit_meta(path, fn):
+    meta = json.loads((path / "meta.json").read_text())
+    fn(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+BROKEN = {  # corruption, file named in the message, words; all refused when the cache is opened
+    "meta not JSON": (lambda c: (c / "meta.json").write_text("{"), "meta.json", "not valid JSON"),
+    "meta not an object": (lambda c: (c / "meta.json").write_text("3"), "meta.json", "expected a JSON dict"),
+    "meta lacks keys": (lambda c: _edit_meta(c, lambda m: m.pop("pooling")), "meta.json", "missing keys ['pooling']"),
+    "meta newer format": (lambda c: _edit_meta(c, lambda m: m.update(format=7)), "meta.json", "upgrade craftvla"),
+    "first shard truncated": (lambda c: _truncate(c / "shard-00000.safetensors"), "shard-00000.safetensors",
+                              "not a readable safetensors"),
+    "first shard not safetensors": (lambda c: (c / "shard-00000.safetensors").write_text("x" * 64),
+                                    "shard-00000.safetensors", "not a readable safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_cache_names_the_file(build, tmp_path, case):
+    corrupt, rel, words = BROKEN[case]
+    path = shutil.copytree(build(type="hidden_feature", pooling="mean_image_tokens", dtype="float16", num_samples=5,
+                                 shard_size=2), tmp_path / "c")
+    corrupt(path)
+    with pytest.raises(CraftVLAError) as err:
+        C.AnchorCache(path)
+    assert str(path / rel) in str(err.value) and words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_later_shard_truncated_fails_at_first_read_naming_it(build, tmp_path):
+    path = shutil.copytree(build(type="hidden_feature", pooling="mean_image_tokens", dtype="float16", num_samples=5,
+                                 shard_size=2), tmp_path / "c")
+    _truncate(path / "shard-00002.safetensors")
+    cache = C.AnchorCache(path)
+    cache.samples([0, 1])  # shard 0 is intact
+    with pytest.raises(CraftVLAError, match=r"shard-00002.safetensors: not a readable safetensors"):
+        cache.samples([4])

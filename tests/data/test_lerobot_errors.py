@@ -49,6 +49,37 @@ def _inf_state(table: pa.Table) -> pa.Table:
     return table.set_column(table.column_names.index("observation.state"), "observation.state", col)
 
 
+EPISODES = "meta/episodes/chunk-000/file-000.parquet"
+
+
+def _edit_episodes(root: Path, fn) -> None:
+    table = pq.read_table(root / EPISODES)
+    pq.write_table(fn(table), root / EPISODES)
+
+
+def _shift_last_slice(table: pa.Table, seconds: float) -> pa.Table:
+    """Move the last episode's video slice `seconds` later (past the end of the mp4)."""
+    for side in ("from", "to"):
+        name = f"videos/{CAM}/{side}_timestamp"
+        values = table[name].to_pylist()
+        values[-1] += seconds
+        table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.float64()))
+    return table
+
+
+def _set_column(name: str, row: int, value):
+    def fn(table: pa.Table) -> pa.Table:
+        values = table[name].to_pylist()
+        values[row] = value
+        return table.set_column(table.column_names.index(name), name, pa.array(values, table.schema.field(name).type))
+    return fn
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
 CASES = {
     "missing info.json": (lambda r: (r / "meta/info.json").unlink(), "meta/info.json", "not found"),
     "v2.1": (lambda r: _edit_info(r, lambda i: i.update(codebase_version="v2.1")), "meta/info.json", "old LeRobot layout"),
@@ -60,6 +91,35 @@ CASES = {
     "nan action": (lambda r: _edit_data(r, _nan_action), DATA, "NaN/inf"),
     "inf state": (lambda r: _edit_data(r, _inf_state), DATA, "NaN/inf"),
     "missing tasks": (lambda r: (r / "meta/tasks.parquet").unlink(), "meta/tasks.parquet", "not found"),
+    # meta files missing, unreadable or out of range
+    "info not JSON": (lambda r: (r / "meta/info.json").write_text("{'fps': 10"), "meta/info.json", "not valid JSON"),
+    "info not an object": (lambda r: (r / "meta/info.json").write_text("[1, 2]"), "meta/info.json", "expected a JSON object"),
+    "stats not JSON": (lambda r: (r / "meta/stats.json").write_text("nan nan"), "meta/stats.json", "not valid JSON"),
+    "fps 0": (lambda r: _edit_info(r, lambda i: i.update(fps=0)), "meta/info.json", "fps=0; expected a positive"),
+    "fps negative": (lambda r: _edit_info(r, lambda i: i.update(fps=-30)), "meta/info.json", "fps=-30"),
+    "fps not a number": (lambda r: _edit_info(r, lambda i: i.update(fps="10")), "meta/info.json", "fps='10'"),
+    "no action feature": (lambda r: _edit_info(r, lambda i: i["features"].pop("action")), "meta/info.json",
+                          "features has no 'action' entry"),
+    "bad feature shape": (lambda r: _edit_info(r, lambda i: i["features"]["observation.state"].update(shape="4")),
+                          "meta/info.json", "features['observation.state']"),
+    "video shape 2-D": (lambda r: _edit_info(r, lambda i: i["features"][CAM].update(shape=[48, 64])), "meta/info.json",
+                        "expected [height, width, 3]"),
+    "total_frames 0": (lambda r: _edit_info(r, lambda i: i.update(total_frames=0)), "meta/info.json", "total_frames=0"),
+    "missing episodes": (lambda r: shutil.rmtree(r / "meta/episodes"), "meta/episodes", "no episode metadata files"),
+    "truncated episodes": (lambda r: _truncate(r / EPISODES), EPISODES, "cannot read parquet"),
+    "truncated tasks": (lambda r: _truncate(r / "meta/tasks.parquet"), "meta/tasks.parquet", "cannot read parquet"),
+    # data and video files
+    "truncated parquet": (lambda r: _truncate(r / DATA), DATA, "cannot read parquet"),
+    "truncated video": (lambda r: _truncate(r / VIDEO), VIDEO, "not a readable video"),
+    "not a video": (lambda r: (r / VIDEO).write_text("hello, I am text"), VIDEO, "not a readable video"),
+    "slice past the video end": (lambda r: _edit_episodes(r, lambda t: _shift_last_slice(t, 1.0)), VIDEO,
+                                 "but the video lasts"),
+    "slice of the wrong length": (lambda r: _edit_episodes(r, _set_column(f"videos/{CAM}/to_timestamp", 0, 0.5)),
+                                  "meta/episodes", "does not hold its 12 frames"),
+    "image features": (lambda r: _edit_info(r, lambda i: i["features"][CAM].update(dtype="image")), "meta/info.json",
+                       "stored as per-frame images"),
+    "timestamp off its frame": (lambda r: _edit_data(r, _set_column("timestamp", 3, 7.0)), "data",
+                                "timestamps must be frame_index / fps"),
 }
 
 
@@ -74,6 +134,19 @@ def test_bad_input_names_the_file_and_writes_nothing(copy, case):
     assert str(copy / rel) in msg and words in msg, msg
     assert "\n" not in msg
     assert tree(copy) == before
+
+
+def test_video_truncated_after_its_header_fails_at_first_access_naming_the_file(tmp_path):
+    """LeRobot's mp4s carry their index up front (faststart): a file cut short still opens, so
+    the damage shows only when the missing frames are decoded; that error names the file too."""
+    real = Path(__file__).parent / "fixtures" / "lerobot_v30" / "dataset"
+    copy = Path(shutil.copytree(real, tmp_path / "real"))
+    mp4 = next((copy / "videos").rglob("*.mp4"))
+    _truncate(mp4, keep=0.6)
+    ds = LeRobotDataset(copy)
+    with pytest.raises(CraftVLAError) as err:
+        ds[len(ds) - 1]
+    assert str(mp4) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_root(tmp_path):

@@ -63,3 +63,28 @@ def test_action_chunks_follow_lerobot_rows(dataset):
             src = min(f["index"] + k, last[f["episode_index"]])
             np.testing.assert_array_equal(item["action"][k].numpy(), np.float32(frames[src]["action"]))
             assert bool(item["action_is_pad"][k]) == (f["index"] + k > last[f["episode_index"]])
+
+
+def test_list_encodings_read_the_same(tmp_path):
+    """Other writers of the same layout (pandas, HF datasets versions) store vectors as list /
+    large_list instead of fixed_size_list and strings as large_string: the values are the same."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(shutil.copytree(FIXTURE / "dataset", tmp_path / "ds"))
+    data = root / "data/chunk-000/file-000.parquet"
+    table = pq.read_table(data)
+    for name, typ in (("action", pa.large_list(pa.float32())), ("observation.state", pa.list_(pa.float64()))):
+        table = table.set_column(table.column_names.index(name), name, table[name].cast(typ))
+    pq.write_table(table, data)
+    episodes = root / "meta/episodes/chunk-000/file-000.parquet"
+    ep = pq.read_table(episodes)
+    pq.write_table(ep.set_column(ep.column_names.index("tasks"), "tasks", ep["tasks"].cast(pa.large_list(pa.large_string()))),
+                   episodes)
+    ds = LeRobotDataset(root, chunk_size=1)
+    for frame in EXPECTED["frames"][::7]:
+        item = ds[frame["index"]]
+        np.testing.assert_array_equal(item["action"][0].numpy(), np.float32(frame["action"]))
+        np.testing.assert_array_equal(item["observation.state"].numpy(), np.float32(frame["observation.state"]))

@@ -42,17 +42,17 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from craftvla.config import STATE_KEY, TASK_KEY, parse_config
 from craftvla.errors import ConfigError, CraftVLAError, require
+from craftvla.files import read_json, read_safetensors, safetensors_header, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def _prepare_out(out: Path, plan: dict, overwrite: bool) -> set[int]:
     for stale in out.glob(".*.tmp"):  # a shard interrupted mid-write
         stale.unlink()
     if (out / PLAN_FILE).is_file():
-        old = json.loads((out / PLAN_FILE).read_text())
+        old = read_json(out / PLAN_FILE, expect=dict)
         diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
         if diff:
             raise CraftVLAError(f"{out}: a partial build with other settings ({diff}) is there; "
@@ -296,18 +296,12 @@ def _prepare_out(out: Path, plan: dict, overwrite: bool) -> set[int]:
         done = {i for i in range(plan["num_shards"]) if (out / shard_name(i)).is_file()}
         log.info("resuming %s: %d of %d shards complete", out, len(done), plan["num_shards"])
         return done
-    _write_json(out / PLAN_FILE, plan)
+    write_json_atomic(out / PLAN_FILE, plan, indent=1)
     return set()
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], tasks: list[str]) -> None:
@@ -388,7 +382,7 @@ def build_cache(cfg: CacheBuildConfig, fail_after_shards: Optional[int] = None) 
                                             cfg.batch_size, plan, bar)
             _write_shard(out / shard_name(shard), tensors, tasks)
     meta = {k: v for k, v in plan.items() if k != "indices"}
-    _write_json(out / META_FILE, meta)  # last: publishes the cache
+    write_json_atomic(out / META_FILE, meta, indent=1)  # last: publishes the cache
     log.info("anchor cache complete: %s (%d samples, %d shards)", out, meta["num_samples"], meta["num_shards"])
     return out
 
@@ -402,6 +396,23 @@ def _check(name: str, cache_value, student_value, path: Path, hint: str = "") ->
                             f"extracts {student_value!r}{hint}")
 
 
+META_KEYS = ("hidden_layer_index", "hidden_layers", "pooling", "feature_width", "max_text_tokens",
+             "camera_keys", "model_fingerprint", "num_samples", "shard_size", "num_shards")
+
+
+def _read_meta(path: Path) -> dict:
+    """meta.json, checked for the format version and the keys the loader reads."""
+    meta = read_json(path, expect=dict)
+    if meta.get("format") != FORMAT_VERSION:
+        newer = isinstance(meta.get("format"), int) and meta["format"] > FORMAT_VERSION
+        raise CraftVLAError(f"{path}: anchor-cache format {meta.get('format')!r}; this craftvla reads format "
+                            f"{FORMAT_VERSION}" + (" (upgrade craftvla)" if newer else " (rebuild the cache)"))
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise CraftVLAError(f"{path}: missing keys {missing}")
+    return meta
+
+
 class AnchorCache:
     """A complete cache directory: meta, type detection, samples by index, endless batches."""
 
@@ -412,20 +423,17 @@ class AnchorCache:
             raise CraftVLAError(f"anchor cache {self.path}: no {META_FILE} ("
                                 + ("an interrupted build: re-run `craftvla cache build` with the same flags "
                                    "to resume it" if partial else "not an anchor cache") + ")")
-        self.meta = json.loads((self.path / META_FILE).read_text())
-        if self.meta.get("format") != FORMAT_VERSION:
-            raise CraftVLAError(f"anchor cache {self.path}: format {self.meta.get('format')!r}, expected {FORMAT_VERSION}")
+        self.meta = _read_meta(self.path / META_FILE)
         self.files = [self.path / shard_name(i) for i in range(self.meta["num_shards"])]
         absent = [f.name for f in self.files if not f.is_file()]
         if absent:
             raise CraftVLAError(f"anchor cache {self.path}: shard files missing: {absent[:3]}")
-        self.cache_type = self._detect_type()
+        self.cache_type = self.meta["cache_type"] = self._detect_type()  # meta's, if any, must agree
         self._loaded: tuple[int, dict, list[str]] | None = None  # the one shard held in memory
 
     def _detect_type(self) -> str:
         """From the target tensor present in the first shard (meta's cache_type must agree)."""
-        with safe_open(str(self.files[0]), framework="pt") as handle:
-            keys = set(handle.keys())
+        keys = set(safetensors_header(self.files[0])[0])
         found = [kind for kind, key in TARGET_KEYS.items() if key in keys]
         if len(found) != 1:
             raise CraftVLAError(f"anchor cache {self.path}: expected one of {sorted(TARGET_KEYS.values())} "
@@ -452,9 +460,16 @@ class AnchorCache:
 
     def _shard(self, index: int) -> tuple[dict, list[str]]:
         if self._loaded is None or self._loaded[0] != index:
-            tensors = load_file(str(self.files[index]))
-            with safe_open(str(self.files[index]), framework="pt") as handle:
-                tasks = json.loads(handle.metadata()["tasks"])
+            path = self.files[index]
+            tensors, (_, metadata) = read_safetensors(path), safetensors_header(path)
+            try:
+                tasks = json.loads(metadata["tasks"])
+            except (KeyError, json.JSONDecodeError):
+                raise CraftVLAError(f"{path}: no readable 'tasks' list in the shard's metadata") from None
+            lengths = {k: len(v) for k, v in tensors.items()} | {"tasks": len(tasks)}
+            expected = min(self.meta["shard_size"], len(self) - index * self.meta["shard_size"])
+            if set(lengths.values()) != {expected}:
+                raise CraftVLAError(f"{path}: expected {expected} samples per tensor, found {lengths}")
             self._loaded = (index, tensors, tasks)
         return self._loaded[1], self._loaded[2]
 

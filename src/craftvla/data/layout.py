@@ -20,7 +20,6 @@ Every key name here was checked against LeRobot's own source (huggingface/lerobo
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from craftvla.errors import CraftVLAError
+from craftvla.files import read_json
 
 CODEBASE_VERSION = "v3.0"
 INFO_PATH = "meta/info.json"
@@ -114,16 +114,6 @@ class DatasetMeta:
         return self.root / rel
 
 
-def read_json(path: Path) -> Any:
-    """Load a JSON file; a missing or broken file is a CraftVLAError naming it."""
-    if not path.is_file():
-        raise CraftVLAError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CraftVLAError(f"{path}: not valid JSON ({err})") from err
-
-
 def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
     """Read a parquet file; a missing or unreadable file is a CraftVLAError naming it."""
     if not path.is_file():
@@ -134,32 +124,47 @@ def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
         raise CraftVLAError(f"{path}: cannot read parquet ({err})") from err
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    """Write JSON through a temp file in the same directory, then os.replace (no half files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=4, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 def check_info(info: dict[str, Any], path: Path) -> None:
     """Validate the info.json keys this package relies on; errors name the file and the key."""
+    if not isinstance(info, dict):
+        raise CraftVLAError(f"{path}: expected a JSON object, got {type(info).__name__}")
     version = info.get("codebase_version")
     if isinstance(version, str) and version.startswith("v2"):
         raise CraftVLAError(
             f"{path}: codebase_version {version!r} is the old LeRobot layout (one parquet/mp4 per "
-            "episode); convert it to v3.0 with LeRobot's `convert_dataset_v21_to_v30` script"
+            "episode); convert it to v3.0 with LeRobot's script (lerobot>=0.4): `python -m lerobot.datasets.v30."
+            "convert_dataset_v21_to_v30 --repo-id=<id> --root=<this directory> --push-to-hub=false`"
         )
     if version != CODEBASE_VERSION:
         raise CraftVLAError(f"{path}: unknown codebase_version {version!r}; expected {CODEBASE_VERSION!r}")
     for key in ("fps", "features", "data_path", "total_episodes", "total_frames"):
         if key not in info:
             raise CraftVLAError(f"{path}: missing key {key!r}")
-    if ACTION_KEY not in info["features"]:
-        raise CraftVLAError(f"{path}: features has no {ACTION_KEY!r} entry")
+    fps = info["fps"]
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0 or fps != int(fps):
+        raise CraftVLAError(f"{path}: fps={fps!r}; expected a positive whole number of frames per second")
+    for key in ("total_episodes", "total_frames"):
+        if isinstance(info[key], bool) or not isinstance(info[key], int) or info[key] < 1:
+            raise CraftVLAError(f"{path}: {key}={info[key]!r}; expected a positive integer")
+    _check_features(info["features"], path)
     has_video = any(ft.get("dtype") == "video" for ft in info["features"].values())
     if has_video and not info.get("video_path"):
         raise CraftVLAError(f"{path}: video features but no 'video_path' template")
+
+
+def _check_features(features: Any, path: Path) -> None:
+    """Each feature is {"dtype": str, "shape": [ints > 0]}; videos are (H, W, 3); there is an action."""
+    if not isinstance(features, dict):
+        raise CraftVLAError(f"{path}: 'features' must be a JSON object, got {type(features).__name__}")
+    if ACTION_KEY not in features:
+        raise CraftVLAError(f"{path}: features has no {ACTION_KEY!r} entry")
+    for key, ft in features.items():
+        shape = ft.get("shape") if isinstance(ft, dict) else None
+        if not isinstance(ft, dict) or not isinstance(ft.get("dtype"), str) or not isinstance(shape, list) \
+                or not shape or not all(isinstance(n, int) and n > 0 for n in shape):
+            raise CraftVLAError(f"{path}: features[{key!r}] = {ft!r}; expected a dtype and a list of positive sizes")
+        if ft["dtype"] == "video" and (len(shape) != 3 or shape[2] != 3):
+            raise CraftVLAError(f"{path}: features[{key!r}] is a video of shape {shape}; expected [height, width, 3]")
 
 
 def _is_text(dtype: pa.DataType) -> bool:
@@ -205,8 +210,11 @@ def load_episodes(root: Path) -> pa.Table:
         raise CraftVLAError(f"{root / EPISODES_DIR}: no episode metadata files (chunk-*/file-*.parquet)")
     tables = []
     for p in paths:
-        schema = pq.read_schema(p)
-        tables.append(read_parquet(p, [n for n in schema.names if not n.startswith("stats/")]))
+        try:
+            names = pq.read_schema(p).names
+        except (pa.ArrowException, OSError) as err:
+            raise CraftVLAError(f"{p}: cannot read parquet ({err})") from None
+        tables.append(read_parquet(p, [n for n in names if not n.startswith("stats/")]))
     try:
         table = pa.concat_tables(tables, promote_options="default")
     except pa.ArrowException as err:

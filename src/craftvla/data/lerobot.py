@@ -71,6 +71,11 @@ class LeRobotDataset(Dataset):
         self.chunk_size = chunk_size
         self.transform = transform
         self.meta: DatasetMeta = load_meta(self.root)
+        images = [k for k, ft in self.meta.features.items() if ft["dtype"] == "image"]
+        if images:  # LeRobot's use_videos=False layout: PNG bytes inside the parquet rows
+            raise CraftVLAError(f"{self.root / 'meta/info.json'}: features {images} are stored as per-frame images "
+                                "(dtype 'image'); craftvla reads camera streams stored as video (dtype 'video', "
+                                "LeRobot's default): re-record with use_videos=True or encode them to mp4")
         self.stats = load_stats(self.root / STATS_PATH)
         self._episodes = self._episode_arrays()
         self._vector_keys = [k for k in self._data_features() if k != ACTION_KEY]  # per-frame extras
@@ -128,10 +133,19 @@ class LeRobotDataset(Dataset):
         if not bounds_ok or (ep["dataset_to_index"] - ep["dataset_from_index"] != ep["length"]).any():
             raise CraftVLAError(f"{self.root / 'meta/episodes'}: dataset_from/to_index disagree with the data rows")
         cols["timestamp"] = cols["timestamp"].astype(np.float64)
+        drift = np.abs(cols["timestamp"] * self.meta.fps - cols["frame_index"])  # in frames
+        if (drift > 0.4).any():
+            row = int(np.argmax(drift > 0.4))
+            raise CraftVLAError(
+                f"{self.root / 'data'}: row index {row} (episode {int(cols['episode_index'][row])}) has timestamp "
+                f"{cols['timestamp'][row]:.4f} s but frame_index {int(cols['frame_index'][row])} at "
+                f"{self.meta.fps} fps; timestamps must be frame_index / fps")
         return cols
 
     def _check_video_files(self) -> dict[str, list[Path]]:
-        """Per camera, each episode's mp4 path; every one must exist (checked up front)."""
+        """Per camera, each episode's mp4 path. Every file must exist and hold a video stream of
+        info.json's size, and every episode's time slice must lie inside its file (checked up front:
+        a frame past the end would otherwise be clamped or repeated)."""
         out = {}
         for key in self.meta.camera_keys:
             needed = [f"videos/{key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")]
@@ -140,23 +154,47 @@ class LeRobotDataset(Dataset):
                 raise CraftVLAError(f"{self.root / 'meta/episodes'}: missing columns {missing}")
             chunks, files = self._episodes[needed[0]], self._episodes[needed[1]]
             out[key] = [self.meta.video_file(key, int(c), int(f)) for c, f in zip(chunks, files)]
-            for path in sorted(set(out[key])):
-                if not path.is_file():
-                    raise CraftVLAError(f"{path}: video file not found (camera {key!r})")
-            self._check_video_shape(key, out[key][0])
+            durations = {path: self._probe_video(key, path) for path in sorted(set(out[key]))}
+            self._check_slices(key, out[key], durations)
         return out
 
-    def _check_video_shape(self, key: str, path: Path) -> None:
-        """The stored frame size must match info.json's (H, W, 3); probed once per camera."""
+    def _probe_video(self, key: str, path: Path) -> float:
+        """Open one mp4: it must exist and hold a video stream of info.json's (H, W); returns its
+        duration in seconds."""
+        if not path.is_file():
+            raise CraftVLAError(f"{path}: video file not found (camera {key!r})")
         h, w, _ = self.meta.features[key]["shape"]
         try:
             with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise CraftVLAError(f"{path}: no video stream in the file (camera {key!r})")
                 stream = container.streams.video[0]
                 got = (stream.height, stream.width)
-        except (av.error.FFmpegError, IndexError, OSError) as err:
-            raise CraftVLAError(f"{path}: cannot read video stream ({err})") from err
+                if stream.duration is not None:
+                    duration = float(stream.duration * stream.time_base)
+                else:
+                    duration = (container.duration or 0) / av.time_base
+        except av.error.FFmpegError as err:
+            raise CraftVLAError(f"{path}: not a readable video, truncated or not an mp4? ({err})") from None
         if got != (h, w):
             raise CraftVLAError(f"{path}: frames are {got[0]}x{got[1]} but meta/info.json says {key!r} is {h}x{w}")
+        return duration
+
+    def _check_slices(self, key: str, paths: list[Path], durations: dict[Path, float]) -> None:
+        """Each episode's [from_timestamp, to_timestamp) must start at >= 0, span length / fps and end
+        inside its video (half a frame of slack for container rounding)."""
+        fps, ep = self.meta.fps, self._episodes
+        start, end = ep[f"videos/{key}/from_timestamp"], ep[f"videos/{key}/to_timestamp"]
+        for i, path in enumerate(paths):
+            span, length = float(end[i] - start[i]), int(ep["length"][i])
+            if start[i] < 0 or abs(span * fps - length) > 0.5:
+                raise CraftVLAError(
+                    f"{self.root / 'meta/episodes'}: episode {i} camera {key!r}: video slice [{start[i]:.4f}, "
+                    f"{end[i]:.4f}) s does not hold its {length} frames at {fps} fps")
+            if end[i] > durations[path] + 0.5 / fps:
+                raise CraftVLAError(
+                    f"{path}: episode {i} needs frames up to {end[i]:.4f} s but the video lasts "
+                    f"{durations[path]:.4f} s (camera {key!r})")
 
     # -- items --------------------------------------------------------------------------------------
 
@@ -171,7 +209,11 @@ class LeRobotDataset(Dataset):
         h, w, _ = self.meta.features[key]["shape"]
         if frames.shape[1:] != (h, w, 3):
             raise CraftVLAError(f"{path}: frames are {frames.shape[1:]} but meta/info.json says {(h, w, 3)}")
-        frame = frames[min(round(ts * self.meta.fps), len(frames) - 1)]  # (H, W, 3) uint8
+        k = round(ts * self.meta.fps)  # the frame of this timestamp within the episode's slice
+        if not 0 <= k < len(frames):
+            raise CraftVLAError(f"{path}: timestamp {ts:.4f} s of episode {ep} lies outside its "
+                                f"{len(frames)} video frames (camera {key!r})")
+        frame = frames[k]  # (H, W, 3) uint8
         return torch.from_numpy(frame).permute(2, 0, 1).float().div_(255.0)
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from craftvla.errors import CraftVLAError
+from craftvla.files import read_json
 
-from .layout import read_json
 
 QUANTILES = {"q01": 0.01, "q99": 0.99}
 

@@ -199,13 +199,24 @@ class VideoFrameSource:
             self._containers.popitem(last=False)[1].close()
         return container
 
+    def _drop(self, path: Path) -> None:
+        """Close and forget one container (after a decode error its state is unknown)."""
+        container = self._containers.pop(path, None)
+        if container is not None:
+            container.close()
+
     def episode_frames(self, path: Path, from_ts: float, num_frames: int, fps: int) -> np.ndarray:
         """(num_frames, H, W, 3) uint8 frames of one episode slice, from cache or decoded once."""
         key = (path, round(from_ts * fps), num_frames)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        frames = decode_slice(self._container(path), path, from_ts, num_frames, fps)
+        try:
+            frames = decode_slice(self._container(path), path, from_ts, num_frames, fps)
+        except av.error.FFmpegError as err:  # e.g. a file truncated after its header
+            self._drop(path)
+            raise CraftVLAError(f"{path}: cannot decode the frames at {from_ts:.4f} s, truncated or "
+                                f"corrupt? ({err})") from None
         self.decoded_slices += 1
         self._cache[key] = frames
         self._cache_bytes += frames.nbytes

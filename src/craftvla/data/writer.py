@@ -19,12 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from craftvla.errors import CraftVLAError
+from craftvla.files import write_json_atomic
 
 from . import stats as S
 from .layout import (
     CODEBASE_VERSION, DATA_PATH, DEFAULT_CHUNKS_SIZE, DEFAULT_DATA_FILE_SIZE_IN_MB, DEFAULT_FEATURES,
     DEFAULT_VIDEO_FILE_SIZE_IN_MB, EPISODES_PATH, INFO_PATH, STATS_PATH, TASKS_PATH, VIDEO_PATH,
-    next_chunk_file, write_json_atomic,
+    next_chunk_file,
 )
 from .video import VideoFileEncoder, pick_encoder, video_info
 
@@ -276,8 +277,8 @@ class LeRobotDatasetWriter:
         ep_path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self._episodes), ep_path)
         pq.write_table(_tasks_table(list(self._tasks)), self.tmp / TASKS_PATH)
-        write_json_atomic(S.to_jsonable(self._dataset_stats()), self.tmp / STATS_PATH)
-        write_json_atomic(self._info(), self.tmp / INFO_PATH)  # last: its presence marks completion
+        write_json_atomic(self.tmp / STATS_PATH, S.to_jsonable(self._dataset_stats()), indent=4)
+        write_json_atomic(self.tmp / INFO_PATH, self._info(), indent=4)  # last: its presence marks completion
         self._move_into_place()
         return self.root
 

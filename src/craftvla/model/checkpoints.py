@@ -26,10 +26,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from craftvla.config import VLAConfig
+from craftvla.data.stats import from_jsonable, to_jsonable
 from craftvla.errors import CraftVLAError
+from craftvla.files import read_json, read_safetensors, read_torch
 
 FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -42,14 +44,7 @@ PROJECTOR_KEY_MAP = {"projector.0.": "fc1.", "projector.2.": "fc2.", "projector.
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A weight file as a flat dict of tensors, never unpickling code."""
-    if not path.is_file():
-        raise CraftVLAError(f"weight file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CraftVLAError(f"cannot read weights {path}: {err}") from None
+    data = read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path)
     data = data.get("state_dict", data.get("model", data)) if isinstance(data, dict) else data
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CraftVLAError(f"{path} is not a flat tensor state dict")
@@ -157,13 +152,13 @@ def portable_config(config: VLAConfig) -> dict:
 
 def _write_files(policy, out: Path) -> None:
     config = portable_config(policy.config)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))  # the directory is swapped in whole
     (out / "llm_config.json").write_text(policy.llm.model.config.to_json_string())
     state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "craftvla_format": str(FORMAT_VERSION)})
     policy.tokenizer.save_pretrained(str(out / "tokenizer"))
     if policy.dataset_stats is not None:
-        (out / "stats.json").write_text(json.dumps(_jsonable(policy.dataset_stats), indent=2))
+        (out / "stats.json").write_text(json.dumps(to_jsonable(policy.dataset_stats), indent=2))
     for path in out.rglob("*"):  # make the bytes durable before the rename publishes them
         if path.is_file():
             with open(path, "rb") as handle:
@@ -181,40 +176,62 @@ def _swap_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _jsonable(stats: dict) -> dict:
-    out = {}
-    for feature, values in stats.items():
-        out[feature] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in values.items()}
-    return out
-
-
-def load_stats(path: Path) -> dict:
-    import numpy as np
-
-    raw = json.loads(path.read_text())
-    return {feature: {k: np.asarray(v, dtype=np.float32) for k, v in values.items()} for feature, values in raw.items()}
-
-
 def load_policy(cls, directory, map_location="cpu"):
-    """Rebuild a policy from a craftvla checkpoint directory (no network, no pickle)."""
+    """Rebuild a policy from a craftvla checkpoint directory (no network, no pickle); any missing,
+    truncated or mismatched file is one CraftVLAError naming it."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise CraftVLAError(f"{root}: checkpoint directory not found")
+    config = _read_policy_config(root / "config.json")
+    llm_config = _read_llm_config(root / "llm_config.json")
+    tokenizer = _read_tokenizer(config, root / "tokenizer")
+    weights = read_safetensors(root / "model.safetensors")
+    policy = cls(config, load_weights=False, llm_config=llm_config, tokenizer=tokenizer)
+    load_into(policy, weights, f"{root / 'model.safetensors'} (written for another config.json?)")
+    if (root / "stats.json").is_file():
+        policy.dataset_stats = from_jsonable(read_json(root / "stats.json", expect=dict), str(root / "stats.json"))
+    return policy.to(map_location)
+
+
+def _read_policy_config(path: Path) -> VLAConfig:
+    """config.json -> VLAConfig; refuses other formats and unknown or mistyped keys."""
+    raw = read_json(path, expect=dict)
+    raw.pop("pretrained_from", None)
+    version = raw.pop("craftvla_format", None)
+    if version is None:
+        raise CraftVLAError(f"{path}: no 'craftvla_format' key; not a craftvla checkpoint config")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CraftVLAError(f"{path}: craftvla_format {version!r} was written by a newer craftvla (this one "
+                            f"reads format {FORMAT_VERSION}); upgrade craftvla to load it")
+    if version != FORMAT_VERSION:
+        raise CraftVLAError(f"{path}: craftvla_format {version!r} is no longer supported (this craftvla reads "
+                            f"format {FORMAT_VERSION}); re-export the checkpoint")
+    try:
+        return VLAConfig.from_dict(raw)
+    except CraftVLAError as err:
+        raise CraftVLAError(f"{path}: {err}") from None
+
+
+def _read_llm_config(path: Path):
+    """llm_config.json -> the transformers config it describes (offline)."""
     from transformers import AutoConfig
 
+    raw = read_json(path, expect=dict)
+    model_type = raw.pop("model_type", None)
+    try:
+        return AutoConfig.for_model(model_type, **raw)
+    except (ValueError, TypeError, KeyError) as err:
+        raise CraftVLAError(f"{path}: not a transformers config (model_type={model_type!r}: "
+                            f"{' '.join(str(err).split())})") from None
+
+
+def _read_tokenizer(config: VLAConfig, directory: Path):
+    """The tokenizer saved beside the weights; a broken one names its file."""
     from craftvla.model.language import load_tokenizer
 
-    root = Path(directory)
-    for name in ("config.json", "llm_config.json", "model.safetensors"):
-        if not (root / name).is_file():
-            raise CraftVLAError(f"not a craftvla checkpoint: {root / name} is missing")
-    raw = json.loads((root / "config.json").read_text())
-    raw.pop("pretrained_from", None)
-    if raw.pop("craftvla_format", None) != FORMAT_VERSION:
-        raise CraftVLAError(f"{root / 'config.json'}: unknown craftvla_format (expected {FORMAT_VERSION})")
-    config = VLAConfig.from_dict(raw)
-    llm_raw = json.loads((root / "llm_config.json").read_text())
-    llm_config = AutoConfig.for_model(llm_raw.pop("model_type"), **llm_raw)
-    tokenizer = load_tokenizer(config.llm, saved=root / "tokenizer")
-    policy = cls(config, load_weights=False, llm_config=llm_config, tokenizer=tokenizer)
-    load_into(policy, load_file(str(root / "model.safetensors")), str(root / "model.safetensors"))
-    if (root / "stats.json").is_file():
-        policy.dataset_stats = load_stats(root / "stats.json")
-    return policy.to(map_location)
+    if not directory.is_dir():
+        raise CraftVLAError(f"{directory}: tokenizer directory missing from the checkpoint")
+    try:
+        return load_tokenizer(config.llm, saved=directory)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise CraftVLAError(f"{directory}: cannot load the tokenizer ({' '.join(str(err).split())})") from None

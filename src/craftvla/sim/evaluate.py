@@ -14,10 +14,8 @@ training loop and the demo.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from craftvla.config import parse_config
 from craftvla.errors import ConfigError, CraftVLAError
+from craftvla.files import write_json_atomic
 
 from .metaworld import DEFAULT_CAMERA, DEFAULT_TASKS, EVAL_STREAM, control_fps, parse_cameras, parse_tasks
 from .policies import CheckpointPolicy, ExpertPolicy, RandomPolicy, SimPolicy
@@ -39,7 +38,7 @@ POLICIES = ("checkpoint", "expert", "random")
 class EvalConfig:
     """Flags of `craftvla eval`."""
 
-    out: str = ""  # output directory for results.json, episodes.json and videos/
+    out: str = ""  # output directory for results.json, episodes.json and videos/; "" = CHECKPOINT/eval
     checkpoint: str = ""  # a save_pretrained directory (needed by --policy checkpoint)
     env: str = "metaworld"  # simulator (only Meta-World for now)
     tasks: str = ",".join(DEFAULT_TASKS)  # comma-separated Meta-World task names
@@ -56,8 +55,10 @@ class EvalConfig:
     overwrite: bool = False  # replace an existing DIR/results.json
 
     def __post_init__(self) -> None:
+        if not self.out and self.policy == "checkpoint" and self.checkpoint:
+            self.out = str(Path(self.checkpoint) / "eval")
         if not self.out:
-            raise ConfigError("--out: required (the directory for results.json)")
+            raise ConfigError("--out: required with --policy expert|random (the directory for results.json)")
         if self.env != "metaworld":
             raise ConfigError(f"--env={self.env!r}: only 'metaworld' is supported")
         if self.policy not in POLICIES:
@@ -127,18 +128,6 @@ def _write_outputs(out: Path, results: dict, per_task: dict[str, list[Episode]],
             for episodes in per_task.values() for e in episodes]
     write_json_atomic(out / "episodes.json", rows)
     write_json_atomic(out / "results.json", results)  # last: its presence marks a finished run
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:

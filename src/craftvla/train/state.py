@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from craftvla.errors import CraftVLAError
+from craftvla.files import read_json, read_safetensors, read_torch
 
 TRAINING_STATE = "training_state"
 LAST = "last"
@@ -196,7 +197,7 @@ def save_checkpoint(run_dir: Path, step: int, accelerator, export: nn.Module, wr
 def _load_pt(path: Path) -> Any:
     if not path.is_file():
         raise CraftVLAError(f"{path}: missing from the checkpoint (was the save interrupted?)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_torch(path)
 
 
 def read_training_state(ckpt: Path, rank: int) -> dict[str, Any]:
@@ -204,7 +205,7 @@ def read_training_state(ckpt: Path, rank: int) -> dict[str, Any]:
     ts = Path(ckpt) / TRAINING_STATE
     if not (ts / "state.json").is_file():
         raise CraftVLAError(f"{ts / 'state.json'}: not found; {ckpt} is not a resumable checkpoint")
-    out = {"state": json.loads((ts / "state.json").read_text())}
+    out = {"state": read_json(ts / "state.json", expect=dict)}
     for stem in ("optimizer", "scheduler", "plugins"):
         out[stem] = _load_pt(ts / f"{stem}.pt")
     out["rng"] = _load_pt(ts / f"rng_state_{rank}.pt")
@@ -214,15 +215,13 @@ def read_training_state(ckpt: Path, rank: int) -> dict[str, Any]:
 def load_model_weights(ckpt: Path, model: nn.Module) -> None:
     """Load the training weights into `model` (unwrapped): the unmerged LoRA file when present,
     else the exported policy's model.safetensors (identical to the training model without LoRA)."""
-    from safetensors.torch import load_file
-
     from craftvla.model.checkpoints import load_into
 
     lora_file = Path(ckpt) / TRAINING_STATE / "model.safetensors"
     path = lora_file if lora_file.is_file() else Path(ckpt) / "model.safetensors"
     if not path.is_file():
         raise CraftVLAError(f"{path}: not found in checkpoint {ckpt}")
-    load_into(model, load_file(str(path)), f"{path} (resume with the same --policy / --lora settings)")
+    load_into(model, read_safetensors(path), f"{path} (resume with the same --policy / --lora settings)")
 
 
 def last_checkpoint(run_dir: Path) -> Path:
