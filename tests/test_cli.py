@@ -64,3 +64,40 @@ def test_broken_policy_yaml_names_the_file(tmp_path):
     bad.write_text("vision: {image_size: 64\n")
     with pytest.raises(ConfigError, match=str(bad)):
         VLAConfig.from_yaml(bad)
+
+
+@pytest.fixture()
+def broken_dataset(tmp_path):
+    """The lerobot-written fixture with fps 0 in meta/info.json."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    root = Path(shutil.copytree(Path(__file__).parent / "data/fixtures/lerobot_v30/dataset", tmp_path / "ds"))
+    info = json.loads((root / "meta/info.json").read_text())
+    info["fps"] = 0
+    (root / "meta/info.json").write_text(json.dumps(info))
+    return root
+
+
+def _one_line_naming(capsys, path, words):
+    err = capsys.readouterr().err.strip()
+    assert f"{path}: {words}" in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_train_on_a_broken_dataset_is_one_line(broken_dataset, tmp_path, capsys):
+    assert main(["train", "--steps", "1", "--dataset.root", str(broken_dataset), "--output_dir", str(tmp_path / "r")]) == 1
+    _one_line_naming(capsys, broken_dataset / "meta/info.json", "fps=0")
+
+
+def test_cache_build_on_a_broken_dataset_is_one_line(broken_dataset, tmp_path, capsys):
+    from craftvla.config import VLAConfig
+    from craftvla.model.policy import VLAPolicy
+
+    cfg = VLAConfig.preset("tiny")
+    cfg.vision.depth, cfg.llm.num_layers = 1, 2
+    VLAPolicy(cfg).save_pretrained(tmp_path / "ckpt")
+    assert main(["cache", "build", "--checkpoint", str(tmp_path / "ckpt"), "--dataset", str(broken_dataset),
+                 "--out", str(tmp_path / "c"), "--device", "cpu"]) == 1
+    _one_line_naming(capsys, broken_dataset / "meta/info.json", "fps=0")
+    assert not (tmp_path / "c").exists()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from craftvla.errors import CraftVLAError
-from craftvla.sim.evaluate import evaluate
+from craftvla.sim.evaluate import evaluate, main
 from craftvla.sim.policies import CheckpointPolicy, ExpertPolicy, RandomPolicy
 
 TASK = "drawer-close-v3"
@@ -48,10 +48,8 @@ def test_random_row_runs_and_is_deterministic():
 
 
 def test_checkpoint_policy_runs_end_to_end(tmp_path):
-    pytest.importorskip("craftvla.model.policy", reason="the model (src/craftvla/model/policy.py) is not there yet")
     from craftvla.config import VLAConfig
     from craftvla.model.policy import VLAPolicy
-    from craftvla.sim.evaluate import main
 
     cfg = VLAConfig.preset("tiny")
     model = VLAPolicy(cfg)
@@ -73,3 +71,19 @@ def _fake_obs(size):
     rng = np.random.default_rng(0)
     return {"observation.images.corner": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
             "observation.state": np.array([0.0, 0.6, 0.2, 1.0], np.float32), "task": TASK}
+
+
+def test_defaults_compose_with_train(tmp_path, monkeypatch):
+    """`craftvla eval` alone reads what `craftvla train` writes by default and writes beside it."""
+    from craftvla.config import VLAConfig
+    from craftvla.model.policy import VLAPolicy
+
+    monkeypatch.chdir(tmp_path)
+    cfg = VLAConfig.preset("tiny")
+    cfg.vision.depth, cfg.llm.num_layers = 1, 2
+    model = VLAPolicy(cfg)
+    ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
+    model.dataset_stats = {k: {"mean": zeros, "std": ones} for k in ("observation.state", "action")}
+    model.save_pretrained(tmp_path / "runs/train/checkpoints/last")
+    assert main(["--tasks", TASK, "--episodes", "1", "--max_steps", "5", "--num_envs", "1", "--num_videos", "0"]) == 0
+    assert (tmp_path / "runs/train/checkpoints/last/eval/results.json").is_file()

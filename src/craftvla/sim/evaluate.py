@@ -39,7 +39,8 @@ class EvalConfig:
     """Flags of `craftvla eval`."""
 
     out: str = ""  # output directory for results.json, episodes.json and videos/; "" = CHECKPOINT/eval
-    checkpoint: str = ""  # a save_pretrained directory (needed by --policy checkpoint)
+    # a save_pretrained directory (--policy checkpoint); the default is where `craftvla train` writes by default
+    checkpoint: str = "runs/train/checkpoints/last"
     env: str = "metaworld"  # simulator (only Meta-World for now)
     tasks: str = ",".join(DEFAULT_TASKS)  # comma-separated Meta-World task names
     episodes: int = 20  # episodes per task

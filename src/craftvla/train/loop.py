@@ -31,7 +31,10 @@ log = logging.getLogger("craftvla.train")
 
 
 class GradPlugin(Protocol):
-    """Takes over backward and the final gradient (CRaFT). See `train_step` for the call order."""
+    """Takes over backward and the final gradient (CRaFT). See `train_step` for the call order.
+
+    Optional: `log_freq` (the steps at which `after_optimizer_step` reports metrics; a metrics
+    line is written then) and `flush_metrics()` (what is still pending, at the run's last step)."""
 
     def backward(self, model: nn.Module, batch: dict, scale: float) -> dict[str, float]: ...
 
