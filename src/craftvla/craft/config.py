@@ -38,7 +38,7 @@ class CraftConfig:
     # "per_tensor": one per parameter tensor (what the design notes' loop did).
     projection_scope: str = "global"
     # LLM layer whose vision-patch states give C_R (hidden_states index, 0 = embeddings);
-    # None = the policy's default anchor layer, num_layers // 2 (SPEC §2), or, with an anchor
+    # None = the policy's default anchor layer, num_layers // 2, or, with an anchor
     # cache, the layer the cache was built at.
     anchor_layer_idx: Optional[int] = None
     # Which bridge features are kept: "both" (C_R and C_AQ, the SPEC default), "vision" (C_R

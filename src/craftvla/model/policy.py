@@ -107,7 +107,7 @@ class VLAPolicy(nn.Module):
     # ----- CRaFT bridge features -----------------------------------------------------------------
     def anchor_layer(self, layer_idx: Optional[int] = None) -> int:
         """The hidden_states index of C_R: `layer_idx`, else the default, the middle layer
-        num_layers // 2 (SPEC §2; CRaFT and `craftvla cache build` both default to it)."""
+        num_layers // 2 (CRaFT and `craftvla cache build` both default to it)."""
         return self.llm.num_layers // 2 if layer_idx is None else layer_idx
 
     def bridge_features(self, out: VLAOutput, layer_idx: Optional[int] = None, pooling: str = "mean",
