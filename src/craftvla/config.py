@@ -132,9 +132,14 @@ class ActionHeadConfig:
     gate_init: float = 0.0
     # Hidden width of each block's MLP as a multiple of hidden_dim (VLA-Adapter's block FFN is 1x).
     mlp_ratio: int = 4
+    # Which vision states block l reads: "llm" = LLM layer l's vision-patch states (VLA-Adapter);
+    # "projector" = the projected vision tokens entering the LLM (hidden_states[0]) for every block.
+    vision_source: str = "llm"
 
     def __post_init__(self) -> None:
         require(self.type in ACTION_HEADS, "head.type", self.type, f"choose one of {ACTION_HEADS} (others are not built yet)")
+        require(self.vision_source in ("llm", "projector"), "head.vision_source", self.vision_source,
+                "choose llm or projector")
         require(self.hidden_dim is None or self.hidden_dim % self.num_heads == 0, "head.hidden_dim", self.hidden_dim,
                  f"must be divisible by head.num_heads={self.num_heads}")
 

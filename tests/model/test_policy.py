@@ -148,3 +148,19 @@ def test_padded_actions_do_not_count_in_the_loss(micro):
     batch["action"] = batch["action"].clone()
     batch["action"][batch["action_is_pad"]] = 100.0  # garbage where padded
     assert torch.equal(policy(batch)[0], loss)
+
+
+@pytest.mark.parametrize("source", ["llm", "projector"])
+def test_head_vision_source(source):
+    """vision_source "llm": block l reads LLM layer l's vision states; "projector": every block reads
+    the vision tokens entering the LLM (hidden_states[0])."""
+    cfg = micro_config()
+    cfg.head.vision_source = source
+    policy = VLAPolicy(cfg).eval()
+    seen = {}
+    policy.action_head.register_forward_hook(lambda mod, args, out: seen.update(vision=args[0]))
+    out = policy.forward_outputs(cfg.fake_batch(2))
+    layers = range(1, cfg.llm.num_layers + 1)
+    expected = [out.layout.vision(out.hidden_states[0 if source == "projector" else l]) for l in layers]
+    assert len(seen["vision"]) == cfg.llm.num_layers
+    assert all(torch.equal(a, b) for a, b in zip(seen["vision"], expected))

@@ -83,8 +83,11 @@ class VLAPolicy(nn.Module):
     def forward_outputs(self, batch: dict, compute_loss: bool = True) -> VLAOutput:
         hidden, layout = self.encode(batch)
         layers = hidden[1:]  # one bridge block per LLM layer
-        actions = self.action_head([layout.vision(h) for h in layers], [layout.queries(h) for h in layers],
-                                   batch[STATE_KEY])  # (B, H, A)
+        if self.config.head.vision_source == "projector":
+            vision = [layout.vision(hidden[0])] * len(layers)  # the LLM's input vision tokens, every block
+        else:
+            vision = [layout.vision(h) for h in layers]
+        actions = self.action_head(vision, [layout.queries(h) for h in layers], batch[STATE_KEY])  # (B, H, A)
         out = VLAOutput(actions=actions, hidden_states=hidden, layout=layout)
         if compute_loss:
             out.loss = L1BridgeHead.loss(actions, batch[ACTION_KEY], batch[ACTION_PAD_KEY])
