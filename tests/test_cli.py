@@ -101,3 +101,25 @@ def test_cache_build_on_a_broken_dataset_is_one_line(broken_dataset, tmp_path, c
                  "--out", str(tmp_path / "c"), "--device", "cpu"]) == 1
     _one_line_naming(capsys, broken_dataset / "meta/info.json", "fps=0")
     assert not (tmp_path / "c").exists()
+
+
+def test_error_from_a_dataloader_worker_is_cut_to_our_line(tmp_path):
+    """torch re-raises a worker's exception with the worker's traceback inside the message."""
+    import shutil
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from craftvla.cli import _message
+    from craftvla.data import LeRobotDataset
+    from craftvla.errors import CraftVLAError
+
+    root = Path(shutil.copytree(Path(__file__).parent / "data/fixtures/lerobot_v30/dataset", tmp_path / "ds"))
+    mp4 = next((root / "videos").rglob("*.mp4"))
+    mp4.write_bytes(mp4.read_bytes()[: int(mp4.stat().st_size * 0.6)])  # readable header, missing frames
+    ds = LeRobotDataset(root)
+    with pytest.raises(CraftVLAError) as err:
+        list(DataLoader(ds, batch_size=len(ds), num_workers=1))
+    assert "Traceback" in str(err.value)  # what torch hands back
+    line = _message(err.value)
+    assert line.startswith(f"{mp4}: cannot decode") and "\n" not in line and "Traceback" not in line
