@@ -39,6 +39,7 @@ from craftvla.config import LLMConfig, VLAConfig
 from craftvla.craft.config import CraftConfig
 from craftvla.craft.functional import retention_loss
 from craftvla.craft.plugin import CraftPlugin
+from craftvla.model.context import bridge_features
 from craftvla.model.policy import VLAPolicy
 
 VARIANTS = ("plain", "craft_online", "craft_cache", "craft_swap")
@@ -101,7 +102,7 @@ class Runner:
 
     def step(self, batch: dict) -> None:
         if self.plugin is None:
-            self.policy.forward_outputs(batch).loss.backward()
+            self.policy(batch)[0].backward()
         else:
             self.plugin.backward(self.policy, batch, 1.0)
             self.plugin.before_optimizer_step()
@@ -130,11 +131,9 @@ def floor_components(policy: VLAPolicy, batch: dict, device) -> dict[str, float]
 
     def anchor_forward():
         with torch.no_grad():
-            hidden, layout = policy.encode(batch)
-            policy.bridge_features(type("O", (), {"hidden_states": hidden, "layout": layout})())
+            bridge_features(policy.encode(batch))
 
-    out = policy.forward_outputs(batch)
-    f = policy.bridge_features(out)
+    f = bridge_features(policy.compute_loss(batch).context)
     loss = retention_loss(f, f.detach() + 0.1)
     ret_bwd = timed(lambda: torch.autograd.grad(loss, params, allow_unused=True), device)
     return {"anchor_forward": timed(anchor_forward, device), "retention_backward": ret_bwd}

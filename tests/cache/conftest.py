@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from craftvla.config import ActionHeadConfig, LLMConfig, VisionConfig, VLAConfig
+from craftvla.config import L1BridgeHeadConfig, LLMConfig, VisionConfig, VLAConfig
 
 CAM = "observation.images.corner"
 SIZE = 32
@@ -23,7 +23,7 @@ def small_config() -> VLAConfig:
         vision=VisionConfig(backbone_id="tiny-vit", image_size=SIZE, patch_size=8, width=32, depth=2, num_heads=2),
         llm=LLMConfig(family="qwen2", hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                       intermediate_size=128, max_text_tokens=40),
-        head=ActionHeadConfig(hidden_dim=32, num_heads=2),
+        head=L1BridgeHeadConfig(hidden_dim=32, num_heads=2),
         num_action_queries=4,
         chunk_size=4,
     )

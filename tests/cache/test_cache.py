@@ -12,6 +12,7 @@ from craftvla.craft import cache as C
 from craftvla.craft.config import CraftConfig
 from craftvla.craft.plugin import CraftPlugin
 from craftvla.errors import CraftVLAError
+from craftvla.model.context import bridge_features
 
 from .conftest import CAM
 
@@ -203,7 +204,7 @@ def _online_features(policy, batch, layer):
     """What helper CRaFT's online provider computes: C_R mean-pooled at `layer` (anchor_type vision)."""
     from craftvla.craft.anchors import OnlineAnchors
 
-    feature_fn = lambda out: policy.bridge_features(out, layer_idx=layer, pooling="mean", anchor_type="vision")
+    feature_fn = lambda context: bridge_features(context, layer, pooling="mean", anchor_type="vision")
     return OnlineAnchors(policy, feature_fn).features(policy, batch)
 
 
@@ -239,8 +240,8 @@ def test_padded_token_sets_match_per_sample_forward(build, checkpoint):
     with torch.no_grad():
         for i in range(0, 12, 5):
             one = {k: (v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1]) for k, v in batch.items()}
-            hidden, layout = policy.encode(one)  # batch of one: no text padding at all
-            states, mask = C.student_targets("hidden_state", cache.meta, hidden, layout)
+            context = policy.encode(one)  # batch of one: no text padding at all
+            states, mask = C.student_targets("hidden_state", cache.meta, context)
             assert torch.equal(mask, batch["token_mask"][i:i + 1])
             torch.testing.assert_close(states, batch["teacher_hidden"][i:i + 1], rtol=1e-5, atol=1e-5)
 
@@ -261,7 +262,7 @@ def test_training_on_the_cache_lowers_the_retention_loss(build, checkpoint, kind
     policy = _policy(checkpoint).train()
     cfg = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_type="vision",
                       anchor_layer_idx=1, anchor_batch_size=4)
-    feature_fn = lambda out: policy.bridge_features(out, layer_idx=1, pooling="mean", anchor_type="vision")
+    feature_fn = lambda context: bridge_features(context, 1, pooling="mean", anchor_type="vision")
     # hidden_feature: MSE of the pooled feature; hidden_state: per-token MSE over the cached states
     provider = make_anchor_provider(policy, cfg, feature_fn)
     with torch.no_grad():

@@ -4,7 +4,7 @@ import dataclasses
 
 import torch
 
-from craftvla.config import ActionHeadConfig, LLMConfig, VisionConfig, VLAConfig
+from craftvla.config import L1BridgeHeadConfig, LLMConfig, VisionConfig, VLAConfig
 
 
 def small_config() -> VLAConfig:
@@ -13,7 +13,7 @@ def small_config() -> VLAConfig:
         VLAConfig.preset("tiny"),
         vision=VisionConfig(backbone_id="tiny-vit", image_size=32, patch_size=8, width=32, depth=2, num_heads=2),
         llm=LLMConfig(family="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
-        head=ActionHeadConfig(hidden_dim=32, num_heads=2),
+        head=L1BridgeHeadConfig(hidden_dim=32, num_heads=2),
         num_action_queries=4,
         chunk_size=4,
     )

@@ -6,31 +6,7 @@ import pytest
 import torch
 
 from craftvla.craft import functional as CF
-from craftvla.errors import ConfigError, CraftVLAError
-
-
-def test_pool_tokens_hand_case():
-    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, -6.0]]])  # (1, 3, 2)
-    mask = torch.tensor([[True, True, False]])
-    assert torch.equal(CF.pool_tokens(h, None, "mean"), torch.tensor([[3.0, 0.0]]))
-    assert torch.equal(CF.pool_tokens(h, None, "max"), torch.tensor([[5.0, 4.0]]))
-    assert torch.equal(CF.pool_tokens(h, mask, "mean"), torch.tensor([[2.0, 3.0]]))
-    assert torch.equal(CF.pool_tokens(h, mask, "max"), torch.tensor([[3.0, 4.0]]))
-    empty = torch.zeros(1, 3, dtype=torch.bool)
-    assert torch.equal(CF.pool_tokens(h, empty, "max"), torch.zeros(1, 2))
-    assert torch.equal(CF.pool_tokens(h, empty, "mean"), torch.zeros(1, 2))
-    with pytest.raises(ConfigError, match="pooling"):
-        CF.pool_tokens(h, None, "median")
-
-
-def test_bridge_features_concatenates_and_selects():
-    vis = torch.tensor([[[1.0, 1.0], [3.0, 5.0]]])  # (1, 2, 2) -> mean (2, 3)
-    qry = torch.tensor([[[7.0, 8.0]]])  # (1, 1, 2) -> (7, 8)
-    assert torch.equal(CF.bridge_features(vis, qry), torch.tensor([[2.0, 3.0, 7.0, 8.0]]))
-    assert torch.equal(CF.bridge_features(vis, None, anchor_type="vision"), torch.tensor([[2.0, 3.0]]))
-    assert torch.equal(CF.bridge_features(None, qry, anchor_type="action_query"), torch.tensor([[7.0, 8.0]]))
-    with pytest.raises(ConfigError, match="anchor_type"):
-        CF.bridge_features(vis, qry, anchor_type="text")
+from craftvla.errors import CraftVLAError
 
 
 def test_retention_loss_is_mse_and_detaches_anchor():

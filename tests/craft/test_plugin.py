@@ -9,13 +9,14 @@ from craftvla.craft import functional as CF
 from craftvla.craft.config import CraftConfig
 from craftvla.craft.plugin import CraftPlugin
 from craftvla.errors import ConfigError, CraftVLAError
+from craftvla.model.context import bridge_features
 
 from ._common import batch, small_policy, split, train_steps
 
 
 def _features(policy, b, **kw):
     with torch.no_grad():
-        return policy.bridge_features(policy.forward_outputs(b, compute_loss=False), **kw)
+        return bridge_features(policy.encode(b), **kw)
 
 
 @pytest.mark.parametrize("anchor_type", ["both", "vision"])
@@ -85,8 +86,8 @@ def test_surgery_result_matches_explicit_reference():
     plugin = CraftPlugin(policy, CraftConfig(enabled=True, retention_weight=0.7))
     train_steps(policy, plugin, [[batch(2, seed=1)]], lr=0.05)
     b = batch(2, seed=2)
-    out = policy.forward_outputs(b)
-    f_theta, f_anchor = plugin.anchors.retention_pair(policy, b, out)
+    out = policy.compute_loss(b)
+    f_theta, f_anchor = plugin.anchors.retention_pair(policy, b, out.context)
     g_ret = torch.autograd.grad(CF.retention_loss(f_theta, f_anchor), plugin.params, retain_graph=True, allow_unused=True)
     g_act = torch.autograd.grad(out.loss, plugin.params, allow_unused=True)
     zero = lambda gs: [torch.zeros_like(p) if g is None else g for g, p in zip(gs, plugin.params)]  # noqa: E731
@@ -129,7 +130,7 @@ def test_log_freq_averages_and_baselines():
     assert plugin.anchors is None
     train_steps(policy, plugin, [[batch(2, seed=0)]], lr=0.05)
     b = batch(2, seed=1)
-    out = policy.forward_outputs(b)
+    out = policy.compute_loss(b)
     g_act = torch.autograd.grad(out.loss, plugin.params, allow_unused=True)
     plugin.backward(policy, b, 1.0)
     plugin.before_optimizer_step()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from craftvla.data import LeRobotDataset
-from craftvla.data.layout import load_meta
+from craftvla.data.lerobot_meta import load_meta
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lerobot_v30"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())

@@ -17,14 +17,14 @@ def test_later_token_reaches_earlier_states_only_when_bidirectional(family, atte
                     intermediate_size=128, attention=attention)
     policy = VLAPolicy(micro_config(llm=llm)).eval()
     batch = policy.config.fake_batch(1)
-    hidden, layout = policy.encode(batch)
+    context = policy.encode(batch)
     with torch.no_grad():  # perturb the action queries: the last tokens but STOP
         policy.action_queries.weight.add_(torch.randn_like(policy.action_queries.weight))
-    hidden2, _ = policy.encode(batch)
-    early = layout.vision_index  # vision tokens come before the queries
-    changed = not torch.allclose(hidden[1][:, early], hidden2[1][:, early], atol=1e-6)
+    context2 = policy.encode(batch)
+    # vision tokens come before the queries
+    changed = not torch.allclose(context.vision(1), context2.vision(1), atol=1e-6)
     assert changed == (attention == "bidirectional")
-    assert not torch.allclose(hidden[1][:, layout.query_index], hidden2[1][:, layout.query_index])
+    assert not torch.allclose(context.queries(1), context2.queries(1))
 
 
 def test_instruction_padding_is_invisible():

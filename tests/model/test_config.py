@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from craftvla import VLAConfig
-from craftvla.config import ActionHeadConfig, LLMConfig, VisionConfig
+from craftvla.config import L1BridgeHeadConfig, LLMConfig, VisionConfig
 from craftvla.errors import ConfigError
 
 
@@ -19,7 +19,8 @@ from craftvla.errors import ConfigError
     (lambda: LLMConfig(family="bert", attention="causal"), "llm.attention"),
     (lambda: LLMConfig(hidden_size=100, num_heads=3), "llm.hidden_size"),
     (lambda: LLMConfig(num_heads=4, num_kv_heads=3), "llm.num_kv_heads"),
-    (lambda: ActionHeadConfig(type="diffusion"), "head.type"),
+    (lambda: L1BridgeHeadConfig(vision_source="camera"), "head.vision_source"),
+    (lambda: L1BridgeHeadConfig(hidden_dim=30, num_heads=4), "head.hidden_dim"),
     (lambda: VLAConfig(camera_keys=["image"]), "camera_keys"),
     (lambda: VLAConfig(camera_keys=[f"observation.images.c{i}" for i in range(4)]), "camera_keys"),
     (lambda: VLAConfig(chunk_size=0), "chunk_size"),

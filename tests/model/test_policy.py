@@ -8,6 +8,7 @@ import torch
 from craftvla import VLAConfig, VLAPolicy
 from craftvla.config import IMAGE_KEY_PREFIX, LLMConfig, ProjectorConfig, VisionConfig
 from craftvla.errors import CraftVLAError
+from craftvla.model.context import bridge_features
 
 from .conftest import micro_config
 
@@ -24,17 +25,17 @@ def test_shapes_for_every_combination(backbone, projector, attention, n_cams):
     cfg = micro_config(vision=vision, llm=llm, projector=ProjectorConfig(type=projector), camera_keys=CAMERAS[:n_cams])
     policy = VLAPolicy(cfg)
     batch = cfg.fake_batch(batch_size=3)
-    out = policy.forward_outputs(batch)
+    out = policy.compute_loss(batch)
+    layout = out.context.layouts[0]
     n_vis = n_cams * 16  # (32 / 8)^2 patches per image
-    assert out.layout.vision_index.shape == (n_vis,)
-    assert out.layout.query_index.shape == (cfg.num_action_queries,)
-    assert len(out.hidden_states) == cfg.llm.num_layers + 1
-    assert out.hidden_states[0].shape == (3, out.layout.seq_len, 64)
-    assert out.layout.seq_len == 1 + n_vis + out.layout.text_index.numel() + cfg.num_action_queries + 1
-    assert out.actions.shape == (3, cfg.chunk_size, cfg.action_dim)
+    assert layout.vision_index.shape == (3, n_vis)
+    assert layout.query_index.shape == (3, cfg.num_action_queries)
+    assert len(out.context.hidden_states) == cfg.llm.num_layers + 1
+    assert out.context.hidden_states[0].shape == (3, layout.seq_len, 64)
+    assert layout.seq_len == 1 + n_vis + layout.text_index.shape[1] + cfg.num_action_queries + 1
     assert policy.predict_action_chunk(batch).shape == (3, cfg.chunk_size, cfg.action_dim)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    assert policy.bridge_features(out).shape == (3, 2 * 64)
+    assert bridge_features(out.context).shape == (3, 2 * 64)
     assert policy.vision.embed_dim == (64 if backbone == "tiny-dinosiglip" else 32)
 
 
@@ -53,15 +54,15 @@ def test_layout_indices_select_the_right_tokens(micro):
     policy = VLAPolicy(micro)
     batch = micro.fake_batch(2)
     ids, mask = policy.tokenize(batch["task"])
-    _, layout = policy.encode(batch)
+    layout = policy.encode(batch).layouts[0]
     seq_ids = torch.full((2, layout.seq_len), -1)
-    seq_ids[:, layout.text_index] = ids
+    seq_ids.scatter_(1, layout.text_index, ids)
     assert torch.equal(layout.text(seq_ids.unsqueeze(-1))[0].squeeze(-1), ids)
     assert torch.equal(layout.text_mask, mask)
     # the padding of the shorter instruction is masked out, every other token is attended
     assert layout.attention_mask.sum(1).tolist() == [layout.seq_len - int((~m).sum()) for m in mask]
-    assert layout.vision_index.tolist() == list(range(1, 1 + policy.vision.num_patches))
-    assert layout.query_index[-1].item() == layout.seq_len - 2  # queries sit right before STOP
+    assert layout.vision_index.tolist() == [list(range(1, 1 + policy.vision.num_patches))] * 2
+    assert layout.query_index[:, -1].tolist() == [layout.seq_len - 2] * 2  # queries sit right before STOP
 
 
 def test_batch_is_not_mutated(micro):
@@ -158,9 +159,10 @@ def test_head_vision_source(source):
     cfg.head.vision_source = source
     policy = VLAPolicy(cfg).eval()
     seen = {}
-    policy.action_head.register_forward_hook(lambda mod, args, out: seen.update(vision=args[0]))
-    out = policy.forward_outputs(cfg.fake_batch(2))
+    for block in policy.action_head.blocks:
+        block.register_forward_hook(lambda mod, args, out: seen.setdefault("vision", []).append(args[1]))
+    context = policy.compute_loss(cfg.fake_batch(2)).context
     layers = range(1, cfg.llm.num_layers + 1)
-    expected = [out.layout.vision(out.hidden_states[0 if source == "projector" else l]) for l in layers]
+    expected = [context.vision(0 if source == "projector" else l) for l in layers]
     assert len(seen["vision"]) == cfg.llm.num_layers
     assert all(torch.equal(a, b) for a, b in zip(seen["vision"], expected))

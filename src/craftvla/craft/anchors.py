@@ -1,6 +1,6 @@
 """Anchor-feature providers: what the bridge features of the *initial* model are (SPEC §2).
 
-Each provider answers `retention_pair(policy, batch, out) -> (f_theta (B, F), f_anchor (B, F))`,
+Each provider answers `retention_pair(policy, batch, context) -> (f_theta (B, F), f_anchor (B, F))`,
 with `f_theta` carrying gradient and `f_anchor` not:
 
 - `OnlineAnchors` (default): the same batch through the initial weights, without moving any
@@ -26,16 +26,10 @@ import torch
 from torch import nn
 
 from craftvla.craft.config import CraftConfig
+from craftvla.model.context import VLMContext
 
 log = logging.getLogger(__name__)
-FeatureFn = Callable[[object], torch.Tensor]  # VLAOutput-like -> (B, F)
-
-
-class _Encoded:
-    """The two fields `policy.bridge_features` reads, from `policy.encode` (skips the action head)."""
-
-    def __init__(self, hidden_states, layout):
-        self.hidden_states, self.layout = hidden_states, layout
+FeatureFn = Callable[[VLMContext], torch.Tensor]  # a policy's VLM context -> (B, F)
 
 
 class _EncodeCall(nn.Module):
@@ -109,10 +103,10 @@ class OnlineAnchors:
         """(B, F) bridge features of the initial model on `batch`."""
         overrides = {f"policy.{n}": t for n, t in self.initial.items()}
         overrides.update({f"policy.{n}": t.clone() for n, t in self.initial_buffers.items()})
-        context, _ = _lora_context(policy)
-        with context:
-            hidden, layout = torch.func.functional_call(self._call, overrides, (batch,))
-        return self.feature_fn(_Encoded(hidden, layout))
+        adapters_off, _ = _lora_context(policy)
+        with adapters_off:
+            context = torch.func.functional_call(self._call, overrides, (batch,))
+        return self.feature_fn(context)
 
     def _prune(self, f_theta: torch.Tensor) -> None:
         """Keep only the initial copies of tensors the feature graph reaches (frees the rest)."""
@@ -125,8 +119,8 @@ class OnlineAnchors:
         log.info("CRaFT online anchors: dropped %d initial copies the features never read; %s",
                  len(dropped), self.description)
 
-    def retention_pair(self, policy: nn.Module, batch: dict, out) -> tuple[torch.Tensor, torch.Tensor]:
-        f_theta = self.feature_fn(out)  # (B, F), with gradient
+    def retention_pair(self, policy: nn.Module, batch: dict, context: VLMContext) -> tuple[torch.Tensor, torch.Tensor]:
+        f_theta = self.feature_fn(context)  # (B, F), with gradient
         if not self._pruned:
             self._prune(f_theta)
         if not self.initial and not self.lora:
@@ -151,15 +145,14 @@ class SwapAnchors:
         for name, value in self.initial.items():  # swap_to_initial()
             params[name].data.copy_(value.to(params[name].device))
         try:
-            out = policy.forward_outputs(batch, compute_loss=False)
-            return self.feature_fn(out)
+            return self.feature_fn(policy.encode(batch))
         finally:
             for name, value in current.items():  # swap_to_current()
                 params[name].data.copy_(value.to(params[name].device))
 
-    def retention_pair(self, policy: nn.Module, batch: dict, out) -> tuple[torch.Tensor, torch.Tensor]:
+    def retention_pair(self, policy: nn.Module, batch: dict, context: VLMContext) -> tuple[torch.Tensor, torch.Tensor]:
         anchor = self.features(policy, batch)
-        return self.feature_fn(out), anchor
+        return self.feature_fn(context), anchor
 
 
 def make_anchor_provider(policy: nn.Module, cfg: CraftConfig, feature_fn: FeatureFn, seed: int = 0):

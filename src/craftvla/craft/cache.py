@@ -53,6 +53,7 @@ from safetensors.torch import save_file
 from craftvla.config import STATE_KEY, TASK_KEY, parse_config
 from craftvla.errors import ConfigError, CraftVLAError, require
 from craftvla.files import read_json, read_safetensors, safetensors_header, write_json_atomic
+from craftvla.model.context import VLMContext, bridge_features, pool_tokens
 
 log = logging.getLogger(__name__)
 
@@ -151,19 +152,20 @@ def _compact(hidden: torch.Tensor, keep: torch.Tensor, length: int) -> tuple[tor
     return picked * mask.unsqueeze(-1).to(picked.dtype), mask
 
 
-def token_set(hidden: torch.Tensor, layout, pooling: str, max_text: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens a pooling reads, at fixed length: (B, L, D) -> (B, n_vecs, D), (B, n_vecs) bool.
+def token_set(context: VLMContext, layer: int, pooling: str, max_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of hidden_states[layer] a pooling reads, at fixed length -> (B, n_vecs, D), (B, n_vecs) bool.
 
     n_vecs: N_vis (image), T_max (text), L_max = 1 + N_vis + T_max + Q + 1 (all), 1 (last)."""
+    hidden, layout = context.hidden_states[layer], context.layouts[layer]
     batch = hidden.shape[0]
     if pooling == "mean_image_tokens":
-        vis = layout.vision(hidden)  # (B, N_vis, D)
-        return vis, torch.ones(vis.shape[:2], dtype=torch.bool, device=hidden.device)
+        vis, mask = context.vision(layer), context.vision_mask(layer)  # (B, N_vis, D), (B, N_vis) | None
+        return vis, torch.ones(vis.shape[:2], dtype=torch.bool, device=hidden.device) if mask is None else mask
     if pooling == "mean_text_tokens":
         text, mask = layout.text(hidden)  # (B, T, D), (B, T)
         return _compact(text, mask, max_text)
     if pooling == "mean_all_tokens":
-        length = hidden.shape[1] - layout.text_index.numel() + max_text
+        length = hidden.shape[1] - layout.text_index.shape[1] + max_text
         return _compact(hidden, layout.attention_mask.bool(), length)
     if pooling == "last_token":
         last = layout.last_token_index()  # (B,)
@@ -172,20 +174,18 @@ def token_set(hidden: torch.Tensor, layout, pooling: str, max_text: int) -> tupl
     raise ConfigError(f"pooling={pooling!r}: choose one of {POOLINGS}")
 
 
-def masked_mean(vecs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(..., N, D), (..., N) bool -> (..., D); an empty set (no instruction tokens) pools to zeros."""
-    weights = mask.to(vecs.dtype).unsqueeze(-1)  # (..., N, 1)
-    return (vecs * weights).sum(dim=-2) / weights.sum(dim=-2).clamp_min(1)
+def pooled_features(context: VLMContext, layer: int, pooling: str, max_text: int) -> torch.Tensor:
+    """The hidden_feature target: hidden_states[layer] pooled over the pooling's tokens -> (B, D).
+    Image tokens are CRaFT's C_R, so that pooling is exactly the bridge feature CRaFT constrains."""
+    if pooling == "mean_image_tokens":
+        return bridge_features(context, layer, pooling="mean", anchor_type="vision")
+    vecs, mask = token_set(context, layer, pooling, max_text)
+    return pool_tokens(vecs, mask, "mean")
 
 
-def pooled_features(hidden_states, layout, layer: int, pooling: str, max_text: int) -> torch.Tensor:
-    """The hidden_feature target: hidden_states[layer] pooled over the pooling's tokens -> (B, D)."""
-    return masked_mean(*token_set(hidden_states[layer], layout, pooling, max_text))
-
-
-def hidden_targets(hidden_states, layout, layers, pooling: str, max_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_targets(context: VLMContext, layers, pooling: str, max_text: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The hidden_state target: (B, n_layers, n_vecs, D) and its token mask (B, n_vecs)."""
-    sets = [token_set(hidden_states[i], layout, pooling, max_text) for i in layers]
+    sets = [token_set(context, i, pooling, max_text) for i in layers]
     return torch.stack([s for s, _ in sets], dim=1), sets[0][1]
 
 
@@ -200,8 +200,8 @@ def token_labels(ids: torch.Tensor, layout, max_text: int) -> torch.Tensor:
     usable for next-token retention by any student that has (or ties) an LM head.
     """
     full = torch.full(layout.attention_mask.shape, IGNORE_INDEX, dtype=torch.long, device=ids.device)  # (B, L)
-    full[:, layout.text_index] = torch.where(layout.text_mask, ids, IGNORE_INDEX)
-    length = full.shape[1] - layout.text_index.numel() + max_text
+    full.scatter_(1, layout.text_index, torch.where(layout.text_mask, ids, IGNORE_INDEX))
+    length = full.shape[1] - layout.text_index.shape[1] + max_text
     picked, mask = _compact(full.unsqueeze(-1), layout.attention_mask.bool(), length)  # (B, L_max, 1)
     return torch.where(mask, picked.squeeze(-1), IGNORE_INDEX)
 
@@ -321,7 +321,7 @@ def teacher_batch(policy, batch: dict, plan: dict) -> dict[str, torch.Tensor]:
     inputs = {k: batch[k].to(DTYPES[plan["image_dtype"]]) for k in cams}  # rounded as stored
     model_batch = {k: v.to(device, torch.float32) for k, v in inputs.items()}
     model_batch.update({STATE_KEY: batch[STATE_KEY].to(device), TASK_KEY: list(batch[TASK_KEY])})
-    hidden, layout = policy.encode(model_batch)
+    context = policy.encode(model_batch)
     ids, mask = policy.tokenize(model_batch[TASK_KEY])  # (B, T) as the model saw them
     pad = max_text - ids.shape[1]
     pad_id = policy.tokenizer.pad_token_id or 0
@@ -329,12 +329,12 @@ def teacher_batch(policy, batch: dict, plan: dict) -> dict[str, torch.Tensor]:
            MASK_KEY: F.pad(mask.to(torch.uint8), (0, pad)).bool()}
     dtype, kind = DTYPES[plan["dtype"]], plan["cache_type"]
     if kind == "token_level":
-        out["labels"] = token_labels(ids, layout, max_text)
+        out["labels"] = token_labels(ids, context.layouts[0], max_text)
     elif kind == "hidden_state":
-        states, token_mask = hidden_targets(hidden, layout, plan["hidden_layers"], plan["pooling"], max_text)
+        states, token_mask = hidden_targets(context, plan["hidden_layers"], plan["pooling"], max_text)
         out.update(teacher_hidden=states.to(dtype), token_mask=token_mask)
     else:
-        out["target_features"] = pooled_features(hidden, layout, plan["hidden_layer_index"], plan["pooling"],
+        out["target_features"] = pooled_features(context, plan["hidden_layer_index"], plan["pooling"],
                                                  max_text).to(dtype)
     return {k: v.cpu() for k, v in out.items()}
 
@@ -512,14 +512,14 @@ class AnchorCache:
 # ----- training: the student side ------------------------------------------------------------------
 
 
-def student_targets(cache_type: str, meta: dict, hidden_states, layout) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def student_targets(cache_type: str, meta: dict, context: VLMContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The student's counterpart of the cached target, from its forward on the cache's inputs:
     hidden_feature -> (B, D); hidden_state -> (B, n_layers, n_vecs, D) with padding zeroed."""
     max_text = meta["max_text_tokens"]
     if cache_type == "hidden_feature":
-        return pooled_features(hidden_states, layout, meta["hidden_layer_index"], meta["pooling"], max_text), None
+        return pooled_features(context, meta["hidden_layer_index"], meta["pooling"], max_text), None
     if cache_type == "hidden_state":
-        return hidden_targets(hidden_states, layout, meta["hidden_layers"], meta["pooling"], max_text)
+        return hidden_targets(context, meta["hidden_layers"], meta["pooling"], max_text)
     raise CraftVLAError(
         "a token_level anchor cache cannot feed CRaFT's retention loss: the retention loss is a feature MSE and "
         "the policy's LLM has no LM head to score token labels with; build a hidden_feature or hidden_state cache")
@@ -559,7 +559,7 @@ def checked_cache(path, policy, craft_cfg, settings: Optional[ExtractionSettings
     logging what was adopted from the cache) and can feed a feature MSE."""
     cache = AnchorCache(path)
     if cache.cache_type == "token_level":
-        student_targets("token_level", cache.meta, None, None)  # raises, with the reason
+        student_targets("token_level", cache.meta, None)  # raises, with the reason
     if settings is None:
         settings, adopted = student_settings(policy, craft_cfg, cache.meta)
         if adopted:
@@ -585,11 +585,10 @@ class CacheAnchorProvider:
         self.stream = self.cache.batches(batch_size, seed=seed, device=policy.action_queries.weight.device)
         self.description = f"offline {self.cache.cache_type} cache {self.cache.path} ({len(self.cache)} samples)"
 
-    def retention_pair(self, policy, batch: dict, out) -> tuple[torch.Tensor, torch.Tensor]:
+    def retention_pair(self, policy, batch: dict, context: VLMContext) -> tuple[torch.Tensor, torch.Tensor]:
         anchor = next(self.stream)
         target = anchor.pop(TARGET_KEYS[self.cache.cache_type])
-        hidden, layout = policy.encode(anchor)  # with gradient; the action head is not needed
-        student, _ = student_targets(self.cache.cache_type, self.cache.meta, hidden, layout)
+        student, _ = student_targets(self.cache.cache_type, self.cache.meta, policy.encode(anchor))  # with gradient
         return student.flatten(1), target.flatten(1).to(student.dtype)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from craftvla.craft.functional import ANCHOR_TYPES, POOLING_MODES, PROJECTION_SCOPES
+from craftvla.craft.functional import PROJECTION_SCOPES
+from craftvla.model.context import ANCHOR_TYPES, POOLING_MODES
 from craftvla.errors import require
 
 ANCHOR_SOURCES = ("online", "swap", "cache")

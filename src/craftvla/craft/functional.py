@@ -1,5 +1,6 @@
-"""CRaFT as pure tensor functions (SPEC §2): pooling, bridge features, retention loss, gradient
-surgery, dual update. Nothing here knows about models, optimizers or the training loop.
+"""CRaFT as pure tensor functions: retention loss, gradient surgery, dual update. Nothing here
+knows about models, optimizers or the training loop (the bridge features it constrains are pooled
+by `craftvla.model.context.bridge_features`).
 
 The surgery is written in its "beta form": projecting ``g_act`` away from ``g_ret`` when they
 conflict and then adding ``lam * g_ret`` gives ``g_act + beta * g_ret`` with
@@ -19,47 +20,7 @@ import torch.nn.functional as F
 
 from craftvla.errors import CraftVLAError, ConfigError
 
-POOLING_MODES = ("mean", "max")
-ANCHOR_TYPES = ("both", "vision", "action_query")
 PROJECTION_SCOPES = ("global", "per_tensor")
-
-
-def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "mean") -> torch.Tensor:
-    """Pool token states over the token axis: (B, N, D) with optional (B, N) bool mask -> (B, D).
-
-    Masked-out tokens are ignored; a row with no kept token pools to zeros (not NaN / -inf), so a
-    sample whose tokens were all pruned contributes a constant, not a poisoned loss.
-    """
-    if mode not in POOLING_MODES:
-        raise ConfigError(f"pooling must be one of {POOLING_MODES}, got {mode!r}")
-    if mask is None:
-        return h.mean(dim=1) if mode == "mean" else h.amax(dim=1)
-    keep = mask.to(torch.bool).unsqueeze(-1)  # (B, N, 1)
-    if mode == "mean":
-        count = keep.sum(dim=1).clamp_min(1).to(h.dtype)  # (B, 1)
-        return torch.where(keep, h, 0.0).sum(dim=1) / count  # (B, D)
-    pooled = h.masked_fill(~keep, float("-inf")).amax(dim=1)  # (B, D)
-    return torch.where(keep.any(dim=1), pooled, 0.0)
-
-
-def bridge_features(
-    vision_states: torch.Tensor | None,
-    query_states: torch.Tensor | None,
-    vision_mask: torch.Tensor | None = None,
-    query_mask: torch.Tensor | None = None,
-    pooling: str = "mean",
-    anchor_type: str = "both",
-) -> torch.Tensor:
-    """Pool and concatenate the bridge features: (B, N_vis, D), (B, Q, D) -> (B, 2D) for "both",
-    (B, D) for "vision" (C_R only) or "action_query" (C_AQ only); the unused input may be None."""
-    if anchor_type not in ANCHOR_TYPES:
-        raise ConfigError(f"anchor_type must be one of {ANCHOR_TYPES}, got {anchor_type!r}")
-    parts = []
-    if anchor_type in ("both", "vision"):
-        parts.append(pool_tokens(vision_states, vision_mask, pooling))  # (B, D)
-    if anchor_type in ("both", "action_query"):
-        parts.append(pool_tokens(query_states, query_mask, pooling))  # (B, D)
-    return torch.cat(parts, dim=-1)
 
 
 def retention_loss(f: torch.Tensor, f_anchor: torch.Tensor) -> torch.Tensor:

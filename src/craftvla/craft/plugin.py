@@ -27,6 +27,7 @@ from craftvla.craft import functional as CF
 from craftvla.craft.anchors import make_anchor_provider
 from craftvla.craft.config import CraftConfig
 from craftvla.errors import CraftVLAError
+from craftvla.model.context import VLMContext, bridge_features
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("craft/retention_loss", "craft/conflict", "craft/cos", "craft/beta")
@@ -73,9 +74,9 @@ class CraftPlugin:
         self._ret_views = [v.view_as(p) for v, p in zip(self.g_ret.split(sizes), self.params)]
         self._lengths = torch.tensor(sizes, device=p0.device)  # (K,) for per-tensor projection
 
-    def _features(self, out) -> torch.Tensor:
-        """(B, F) bridge features of a forward's output, as configured."""
-        return out_policy_features(self._policy, out, self.cfg)
+    def _features(self, context: VLMContext) -> torch.Tensor:
+        """(B, F) bridge features of a forward's VLM context, as configured."""
+        return policy_features(self._policy, context, self.cfg)
 
     # ----- per micro-batch ----------------------------------------------------------------------
     def _accumulate(self, loss: torch.Tensor, views, retain_graph: bool) -> None:
@@ -91,9 +92,9 @@ class CraftPlugin:
         if self._micro == 0:
             self._buf.zero_()
         self._policy = policy
-        out = policy.forward_outputs(batch)
+        out = policy.compute_loss(batch)
         if self.anchors is not None:
-            f_theta, f_anchor = self.anchors.retention_pair(policy, batch, out)
+            f_theta, f_anchor = self.anchors.retention_pair(policy, batch, out.context)
             l_ret = CF.retention_loss(f_theta, f_anchor)
             self._accumulate(l_ret * scale, self._ret_views, retain_graph=True)
             self._l_ret += l_ret.detach()
@@ -178,7 +179,7 @@ class CraftPlugin:
         self.step = int(state["step"])
 
 
-def out_policy_features(policy: nn.Module, out, cfg: CraftConfig) -> torch.Tensor:
-    """The policy's bridge features of `out` with the configured layer, pooling and anchor type."""
-    return policy.bridge_features(out, layer_idx=cfg.anchor_layer_idx, pooling=cfg.online_pooling,
-                                  anchor_type=cfg.online_anchor_type)
+def policy_features(policy: nn.Module, context: VLMContext, cfg: CraftConfig) -> torch.Tensor:
+    """The policy's bridge features from `context` with the configured layer, pooling and anchor type."""
+    return bridge_features(context, policy.anchor_layer(cfg.anchor_layer_idx), pooling=cfg.online_pooling,
+                           anchor_type=cfg.online_anchor_type)

@@ -4,7 +4,7 @@
     ds = LeRobotDataset(root, chunk_size=8)   # len(ds) == total frames; ds[i] -> dict of tensors
 """
 
-from .layout import DatasetMeta, load_meta
+from .lerobot_meta import DatasetMeta, load_meta
 from .lerobot import LeRobotDataset
 from .transforms import ColorJitter, Compose, Normalize, RandomCropResize, ResizeImages, Unnormalize
 from .writer import LeRobotDatasetWriter

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from craftvla.errors import CraftVLAError
 
-from .layout import ACTION_KEY, DEFAULT_FEATURES, STATS_PATH, DatasetMeta, load_meta, read_parquet
+from .lerobot_meta import ACTION_KEY, DEFAULT_FEATURES, STATS_PATH, DatasetMeta, load_meta, read_parquet
 from .stats import load_stats
 from .video import VideoFrameSource
 

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 from craftvla.errors import ConfigError, CraftVLAError
 
-from .layout import IMAGE_PREFIX
+from .lerobot_meta import IMAGE_PREFIX
 
 MODES = ("mean_std", "min_max", "identity")
 EPS = 1e-8  # keeps constant features (std = 0 or max = min) finite

@@ -2,7 +2,7 @@
 
 Everything is written into a hidden temporary sibling directory and renamed onto `root` in
 `finalize()`, so an interrupted run leaves no complete-looking dataset and never touches an
-existing one. Layout and key names: see `layout.py` (each checked against LeRobot's source).
+existing one. Layout and key names: see `lerobot_meta.py` (each checked against LeRobot's source).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from craftvla.errors import CraftVLAError
 from craftvla.files import write_json_atomic
 
 from . import stats as S
-from .layout import (
+from .lerobot_meta import (
     CODEBASE_VERSION, DATA_PATH, DEFAULT_CHUNKS_SIZE, DEFAULT_DATA_FILE_SIZE_IN_MB, DEFAULT_FEATURES,
     DEFAULT_VIDEO_FILE_SIZE_IN_MB, EPISODES_PATH, INFO_PATH, STATS_PATH, TASKS_PATH, VIDEO_PATH,
     next_chunk_file,

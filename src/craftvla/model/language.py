@@ -1,22 +1,25 @@
-"""The language backbone: a Hugging Face model fed `inputs_embeds`, returning every layer's states.
+"""The language backbone: a Hugging Face model's layers run one by one on `inputs_embeds`.
 
 Decoder LMs (Qwen2 by default; Llama/Mistral shapes) and encoder LMs (BERT-style, e.g. MiniLM) sit
-behind one interface. Attention mode comes from the config: for decoders, transformers reads
-`config.is_causal` (verified for Qwen2 and Llama in transformers 5.x by tests/model/test_attention.py);
-encoders are bidirectional by construction. No installed package is patched.
+behind one interface. Attention mode comes from the config: decoders are causal or bidirectional
+by `config.is_causal` (the mask this module builds follows it; tests/model/test_attention.py and
+tests/model/test_layer_loop.py check both against plain transformers); encoders are bidirectional
+by construction. No installed package is patched.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from craftvla.config import LLMConfig
 from craftvla.errors import CraftVLAError
+from craftvla.model.sequence import TokenLayout, gather_tokens
 
 BYTE_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
@@ -100,11 +103,29 @@ def configure_attention(config, cfg: LLMConfig):
     return config
 
 
-class LanguageBackbone(nn.Module):
-    """`inputs_embeds (B, L, D)` -> hidden states of every layer, `num_layers + 1` tensors (B, L, D).
+@dataclass
+class LLMOutput:
+    """Every layer's hidden states, each with the layout of its (possibly shortened) sequence."""
 
-    Index 0 is the embedding output, index l the output of layer l; the last one is after the final
-    norm for decoders (transformers' convention).
+    hidden_states: tuple[torch.Tensor, ...]  # num_layers + 1 tensors (B, L_l, D); [0] = the input layer
+    layouts: tuple[TokenLayout, ...]  # one per hidden state
+
+
+# (l, hidden_states[l] (B, L, D), its layout) -> columns of layout.vision_index to keep (B, k), or
+# None to keep every token. Called for l = 0 .. num_layers - 1, before decoder layer l + 1 runs.
+TokenSelector = Callable[[int, torch.Tensor, TokenLayout], Optional[torch.Tensor]]
+
+
+class LanguageBackbone(nn.Module):
+    """`inputs_embeds (B, L, D)` + layout -> every layer's hidden states, run layer by layer.
+
+    The modules and weights are transformers' own (`AutoModel`); this class runs the layer loop
+    itself so that tokens can be removed between layers (`select`): the rotary embeddings are
+    computed from the survivors' original position ids and the attention mask is rebuilt with
+    transformers' mask functions (causal or bidirectional, for the configured attention kernel).
+    Index 0 of the output is the input layer (decoders: the embeddings; BERT: its embedding
+    block's output), index l the output of layer l; the last is after the final norm for decoders
+    (transformers' `output_hidden_states` convention).
     """
 
     def __init__(self, cfg: LLMConfig, config, load_weights: bool):
@@ -126,17 +147,65 @@ class LanguageBackbone(nn.Module):
         self.is_encoder = config.model_type == "bert"
         self.hidden_size = config.hidden_size
         self.num_layers = config.num_hidden_layers
+        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise CraftVLAError(f"llm: layer types {sorted(kinds)} (sliding-window attention) are not supported; "
+                                "set use_sliding_window=false in the model's config.json")
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.encoder.layer if self.is_encoder else self.model.layers
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
         return self.model.get_input_embeddings()(token_ids)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids) -> tuple[torch.Tensor, ...]:
-        """inputs_embeds (B, L, D), attention_mask (B, L) 1 = real token, position_ids (B, L)."""
-        kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True, return_dict=True)
-        if not self.is_encoder:
-            kwargs["use_cache"] = False
-        return self.model(**kwargs).hidden_states
+    def forward(self, inputs_embeds: torch.Tensor, layout: TokenLayout,
+                select: Optional[TokenSelector] = None) -> LLMOutput:
+        """inputs_embeds (B, L, D) laid out as `layout` -> LLMOutput (num_layers + 1 states)."""
+        hidden = self._input_layer(inputs_embeds, layout)  # (B, L, D)
+        states, layouts = [hidden], [layout]
+        mask, rope = self._mask(hidden, layout), self._rope(hidden, layout)
+        for i, layer in enumerate(self.layers):
+            keep = select(i, hidden, layout) if select is not None else None
+            if keep is not None:
+                order, layout = layout.keep_vision(keep)
+                hidden = gather_tokens(hidden, order)  # (B, L', D)
+                mask, rope = self._mask(hidden, layout), self._rope(hidden, layout)
+            hidden = self._run_layer(layer, hidden, mask, rope, layout)
+            if i == self.num_layers - 1 and not self.is_encoder:
+                hidden = self.model.norm(hidden)
+            states.append(hidden)
+            layouts.append(layout)
+        return LLMOutput(tuple(states), tuple(layouts))
+
+    def _input_layer(self, embeds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if self.is_encoder:  # BERT adds absolute position and token-type embeddings, then LayerNorm
+            return self.model.embeddings(inputs_embeds=embeds, position_ids=layout.position_ids)
+        return embeds
+
+    def _mask(self, hidden: torch.Tensor, layout: TokenLayout):
+        """The 4-D mask (or None when the kernel needs none) in the form the attention kernel wants."""
+        from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+        config = self.model.config
+        if not self.is_encoder and config.is_causal:
+            # Survivors stay in their original order, so causal over the short sequence is causal over the full one.
+            return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=layout.attention_mask,
+                                      past_key_values=None)
+        return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=layout.attention_mask)
+
+    def _rope(self, hidden: torch.Tensor, layout: TokenLayout):
+        if self.is_encoder:
+            return None
+        return self.model.rotary_emb(hidden, layout.position_ids)  # (cos, sin), each (B, L, head_dim)
+
+    def _run_layer(self, layer: nn.Module, hidden, mask, rope, layout: TokenLayout) -> torch.Tensor:
+        if self.is_encoder:
+            return layer(hidden, attention_mask=mask)
+        # is_causal reaches the attention kernel as transformers' own forward passes it: with no
+        # padding the mask functions return None and SDPA would otherwise fall back to the module's default (causal).
+        return layer(hidden, attention_mask=mask, position_ids=layout.position_ids, past_key_values=None,
+                     use_cache=False, position_embeddings=rope, is_causal=bool(self.model.config.is_causal))
 
     def lora_target_modules(self) -> list[str]:
         """PEFT target module names: attention and MLP projections of this family."""

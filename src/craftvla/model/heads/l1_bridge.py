@@ -1,4 +1,4 @@
-"""Action heads. `l1_bridge`: VLA-Adapter's bridge-attention head (L1RegressionActionHead).
+"""`l1_bridge`: VLA-Adapter's bridge-attention head (its L1RegressionActionHead), trained with L1.
 
 One `BridgeBlock` per LLM layer: the action-chunk latent attends (a) to itself and to that
 layer's action-query states plus a proprioception token, and (b) to that layer's vision-patch
@@ -13,11 +13,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from craftvla.config import ActionHeadConfig
+from craftvla.config import ACTION_KEY, ACTION_PAD_KEY, L1BridgeHeadConfig
+from craftvla.model.context import VLMContext
+from craftvla.model.heads.base import ActionHead
 
 
 class BridgeBlock(nn.Module):
-    """x (B, H, d) attends to [x, queries (B, Q, D), proprio (B, 1, D)] and, gated, to vision (B, N, D)."""
+    """x (B, H, d) attends to [x, queries (B, Q, D), proprio (B, 1, D)] and, gated, to vision (B, N, D)
+    (only the vision tokens a (B, N) bool `vision_mask` marks visible, when one is given)."""
 
     def __init__(self, dim: int, llm_dim: int, num_heads: int, gate_init: float, mlp_ratio: int = 4):
         super().__init__()
@@ -36,25 +39,38 @@ class BridgeBlock(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, n, d) -> (B, heads, n, d / heads)
         return rearrange(t, "b n (h e) -> b h n e", h=self.num_heads)
 
-    def forward(self, x, vision, queries, proprio) -> torch.Tensor:
+    def forward(self, x, vision, queries, proprio, vision_mask=None) -> torch.Tensor:
         h = self.norm_x(x)
         q = self._heads(self.q_proj(h))  # (B, h, H, e)
         k_self, v_self = self.kv_self(h).chunk(2, dim=-1)  # (B, H, d) each
         k_ad, v_ad = self.kv_adapter(self.norm_cond(torch.cat([queries, proprio], dim=1))).chunk(2, dim=-1)  # (B, Q+1, d)
         k_vis, v_vis = self.kv_vision(self.norm_cond(vision)).chunk(2, dim=-1)  # (B, N, d)
         main = F.scaled_dot_product_attention(q, self._heads(torch.cat([k_self, k_ad], 1)), self._heads(torch.cat([v_self, v_ad], 1)))
-        seen = F.scaled_dot_product_attention(q, self._heads(k_vis), self._heads(v_vis))
+        seen = self._attend_vision(q, self._heads(k_vis), self._heads(v_vis), vision_mask)
         mixed = rearrange(main + torch.tanh(self.gate) * seen, "b h n e -> b n (h e)")  # (B, H, d)
         x = x + self.o_proj(mixed)
         return x + self.mlp(x)
 
+    @staticmethod
+    def _attend_vision(q, k, v, mask):  # (B, h, H, e), (B, h, N, e) x2, (B, N) bool | None -> (B, h, H, e)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        seen = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return torch.where(mask.any(dim=1)[:, None, None, None], seen, 0.0)  # no visible token: no vision read
 
-class L1BridgeHead(nn.Module):
-    """Per-layer vision and query states + proprio -> an action chunk `(B, H, A)`, trained with L1."""
 
-    def __init__(self, cfg: ActionHeadConfig, llm_dim: int, num_layers: int, state_dim: int,
+class L1BridgeHead(ActionHead):
+    """Per-layer vision and query states + proprio -> an action chunk `(B, H, A)`, trained with L1.
+
+    Block l reads LLM layer l+1's action-query states and vision states (`vision_source="llm"`,
+    VLA-Adapter) or the vision tokens entering the LLM (`"projector"`); per-layer subsets of
+    vision tokens (after token removal) and masked-out tokens are both fine.
+    """
+
+    def __init__(self, cfg: L1BridgeHeadConfig, llm_dim: int, num_layers: int, state_dim: int,
                  action_dim: int, chunk_size: int):
         super().__init__()
+        self.vision_source = cfg.vision_source
         dim = cfg.hidden_dim or llm_dim
         # VLA-Adapter's ProprioProjector: state -> one LLM-width token.
         self.proprio = nn.Sequential(nn.Linear(state_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
@@ -64,16 +80,23 @@ class L1BridgeHead(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, action_dim)
 
-    def forward(self, vision: list[torch.Tensor], queries: list[torch.Tensor], state: torch.Tensor) -> torch.Tensor:
-        """vision[l]: (B, N_vis, D), queries[l]: (B, Q, D) of LLM layer l+1; state (B, S) -> (B, H, A)."""
-        proprio = self.proprio(state).unsqueeze(1)  # (B, 1, D)
-        x = self.chunk_embed.expand(state.shape[0], -1, -1)  # (B, H, d)
-        for block, vis, qry in zip(self.blocks, vision, queries, strict=True):
-            x = block(x, vis, qry, proprio)
+    def forward(self, context: VLMContext) -> torch.Tensor:  # -> (B, H, A)
+        proprio = self.proprio(context.state).unsqueeze(1)  # (B, 1, D)
+        x = self.chunk_embed.expand(context.state.shape[0], -1, -1)  # (B, H, d)
+        for i, block in enumerate(self.blocks):
+            source = 0 if self.vision_source == "projector" else i + 1
+            x = block(x, context.vision(source), context.queries(i + 1), proprio, context.vision_mask(source))
         return self.out(self.norm(x))
 
-    @staticmethod
-    def loss(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
-        """Mean L1 over real (non-padded) steps: pred, target (B, H, A), is_pad (B, H) bool."""
-        keep = (~is_pad).unsqueeze(-1).to(pred.dtype)  # (B, H, 1)
-        return ((pred - target).abs() * keep).sum() / (keep.sum() * pred.shape[-1]).clamp(min=1)
+    def loss(self, context: VLMContext, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = l1_loss(self(context), batch[ACTION_KEY], batch[ACTION_PAD_KEY])
+        return loss, {"l1_loss": loss.detach()}
+
+    def sample(self, context: VLMContext) -> torch.Tensor:
+        return self(context)
+
+
+def l1_loss(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
+    """Mean L1 over real (non-padded) steps: pred, target (B, H, A), is_pad (B, H) bool."""
+    keep = (~is_pad).unsqueeze(-1).to(pred.dtype)  # (B, H, 1)
+    return ((pred - target).abs() * keep).sum() / (keep.sum() * pred.shape[-1]).clamp(min=1)

@@ -1,0 +1,27 @@
+"""The action-head interface: a VLM context in, an action chunk out.
+
+    loss, metrics = head.loss(context, batch)   # training; metrics are detached tensors (no host sync)
+    actions = head.sample(context)              # inference: (B, H, A) in normalised units
+
+The context (`model/context.py`) is computed once per observation by `VLAPolicy.encode`; a head
+may read it as often as it needs (a flow-matching head's denoising steps reuse one encoding).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+from craftvla.model.context import VLMContext
+
+
+class ActionHead(nn.Module, abc.ABC):
+    @abc.abstractmethod
+    def loss(self, context: VLMContext, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar training loss over the batch's non-padded action steps, and detached metrics."""
+
+    @abc.abstractmethod
+    def sample(self, context: VLMContext) -> torch.Tensor:
+        """An action chunk (B, H, A) in normalised units."""

@@ -1,0 +1,119 @@
+"""The token sequence: the one place that builds the LLM input and knows where each token sits.
+
+    [BOS] [vision patches x N_vis] [instruction x T] [action queries x Q] [STOP]
+
+Everything downstream (action heads, bridge features, anchor caches) reads positions from a
+`TokenLayout`'s index tensors; nobody slices hidden states by offsets. The layout is per layer:
+when the LLM's layer loop removes vision tokens (`TokenLayout.keep_vision`), the layers after
+it get a shorter sequence and a new layout, while every survivor keeps its original position id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def gather_tokens(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden (B, L, D), index (B, n) long -> (B, n, D): each sample's tokens at its own positions."""
+    return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+@dataclass
+class TokenLayout:
+    """Where each token group sits in one layer's sequence of length L, per sample."""
+
+    vision_index: torch.Tensor  # (B, N_vis) long: vision-patch positions, ascending
+    text_index: torch.Tensor  # (B, T) long: instruction positions (right-padded per sample)
+    text_mask: torch.Tensor  # (B, T) bool: True for real instruction tokens
+    query_index: torch.Tensor  # (B, Q) long: action-query positions
+    attention_mask: torch.Tensor  # (B, L) long: 1 = real token, 0 = instruction padding
+    position_ids: torch.Tensor  # (B, L) long: RoPE / absolute positions, kept through removals
+    token_index: torch.Tensor  # (B, L) long: each token's position in the full (embedding-layer) sequence
+    # (B, N_vis) bool: False for vision tokens masked out (soft pruning); None = all visible.
+    vision_mask: Optional[torch.Tensor] = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.attention_mask.shape[1]
+
+    @property
+    def num_vision(self) -> int:
+        return self.vision_index.shape[1]
+
+    def vision(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, N_vis, D)
+        return gather_tokens(hidden, self.vision_index)
+
+    def queries(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, Q, D)
+        return gather_tokens(hidden, self.query_index)
+
+    def text(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # -> (B, T, D), (B, T)
+        return gather_tokens(hidden, self.text_index), self.text_mask
+
+    def last_token_index(self) -> torch.Tensor:  # (B,) position of each sample's last real token
+        positions = torch.arange(self.seq_len, device=self.attention_mask.device)
+        return (self.attention_mask.bool() * positions).argmax(dim=1)
+
+    def keep_vision(self, keep: torch.Tensor) -> tuple[torch.Tensor, "TokenLayout"]:
+        """Keep the vision tokens at columns `keep` (B, k) of `vision_index`, and every other token.
+
+        Returns `order` (B, L') — the positions, ascending, of the surviving tokens in this
+        sequence (gather hidden states with it) — and the layout of the shorter sequence, where
+        L' = L - N_vis + k is the same for every sample. Survivors keep their position ids.
+        """
+        batch, length = self.attention_mask.shape
+        device = keep.device
+        kept_vision, rank = self.vision_index.gather(1, keep).sort(dim=1)  # (B, k) sequence positions, ascending
+        survives = torch.ones(batch, length, dtype=torch.bool, device=device)
+        survives.scatter_(1, self.vision_index, False)
+        survives.scatter_(1, kept_vision, True)
+        new_len = length - self.num_vision + keep.shape[1]
+        positions = torch.arange(length, device=device)
+        order = torch.where(survives, positions, positions + length).argsort(dim=1)[:, :new_len]  # (B, L')
+        new_index = torch.full((batch, length), -1, dtype=torch.long, device=device)
+        new_index.scatter_(1, order, torch.arange(new_len, device=device).expand(batch, -1))  # old -> new position
+        layout = TokenLayout(
+            vision_index=new_index.gather(1, kept_vision),
+            text_index=new_index.gather(1, self.text_index),
+            text_mask=self.text_mask,
+            query_index=new_index.gather(1, self.query_index),
+            attention_mask=self.attention_mask.gather(1, order),
+            position_ids=self.position_ids.gather(1, order),
+            token_index=self.token_index.gather(1, order),
+            vision_mask=None if self.vision_mask is None else self.vision_mask.gather(1, keep.gather(1, rank)),
+        )
+        return order, layout
+
+
+def build_sequence(bos: torch.Tensor, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                   queries: torch.Tensor, stop: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
+    """Concatenate the token groups and return `(inputs_embeds (B, L, D), layout)`.
+
+    bos, stop: (D,); vision: (B, N_vis, D); text: (B, T, D) with text_mask (B, T) bool; queries: (Q, D).
+    """
+    batch, n_vis, dim = vision.shape
+    n_text, n_query = text.shape[1], queries.shape[0]
+    device = vision.device
+    embeds = torch.cat([
+        bos.expand(batch, 1, dim), vision, text, queries.expand(batch, n_query, dim), stop.expand(batch, 1, dim),
+    ], dim=1)  # (B, 1 + N_vis + T + Q + 1, D)
+    start = torch.cumsum(torch.tensor([1, n_vis, n_text, n_query]), 0).tolist()  # first index of each group
+    ones = torch.ones(batch, 1 + n_vis, dtype=torch.long, device=device)
+    attention_mask = torch.cat([ones, text_mask.long(), ones[:, : n_query + 1]], dim=1)  # (B, L)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+    def span(first: int, end: int) -> torch.Tensor:  # (B, end - first)
+        return torch.arange(first, end, device=device).expand(batch, -1)
+
+    layout = TokenLayout(
+        vision_index=span(start[0], start[1]),
+        text_index=span(start[1], start[2]),
+        text_mask=text_mask.bool(),
+        query_index=span(start[2], start[3]),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        token_index=span(0, embeds.shape[1]),
+    )
+    return embeds, layout
