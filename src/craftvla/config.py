@@ -18,12 +18,8 @@ from typing import Any, Optional
 import draccus
 
 from craftvla.errors import ConfigError, require
+from craftvla.keys import ACTION_KEY, ACTION_PAD_KEY, IMAGE_PREFIX, STATE_KEY, TASK_KEY
 
-IMAGE_KEY_PREFIX = "observation.images."
-STATE_KEY = "observation.state"
-ACTION_KEY = "action"
-ACTION_PAD_KEY = "action_is_pad"
-TASK_KEY = "task"
 
 # Backbone ids that mean "DINOv2 + SigLIP/CLIP fused on the channel axis" (Prismatic naming).
 FUSED_PREFIXES = ("dinosiglip", "dinoclip")
@@ -176,7 +172,7 @@ class VLAConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     head: HeadConfig = field(default_factory=L1BridgeHeadConfig)
     # Batch keys of the camera images, 1-3 of them, each "observation.images.<camera>".
-    camera_keys: list[str] = field(default_factory=lambda: [IMAGE_KEY_PREFIX + "corner"])
+    camera_keys: list[str] = field(default_factory=lambda: [IMAGE_PREFIX + "corner"])
     # Proprioceptive state size S (from the dataset's metadata).
     state_dim: int = 4
     # Action size A (from the dataset's metadata).
@@ -187,6 +183,9 @@ class VLAConfig:
     num_action_queries: int = 8
     # How each feature is normalised outside the model ("mean_std", "min_max", "identity").
     normalization: dict[str, str] = field(default_factory=_default_normalization)
+    # Inference: "stats" clips actions in robot units to the training data's [min, max] per
+    # dimension (OpenVLA clips to its dataset bounds); "none" returns them unclipped.
+    action_clip: str = "stats"
     # A VLA-Adapter / Prismatic-style local directory holding every part (see model/checkpoints.py):
     # llm/ (transformers), vision/ (timm state dicts), projector.safetensors, action_head.safetensors.
     # Sets llm.weights_dir and vision.weights_dir when those are unset. None = parts as configured.
@@ -197,10 +196,11 @@ class VLAConfig:
     def __post_init__(self) -> None:
         require(1 <= len(self.camera_keys) <= 3, "camera_keys", self.camera_keys, "need 1 to 3 cameras")
         for key in self.camera_keys:
-            require(key.startswith(IMAGE_KEY_PREFIX), "camera_keys", key, f"camera keys start with {IMAGE_KEY_PREFIX!r}")
+            require(key.startswith(IMAGE_PREFIX), "camera_keys", key, f"camera keys start with {IMAGE_PREFIX!r}")
         require(len(set(self.camera_keys)) == len(self.camera_keys), "camera_keys", self.camera_keys, "duplicates")
         for name in ("state_dim", "action_dim", "chunk_size", "num_action_queries"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.action_clip in ("stats", "none"), "action_clip", self.action_clip, "choose stats or none")
         for key, mode in self.normalization.items():
             require(mode in NORM_MODES, f"normalization[{key!r}]", mode, f"choose one of {NORM_MODES}")
         if self.weights_dir is not None:
@@ -329,7 +329,7 @@ def _vla_adapter_qwen25_05b() -> VLAConfig:
         llm=LLMConfig(family="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
                       intermediate_size=4864, vocab_size=151936, attention="causal"),
         head=L1BridgeHeadConfig(hidden_dim=896, num_heads=8, mlp_ratio=1),
-        camera_keys=[IMAGE_KEY_PREFIX + "image", IMAGE_KEY_PREFIX + "wrist_image"],
+        camera_keys=[IMAGE_PREFIX + "image", IMAGE_PREFIX + "wrist_image"],
         state_dim=8,
         action_dim=7,
         chunk_size=8,

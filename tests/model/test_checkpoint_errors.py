@@ -20,7 +20,7 @@ def saved(tmp_path_factory) -> Path:
     cfg = VLAConfig.preset("tiny")
     cfg.vision.image_size, cfg.vision.depth, cfg.llm.num_layers = 32, 2, 2
     policy = VLAPolicy(cfg)
-    policy.dataset_stats = {"action": {"mean": np.zeros(4, np.float32), "std": np.ones(4, np.float32)}}
+    policy.processor.set_stats({"action": {"mean": np.zeros(4, np.float32), "std": np.ones(4, np.float32)}}, "test")
     out = tmp_path_factory.mktemp("ckpt") / "ckpt"
     policy.save_pretrained(out)
     return out
@@ -60,6 +60,10 @@ CASES = {
     "stats not JSON": (lambda c: (c / "stats.json").write_text("{mean: 0}"), "stats.json", "not valid JSON"),
     "stats not statistics": (lambda c: (c / "stats.json").write_text('{"action": 3}'), "stats.json",
                              "not a dict of statistics"),
+    "config format 1": (lambda c: _edit_json(c / "config.json", lambda d: d.update(craftvla_format=1)),
+                        "config.json", "written before the model-core rebuild"),
+    "processor missing": (lambda c: (c / "processor.json").unlink(), "processor.json", "file not found"),
+    "processor no source": (lambda c: (c / "processor.json").write_text("{}"), "processor.json", "stats_source"),
     "tokenizer missing": (lambda c: shutil.rmtree(c / "tokenizer"), "tokenizer", "tokenizer directory missing"),
     "tokenizer corrupt": (lambda c: (c / "tokenizer" / "tokenizer.json").write_text("{"), "tokenizer",
                           "cannot load the tokenizer"),
@@ -85,7 +89,7 @@ def test_broken_checkpoint_names_the_file(saved, tmp_path, case):
 
 def test_intact_copy_loads(saved):
     policy = VLAPolicy.from_pretrained(saved)
-    assert policy.dataset_stats["action"]["std"].tolist() == [1.0] * 4
+    assert policy.processor.stats["action"]["std"].tolist() == [1.0] * 4
 
 
 def test_missing_directory(tmp_path):

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from craftvla import VLAConfig, VLAPolicy
-from craftvla.config import IMAGE_KEY_PREFIX, LLMConfig, ProjectorConfig, VisionConfig
+from craftvla.config import LLMConfig, ProjectorConfig, VisionConfig
+from craftvla.keys import IMAGE_PREFIX
 from craftvla.errors import CraftVLAError
 from craftvla.model.context import bridge_features
 
 from .conftest import micro_config
 
-CAMERAS = [IMAGE_KEY_PREFIX + name for name in ("corner", "wrist", "top")]
+CAMERAS = [IMAGE_PREFIX + name for name in ("corner", "wrist", "top")]
 
 
 @pytest.mark.parametrize("backbone", ["tiny-vit", "tiny-dinosiglip"])
@@ -80,15 +81,16 @@ def test_save_load_round_trip_gives_identical_outputs(micro, tmp_path):
     import numpy as np
 
     policy = VLAPolicy(micro).eval()
-    policy.dataset_stats = {"action": {"mean": np.array([0.1, 0.2, 0.3, 0.4]), "std": np.ones(4)}}
+    policy.processor.set_stats({"action": {"mean": np.array([0.1, 0.2, 0.3, 0.4]), "std": np.ones(4)}}, "test")
     batch = micro.fake_batch(3)
     policy.save_pretrained(tmp_path / "ckpt")
     loaded = VLAPolicy.from_pretrained(tmp_path / "ckpt").eval()
     assert loaded.config.to_dict() == policy.config.to_dict()  # the tiny preset has no source paths
     assert torch.equal(loaded.predict_action_chunk(batch), policy.predict_action_chunk(batch))
-    assert np.allclose(loaded.dataset_stats["action"]["mean"], [0.1, 0.2, 0.3, 0.4])
+    assert np.allclose(loaded.processor.stats["action"]["mean"], [0.1, 0.2, 0.3, 0.4])
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "config.json", "llm_config.json", "model.safetensors", "stats.json", "tokenizer"]
+        "config.json", "llm_config.json", "model.safetensors", "processor.json", "stats.json", "tokenizer"]
+    assert loaded.processor.stats_source == "test"
 
 
 def test_save_replaces_atomically_and_leaves_no_temp(micro, tmp_path):

@@ -54,8 +54,8 @@ def test_checkpoint_policy_runs_end_to_end(tmp_path):
     cfg = VLAConfig.preset("tiny")
     model = VLAPolicy(cfg)
     ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
-    model.dataset_stats = {k: {"mean": zeros, "std": ones * 0.5, "min": -ones, "max": ones}
-                           for k in ("observation.state", "action")}
+    model.processor.set_stats({k: {"mean": zeros, "std": ones * 0.5, "min": -ones, "max": ones}
+                               for k in ("observation.state", "action")}, "test")
     model.save_pretrained(tmp_path / "ckpt")
     policy = CheckpointPolicy.from_pretrained(tmp_path / "ckpt")
     assert policy.cameras == ["corner"] and policy.chunk_size == cfg.chunk_size
@@ -70,7 +70,7 @@ def test_checkpoint_policy_runs_end_to_end(tmp_path):
 def _fake_obs(size):
     rng = np.random.default_rng(0)
     return {"observation.images.corner": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-            "observation.state": np.array([0.0, 0.6, 0.2, 1.0], np.float32), "task": TASK}
+            "observation.state": np.array([0.0, 0.6, 0.2, 1.0], np.float32), "task": "close the drawer"}
 
 
 def test_defaults_compose_with_train(tmp_path, monkeypatch):
@@ -83,7 +83,8 @@ def test_defaults_compose_with_train(tmp_path, monkeypatch):
     cfg.vision.depth, cfg.llm.num_layers = 1, 2
     model = VLAPolicy(cfg)
     ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
-    model.dataset_stats = {k: {"mean": zeros, "std": ones} for k in ("observation.state", "action")}
+    model.processor.set_stats({k: {"mean": zeros, "std": ones, "min": -ones, "max": ones}
+                               for k in ("observation.state", "action")}, "test")
     model.save_pretrained(tmp_path / "runs/train/checkpoints/last")
     assert main(["--tasks", TASK, "--episodes", "1", "--max_steps", "5", "--num_envs", "1", "--num_videos", "0"]) == 0
     assert (tmp_path / "runs/train/checkpoints/last/eval/results.json").is_file()

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from craftvla.errors import CraftVLAError
+from craftvla.keys import IMAGE_PREFIX, RAW_OBS_KEY, STATE_KEY
 from craftvla.sim.metaworld import (
-    COLLECT_STREAM, EVAL_STREAM, IMAGE_PREFIX, RAW_OBS_KEY, STATE_KEY, MetaWorldEnv, camera_is_upside_down,
+    COLLECT_STREAM, EVAL_STREAM, MetaWorldEnv, camera_is_upside_down,
     camera_names, episode_seed, instruction, make_renderer, parse_tasks,
 )
 

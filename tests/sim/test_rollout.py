@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from craftvla.sim.metaworld import EVAL_STREAM, STATE_KEY
+from craftvla.keys import STATE_KEY
+from craftvla.sim.metaworld import EVAL_STREAM
 from craftvla.sim.policies import RandomPolicy
 from craftvla.sim.rollout import RolloutSpec, run_episodes
 

@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from craftvla.config import STATE_KEY, TASK_KEY, parse_config
+from craftvla.config import parse_config
 from craftvla.errors import ConfigError, CraftVLAError, require
 from craftvla.files import read_json, read_safetensors, safetensors_header, write_json_atomic
+from craftvla.keys import STATE_KEY, TASK_KEY
 from craftvla.model.context import VLMContext, bridge_features, pool_tokens
 
 log = logging.getLogger(__name__)
@@ -242,16 +243,16 @@ def _is_main_process() -> bool:
 
 
 def _open_anchor_dataset(root: str, policy):
-    """The anchor dataset with the policy's state normalisation (its stats, else the dataset's)."""
-    from craftvla.data import LeRobotDataset, Normalize
+    """The anchor dataset converted by the policy's processor (its statistics, else the dataset's)."""
+    from craftvla.data import LeRobotDataset
 
     dataset = LeRobotDataset(root, chunk_size=policy.config.chunk_size)
     missing = [k for k in policy.config.camera_keys if k not in dataset.meta.camera_keys]
     if missing:
         raise CraftVLAError(f"dataset {root}: cameras {dataset.meta.camera_keys} lack the policy's {missing}")
-    stats = policy.dataset_stats if policy.dataset_stats is not None else dataset.stats
-    mapping = {k: v for k, v in policy.config.normalization.items() if k == STATE_KEY}
-    dataset.transform = Normalize(stats, mapping)
+    if policy.processor.stats is None:
+        policy.processor.set_stats(dataset.stats, f"anchor dataset {root}")
+    dataset.transform = policy.processor.transform
     return dataset
 
 

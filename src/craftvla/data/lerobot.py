@@ -23,7 +23,9 @@ from torch.utils.data import Dataset
 
 from craftvla.errors import CraftVLAError
 
-from .lerobot_meta import ACTION_KEY, DEFAULT_FEATURES, STATS_PATH, DatasetMeta, load_meta, read_parquet
+from craftvla.keys import ACTION_KEY
+
+from .lerobot_meta import DEFAULT_FEATURES, STATS_PATH, DatasetMeta, load_meta, read_parquet
 from .stats import load_stats
 from .video import VideoFrameSource
 

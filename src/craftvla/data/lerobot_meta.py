@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from craftvla.errors import CraftVLAError
 from craftvla.files import read_json
+from craftvla.keys import ACTION_KEY, STATE_KEY
 
 CODEBASE_VERSION = "v3.0"
 INFO_PATH = "meta/info.json"
@@ -51,9 +52,6 @@ DEFAULT_FEATURES: dict[str, dict[str, Any]] = {
     "index": {"dtype": "int64", "shape": [1], "names": None},
     "task_index": {"dtype": "int64", "shape": [1], "names": None},
 }
-IMAGE_PREFIX = "observation.images."
-STATE_KEY = "observation.state"
-ACTION_KEY = "action"
 
 
 def next_chunk_file(chunk_index: int, file_index: int, chunks_size: int) -> tuple[int, int]:

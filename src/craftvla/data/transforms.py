@@ -16,8 +16,7 @@ import torch
 from torchvision.transforms import v2
 
 from craftvla.errors import ConfigError, CraftVLAError
-
-from .lerobot_meta import IMAGE_PREFIX
+from craftvla.keys import IMAGE_PREFIX
 
 MODES = ("mean_std", "min_max", "identity")
 EPS = 1e-8  # keeps constant features (std = 0 or max = min) finite

@@ -1,11 +1,15 @@
 """Checkpoints: our own save/load, and loading real VLA-Adapter / Prismatic-style parts.
 
 craftvla checkpoint (`save_pretrained`), a Hugging Face-style directory:
-    config.json         the VLAConfig (draccus encoding) + {"craftvla_format": 1}
+    config.json         the VLAConfig (draccus encoding) + {"craftvla_format": 2}
     llm_config.json     the transformers config of the LLM (so no original weights dir is needed)
     model.safetensors   every weight, keys as in `VLAPolicy.state_dict()`
     tokenizer/          the tokenizer (save_pretrained)
-    stats.json          normalisation statistics (optional; LeRobot stats.json format)
+    stats.json          the processor's normalisation statistics (LeRobot stats.json format; absent
+                        for a policy never trained on a dataset)
+    processor.json      where those statistics came from (`model/processor.py`)
+Format 2 (the head as a draccus choice type, the processor files) replaced format 1; format-1
+checkpoints are refused with a message.
 Saves are atomic: written to a temporary sibling directory, then swapped in by rename.
 
 Real-weights directory (`VLAConfig.weights_dir`), the layout a VLA-Adapter export unpacks to:
@@ -32,8 +36,9 @@ from craftvla.config import VLAConfig
 from craftvla.data.stats import from_jsonable, to_jsonable
 from craftvla.errors import CraftVLAError
 from craftvla.files import read_json, read_safetensors, read_torch
+from craftvla.model.processor import PROCESSOR_FILE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 # Projector key names in the wild -> ours. OpenVLA's HF export uses fc1/fc2/fc3 (ours too);
@@ -157,8 +162,9 @@ def _write_files(policy, out: Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "craftvla_format": str(FORMAT_VERSION)})
     policy.tokenizer.save_pretrained(str(out / "tokenizer"))
-    if policy.dataset_stats is not None:
-        (out / "stats.json").write_text(json.dumps(to_jsonable(policy.dataset_stats), indent=2))
+    if policy.processor.stats is not None:
+        (out / "stats.json").write_text(json.dumps(to_jsonable(policy.processor.stats), indent=2))
+    (out / PROCESSOR_FILE).write_text(json.dumps(policy.processor.metadata(), indent=2))
     for path in out.rglob("*"):  # make the bytes durable before the rename publishes them
         if path.is_file():
             with open(path, "rb") as handle:
@@ -188,9 +194,19 @@ def load_policy(cls, directory, map_location="cpu"):
     weights = read_safetensors(root / "model.safetensors")
     policy = cls(config, load_weights=False, llm_config=llm_config, tokenizer=tokenizer)
     load_into(policy, weights, f"{root / 'model.safetensors'} (written for another config.json?)")
-    if (root / "stats.json").is_file():
-        policy.dataset_stats = from_jsonable(read_json(root / "stats.json", expect=dict), str(root / "stats.json"))
+    _read_processor(policy.processor, root)
     return policy.to(map_location)
+
+
+def _read_processor(processor, root: Path) -> None:
+    """stats.json + processor.json into the policy's processor (a missing processor.json: no stats)."""
+    meta = read_json(root / PROCESSOR_FILE, expect=dict)
+    if not isinstance(meta.get("stats_source"), str):
+        raise CraftVLAError(f"{root / PROCESSOR_FILE}: no 'stats_source' string")
+    stats = None
+    if (root / "stats.json").is_file():
+        stats = from_jsonable(read_json(root / "stats.json", expect=dict), str(root / "stats.json"))
+    processor.set_stats(stats, meta["stats_source"])
 
 
 def _read_policy_config(path: Path) -> VLAConfig:
@@ -204,8 +220,9 @@ def _read_policy_config(path: Path) -> VLAConfig:
         raise CraftVLAError(f"{path}: craftvla_format {version!r} was written by a newer craftvla (this one "
                             f"reads format {FORMAT_VERSION}); upgrade craftvla to load it")
     if version != FORMAT_VERSION:
-        raise CraftVLAError(f"{path}: craftvla_format {version!r} is no longer supported (this craftvla reads "
-                            f"format {FORMAT_VERSION}); re-export the checkpoint")
+        raise CraftVLAError(f"{path}: craftvla_format {version!r} was written before the model-core rebuild (this "
+                            f"craftvla reads format {FORMAT_VERSION}: action heads as choice types, a saved processor); "
+                            "train it again with this version")
     try:
         return VLAConfig.from_dict(raw)
     except CraftVLAError as err:

@@ -3,6 +3,7 @@
 The narrow interface (LeRobot / openpi conventions):
     loss, metrics = policy(batch)                 # training (metrics: detached tensors)
     actions = policy.predict_action_chunk(batch)  # (B, H, A), normalised units
+    actions = policy.infer(observation)           # raw NumPy observation -> (H, A) robot units
     context = policy.encode(batch)                # the VLM context heads and CRaFT read
     policy.save_pretrained(d); VLAPolicy.from_pretrained(d)
 Batch keys: "observation.images.<camera>" (B, 3, H, W) float in [0, 1]; "observation.state" (B, S);
@@ -14,14 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
-from craftvla.config import STATE_KEY, TASK_KEY, VLAConfig
+from craftvla.config import VLAConfig
 from craftvla.errors import CraftVLAError
+from craftvla.keys import STATE_KEY, TASK_KEY, TOKENS_KEY, TOKENS_MASK_KEY
 from craftvla.model.context import VLMContext, default_anchor_layer
 from craftvla.model.heads import build_head
 from craftvla.model.language import LanguageBackbone, TokenSelector, hf_config, load_tokenizer
+from craftvla.model.processor import Processor
 from craftvla.model.projector import Projector
 from craftvla.model.sequence import build_sequence
 from craftvla.model.vision import VisionBackbone
@@ -51,7 +55,8 @@ class VLAPolicy(nn.Module):
         self.action_queries = nn.Embedding(config.num_action_queries, dim)
         nn.init.zeros_(self.action_queries.weight)  # VLA-Adapter: queries start at zero
         self.action_head = build_head(config, dim, self.llm.num_layers)
-        self.dataset_stats: Optional[dict] = None  # normalisation stats; saved as stats.json
+        # Normalisation statistics, tokenisation, image and action conversion; saved with the checkpoint.
+        self.processor = Processor(config, self.tokenizer)
         self._bos_id, self._stop_id = _special_ids(self.tokenizer)
         if load_weights:
             from craftvla.model.checkpoints import load_pretrained_parts
@@ -60,21 +65,26 @@ class VLAPolicy(nn.Module):
 
     # ----- the token sequence -------------------------------------------------------------------
     def tokenize(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Instructions -> token ids (B, T) and mask (B, T) bool, right-padded, no special tokens."""
-        enc = self.tokenizer(list(tasks), add_special_tokens=False, padding="longest", truncation=True,
-                             max_length=self.config.llm.max_text_tokens, return_tensors="pt")
+        """Instructions -> token ids (B, T) and mask (B, T) bool on the policy's device (the processor's)."""
+        ids, mask = self.processor.tokenize(tasks)
         device = self.action_queries.weight.device
-        return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+        return ids.to(device), mask.to(device)
+
+    def _text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's instruction tokens (tokenised by the processor in the data path), else tokenise now."""
+        if TOKENS_KEY in batch:
+            return batch[TOKENS_KEY], batch[TOKENS_MASK_KEY].bool()
+        return self.tokenize(batch[TASK_KEY])
 
     def encode(self, batch: dict, select: Optional[TokenSelector] = None) -> VLMContext:
         """Images + instruction + action queries through the LLM -> the VLM context, computed once.
 
         `select` may remove vision tokens between LLM layers (see `model.language.TokenSelector`)."""
-        missing = [k for k in [*self.config.camera_keys, STATE_KEY, TASK_KEY] if k not in batch]
-        if missing:
-            raise CraftVLAError(f"batch is missing {missing}; it has {sorted(batch)}")
+        missing = [k for k in [*self.config.camera_keys, STATE_KEY] if k not in batch]
+        if missing or (TASK_KEY not in batch and TOKENS_KEY not in batch):
+            raise CraftVLAError(f"batch is missing {missing or [TASK_KEY]}; it has {sorted(batch)}")
         vision = self.projector(self.vision([batch[k] for k in self.config.camera_keys]))  # (B, N_vis, D)
-        ids, text_mask = self.tokenize(batch[TASK_KEY])  # (B, T)
+        ids, text_mask = self._text(batch)  # (B, T)
         special = self.llm.embed(torch.tensor([self._bos_id, self._stop_id], device=ids.device))  # (2, D)
         embeds, layout = build_sequence(special[0], vision, self.llm.embed(ids), text_mask,
                                         self.action_queries.weight, special[1])  # (B, L, D)
@@ -97,6 +107,20 @@ class VLAPolicy(nn.Module):
     def predict_action_chunk(self, batch: dict) -> torch.Tensor:
         """Observation batch (images, state, task) -> actions (B, H, A) in normalised units."""
         return self.action_head.sample(self.encode(batch))
+
+    @torch.no_grad()
+    def infer(self, observation: dict) -> np.ndarray:
+        """One raw observation -> an action chunk (H, A) in robot units (NumPy, float32).
+
+        `observation`: {"observation.images.<camera>": (H, W, 3) uint8 per camera,
+        "observation.state": (S,), "task": instruction string} (see model/processor.py)."""
+        return self.infer_batch([observation])[0]
+
+    @torch.no_grad()
+    def infer_batch(self, observations: list[dict]) -> np.ndarray:
+        """B raw observations -> (B, H, A) robot-unit actions, in one forward pass."""
+        batch = self.processor.observations(observations, self.action_queries.weight.device)
+        return self.processor.actions(self.predict_action_chunk(batch))
 
     def reset(self) -> None:
         """No per-episode state (chunk execution is the runner's job); kept for the interface."""

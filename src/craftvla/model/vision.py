@@ -12,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -145,8 +144,9 @@ class VisionBackbone(nn.Module):
     def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
         """images: one (B, 3, H, W) float tensor in [0, 1] per camera -> (B, n_img * N, D)."""
         x = torch.cat(images, dim=0)  # (n_img * B, 3, H, W): all cameras in one pass
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
+        if x.shape[-2:] != (self.image_size, self.image_size):  # the processor resizes (model/processor.py)
+            raise CraftVLAError(f"images of size {tuple(x.shape[-2:])}; the vision backbone takes "
+                                f"{self.image_size}x{self.image_size} (convert with policy.processor)")
         feats = torch.cat([tower(x) for tower in self.towers], dim=-1)  # (n_img * B, N, D)
         return rearrange(feats, "(n b) t d -> b (n t) d", n=len(images))
 

@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from craftvla.config import parse_config
 from craftvla.errors import ConfigError, CraftVLAError
+from craftvla.keys import IMAGE_PREFIX, STATE_KEY
 
 from .metaworld import (
-    ACTION_NAMES, COLLECT_STREAM, DEFAULT_CAMERA, DEFAULT_TASKS, IMAGE_PREFIX, STATE_KEY, STATE_NAMES,
+    ACTION_NAMES, COLLECT_STREAM, DEFAULT_CAMERA, DEFAULT_TASKS, STATE_NAMES,
     control_fps, instruction, parse_cameras, parse_tasks,
 )
 from .policies import ExpertPolicy

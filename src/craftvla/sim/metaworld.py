@@ -34,12 +34,9 @@ import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
 from craftvla.errors import CraftVLAError  # noqa: E402
+from craftvla.keys import ENV_TASK_KEY, IMAGE_PREFIX, RAW_OBS_KEY, STATE_KEY, TASK_KEY  # noqa: E402
 
 # Keys of the observation dicts the runner and the policies exchange (LeRobot feature names).
-STATE_KEY = "observation.state"
-IMAGE_PREFIX = "observation.images."
-RAW_OBS_KEY = "raw_obs"  # the full 39-D Meta-World observation (what the scripted experts read)
-TASK_KEY = "task"  # the Meta-World task name, e.g. "drawer-close-v3"
 
 # Proprio state = the first 4 entries of the Meta-World observation: end-effector (hand) xyz
 # and the normalised gripper opening (sawyer_xyz_env._get_curr_obs_combined_no_goal).
@@ -211,7 +208,8 @@ class MetaWorldEnv:
 
     `reset(episode_seed)` / `step(action)` return an observation dict:
       "observation.state": (4,) float32, "observation.images.<cam>": (H, W, 3) uint8 RGB
-      (only when `cameras` is non-empty), "raw_obs": (39,) float64, "task": str.
+      (only when `cameras` is non-empty), "raw_obs": (39,) float64, "env_task": the task name,
+      "task": its instruction — the keys `VLAPolicy.infer` reads, so an observation goes in as is.
     Use as a context manager (or call `close()`) so the EGL context is freed deterministically.
     """
 
@@ -276,7 +274,8 @@ class MetaWorldEnv:
         return images
 
     def _observe(self, raw: np.ndarray) -> dict[str, Any]:
-        obs = {STATE_KEY: raw[:4].astype(np.float32), RAW_OBS_KEY: raw, TASK_KEY: self.task}
+        obs = {STATE_KEY: raw[:4].astype(np.float32), RAW_OBS_KEY: raw, ENV_TASK_KEY: self.task,
+               TASK_KEY: instruction(self.task)}
         if self.render_images:
             obs.update(self.render())
         return obs

@@ -14,8 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from craftvla.errors import CraftVLAError
+from craftvla.keys import ENV_TASK_KEY, IMAGE_PREFIX, RAW_OBS_KEY
 
-from .metaworld import IMAGE_PREFIX, RAW_OBS_KEY, STATE_KEY, TASK_KEY, ScriptedExpert, instruction
+from .metaworld import ScriptedExpert
 
 
 class SimPolicy(Protocol):
@@ -46,7 +47,7 @@ class ExpertPolicy:
         """The experts are stateless functions of the observation."""
 
     def predict_chunk(self, observations: list[dict[str, Any]]) -> np.ndarray:
-        actions = [self._expert(o[TASK_KEY]).act(o[RAW_OBS_KEY]) for o in observations]
+        actions = [self._expert(o[ENV_TASK_KEY]).act(o[RAW_OBS_KEY]) for o in observations]
         return np.stack(actions)[:, None, :]  # (B, 1, 4)
 
     def _expert(self, task: str) -> ScriptedExpert:
@@ -75,35 +76,24 @@ class RandomPolicy:
 
 
 class CheckpointPolicy:
-    """A trained `VLAPolicy`: normalises the state, runs `predict_action_chunk`, unnormalises.
-
-    Images go in as (B, 3, H, W) float in [0, 1] (the model resizes if its size differs); the
-    instruction of each env's task is the text input, the same sentence `collect` stored.
-    """
+    """A trained `VLAPolicy` driven through `policy.infer_batch`: its processor converts the
+    observations (images, state, instruction) and returns actions in env units, clipped as the
+    checkpoint says; Meta-World's observation dicts already carry the keys it reads."""
 
     def __init__(self, policy: Any, device: str = "cpu") -> None:
-        import torch
-
-        from craftvla.data.transforms import Normalize, Unnormalize
-
-        self.torch, self.device = torch, torch.device(device)
-        self.policy = policy.to(self.device).eval()
+        self.device = device
+        self.policy = policy.to(device).eval()
         cfg = policy.config
-        self.camera_keys = list(cfg.camera_keys)
-        bad = [k for k in self.camera_keys if not k.startswith(IMAGE_PREFIX)]
+        bad = [k for k in cfg.camera_keys if not k.startswith(IMAGE_PREFIX)]
         if bad:
             raise CraftVLAError(f"checkpoint camera_keys {bad}: expected names like '{IMAGE_PREFIX}corner'")
-        self.cameras = [k.removeprefix(IMAGE_PREFIX) for k in self.camera_keys]
+        self.cameras = [k.removeprefix(IMAGE_PREFIX) for k in cfg.camera_keys]
         self.image_size = int(cfg.vision.image_size)
         self.chunk_size = int(cfg.chunk_size)
-        mapping = {k: v for k, v in dict(cfg.normalization).items() if k in (STATE_KEY, "action")}
-        stats = policy.dataset_stats or {}
-        self.normalize = Normalize(stats, {k: v for k, v in mapping.items() if k == STATE_KEY})
-        self.unnormalize = Unnormalize(stats, {k: v for k, v in mapping.items() if k == "action"})
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> CheckpointPolicy:
-        """Load a `save_pretrained` directory (config.json + model.safetensors + stats.json)."""
+        """Load a `save_pretrained` directory (config.json + model.safetensors + processor files)."""
         from craftvla.model.policy import VLAPolicy
 
         path = Path(path)
@@ -116,18 +106,5 @@ class CheckpointPolicy:
         if hasattr(self.policy, "reset"):
             self.policy.reset()
 
-    def batch(self, observations: list[dict[str, Any]]) -> dict[str, Any]:
-        """Observation dicts -> the model's input batch (normalised state, [0, 1] images)."""
-        torch = self.torch
-        batch: dict[str, Any] = {"task": [instruction(o[TASK_KEY]) for o in observations]}
-        for key in self.camera_keys:
-            images = torch.from_numpy(np.stack([o[key] for o in observations]))  # (B, H, W, 3) uint8
-            batch[key] = images.permute(0, 3, 1, 2).float().div_(255.0).to(self.device)  # (B, 3, H, W)
-        batch[STATE_KEY] = torch.from_numpy(np.stack([o[STATE_KEY] for o in observations])).to(self.device)  # (B, S)
-        return self.normalize(batch)
-
     def predict_chunk(self, observations: list[dict[str, Any]]) -> np.ndarray:
-        with self.torch.inference_mode():
-            chunk = self.policy.predict_action_chunk(self.batch(observations))  # (B, H, A) normalised
-            chunk = self.unnormalize({"action": chunk.float()})["action"]  # (B, H, A) env units
-        return np.clip(chunk.cpu().numpy(), -1.0, 1.0).astype(np.float32)
+        return self.policy.infer_batch(observations)  # (B, H, A) env units

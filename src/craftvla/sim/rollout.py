@@ -16,8 +16,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from craftvla.errors import ConfigError
+from craftvla.keys import IMAGE_PREFIX, STATE_KEY
 
-from .metaworld import IMAGE_PREFIX, STATE_KEY, MetaWorldEnv, episode_seed
+from .metaworld import MetaWorldEnv, episode_seed
 from .policies import SimPolicy
 
 

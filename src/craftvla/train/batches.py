@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from craftvla.config import VLAConfig
+from craftvla.model.processor import crop_text_padding
 
 
 class StepSampler(Sampler[int]):
@@ -69,8 +70,15 @@ def data_loader(dataset, sampler: StepSampler, num_workers: int, seed: int) -> D
     torch RNG, so creating the iterator does not perturb the training RNG stream.
     """
     return DataLoader(dataset, batch_size=sampler.micro, sampler=sampler, num_workers=num_workers,
-                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
+                      collate_fn=collate, worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def collate(items: list[dict]) -> dict:
+    """torch's default collation, then instruction tokens trimmed to the batch's longest."""
+    from torch.utils.data import default_collate
+
+    return crop_text_padding(default_collate(items))
 
 
 def fake_micro_batches(cfg: VLAConfig, seed: int, micro_batch_size: int, batch_size: int,

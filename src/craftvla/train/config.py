@@ -171,6 +171,10 @@ class TrainConfig:
     policy: VLAConfig = field(default_factory=lambda: VLAConfig.preset("tiny"))
     # A saved policy directory (save_pretrained layout) to fine-tune; None = fresh init from `policy`.
     init_from: Optional[str] = None
+    # With init_from: normalisation statistics to train with. "keep" = the checkpoint's (the policy's
+    # learned action mapping stays valid), "dataset" = recompute from --dataset.root, "aggregate" =
+    # both combined by frame counts. The choice is logged and saved with the checkpoint.
+    init_stats: str = "keep"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     # Run directory: metrics.jsonl, checkpoints/, plots/, train_config.yaml.
     output_dir: str = "runs/train"
@@ -203,6 +207,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(not (self.craft.enabled and self.accel.strategy == "fsdp"), "accel.strategy", self.accel.strategy,
                  "CRaFT's gradient surgery needs whole (unsharded) gradients: use ddp with craft.enabled")
+        require(self.init_stats in ("keep", "dataset", "aggregate"), "init_stats", self.init_stats,
+                 "choose keep, dataset or aggregate")
         require(self.steps >= 1, "steps", self.steps, "must be >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")

@@ -172,7 +172,9 @@ def build_policy(cfg: TrainConfig, dataset) -> nn.Module:
     if cfg.init_from and dataset is not None:
         _check_compatible(policy.config, policy_cfg, cfg.init_from)
     if dataset is not None:
-        policy.dataset_stats = dataset.stats
+        policy.processor.set_stats(*training_stats(policy, dataset, cfg))
+        log.info("normalisation statistics: %s", policy.processor.stats_source)
+        dataset.transform = policy.processor.transform  # normalise + tokenise in the DataLoader workers
     frozen = apply_freeze(policy, cfg.freeze)
     if cfg.lora.rank > 0:
         from craftvla.train.peft import apply_lora
@@ -194,18 +196,34 @@ def _check_compatible(have, want, source: str) -> None:
                               f"{getattr(want, name)!r}")
 
 
+def training_stats(policy: nn.Module, dataset, cfg: TrainConfig) -> tuple[dict, str]:
+    """The normalisation statistics to train with, and where they came from.
+
+    A fresh policy takes the dataset's. Fine-tuning (`--init_from`) keeps the initial checkpoint's
+    by default (`--init_stats keep`): replacing them re-maps every action the policy learned.
+    `dataset` recomputes them from the new data; `aggregate` combines old and new by frame counts
+    (LeRobot's `aggregate_stats`: count-weighted mean and variance, min of mins, max of maxes)."""
+    from craftvla.data.stats import aggregate
+
+    new, where = dataset.stats, f"dataset {cfg.dataset.root}"
+    old = policy.processor.stats if cfg.init_from else None
+    if old is None or cfg.init_stats == "dataset":
+        return new, where
+    if cfg.init_stats == "keep":
+        return old, f"kept from --init_from {cfg.init_from} ({policy.processor.stats_source})"
+    merged = {key: aggregate([old[key], new[key]]) if key in old and key in new else (old.get(key) or new[key])
+              for key in {*old, *new}}
+    return merged, f"aggregate of --init_from {cfg.init_from} ({policy.processor.stats_source}) and {where}"
+
+
 def open_dataset(cfg: TrainConfig):
-    """The LeRobot dataset with normalisation, or None for fake-batch smoke runs."""
+    """The LeRobot dataset (its transform is the policy's processor, set in build_policy), or None
+    for fake-batch smoke runs."""
     if cfg.dataset.root is None:
         return None
     from craftvla.data import LeRobotDataset
-    from craftvla.data.transforms import Normalize
 
-    dataset = LeRobotDataset(cfg.dataset.root, chunk_size=cfg.policy.chunk_size,
-                             video_cache_mb=cfg.dataset.video_cache_mb)
-    mapping = {k: v for k, v in cfg.policy.normalization.items() if k in dataset.stats}
-    dataset.transform = Normalize(dataset.stats, mapping)  # normalisation outside the network
-    return dataset
+    return LeRobotDataset(cfg.dataset.root, chunk_size=cfg.policy.chunk_size, video_cache_mb=cfg.dataset.video_cache_mb)
 
 
 def micro_batch_stream(cfg: TrainConfig, dataset, policy_cfg, accelerator, start_step: int) -> Iterator[dict]:

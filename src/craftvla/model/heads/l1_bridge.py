@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from craftvla.config import ACTION_KEY, ACTION_PAD_KEY, L1BridgeHeadConfig
+from craftvla.config import L1BridgeHeadConfig
+from craftvla.keys import ACTION_KEY, ACTION_PAD_KEY
 from craftvla.model.context import VLMContext
 from craftvla.model.heads.base import ActionHead
 

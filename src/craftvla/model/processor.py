@@ -1,0 +1,139 @@
+"""The policy's processor: everything between the outside world and the model's tensors.
+
+It is saved with every checkpoint (stats.json, processor.json, tokenizer/), so a checkpoint alone
+turns a raw observation into an action in robot units, and training and inference convert the
+same way:
+
+    item = processor.transform(item)           # a dataset item: normalised state/action, instruction
+                                               # tokens, images at the model's size (DataLoader workers)
+    batch = processor.observations(obs, dev)   # raw observations (NumPy) -> a model batch
+    actions = processor.actions(chunk)         # normalised (B, H, A) -> robot units, clipped
+
+Observations are dicts of NumPy arrays with LeRobot's keys: one (H, W, 3) uint8 image per camera
+("observation.images.<camera>"), "observation.state" (S,), and "task", the instruction string.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from craftvla.config import VLAConfig
+from craftvla.data.transforms import Normalize, Unnormalize
+from craftvla.errors import CraftVLAError
+from craftvla.keys import ACTION_KEY, STATE_KEY, TASK_KEY, TOKENS_KEY, TOKENS_MASK_KEY
+
+PROCESSOR_FILE = "processor.json"
+
+
+class Processor:
+    """Normalisation statistics + tokenizer + the config's image size, cameras and modes."""
+
+    def __init__(self, config: VLAConfig, tokenizer, stats: Optional[dict] = None, stats_source: str = "none"):
+        self.config, self.tokenizer = config, tokenizer
+        self.set_stats(stats, stats_source)
+
+    # ----- statistics ---------------------------------------------------------------------------
+    def set_stats(self, stats: Optional[dict], source: str) -> None:
+        """Adopt normalisation statistics ({feature: {stat: array}}); `source` says where they came from."""
+        self.stats, self.stats_source = stats, source
+        self._normalize = self._unnormalize = None  # built on first use: a stats-less policy may never need them
+
+    def _transforms(self) -> tuple[Normalize, Unnormalize]:
+        if self._normalize is None:
+            if self.stats is None:
+                raise CraftVLAError("this policy has no normalisation statistics (it was never trained on a dataset); "
+                                    "train it with --dataset.root first")
+            mapping = dict(self.config.normalization)
+            if self.config.action_clip == "stats" and not {"min", "max"} <= set(self.stats.get(ACTION_KEY, {})):
+                raise CraftVLAError(f"action_clip='stats' needs the action's min and max in the statistics "
+                                    f"({self.stats_source}); set --policy.action_clip none or add them")
+            self._normalize = Normalize(self.stats, mapping)
+            self._unnormalize = Unnormalize(self.stats, {k: v for k, v in mapping.items() if k == ACTION_KEY})
+        return self._normalize, self._unnormalize
+
+    def normalize(self, item: dict[str, Any]) -> dict[str, Any]:
+        """State and action (whichever the item has) in the model's normalised units."""
+        return self._transforms()[0](item)
+
+    # ----- text ---------------------------------------------------------------------------------
+    def tokenize(self, tasks: Sequence[str], pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instructions -> ids (B, T) long and mask (B, T) bool, right-padded, no special tokens;
+        T = the longest instruction, or llm.max_text_tokens with `pad_to_max` (fixed-size items)."""
+        enc = self.tokenizer(list(tasks), add_special_tokens=False, truncation=True,
+                             padding="max_length" if pad_to_max else "longest",
+                             max_length=self.config.llm.max_text_tokens, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"].bool()
+
+    # ----- training items -----------------------------------------------------------------------
+    def transform(self, item: dict[str, Any]) -> dict[str, Any]:
+        """One dataset item -> normalised, images at the model's size, instruction tokenised
+        (padded to llm.max_text_tokens; `crop_text_padding` trims a collated batch)."""
+        item = self.normalize(item)
+        for key in self.config.camera_keys:
+            item[key] = self.resize(item[key].unsqueeze(0))[0]
+        ids, mask = self.tokenize([item[TASK_KEY]], pad_to_max=True)
+        item[TOKENS_KEY], item[TOKENS_MASK_KEY] = ids[0], mask[0]
+        return item
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 3, S, S), S = vision.image_size
+        size = self.config.vision.image_size
+        if images.shape[-2:] == (size, size):
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+    # ----- inference ----------------------------------------------------------------------------
+    def observations(self, observations: Sequence[dict[str, Any]], device: torch.device | str = "cpu") -> dict:
+        """B raw observations (see the module docstring) -> a normalised model batch on `device`."""
+        self._check_observations(observations)
+        batch: dict[str, Any] = {TASK_KEY: [str(o[TASK_KEY]) for o in observations]}
+        for key in self.config.camera_keys:
+            images = torch.from_numpy(np.stack([o[key] for o in observations]))  # (B, H, W, 3) uint8
+            batch[key] = self.resize(images.permute(0, 3, 1, 2).float().div_(255.0)).to(device)  # (B, 3, S, S)
+        state = np.stack([np.asarray(o[STATE_KEY], dtype=np.float32) for o in observations])  # (B, S)
+        batch[STATE_KEY] = torch.from_numpy(state).to(device)
+        ids, mask = self.tokenize(batch[TASK_KEY])
+        batch[TOKENS_KEY], batch[TOKENS_MASK_KEY] = ids.to(device), mask.to(device)
+        return self.normalize(batch)
+
+    def _check_observations(self, observations: Sequence[dict[str, Any]]) -> None:
+        needed = [*self.config.camera_keys, STATE_KEY, TASK_KEY]
+        for i, obs in enumerate(observations):
+            missing = [k for k in needed if k not in obs]
+            if missing:
+                raise CraftVLAError(f"observation {i} lacks {missing} (it has {sorted(obs)}); expected "
+                                    f"{needed}: images (H, W, 3) uint8, state ({self.config.state_dim},), instruction")
+            for key in self.config.camera_keys:
+                image = np.asarray(obs[key])
+                if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                    raise CraftVLAError(f"observation {i}: {key} is {image.dtype} {image.shape}; expected (H, W, 3) uint8")
+            if np.shape(obs[STATE_KEY]) != (self.config.state_dim,):
+                raise CraftVLAError(f"observation {i}: {STATE_KEY} has shape {np.shape(obs[STATE_KEY])}; "
+                                    f"the policy expects ({self.config.state_dim},)")
+
+    def actions(self, chunk: torch.Tensor) -> np.ndarray:
+        """Normalised actions (B, H, A) -> robot units, clipped to the training data's range
+        (`action_clip="stats"`, as OpenVLA clips to its dataset bounds) -> float32 NumPy."""
+        actions = self._transforms()[1]({ACTION_KEY: chunk.float()})[ACTION_KEY]  # (B, H, A)
+        if self.config.action_clip == "stats":
+            low = torch.as_tensor(np.asarray(self.stats[ACTION_KEY]["min"]), dtype=actions.dtype, device=actions.device)
+            high = torch.as_tensor(np.asarray(self.stats[ACTION_KEY]["max"]), dtype=actions.dtype, device=actions.device)
+            actions = torch.maximum(torch.minimum(actions, high), low)
+        return actions.cpu().numpy().astype(np.float32)
+
+    def metadata(self) -> dict:
+        """What processor.json records beside stats.json and tokenizer/."""
+        return {"stats_source": self.stats_source}
+
+
+def crop_text_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """A collated batch whose tokens were padded to llm.max_text_tokens -> padded to its longest
+    instruction (what tokenising the batch at once gives). Runs on CPU tensors, before the device."""
+    if TOKENS_MASK_KEY in batch:
+        length = max(int(batch[TOKENS_MASK_KEY].sum(dim=1).max()), 1)
+        batch[TOKENS_KEY] = batch[TOKENS_KEY][:, :length]
+        batch[TOKENS_MASK_KEY] = batch[TOKENS_MASK_KEY][:, :length]
+    return batch
