@@ -154,3 +154,24 @@ def test_errors_name_the_field():
     plugin = CraftPlugin(policy, CraftConfig(enabled=True))
     with pytest.raises(CraftVLAError, match="without any backward"):
         plugin.before_optimizer_step()
+
+
+def test_auxiliary_loss_reaches_g_act():
+    """An auxiliary loss registered on the policy is part of L_act: CRaFT's g_act gains exactly its
+    gradient (here sum(C * action_queries), whose gradient is C) and nothing else changes."""
+    policy = small_policy()
+    twin = copy.deepcopy(policy)
+    coeff = torch.randn_like(policy.action_queries.weight)
+    twin.add_aux_loss("pull", lambda context, b: ((twin.action_queries.weight * coeff).sum(), {}), weight=2.0)
+    grads = []
+    for model in (policy, twin):
+        plugin = CraftPlugin(model, CraftConfig(enabled=True))
+        metrics = plugin.backward(model, batch(2, seed=4), 1.0)
+        index = next(i for i, p in enumerate(plugin.params) if p is model.action_queries.weight)
+        grads.append([v.clone() for v in plugin._act_views] + [index])
+    *plain, index = grads[0]
+    *with_aux, _ = grads[1]
+    for i, (a, b) in enumerate(zip(plain, with_aux)):
+        expected = a + 2.0 * coeff if i == index else a
+        torch.testing.assert_close(b, expected, rtol=0, atol=1e-6)
+    assert "aux/pull" in metrics

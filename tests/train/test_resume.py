@@ -13,8 +13,8 @@ from craftvla.train.metrics import read_metrics
 from tests.train.conftest import train_config
 
 
-def noisy_loss(model, batch):
-    """A loss plug-in that draws from the global torch RNG: losses then depend on the RNG state,
+def noisy_loss(context, batch):
+    """An auxiliary loss that draws from the global torch RNG: losses then depend on the RNG state,
     so equality after resume shows the RNG state was restored (the policy itself draws none)."""
     return 0.05 * torch.rand(()), {"noise_draw": 1.0}
 
@@ -27,22 +27,22 @@ def _flags(data, out, *extra):
 
 def test_resume_reproduces_uninterrupted_losses(tiny_dataset, tmp_path):
     full = tmp_path / "full"
-    train(_flags(tiny_dataset, full), loss_plugins=[noisy_loss])
+    train(_flags(tiny_dataset, full), aux_losses={"noise": noisy_loss})
 
     part = tmp_path / "part"
-    train(_flags(tiny_dataset, part, "--stop_at_step", "4"), loss_plugins=[noisy_loss])  # saves 3 and 4
+    train(_flags(tiny_dataset, part, "--stop_at_step", "4"), aux_losses={"noise": noisy_loss})  # saves 3 and 4
     with open(part / "metrics.jsonl", "a") as f:  # a line logged after the checkpoint, then a crash
         f.write('{"step": 5, "loss": 123.0}\n')
     (part / "checkpoints" / "last").unlink()  # as if killed before step 4's checkpoint was published
     shutil.rmtree(part / "checkpoints" / "000004")
     (part / "checkpoints" / "last").symlink_to("000003")
     torch.manual_seed(999), np.random.seed(999), random.seed(999)  # a fresh process's RNG
-    train(_flags(tiny_dataset, part, "--resume", "true", "--log.plots", "true"), loss_plugins=[noisy_loss])
+    train(_flags(tiny_dataset, part, "--resume", "true", "--log.plots", "true"), aux_losses={"noise": noisy_loss})
 
     a, b = read_metrics(full / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # lines after step 3 were replaced
     for ra, rb in zip(a, b):
-        for key in ("loss", "l1_loss", "grad_norm", "lr"):
+        for key in ("loss", "l1_loss", "aux/noise", "grad_norm", "lr"):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
     lrs = [r["lr"] for r in a]  # one linear warm-up (transformers: step 0 has LR 0), then cosine decay
     assert lrs[0] < lrs[1] < lrs[2] == 3e-4 > lrs[3] > lrs[4] > lrs[5] >= 3e-5

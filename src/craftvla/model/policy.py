@@ -13,7 +13,7 @@ Batch keys: "observation.images.<camera>" (B, 3, H, W) float in [0, 1]; "observa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -29,6 +29,12 @@ from craftvla.model.processor import Processor
 from craftvla.model.projector import Projector
 from craftvla.model.sequence import build_sequence
 from craftvla.model.vision import VisionBackbone
+
+
+# An auxiliary loss: (VLM context, batch) -> (scalar loss, detached metrics). Registered with
+# `VLAPolicy.add_aux_loss`, it is part of the policy's loss: every training path (plain, DDP,
+# CRaFT's action gradient g_act) sees it, and it can never be dropped silently.
+AuxLoss = Callable[[VLMContext, dict], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
 @dataclass
@@ -57,6 +63,7 @@ class VLAPolicy(nn.Module):
         self.action_head = build_head(config, dim, self.llm.num_layers)
         # Normalisation statistics, tokenisation, image and action conversion; saved with the checkpoint.
         self.processor = Processor(config, self.tokenizer)
+        self.aux_losses: dict[str, tuple[AuxLoss, float]] = {}  # name -> (loss fn, weight); not saved
         self._bos_id, self._stop_id = _special_ids(self.tokenizer)
         if load_weights:
             from craftvla.model.checkpoints import load_pretrained_parts
@@ -92,10 +99,20 @@ class VLAPolicy(nn.Module):
         return VLMContext(out.hidden_states, out.layouts, batch[STATE_KEY])
 
     # ----- the policy interface ------------------------------------------------------------------
+    def add_aux_loss(self, name: str, fn: AuxLoss, weight: float = 1.0) -> None:
+        """Add `weight * fn(context, batch)` to the training loss; its value is logged as `aux/<name>`."""
+        if name in self.aux_losses:
+            raise CraftVLAError(f"auxiliary loss {name!r} is already registered")
+        self.aux_losses[name] = (fn, float(weight))
+
     def compute_loss(self, batch: dict) -> LossOutput:
-        """Training forward: encode once, then the head's loss."""
+        """Training forward: encode once, the head's loss, plus every registered auxiliary loss."""
         context = self.encode(batch)
         loss, metrics = self.action_head.loss(context, batch)
+        for name, (fn, weight) in self.aux_losses.items():
+            extra, extra_metrics = fn(context, batch)
+            loss = loss + weight * extra
+            metrics = {**metrics, **extra_metrics, f"aux/{name}": extra.detach()}
         return LossOutput(loss, metrics, context)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

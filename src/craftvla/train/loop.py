@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from craftvla.train import state as ckpt
 from craftvla.train.batches import StepSampler, data_loader, fake_micro_batches, to_device
 from craftvla.train.config import TrainConfig, dump_train_config, parse_train_config
 from craftvla.train.metrics import MetricsLogger, truncate_metrics
+
+if TYPE_CHECKING:
+    from craftvla.model.policy import AuxLoss
 
 log = logging.getLogger("craftvla.train")
 
@@ -43,14 +46,12 @@ class GradPlugin(Protocol):
     def after_optimizer_step(self) -> Optional[dict[str, float]]: ...
 
 
-# A loss plug-in: (model, micro_batch) -> (extra loss term, metrics), added to the policy's loss.
-LossPlugin = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
-
-
 def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, scheduler, accelerator,
-               grad_clip_norm: float, grad_plugin: Optional[GradPlugin] = None,
-               loss_plugins: Sequence[LossPlugin] = ()) -> dict[str, float]:
-    """One optimizer step over the micro-batches of this process; returns averaged metrics.
+               grad_clip_norm: float, grad_plugin: Optional[GradPlugin] = None) -> dict[str, Any]:
+    """One optimizer step over the micro-batches of this process; returns averaged metrics
+    (detached tensors or floats: nothing here waits for the device; the logger converts them when
+    it writes a line). Auxiliary losses are part of the policy's own loss (`add_aux_loss`), so
+    both paths below, and CRaFT's g_act, include them.
 
     Plain path: each micro-batch's loss (/ n) is backpropagated, with DDP's gradient all-reduce
     only on the last one (`no_sync` on the others), so accumulated gradients equal one big batch.
@@ -63,20 +64,20 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
     n = len(micro_batches)
     policy = accelerator.unwrap_model(model)
     params = [p for p in policy.parameters() if p.requires_grad]
-    totals: dict[str, float] = {}
+    totals: dict[str, Any] = {}
     for i, batch in enumerate(micro_batches):
         if grad_plugin is not None:
             with accelerator.autocast():  # what the wrapped model's forward would have applied
                 metrics = grad_plugin.backward(policy, batch, scale=1.0 / n)
         else:
             with contextlib.nullcontext() if i == n - 1 else accelerator.no_sync(model):
-                metrics = _plain_backward(model, batch, n, accelerator, loss_plugins)
+                metrics = _plain_backward(model, batch, n, accelerator)
         for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + float(value) / n
+            totals[key] = totals.get(key, 0.0) + value / n
     if grad_plugin is not None:
         totals.update(grad_plugin.before_optimizer_step(params) or {})
     norm = accelerator.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else math.inf)
-    totals["grad_norm"] = float(norm)
+    totals["grad_norm"] = norm.detach() if torch.is_tensor(norm) else norm
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -85,14 +86,11 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, sched
     return totals
 
 
-def _plain_backward(model: nn.Module, batch: dict, n: int, accelerator, loss_plugins: Sequence[LossPlugin]) -> dict:
-    """Forward through the (wrapped) model, add loss plug-in terms, backward loss / n."""
+def _plain_backward(model: nn.Module, batch: dict, n: int, accelerator) -> dict:
+    """Forward through the (wrapped) model, backward loss / n."""
     loss, metrics = model(batch)
-    for plugin in loss_plugins:
-        extra, extra_metrics = plugin(model, batch)
-        loss, metrics = loss + extra, {**metrics, **extra_metrics}
     accelerator.backward(loss / n)
-    return {**metrics, "loss": loss.detach().item()}
+    return {**metrics, "loss": loss.detach()}
 
 
 # ----- wiring ---------------------------------------------------------------------------------------
@@ -113,7 +111,6 @@ class Run:
     start_step: int = 0
     num_samples: Optional[int] = None  # dataset frames (None for fake batches)
     grad_plugin: Optional[GradPlugin] = None
-    loss_plugins: Sequence[LossPlugin] = ()
     plugins: dict[str, ckpt.Stateful] = field(default_factory=dict)  # saved in training_state/
 
 
@@ -238,7 +235,7 @@ def micro_batch_stream(cfg: TrainConfig, dataset, policy_cfg, accelerator, start
 
 
 def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
-          loss_plugins: Sequence[LossPlugin] = ()) -> Run:
+          aux_losses: Optional[dict[str, AuxLoss]] = None) -> Run:
     """Build the accelerator, data, policy, optimizer and plug-ins; restore state on --resume."""
     from accelerate.utils import set_seed
 
@@ -248,6 +245,8 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
     run_dir = Path(cfg.output_dir)
     dataset = open_dataset(cfg)
     policy = build_policy(cfg, dataset)
+    for name, fn in (aux_losses or {}).items():
+        policy.add_aux_loss(name, fn)
     unused = unused_trainable_parameters(policy) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else []
     if unused:
         log.warning("%d trainable parameters get no gradient (e.g. %s): DDP will search for unused "
@@ -262,7 +261,7 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
     grad_plugin = (make_grad_plugin or make_craft_plugin)(policy, cfg, accelerator)
     plugins = {"grad_plugin": grad_plugin} if hasattr(grad_plugin, "state_dict") else {}
     run = Run(cfg, accelerator, policy, model, optimizer, scheduler, iter(()), run_dir,
-              num_samples=len(dataset) if dataset is not None else None, grad_plugin=grad_plugin, loss_plugins=loss_plugins, plugins=plugins)
+              num_samples=len(dataset) if dataset is not None else None, grad_plugin=grad_plugin, plugins=plugins)
     if cfg.resume:
         run.start_step = resume(run)
     run.batches = micro_batch_stream(cfg, dataset, policy.config, accelerator, run.start_step)
@@ -351,7 +350,7 @@ def fit(run: Run) -> dict[str, Any]:
         lr = run.scheduler.get_last_lr()[0]  # the LR this step's update uses
         micro = [to_device(next(run.batches), acc.device) for _ in range(cfg.grad_accum_steps)]
         last = train_step(run.model, micro, run.optimizer, run.scheduler, acc, cfg.optim.grad_clip_norm,
-                          run.grad_plugin, run.loss_plugins)
+                          run.grad_plugin)
         epoch = {"epoch": step * cfg.batch_size / run.num_samples} if run.num_samples else {}
         out_of_time = _out_of_time(acc, t0, cfg.max_minutes)
         final = step == end or out_of_time
@@ -380,14 +379,15 @@ def _out_of_time(accelerator, t0: float, max_minutes: Optional[float]) -> bool:
     """Whether the time budget is spent, decided on the main rank so every rank stops together."""
     if max_minutes is None:
         return False
-    flag = torch.tensor([float(time.perf_counter() - t0 > 60 * max_minutes)], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="max")
-    return bool(flag.item())
+    late = time.perf_counter() - t0 > 60 * max_minutes
+    if accelerator.num_processes == 1:
+        return late
+    flag = torch.tensor([float(late)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="max").item())
 
 
 def train(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
-          loss_plugins: Sequence[LossPlugin] = ()) -> Run:
+          aux_losses: Optional[dict[str, AuxLoss]] = None) -> Run:
     """Set up and run training from a parsed config (the programmatic entry point)."""
     run_dir = Path(cfg.output_dir)
     if not cfg.resume and (run_dir / "checkpoints" / ckpt.LAST).exists():
@@ -395,7 +395,7 @@ def train(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
 
         raise CraftVLAError(f"{run_dir}: already holds a run; pass --resume true to continue it, "
                             "or choose another --output_dir")
-    run = setup(cfg, make_grad_plugin, loss_plugins)
+    run = setup(cfg, make_grad_plugin, aux_losses)
     if run.accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_train_config(cfg, str(run_dir / "train_config.yaml"))

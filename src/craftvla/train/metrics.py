@@ -60,8 +60,8 @@ class MetricsLogger:
                force: bool = False) -> None:
         """Record one optimizer step; write a line when `step` is a multiple of log_freq or `force`
         (the run's last step; a plug-in's own logging step). Every rank must pass the same `force`."""
-        for key, value in metrics.items():
-            self.sums[key] += float(value)
+        for key, value in metrics.items():  # device tensors stay on the device until a line is written
+            self.sums[key] = self.sums[key] + (value.detach() if torch.is_tensor(value) else value)
             self.counts[key] += 1
         self.count += 1
         self.samples += samples
@@ -72,8 +72,9 @@ class MetricsLogger:
 
     def _flush(self, step: int, extra: dict) -> None:
         keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64,
-                              device=self.accelerator.device)
+        device = self.accelerator.device
+        values = torch.stack([torch.as_tensor(self.sums[k] / self.counts[k], dtype=torch.float64, device=device)
+                              .reshape(()) for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
         values = self.accelerator.reduce(values, reduction="mean") if self.accelerator.num_processes > 1 else values
         seconds = time.perf_counter() - self.t0
         record = {"step": step, **dict(zip(keys, values.tolist())), "samples_per_s": self.samples / seconds,
