@@ -1,5 +1,5 @@
 """Step time and peak memory: plain fine-tuning vs CRaFT online vs CRaFT from an anchor cache vs the
-seed-style swap reference.
+straightforward reference (reference.py: CPU weight swap + per-tensor surgery loop).
 
     .venv/bin/python benchmarks/craft_step/bench.py [--rounds 12] [--batch 4] [--out benchmarks/craft_step]
 
@@ -41,6 +41,7 @@ from craftvla.craft.functional import retention_loss
 from craftvla.craft.plugin import CraftPlugin
 from craftvla.model.context import bridge_features
 from craftvla.model.policy import VLAPolicy
+from reference import ReferenceCraftPlugin
 
 VARIANTS = ("plain", "craft_online", "craft_cache", "craft_swap")
 
@@ -58,8 +59,8 @@ def craft_cfg(variant: str, cache: Path | None, batch_size: int) -> CraftConfig 
     if variant == "craft_cache":  # a cache holds the vision feature (C_R) of the middle layer
         return CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(cache), anchor_type="vision",
                            anchor_batch_size=batch_size)
-    if variant == "craft_swap":  # the design notes' reference: CPU weight swap + per-tensor loop
-        return CraftConfig(enabled=True, anchor_source="swap", projection_scope="per_tensor")
+    if variant == "craft_swap":  # reference.py: CPU weight swap + per-tensor loop
+        return CraftConfig(enabled=True, projection_scope="per_tensor")
     return None
 
 
@@ -98,7 +99,8 @@ class Runner:
         self.policy, self.variant = policy, variant
         self.opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
         cfg = craft_cfg(variant, cache, batch_size)
-        self.plugin = CraftPlugin(policy, cfg) if cfg else None
+        plugin_cls = ReferenceCraftPlugin if variant == "craft_swap" else CraftPlugin
+        self.plugin = plugin_cls(policy, cfg) if cfg else None
 
     def step(self, batch: dict) -> None:
         if self.plugin is None:

@@ -92,7 +92,7 @@ class LLMConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 512
-    # Token-mixing: "bidirectional" (the design notes' intent) or "causal" (what released VLA-Adapter does).
+    # Token-mixing: "bidirectional" (every token sees every other) or "causal" (what released VLA-Adapter does).
     attention: str = "bidirectional"
     # "bytes" = a byte-level tokenizer built in code (needs no downloaded files); otherwise a local
     # tokenizer directory; None = the tokenizer saved in weights_dir, or "bytes" without weights_dir.

@@ -22,7 +22,7 @@ from craftvla.errors import ConfigError
 class DemoConfig:
     # Directory for the dataset, the training run and the evaluation (re-used across demo runs).
     out: str = "runs/demo"
-    # Meta-World tasks (comma-separated); goals visible at 64 px (see FACTS.md).
+    # Meta-World tasks (comma-separated); their goals are visible at 64 px.
     tasks: str = "drawer-close-v3,button-press-topdown-v3,door-open-v3"
     # Expert demonstrations per task (the dataset is collected once and re-used).
     episodes: int = 20

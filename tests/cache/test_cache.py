@@ -173,11 +173,20 @@ def test_interrupted_build_resumes_to_the_same_cache(build, checkpoint, anchor_d
         assert all(torch.equal(got[name][k], want[name][k]) for k in want[name])
 
 
-def test_interrupted_build_before_any_shard(checkpoint, anchor_dataset, tmp_path):
+def test_interrupted_build_before_any_shard(checkpoint, anchor_dataset, tmp_path, monkeypatch):
     cfg = C.CacheBuildConfig(checkpoint=str(checkpoint), dataset=str(anchor_dataset), out=str(tmp_path / "c"),
                              num_samples=4, shard_size=2, device="cpu")
+    real_write = C._write_shard
+
+    def die_after_one(path, tensors, tasks):
+        if list(path.parent.glob("shard-*")):
+            raise RuntimeError("simulated interruption after 1 shard")
+        real_write(path, tensors, tasks)
+
+    monkeypatch.setattr(C, "_write_shard", die_after_one)
     with pytest.raises(RuntimeError, match="simulated"):
-        C.build_cache(cfg, fail_after_shards=1)
+        C.build_cache(cfg)
+    monkeypatch.setattr(C, "_write_shard", real_write)
     changed = C.CacheBuildConfig(**{**cfg.__dict__, "pooling": "last_token"})
     with pytest.raises(CraftVLAError, match=r"other settings \(\['pooling'\]\).*--overwrite true"):
         C.build_cache(changed)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from benchmarks.craft_step.reference import project_gradients_reference
 from craftvla.craft import functional as CF
 from craftvla.craft.config import CraftConfig
 from craftvla.craft.plugin import CraftPlugin
@@ -92,7 +93,7 @@ def test_surgery_result_matches_explicit_reference():
     g_act = torch.autograd.grad(out.loss, plugin.params, allow_unused=True)
     zero = lambda gs: [torch.zeros_like(p) if g is None else g for g, p in zip(gs, plugin.params)]  # noqa: E731
     lam = float(plugin.lam)
-    expected = CF.project_gradients_reference(zero(g_act), zero(g_ret), lam, scope="global")
+    expected = project_gradients_reference(zero(g_act), zero(g_ret), lam, scope="global")
     plugin.backward(policy, b, 1.0)
     plugin.before_optimizer_step()
     torch.testing.assert_close(_grads(plugin), torch.cat([e.flatten() for e in expected]).float(), rtol=1e-4, atol=1e-7)

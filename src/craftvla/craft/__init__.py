@@ -1,4 +1,4 @@
-"""CRaFT: constrained representation fine-tuning (SPEC §2).
+"""CRaFT: constrained representation fine-tuning.
 
 functional.py  pure tensor functions (pooling, retention loss, surgery, dual update)
 config.py      CraftConfig (the --craft.* flags)

@@ -1,4 +1,4 @@
-"""Anchor-feature providers: what the bridge features of the *initial* model are (SPEC §2).
+"""Anchor-feature providers: what the bridge features of the *initial* model are.
 
 Each provider answers `retention_pair(policy, batch, context) -> (f_theta (B, F), f_anchor (B, F))`,
 with `f_theta` carrying gradient and `f_anchor` not:
@@ -10,9 +10,7 @@ with `f_theta` carrying gradient and `f_anchor` not:
   same functional call covers every trainable tensor that feeds the features. The copies kept
   are only those the feature graph actually reaches (found once, from the first step's graph).
   Exact: equal to a frozen copy of the initial model.
-- `SwapAnchors`: the design notes' reference (seed 000): a CPU snapshot, weights copied into the
-  model and back on every step. Kept for the benchmark only.
-- `craft.cache.CacheAnchorProvider`: targets from an offline anchor cache (SPEC §3), on anchor
+- `craft.cache.CacheAnchorProvider`: targets from an offline anchor cache (craft/cache.py), on anchor
   batches drawn from the cache alongside the task data.
 """
 
@@ -128,39 +126,10 @@ class OnlineAnchors:
         return f_theta, self.features(policy, batch)
 
 
-class SwapAnchors:
-    """The design notes' weight swap (seed 000): CPU snapshot, copy in, no-grad forward, copy back.
-    A benchmark reference: two host<->device copies of every trainable tensor per step."""
-
-    description = "seed-style weight swap through a CPU snapshot (reference)"
-
-    def __init__(self, policy: nn.Module, feature_fn: FeatureFn):
-        self.feature_fn = feature_fn
-        self.initial = {n: p.detach().clone().cpu() for n, p in policy.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def features(self, policy: nn.Module, batch: dict) -> torch.Tensor:
-        params = dict(policy.named_parameters())
-        current = {n: params[n].data.clone().cpu() for n in self.initial}  # save_current_weights()
-        for name, value in self.initial.items():  # swap_to_initial()
-            params[name].data.copy_(value.to(params[name].device))
-        try:
-            return self.feature_fn(policy.encode(batch))
-        finally:
-            for name, value in current.items():  # swap_to_current()
-                params[name].data.copy_(value.to(params[name].device))
-
-    def retention_pair(self, policy: nn.Module, batch: dict, context: VLMContext) -> tuple[torch.Tensor, torch.Tensor]:
-        anchor = self.features(policy, batch)
-        return self.feature_fn(context), anchor
-
-
 def make_anchor_provider(policy: nn.Module, cfg: CraftConfig, feature_fn: FeatureFn, seed: int = 0):
     """The provider named by `cfg.source` (`seed` orders the cache's anchor batches)."""
     if cfg.source == "online":
         return OnlineAnchors(policy, feature_fn)
-    if cfg.source == "swap":
-        return SwapAnchors(policy, feature_fn)
     from craftvla.craft.cache import CacheAnchorProvider
 
     return CacheAnchorProvider(policy, feature_fn, cfg, batch_size=cfg.anchor_batch_size, seed=seed)

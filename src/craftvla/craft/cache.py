@@ -1,4 +1,4 @@
-"""Offline anchor caches (SPEC §3, design note 001): the frozen model's targets, computed once.
+"""Offline anchor caches: the frozen model's targets, computed once.
 
     craftvla cache build --checkpoint CKPT --dataset DIR --out CACHE [--type hidden_feature] \
         [--pooling mean_image_tokens] [--layer L] [--dtype float16] [--num_samples N] [--shard_size 1000]
@@ -355,11 +355,8 @@ def _shard_samples(policy, dataset, indices: list[int], batch_size: int, plan: d
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, tasks
 
 
-def build_cache(cfg: CacheBuildConfig, fail_after_shards: Optional[int] = None) -> Path:
-    """Build (or resume) the cache described by `cfg`; returns its directory.
-
-    `fail_after_shards` (tests only) raises after writing that many shards in this run, to
-    simulate an interruption."""
+def build_cache(cfg: CacheBuildConfig) -> Path:
+    """Build (or resume) the cache described by `cfg`; returns its directory."""
     from tqdm.auto import tqdm
 
     from craftvla.model.policy import VLAPolicy
@@ -376,9 +373,7 @@ def build_cache(cfg: CacheBuildConfig, fail_after_shards: Optional[int] = None) 
     todo = [i for i in range(plan["num_shards"]) if i not in done]
     with tqdm(total=plan["num_samples"], initial=plan["num_samples"] - sum(
             len(indices[i * size:(i + 1) * size]) for i in todo), desc="anchor cache", unit="sample") as bar:
-        for written, shard in enumerate(todo):
-            if fail_after_shards is not None and written == fail_after_shards:
-                raise RuntimeError(f"simulated interruption after {written} shards")
+        for shard in todo:
             tensors, tasks = _shard_samples(policy, dataset, indices[shard * size:(shard + 1) * size],
                                             cfg.batch_size, plan, bar)
             _write_shard(out / shard_name(shard), tensors, tasks)

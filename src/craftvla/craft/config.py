@@ -1,5 +1,4 @@
-"""CRaFT configuration (`--craft.*` flags of `craftvla train`; names from the design notes,
-seed 000: use_craft -> enabled, craft_retention_weight -> retention_weight, ...)."""
+"""CRaFT configuration: the `--craft.*` flags of `craftvla train`."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from craftvla.craft.functional import PROJECTION_SCOPES
 from craftvla.model.context import ANCHOR_TYPES, POOLING_MODES
 from craftvla.errors import require
 
-ANCHOR_SOURCES = ("online", "swap", "cache")
+ANCHOR_SOURCES = ("online", "cache")
 # craft: projection + dual ascent (the method). The other three are the retention-study
 # baselines run by the same plug-in: l2_init = L2-SP penalty (retention_weight/2)*||theta-theta0||^2;
 # distill_fixed = feature distillation with a fixed weight (no projection, no dual update);
@@ -21,7 +20,7 @@ MODES = ("craft", "l2_init", "distill_fixed", "dual_only")
 
 @dataclass
 class CraftConfig:
-    # Turn the CRaFT plug-in on (the design notes' use_craft); off = plain fine-tuning.
+    # Turn the CRaFT plug-in on; off = plain fine-tuning.
     enabled: bool = False
     # "craft" (the method) or a baseline: "l2_init", "distill_fixed", "dual_only" (see MODES).
     mode: str = "craft"
@@ -36,13 +35,13 @@ class CraftConfig:
     # Project g_act off g_ret when they conflict (only read in mode "craft"; baselines never project).
     enable_projection: bool = True
     # "global": one projection over the whole trainable-parameter vector (the formula's meaning);
-    # "per_tensor": one per parameter tensor (what the design notes' loop did).
+    # "per_tensor": one per parameter tensor.
     projection_scope: str = "global"
     # LLM layer whose vision-patch states give C_R (hidden_states index, 0 = embeddings);
     # None = the policy's default anchor layer, num_layers // 2, or, with an anchor
     # cache, the layer the cache was built at.
     anchor_layer_idx: Optional[int] = None
-    # Which bridge features are kept: "both" (C_R and C_AQ, the SPEC default), "vision" (C_R
+    # Which bridge features are kept: "both" (C_R and C_AQ), "vision" (C_R
     # only) or "action_query" (C_AQ only). Keep "both" when the starting checkpoint trained its
     # action queries (a VLA checkpoint); use "vision" when it did not (a plain VLM start, where
     # the queries are zero-initialised and their "initial features" carry no knowledge to keep).
@@ -53,8 +52,7 @@ class CraftConfig:
     # cache, the cache's pooling.
     pooling: Optional[str] = None
     # Where anchor features come from: "online" (initial weights on the same batch, exact and
-    # cheap: adapters disabled / functional_call), "swap" (the design notes' CPU weight swap,
-    # a benchmark reference), "cache" (an offline anchor cache, see anchor_cache).
+    # cheap: adapters disabled / functional_call) or "cache" (an offline anchor cache, see anchor_cache).
     # None = "cache" when anchor_cache is given, else "online".
     anchor_source: Optional[str] = None
     # Anchor-cache directory (built by `craftvla cache build`); implies anchor_source="cache".
@@ -96,12 +94,12 @@ class CraftConfig:
 
     @property
     def online_anchor_type(self) -> str:
-        """anchor_type for online / swap anchors (a cache run adopts the cache's instead)."""
+        """anchor_type for online anchors (a cache run adopts the cache's instead)."""
         return self.anchor_type or "both"
 
     @property
     def online_pooling(self) -> str:
-        """pooling for online / swap anchors (a cache run adopts the cache's instead)."""
+        """pooling for online anchors (a cache run adopts the cache's instead)."""
         return self.pooling or "mean"
 
     @property

@@ -128,25 +128,3 @@ def project_gradients(
     betas = list(beta.to(g_act[0].dtype).expand(len(g_act)).unbind())  # K views, no copies
     torch._foreach_add_(list(g_act), torch._foreach_mul(list(g_ret), betas))
     return _stats(dots, act_sq, ret_sq, beta)
-
-
-def project_gradients_reference(
-    g_act: Sequence[torch.Tensor], g_ret: Sequence[torch.Tensor], lam: float, eps: float = 1e-8,
-    scope: str = "per_tensor", enable_projection: bool = True,
-) -> list[torch.Tensor]:
-    """The explicit two-stage surgery (project g_act if it conflicts, then add lam * g_ret), as
-    the design notes write it: a Python loop over tensors. Reference for tests and the ``swap``
-    benchmark row; returns new tensors."""
-    if scope == "global":
-        dot = sum((a.double() * r.double()).sum() for a, r in zip(g_act, g_ret))
-        ret_sq = sum((r.double() ** 2).sum() for r in g_ret)
-        coef = dot / (ret_sq + eps) if (enable_projection and dot < 0) else 0.0
-        return [a - coef * r + lam * r for a, r in zip(g_act, g_ret)]
-    out = []
-    for a, r in zip(g_act, g_ret):
-        a_flat, r_flat = a.flatten(), r.flatten()
-        dot = torch.dot(a_flat, r_flat)
-        if enable_projection and dot < 0:
-            a_flat = a_flat - dot / (torch.dot(r_flat, r_flat) + eps) * r_flat
-        out.append((a_flat + lam * r_flat).reshape(a.shape))
-    return out

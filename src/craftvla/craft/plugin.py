@@ -11,8 +11,8 @@ The loop (train/loop.py) calls, with the *unwrapped* policy and no DDP gradient 
 
 `g_act` and `g_ret` accumulate over the micro-batches into one flat buffer (autograd adds into
 views of it directly, so no per-micro-batch gradient copies); the surgery runs once per
-optimizer step on the accumulated, rank-averaged gradients (fixing the design notes' per-micro-
-batch overwrite and its DDP ordering, SPEC §2).
+optimizer step on the accumulated, rank-averaged gradients, never per micro-batch (a per-micro-batch
+surgery would overwrite the accumulated gradient and run before DDP's all-reduce).
 """
 
 from __future__ import annotations
@@ -127,21 +127,9 @@ class CraftPlugin:
             penalty = 0.5 * cfg.retention_weight * torch.stack(torch._foreach_powsum(diff, 2)).sum()
             zero = torch.zeros((), device=penalty.device)
             return {"l_ret": penalty, "cos": zero, "beta": zero + cfg.retention_weight, "conflict": zero}
-        if cfg.source == "swap":
-            return self._combine_reference()
         lengths = self._lengths if cfg.projection_scope == "per_tensor" else None
         stats = CF.project_flat(self.g_act, self.g_ret, self.lam, cfg.projection_eps, lengths, cfg.projection_on)
         return {"l_ret": self._l_ret[0].clone(), **stats}
-
-    def _combine_reference(self) -> dict[str, torch.Tensor]:
-        """The design notes' per-tensor Python loop (benchmark reference for anchor_source=swap)."""
-        lam = float(self.lam)
-        out = CF.project_gradients_reference(self._act_views, self._ret_views, lam, self.cfg.projection_eps,
-                                             self.cfg.projection_scope, self.cfg.projection_on)
-        for view, value in zip(self._act_views, out):
-            view.copy_(value)
-        zero = torch.zeros((), device=self.lam.device)
-        return {"l_ret": self._l_ret[0].clone(), "cos": zero, "beta": zero + lam, "conflict": zero}
 
     def after_optimizer_step(self) -> dict[str, float]:
         """Dual update with this step's L_ret; every `log_freq` steps, the craft/* metrics averaged

@@ -8,7 +8,7 @@ Three things the stock Meta-World API does not give a VLA:
   collection and evaluation never share a position (separate seed streams).
 - **Fast rendering.** Default MuJoCo quality renders 6-11 frames/s on a 2-core CPU; shadows and
   reflections off plus `model.vis.quality.offsamples = 0` (no multisample buffer) give ~100 fps
-  at 64 px (FACTS.md; `benchmarks/collect/`).
+  at 64 px (`benchmarks/collect/`).
 - **Upright images.** The fixed `corner*` cameras are mounted rolled 180 degrees (their image-up
   axis points at the floor), so raw renders are upside down; we rotate those by 180 degrees,
   deciding per camera from its orientation rather than from a hard-coded list.
@@ -101,7 +101,7 @@ INSTRUCTIONS: dict[str, str] = {
     "window-close-v3": "close the window",
 }
 
-# Defaults whose objects and goals are visible at 64 px (FACTS.md); reach/push goals are 1-2 px.
+# Defaults whose objects and goals are visible at 64 px; reach/push goals are 1-2 px there.
 DEFAULT_TASKS = ("drawer-close-v3", "button-press-topdown-v3", "door-open-v3")
 DEFAULT_CAMERA = "corner"
 
