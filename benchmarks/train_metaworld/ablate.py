@@ -35,6 +35,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "action_min_max": (["--policy.normalization", "{observation.state: mean_std, action: min_max}"],
                        "actions scaled to [-1, 1] by min/max instead of mean/std"),
     "causal": (["--policy.llm.attention", "causal"], "causal LLM attention (what released VLA-Adapter runs)"),
+    "patch16": (["--policy.vision.patch_size", "16"], "a 4x4 patch grid (16 vision tokens) instead of 8x8"),
+    "flat_readout8": (["--policy.head.flat_readout", "8"],
+                      "a position-preserving vision token (8 channels per patch, flattened) beside proprio"),
 }
 
 
@@ -71,6 +74,7 @@ def variant(name: str, work: Path, data: Path, steps: int, episodes: int, bin_di
     metrics = [json.loads(line) for line in (out / "run/metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"name": name, "why": why, "flags": flags, "steps": steps, "train_s": round(train_s, 1),
             "final_l1": metrics[-1].get("l1_loss"), "episodes": episodes,
+            "torch_threads": os.environ.get("OMP_NUM_THREADS", "all cores"),
             "success": {t: r["success_rate"] for t, r in results["tasks"].items()},
             "mean_success": results["mean_success_rate"]}
 

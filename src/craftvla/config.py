@@ -151,9 +151,14 @@ class L1BridgeHeadConfig(HeadConfig):
     # Which vision states block l reads: "llm" = LLM layer l's vision-patch states (VLA-Adapter);
     # "projector" = the projected vision tokens entering the LLM (hidden_states[0]) for every block.
     vision_source: str = "llm"
+    # C > 0: a position-preserving read-out of the vision tokens entering the LLM (each patch token
+    # reduced to C channels, all patches flattened, an MLP to one token) joins the query and proprio
+    # states every block attends to; 0 = off (VLA-Adapter). See benchmarks/train_metaworld/.
+    flat_readout: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(self.flat_readout >= 0, "head.flat_readout", self.flat_readout, "must be >= 0 (0 = off)")
         require(self.vision_source in ("llm", "projector"), "head.vision_source", self.vision_source,
                 "choose llm or projector")
         require(self.mlp_ratio >= 1, "head.mlp_ratio", self.mlp_ratio, "must be >= 1")

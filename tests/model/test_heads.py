@@ -88,3 +88,22 @@ def test_head_type_is_a_draccus_choice():
     encoded = cfg.to_dict()["head"]
     assert encoded["type"] == "l1_bridge"
     assert VLAConfig.from_dict(cfg.to_dict()).head == cfg.head
+
+
+@pytest.mark.parametrize("flat", [0, 4])
+def test_flat_readout_sees_where_a_patch_is(flat):
+    """Attention pooling is blind to the order of the vision tokens; the flat read-out is not."""
+    torch.manual_seed(0)
+    cfg = micro_config(head=L1BridgeHeadConfig(hidden_dim=32, gate_init=1.0, vision_source="projector",
+                                               flat_readout=flat))
+    policy = VLAPolicy(cfg).eval()
+    with torch.no_grad():
+        context = policy.encode(cfg.fake_batch(2))
+        before = policy.action_head.sample(context)
+        vision = context.layouts[0].vision_index
+        hidden = context.hidden_states[0].clone()
+        hidden[:, vision[0]] = hidden[:, vision[0].flip(0)]  # the same tokens, patches in reverse order
+        context.hidden_states = (hidden, *context.hidden_states[1:])
+        after = policy.action_head.sample(context)
+    assert torch.allclose(before, after, atol=1e-5) == (flat == 0)
+    assert (policy.action_head.flat is None) == (flat == 0)

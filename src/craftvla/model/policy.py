@@ -60,7 +60,7 @@ class VLAPolicy(nn.Module):
         self.projector = Projector(config.projector.type, self.vision.embed_dim, dim)
         self.action_queries = nn.Embedding(config.num_action_queries, dim)
         nn.init.zeros_(self.action_queries.weight)  # VLA-Adapter: queries start at zero
-        self.action_head = build_head(config, dim, self.llm.num_layers)
+        self.action_head = build_head(config, dim, self.llm.num_layers, self.vision.num_patches * len(config.camera_keys))
         # Normalisation statistics, tokenisation, image and action conversion; saved with the checkpoint.
         self.processor = Processor(config, self.tokenizer)
         self.aux_losses: dict[str, tuple[AuxLoss, float]] = {}  # name -> (loss fn, weight); not saved

@@ -20,7 +20,7 @@ from craftvla.model.heads.base import ActionHead
 
 
 class BridgeBlock(nn.Module):
-    """x (B, H, d) attends to [x, queries (B, Q, D), proprio (B, 1, D)] and, gated, to vision (B, N, D)
+    """x (B, H, d) attends to [x, queries (B, Q, D), proprio (B, P, D)] and, gated, to vision (B, N, D)
     (only the vision tokens a (B, N) bool `vision_mask` marks visible, when one is given)."""
 
     def __init__(self, dim: int, llm_dim: int, num_heads: int, gate_init: float, mlp_ratio: int = 4):
@@ -44,7 +44,7 @@ class BridgeBlock(nn.Module):
         h = self.norm_x(x)
         q = self._heads(self.q_proj(h))  # (B, h, H, e)
         k_self, v_self = self.kv_self(h).chunk(2, dim=-1)  # (B, H, d) each
-        k_ad, v_ad = self.kv_adapter(self.norm_cond(torch.cat([queries, proprio], dim=1))).chunk(2, dim=-1)  # (B, Q+1, d)
+        k_ad, v_ad = self.kv_adapter(self.norm_cond(torch.cat([queries, proprio], dim=1))).chunk(2, dim=-1)  # (B, Q+P, d)
         k_vis, v_vis = self.kv_vision(self.norm_cond(vision)).chunk(2, dim=-1)  # (B, N, d)
         main = F.scaled_dot_product_attention(q, self._heads(torch.cat([k_self, k_ad], 1)), self._heads(torch.cat([v_self, v_ad], 1)))
         seen = self._attend_vision(q, self._heads(k_vis), self._heads(v_vis), vision_mask)
@@ -60,6 +60,22 @@ class BridgeBlock(nn.Module):
         return torch.where(mask.any(dim=1)[:, None, None, None], seen, 0.0)  # no visible token: no vision read
 
 
+class FlatReadout(nn.Module):
+    """Vision tokens (B, N, D) -> C channels per token, flattened (B, N * C) -> MLP -> one token (B, 1, D).
+
+    Unlike attention pooling, the flattened vector keeps which patch each feature came from, so a
+    linear map can read an object's position directly (the read-out of CNN behaviour-cloning policies)."""
+
+    def __init__(self, dim: int, channels: int, num_tokens: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.reduce = nn.Linear(dim, channels)
+        self.out = nn.Sequential(nn.Linear(num_tokens * channels, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.reduce(self.norm(tokens)).flatten(1)).unsqueeze(1)
+
+
 class L1BridgeHead(ActionHead):
     """Per-layer vision and query states + proprio -> an action chunk `(B, H, A)`, trained with L1.
 
@@ -69,7 +85,7 @@ class L1BridgeHead(ActionHead):
     """
 
     def __init__(self, cfg: L1BridgeHeadConfig, llm_dim: int, num_layers: int, state_dim: int,
-                 action_dim: int, chunk_size: int):
+                 action_dim: int, chunk_size: int, num_vision_tokens: int):
         super().__init__()
         self.vision_source = cfg.vision_source
         dim = cfg.hidden_dim or llm_dim
@@ -80,9 +96,13 @@ class L1BridgeHead(ActionHead):
                                     for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, action_dim)
+        # Built last so that without it the head's parameters (and their seeded init) are unchanged.
+        self.flat = FlatReadout(llm_dim, cfg.flat_readout, num_vision_tokens) if cfg.flat_readout else None
 
     def forward(self, context: VLMContext) -> torch.Tensor:  # -> (B, H, A)
         proprio = self.proprio(context.state).unsqueeze(1)  # (B, 1, D)
+        if self.flat is not None:  # the position-preserving vision token joins proprio: (B, 2, D)
+            proprio = torch.cat([proprio, self.flat(context.vision(0))], dim=1)
         x = self.chunk_embed.expand(context.state.shape[0], -1, -1)  # (B, H, d)
         for i, block in enumerate(self.blocks):
             source = 0 if self.vision_source == "projector" else i + 1
