@@ -303,10 +303,12 @@ def _config_error(err: Exception, context: str) -> ConfigError:
 
 def _tiny() -> VLAConfig:
     # Trains on a 2-core CPU in minutes: 4-block ViT at 64 px (64 patches), 4-layer Qwen2 of width 192.
+    # The head's flat read-out (8 channels per patch) is what lets it localise objects: without it the
+    # preset plateaus at 60-75% on Meta-World (benchmarks/train_metaworld/ablations.md).
     return VLAConfig(
         vision=VisionConfig(backbone_id="tiny-vit", image_size=64, patch_size=8, width=128, depth=4, num_heads=4),
         llm=LLMConfig(family="qwen2", hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),
-        head=L1BridgeHeadConfig(hidden_dim=128, num_heads=4),
+        head=L1BridgeHeadConfig(hidden_dim=128, num_heads=4, flat_readout=8),
         num_action_queries=8,
         preset_name="tiny",
     )

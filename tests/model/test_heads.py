@@ -24,7 +24,7 @@ def test_l1_bridge_head_gives_the_same_loss_and_actions_as_before_the_rebuild(ca
     torch.manual_seed(0)
     llm = LLMConfig(family=family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4 if family == "bert" else 2,
                     intermediate_size=128, attention=attention)
-    cfg = micro_config(llm=llm)
+    cfg = micro_config(llm=llm, head=L1BridgeHeadConfig(hidden_dim=32))  # no flat read-out: the head as it was
     policy = VLAPolicy(cfg).eval()
     batch = cfg.fake_batch(3, seed=1)
     batch["task"] = ["open", "open the drawer slowly please", "press the button"]
