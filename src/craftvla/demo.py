@@ -3,7 +3,8 @@
 1. collect scripted-expert demonstrations on three Meta-World tasks (LeRobot v3 dataset),
 2. train the `tiny` preset on them,
 3. evaluate it closed-loop on unseen object positions, with videos,
-then print the success rate and where everything was written. About 10 minutes on 2 CPU cores;
+then print the success rate and where everything was written. About 12 minutes on 2 CPU cores
+(measured: mean success 0.97, 10/10, 10/10, 9/10, with these defaults);
 flags shrink or grow each stage (`craftvla demo --steps 200 --eval_episodes 3` for a quick look).
 """
 
@@ -26,8 +27,9 @@ class DemoConfig:
     tasks: str = "drawer-close-v3,button-press-topdown-v3,door-open-v3"
     # Expert demonstrations per task (the dataset is collected once and re-used).
     episodes: int = 20
-    # Optimizer steps of the tiny preset.
-    steps: int = 600
+    # Optimizer steps of the tiny preset (mean success 0.83 after 600, 0.97 after 1200: the image's
+    # influence on the actions keeps growing past 600 steps, benchmarks/train_metaworld/README.md).
+    steps: int = 1200
     # Samples per optimizer step.
     batch_size: int = 32
     # Peak learning rate.
