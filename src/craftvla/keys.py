@@ -15,3 +15,6 @@ TOKENS_MASK_KEY = "observation.language.attention_mask"  # (T,) bool: real instr
 # Simulator observations (sim/) carry two more: the Meta-World task name and its raw vector.
 ENV_TASK_KEY = "env_task"  # e.g. "drawer-close-v3" (the instruction is TASK_KEY)
 RAW_OBS_KEY = "raw_obs"  # the full 39-D Meta-World observation (what the scripted experts read)
+
+# Training batches from a dataset mixture (data/mixture.py) also carry each sample's source.
+SOURCE_KEY = "source_index"  # () int: the sample's dataset, its position in --dataset.roots

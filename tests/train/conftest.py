@@ -35,7 +35,7 @@ def micro_policy_config():
     return parse_train_config(MICRO_ARGS).policy
 
 
-def write_tiny_dataset(root: Path, episodes: int = 3, length: int = 12, size: int = 32) -> Path:
+def write_tiny_dataset(root: Path, episodes: int = 3, length: int = 12, size: int = 32, fps: int = 10) -> Path:
     """A LeRobot v3 dataset whose actions depend on the image and state (learnable, tiny)."""
     from craftvla.data import LeRobotDatasetWriter
 
@@ -45,7 +45,7 @@ def write_tiny_dataset(root: Path, episodes: int = 3, length: int = 12, size: in
         "action": {"dtype": "float32", "shape": (4,), "names": None},
     }
     rng = np.random.default_rng(0)
-    writer = LeRobotDatasetWriter(root, fps=10, features=features, robot_type="sawyer")
+    writer = LeRobotDatasetWriter(root, fps=fps, features=features, robot_type="sawyer")
     for ep in range(episodes):
         for f in range(length):
             img = np.full((size, size, 3), 30 + 60 * ep, np.uint8)

@@ -11,31 +11,29 @@ the same 8 samples as 1 rank x 8 (what the DDP and accumulation tests compare).
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from craftvla.config import VLAConfig
+from craftvla.data.mixture import EpochPermutation
 from craftvla.model.processor import crop_text_padding
 
 
 class StepSampler(Sampler[int]):
-    """Infinite index stream for one rank, starting at optimizer step `start_step` (see module doc)."""
+    """Infinite index stream for one rank, starting at optimizer step `start_step` (see module doc).
+
+    `index` maps a stream position to a dataset index: by default seeded per-epoch permutations
+    of range(num_samples); a dataset mixture passes its `MixtureIndex` (data/mixture.py)."""
 
     def __init__(self, num_samples: int, seed: int, batch_size: int, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, start_step: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, start_step: int = 0,
+                 index: Optional[Callable[[int], int]] = None) -> None:
         self.n, self.seed, self.start_step = num_samples, seed, start_step
         self.batch_size, self.micro, self.rank, self.world = batch_size, micro_batch_size, rank, world_size
-        self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) cache
-
-    def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n)
-        if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=gen))
-        return int(self._perm[1][offset])
+        self._index = index or EpochPermutation(num_samples, seed)
 
     def positions(self, step: int) -> list[int]:
         """Stream positions this rank reads at optimizer step `step`, in micro-batch order."""

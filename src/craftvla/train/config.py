@@ -31,6 +31,12 @@ PRECISIONS = ("auto", "no", "bf16")
 class DatasetConfig:
     # LeRobot v3 dataset directory; None = fake batches from the policy config (smoke runs only).
     root: Optional[str] = None
+    # Several LeRobot datasets mixed into one stream, comma-separated (instead of root), e.g.
+    # "new_task,old_tasks" with --dataset.weights 0.98,0.02 for a 2 percent replay of old data.
+    roots: Optional[str] = None
+    # Mixing weights of --dataset.roots, comma-separated (normalised to sum to 1); None = in
+    # proportion to the datasets' frame counts (a plain concatenation).
+    weights: Optional[str] = None
     # DataLoader worker processes (0 = load in the training process).
     num_workers: int = 0
     # Decoded-video cache per worker, MiB (whole episodes are decoded once and reused).
@@ -38,6 +44,33 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "must be >= 0")
+        require(not (self.root and self.roots), "dataset.roots", self.roots,
+                f"conflicts with dataset.root={self.root!r} (give one of the two)")
+        require(self.weights is None or self.roots is not None, "dataset.weights", self.weights,
+                "needs --dataset.roots (the datasets it weights)")
+        if self.weights is not None:
+            weights = _float_list(self.weights, "dataset.weights")
+            require(len(weights) == len(self.paths()), "dataset.weights", self.weights,
+                    f"needs one weight per dataset in --dataset.roots ({len(self.paths())})")
+            require(all(w >= 0 for w in weights) and sum(weights) > 0, "dataset.weights", self.weights,
+                    "must be >= 0 and not all zero")
+
+    def paths(self) -> list[str]:
+        """The dataset directories: [root], the roots, or [] (fake batches)."""
+        if self.roots:
+            return [p.strip() for p in self.roots.split(",") if p.strip()]
+        return [self.root] if self.root else []
+
+    def weight_list(self) -> Optional[list[float]]:
+        """The mixing weights as floats, None when unset."""
+        return None if self.weights is None else _float_list(self.weights, "dataset.weights")
+
+
+def _float_list(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in str(text).split(",")]
+    except ValueError:
+        raise ConfigError(f"--{name}={text!r}: expected comma-separated numbers, e.g. 0.98,0.02") from None
 
 
 @dataclass

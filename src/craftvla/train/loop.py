@@ -112,6 +112,7 @@ class Run:
     num_samples: Optional[int] = None  # dataset frames (None for fake batches)
     grad_plugin: Optional[GradPlugin] = None
     plugins: dict[str, ckpt.Stateful] = field(default_factory=dict)  # saved in training_state/
+    mixture: Optional[Any] = None  # data.mixture.MixtureCounter of a --dataset.roots run
 
 
 def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False):
@@ -202,7 +203,7 @@ def training_stats(policy: nn.Module, dataset, cfg: TrainConfig) -> tuple[dict, 
     (LeRobot's `aggregate_stats`: count-weighted mean and variance, min of mins, max of maxes)."""
     from craftvla.data.stats import aggregate
 
-    new, where = dataset.stats, f"dataset {cfg.dataset.root}"
+    new, where = dataset.stats, f"dataset {','.join(cfg.dataset.paths())}"
     old = policy.processor.stats if cfg.init_from else None
     if old is None or cfg.init_stats == "dataset":
         return new, where
@@ -214,13 +215,29 @@ def training_stats(policy: nn.Module, dataset, cfg: TrainConfig) -> tuple[dict, 
 
 
 def open_dataset(cfg: TrainConfig):
-    """The LeRobot dataset (its transform is the policy's processor, set in build_policy), or None
-    for fake-batch smoke runs."""
-    if cfg.dataset.root is None:
+    """The LeRobot dataset, a `MixedDataset` of several (--dataset.roots), or None for fake-batch
+    smoke runs. Its transform is the policy's processor, set in build_policy."""
+    paths = cfg.dataset.paths()
+    if not paths:
         return None
     from craftvla.data import LeRobotDataset
+    from craftvla.data.mixture import MixedDataset, source_names
 
-    return LeRobotDataset(cfg.dataset.root, chunk_size=cfg.policy.chunk_size, video_cache_mb=cfg.dataset.video_cache_mb)
+    datasets = [LeRobotDataset(p, chunk_size=cfg.policy.chunk_size, video_cache_mb=cfg.dataset.video_cache_mb)
+                for p in paths]
+    if cfg.dataset.roots is None:
+        return datasets[0]
+    mixed = MixedDataset(datasets, source_names(paths))
+    weights = mixing_weights(cfg, mixed)
+    log.info("dataset mixture: %s", ", ".join(f"{n} ({s} frames, weight {w:.3g})"
+                                              for n, s, w in zip(mixed.names, mixed.sizes, weights)))
+    return mixed
+
+
+def mixing_weights(cfg: TrainConfig, dataset) -> list[float]:
+    """--dataset.weights normalised, or the sources' frame counts' shares when unset."""
+    weights = cfg.dataset.weight_list() or [float(n) for n in dataset.sizes]
+    return [w / sum(weights) for w in weights]
 
 
 def micro_batch_stream(cfg: TrainConfig, dataset, policy_cfg, accelerator, start_step: int) -> Iterator[dict]:
@@ -230,7 +247,12 @@ def micro_batch_stream(cfg: TrainConfig, dataset, policy_cfg, accelerator, start
     if dataset is None:
         log.warning("no --dataset.root: training on FAKE batches (random images and actions; smoke runs only)")
         return fake_micro_batches(policy_cfg, cfg.seed, micro, cfg.batch_size, rank, world, start_step)
-    sampler = StepSampler(len(dataset), cfg.seed, cfg.batch_size, micro, rank, world, start_step)
+    index = None
+    if getattr(dataset, "sizes", None) is not None:  # a MixedDataset
+        from craftvla.data.mixture import MixtureIndex
+
+        index = MixtureIndex(dataset.sizes, mixing_weights(cfg, dataset), cfg.seed)
+    sampler = StepSampler(len(dataset), cfg.seed, cfg.batch_size, micro, rank, world, start_step, index=index)
     return iter(data_loader(dataset, sampler, cfg.dataset.num_workers, cfg.seed + rank))
 
 
@@ -265,6 +287,10 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
     if cfg.resume:
         run.start_step = resume(run)
     run.batches = micro_batch_stream(cfg, dataset, policy.config, accelerator, run.start_step)
+    if getattr(dataset, "sizes", None) is not None:
+        from craftvla.data.mixture import MixtureCounter
+
+        run.mixture = MixtureCounter(dataset.names, mixing_weights(cfg, dataset), cfg.batch_size, run.start_step)
     return run
 
 
@@ -352,6 +378,8 @@ def fit(run: Run) -> dict[str, Any]:
         last = train_step(run.model, micro, run.optimizer, run.scheduler, acc, cfg.optim.grad_clip_norm,
                           run.grad_plugin)
         epoch = {"epoch": step * cfg.batch_size / run.num_samples} if run.num_samples else {}
+        if run.mixture is not None:  # samples drawn per source so far (replay runs)
+            epoch.update(run.mixture.update(step))
         out_of_time = _out_of_time(acc, t0, cfg.max_minutes)
         final = step == end or out_of_time
         if final and hasattr(run.grad_plugin, "flush_metrics"):  # a run shorter than its interval
