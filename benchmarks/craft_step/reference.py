@@ -30,7 +30,7 @@ class SwapAnchors:
         self.initial = {n: p.detach().clone().cpu() for n, p in policy.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def features(self, policy: nn.Module, batch: dict) -> torch.Tensor:
+    def features(self, policy: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         params = dict(policy.named_parameters())
         current = {n: params[n].data.clone().cpu() for n in self.initial}  # save the current weights
         for name, value in self.initial.items():  # swap the initial ones in
@@ -41,9 +41,9 @@ class SwapAnchors:
             for name, value in current.items():  # and the current ones back
                 params[name].data.copy_(value.to(params[name].device))
 
-    def retention_pair(self, policy: nn.Module, batch: dict, context) -> tuple[torch.Tensor, torch.Tensor]:
+    def retention_pairs(self, policy: nn.Module, batch: dict, context) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         anchor = self.features(policy, batch)
-        return self.feature_fn(context), anchor
+        return {k: (f, anchor[k]) for k, f in self.feature_fn(context).items()}
 
 
 def project_gradients_reference(

@@ -102,10 +102,10 @@ def test_craft_adopts_the_cache_settings_left_unset(build, checkpoint, caplog):
     cfg = CraftConfig(enabled=True, anchor_cache=str(path), anchor_batch_size=4)
     assert cfg.source == "cache" and cfg.anchor_type is None and cfg.pooling is None
     with caplog.at_level("INFO", logger="craftvla.craft.cache"):
-        provider = C.CacheAnchorProvider(policy, None, cfg, batch_size=cfg.anchor_batch_size)
+        provider = C.CacheAnchorProvider(policy, cfg, batch_size=cfg.anchor_batch_size)
     assert "craft.anchor_layer_idx=2, craft.anchor_type=vision, craft.pooling=mean_text_tokens" in caplog.text
     with torch.no_grad():
-        student, target = provider.retention_pair(policy, None, None)
+        (student, target), = provider.retention_pairs(policy, None, None).values()
     assert student.shape == target.shape == (4, WIDTH)
     torch.testing.assert_close(student, target, atol=1e-5, rtol=0)
 
@@ -213,16 +213,16 @@ def _online_features(policy, batch, layer):
     """What helper CRaFT's online provider computes: C_R mean-pooled at `layer` (anchor_type vision)."""
     from craftvla.craft.anchors import OnlineAnchors
 
-    feature_fn = lambda context: bridge_features(context, layer, pooling="mean", anchor_type="vision")
-    return OnlineAnchors(policy, feature_fn).features(policy, batch)
+    feature_fn = lambda context: {"pooled": bridge_features(context, layer, pooling="mean", anchor_type="vision")}
+    return OnlineAnchors(policy, feature_fn).features(policy, batch)["pooled"]
 
 
 def _dataset_batch(checkpoint, anchor_dataset, cache):
     """The same samples straight from the anchor dataset (not the cache's stored copies)."""
-    from craftvla.craft.cache import _open_anchor_dataset
+    from craftvla.craft.anchors import open_anchor_dataset
 
     policy = _policy(checkpoint)
-    dataset = _open_anchor_dataset(str(anchor_dataset), policy)
+    dataset = open_anchor_dataset(str(anchor_dataset), policy)
     indices = json.loads((cache.path / "build.json").read_text())["indices"]
     items = [dataset[i] for i in indices]
     return policy, {CAM: torch.stack([it[CAM] for it in items]), "task": [it["task"] for it in items],
@@ -262,7 +262,7 @@ def _perturb(policy, seed=1):
             p.add_(torch.randn(p.shape, generator=gen) * 0.5 * (p.std() if p.numel() > 1 else 1))
 
 
-@pytest.mark.parametrize("kind", ["hidden_feature", "hidden_state"])
+@pytest.mark.parametrize("kind", ["hidden_feature", "hidden_state", "action_chunk"])
 def test_training_on_the_cache_lowers_the_retention_loss(build, checkpoint, kind):
     from craftvla.craft.anchors import make_anchor_provider
     from craftvla.craft.functional import retention_loss
@@ -271,17 +271,18 @@ def test_training_on_the_cache_lowers_the_retention_loss(build, checkpoint, kind
     policy = _policy(checkpoint).train()
     cfg = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_type="vision",
                       anchor_layer_idx=1, anchor_batch_size=4)
-    feature_fn = lambda context: bridge_features(context, 1, pooling="mean", anchor_type="vision")
+    feature_fn = lambda context: {"pooled": bridge_features(context, 1, pooling="mean", anchor_type="vision")}
     # hidden_feature: MSE of the pooled feature; hidden_state: per-token MSE over the cached states
     provider = make_anchor_provider(policy, cfg, feature_fn)
+    pair = lambda: next(iter(provider.retention_pairs(policy, None, None).values()))  # noqa: E731
     with torch.no_grad():
-        start = retention_loss(*provider.retention_pair(policy, None, None)).item()
+        start = retention_loss(*pair()).item()
     assert start < 1e-8  # the unchanged teacher reproduces its own targets
     _perturb(policy)
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
-        loss = retention_loss(*provider.retention_pair(policy, None, None))
+        loss = retention_loss(*pair())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -311,7 +312,7 @@ def test_token_level_cache_refused_for_retention(build, checkpoint):
     path = build(type="token_level", pooling="mean_image_tokens", dtype="float16", num_samples=5, shard_size=2)
     cfg = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path), anchor_type="vision")
     with pytest.raises(CraftVLAError, match="token_level anchor cache cannot feed"):
-        C.CacheAnchorProvider(_policy(checkpoint), None, cfg)
+        C.CacheAnchorProvider(_policy(checkpoint), cfg)
 
 
 def test_cli_build_and_errors(checkpoint, anchor_dataset, tmp_path, capsys):

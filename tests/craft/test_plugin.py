@@ -29,7 +29,7 @@ def test_online_anchors_equal_frozen_copy(anchor_type):
     train_steps(policy, plugin, [[batch(2, seed=s)] for s in range(2)], lr=0.05)
     b = batch(3, seed=9)
     assert not torch.equal(_features(policy, b, anchor_type=anchor_type), _features(frozen, b, anchor_type=anchor_type))
-    assert torch.equal(plugin.anchors.features(policy, b), _features(frozen, b, anchor_type=anchor_type))
+    assert torch.equal(plugin.anchors.features(policy, b)["pooled"], _features(frozen, b, anchor_type=anchor_type))
     kept = set(plugin.anchors.initial)
     assert "action_queries.weight" in kept and not any(n.startswith(("vision.", "action_head.")) for n in kept)
 
@@ -50,7 +50,7 @@ def test_online_anchors_under_lora_exact_and_only_adapters_change():
     train_steps(policy, plugin, [[batch(2, seed=s)] for s in range(3)], lr=0.05)
 
     b = batch(3, seed=9)
-    assert torch.equal(plugin.anchors.features(policy, b), _features(base, b))
+    assert torch.equal(plugin.anchors.features(policy, b)["pooled"], _features(base, b))
     assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable  # flags restored
     changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable
@@ -88,7 +88,7 @@ def test_surgery_result_matches_explicit_reference():
     train_steps(policy, plugin, [[batch(2, seed=1)]], lr=0.05)
     b = batch(2, seed=2)
     out = policy.compute_loss(b)
-    f_theta, f_anchor = plugin.anchors.retention_pair(policy, b, out.context)
+    (f_theta, f_anchor), = plugin.anchors.retention_pairs(policy, b, out.context).values()
     g_ret = torch.autograd.grad(CF.retention_loss(f_theta, f_anchor), plugin.params, retain_graph=True, allow_unused=True)
     g_act = torch.autograd.grad(out.loss, plugin.params, allow_unused=True)
     zero = lambda gs: [torch.zeros_like(p) if g is None else g for g, p in zip(gs, plugin.params)]  # noqa: E731
@@ -112,7 +112,8 @@ def test_lambda_follows_dual_rule_and_survives_resume():
 
     restored = CraftPlugin(copy.deepcopy(policy), cfg)
     restored.load_state_dict(plugin.state_dict())
-    assert restored.state_dict() == plugin.state_dict() == {"lambda": pytest.approx(lam), "step": 4}
+    assert restored.state_dict() == plugin.state_dict() == {"lambda": pytest.approx(lam), "step": 4,
+                                                            "scales": {"pooled": 1.0}}
     with pytest.raises(CraftVLAError, match="lambda"):
         restored.load_state_dict({"step": 1})
 

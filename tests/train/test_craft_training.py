@@ -91,3 +91,27 @@ def test_run_shorter_than_the_interval_still_logs_craft(tmp_path):
     train(train_config(run, "--steps", "4", "--batch_size", "2", "--craft.enabled", "true"))  # log_freq 10
     (record,) = read_metrics(run / "metrics.jsonl")
     assert record["step"] == 4 and {"craft/retention_loss", "craft/lambda", "loss"} <= set(record)
+
+
+def test_anchor_dataset_with_combined_targets_resumes_exactly(tiny_dataset, tmp_path):
+    """Online anchors from another dataset, two targets: the anchor stream continues across a
+    resume (same losses as the uninterrupted run), the measured scales are saved and logged."""
+    from tests.train.conftest import write_tiny_dataset
+
+    anchors = write_tiny_dataset(tmp_path / "old", episodes=2, length=9)
+    extra = ("--craft.anchor_dataset", str(anchors), "--craft.targets", "pooled,actions",
+             "--craft.anchor_batch_size", "3", "--craft.scale_samples", "12")
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_flags(tiny_dataset, full, *extra))
+    train(_flags(tiny_dataset, part, *extra, "--stop_at_step", "3"))
+    train(_flags(tiny_dataset, part, *extra, "--resume", "true"))
+    records, resumed = read_metrics(full / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
+    for a, b in zip(records, resumed, strict=True):
+        for key in ("loss", "craft/retention_loss", "craft/ret/pooled", "craft/ret/actions", "craft/lambda"):
+            assert a[key] == b[key], (a["step"], key)
+    for r in records:
+        assert r["craft/retention_loss"] == pytest.approx((r["craft/ret/pooled"] + r["craft/ret/actions"]) / 2)
+    assert records[-1]["craft/ret/actions"] > 0
+    saved = torch.load(full / "checkpoints" / "last" / "training_state" / "plugins.pt", weights_only=True)
+    assert set(saved["grad_plugin"]["scales"]) == {"pooled", "actions"}
+    assert all(v > 0 for v in saved["grad_plugin"]["scales"].values())

@@ -1,15 +1,18 @@
-"""Anchor-feature providers: what the bridge features of the *initial* model are.
+"""Anchor providers: the retention targets of the *initial* model, next to the current model's.
 
-Each provider answers `retention_pair(policy, batch, context) -> (f_theta (B, F), f_anchor (B, F))`,
-with `f_theta` carrying gradient and `f_anchor` not:
+Each provider answers `retention_pairs(policy, batch, context) -> {target: (f_theta, f_anchor)}`
+(targets as in craft/targets.py, first axis the sample), `f_theta` carrying gradient, `f_anchor`
+not:
 
-- `OnlineAnchors` (default): the same batch through the initial weights, without moving any
-  weight. Under LoRA the adapters are bypassed (no extra memory) and the other trainable tensors
-  that feed the features (the action queries, a trainable projector...) take their initial
-  values through `torch.func.functional_call` from device-resident copies; without LoRA the
-  same functional call covers every trainable tensor that feeds the features. The copies kept
-  are only those the feature graph actually reaches (found once, from the first step's graph).
-  Exact: equal to a frozen copy of the initial model.
+- `OnlineAnchors` (default): the initial weights, without moving any weight, on the training
+  batch (free: its forward is already done) or on batches of a separate anchor dataset
+  (`--craft.anchor_dataset`: one more forward per micro-batch). Under LoRA the adapters are
+  bypassed (no extra memory) and the other trainable tensors that feed the targets (the action
+  queries, the action head for the `actions` target...) take their initial values through
+  `torch.func.functional_call` from device-resident copies; without LoRA the same functional call
+  covers every trainable tensor that feeds the targets. The copies kept are only those the target
+  graph actually reaches (found once, from the first step's graph). Exact: equal to a frozen copy
+  of the initial model.
 - `craft.cache.CacheAnchorProvider`: targets from an offline anchor cache (craft/cache.py), on anchor
   batches drawn from the cache alongside the task data.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -27,18 +30,20 @@ from craftvla.craft.config import CraftConfig
 from craftvla.model.context import VLMContext
 
 log = logging.getLogger(__name__)
-FeatureFn = Callable[[VLMContext], torch.Tensor]  # a policy's VLM context -> (B, F)
+FeatureFn = Callable[[VLMContext], dict[str, torch.Tensor]]  # a VLM context -> {target: (B, ...)}
+BatchStream = Callable[[int], Iterator[dict]]  # optimizer step -> anchor micro-batches from that step on
 
 
-class _EncodeCall(nn.Module):
-    """`policy.encode` as a module forward, so `functional_call` can re-parametrise `policy.*`."""
+class _TargetCall(nn.Module):
+    """Encode + targets as one module forward, so `functional_call` re-parametrises every
+    `policy.*` tensor the targets read, the action head's too."""
 
-    def __init__(self, policy: nn.Module):
+    def __init__(self, policy: nn.Module, feature_fn: FeatureFn):
         super().__init__()
-        self.policy = policy
+        self.policy, self.feature_fn = policy, feature_fn
 
     def forward(self, batch: dict):
-        return self.policy.encode(batch)
+        return self.feature_fn(self.policy.encode(batch))
 
 
 def _lora_context(policy: nn.Module):
@@ -73,9 +78,10 @@ def _running_stat_buffers(policy: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class OnlineAnchors:
-    """Exact anchors from the initial weights on the same batch; nothing moves between devices."""
+    """Exact anchors from the initial weights; nothing moves between devices. `anchor_batches`
+    (optional) gives the anchor dataset's micro-batches; without it the training batch is used."""
 
-    def __init__(self, policy: nn.Module, feature_fn: FeatureFn):
+    def __init__(self, policy: nn.Module, feature_fn: FeatureFn, anchor_batches: Optional[BatchStream] = None):
         from craftvla.train.peft import is_lora_param
 
         self.feature_fn = feature_fn
@@ -85,51 +91,136 @@ class OnlineAnchors:
         self.initial_buffers = _running_stat_buffers(policy)
         self._ids = {id(p): n for n, p in policy.named_parameters()}
         self._pruned = False
-        self._call = _EncodeCall(policy)
+        self._call = _TargetCall(policy, feature_fn)
+        self._make_stream, self._stream = anchor_batches, None
         self.description = self._describe()
         log.info("CRaFT online anchors: %s", self.description)
 
     def _describe(self) -> str:
         numel = sum(t.numel() for t in self.initial.values())
         how = "LoRA adapters disabled" if self.lora else "no adapters"
+        data = "anchor-dataset batches" if self._make_stream else "the training batch"
         if not self.initial and not self.lora:
-            return "no trainable tensor feeds the bridge features: anchors = current features (no extra forward)"
-        return f"{how} + functional_call with {len(self.initial)} initial tensors ({numel:,} values) kept on the device"
+            return f"on {data}; no trainable tensor feeds the targets: anchors = current targets (no extra forward)"
+        return f"on {data}; {how} + functional_call with {len(self.initial)} initial tensors ({numel:,} values) on the device"
+
+    def start(self, step: int) -> None:
+        """Position the anchor-batch stream at optimizer step `step` (0, or a resumed step)."""
+        if self._make_stream is not None:
+            self._stream = self._make_stream(step)
 
     @torch.no_grad()
-    def features(self, policy: nn.Module, batch: dict) -> torch.Tensor:
-        """(B, F) bridge features of the initial model on `batch`."""
+    def features(self, policy: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """{target: (B, ...)} of the initial model on `batch`."""
         overrides = {f"policy.{n}": t for n, t in self.initial.items()}
         overrides.update({f"policy.{n}": t.clone() for n, t in self.initial_buffers.items()})
         adapters_off, _ = _lora_context(policy)
         with adapters_off:
-            context = torch.func.functional_call(self._call, overrides, (batch,))
-        return self.feature_fn(context)
+            return torch.func.functional_call(self._call, overrides, (batch,))
 
-    def _prune(self, f_theta: torch.Tensor) -> None:
-        """Keep only the initial copies of tensors the feature graph reaches (frees the rest)."""
-        reached = {self._ids[i] for i in reachable_parameters(f_theta) if i in self._ids}
+    def _prune(self, targets: dict[str, torch.Tensor]) -> None:
+        """Keep only the initial copies of tensors the target graph reaches (frees the rest)."""
+        reached = set()
+        for f in targets.values():
+            reached |= {self._ids[i] for i in reachable_parameters(f) if i in self._ids}
         dropped = [n for n in self.initial if n not in reached]
         for name in dropped:
             del self.initial[name]
         self._pruned = True
         self.description = self._describe()
-        log.info("CRaFT online anchors: dropped %d initial copies the features never read; %s",
+        log.info("CRaFT online anchors: dropped %d initial copies the targets never read; %s",
                  len(dropped), self.description)
 
-    def retention_pair(self, policy: nn.Module, batch: dict, context: VLMContext) -> tuple[torch.Tensor, torch.Tensor]:
-        f_theta = self.feature_fn(context)  # (B, F), with gradient
+    def anchor_batch(self, policy: nn.Module, batch: dict, context: VLMContext) -> tuple[dict, VLMContext]:
+        """The batch the targets are computed on, and the current model's context for it."""
+        if self._make_stream is None:
+            return batch, context
+        if self._stream is None:
+            self.start(0)
+        from craftvla.train.batches import to_device
+
+        anchor = to_device(next(self._stream), policy.action_queries.weight.device)
+        return anchor, policy.encode(anchor)
+
+    def retention_pairs(self, policy: nn.Module, batch: dict, context: VLMContext
+                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        batch, context = self.anchor_batch(policy, batch, context)
+        f_theta = self.feature_fn(context)  # {target: (B, ...)}, with gradient
         if not self._pruned:
             self._prune(f_theta)
         if not self.initial and not self.lora:
-            return f_theta, f_theta.detach()
-        return f_theta, self.features(policy, batch)
+            return {k: (f, f.detach()) for k, f in f_theta.items()}
+        f_anchor = self.features(policy, batch)
+        return {k: (f, f_anchor[k]) for k, f in f_theta.items()}
+
+    @torch.no_grad()
+    def measure_targets(self, policy: nn.Module, batches) -> dict[str, torch.Tensor]:
+        """{target: (N, ...)}: the initial model's targets over `batches` (for the loss scale)."""
+        from craftvla.train.batches import to_device
+
+        parts: dict[str, list[torch.Tensor]] = {}
+        device = policy.action_queries.weight.device
+        for batch in batches:
+            for name, f in self.features(policy, to_device(batch, device)).items():
+                parts.setdefault(name, []).append(f.float())
+        return {name: torch.cat(fs) for name, fs in parts.items()}
 
 
-def make_anchor_provider(policy: nn.Module, cfg: CraftConfig, feature_fn: FeatureFn, seed: int = 0):
+def make_anchor_provider(policy: nn.Module, cfg: CraftConfig, feature_fn: FeatureFn, seed: int = 0,
+                         anchor_batches: Optional[BatchStream] = None):
     """The provider named by `cfg.source` (`seed` orders the cache's anchor batches)."""
     if cfg.source == "online":
-        return OnlineAnchors(policy, feature_fn)
+        return OnlineAnchors(policy, feature_fn, anchor_batches)
     from craftvla.craft.cache import CacheAnchorProvider
 
-    return CacheAnchorProvider(policy, feature_fn, cfg, batch_size=cfg.anchor_batch_size, seed=seed)
+    return CacheAnchorProvider(policy, cfg, batch_size=cfg.anchor_batch_size, seed=seed)
+
+
+# ----- anchor data ---------------------------------------------------------------------------------
+
+
+def open_anchor_dataset(root: str, policy: nn.Module):
+    """An anchor dataset converted by the policy's processor (its statistics, else the dataset's)."""
+    from craftvla.data import LeRobotDataset
+    from craftvla.errors import CraftVLAError
+
+    dataset = LeRobotDataset(root, chunk_size=policy.config.chunk_size)
+    missing = [k for k in policy.config.camera_keys if k not in dataset.meta.camera_keys]
+    if missing:
+        raise CraftVLAError(f"dataset {root}: cameras {dataset.meta.camera_keys} lack the policy's {missing}")
+    if policy.processor.stats is None:
+        policy.processor.set_stats(dataset.stats, f"anchor dataset {root}")
+    dataset.transform = policy.processor.transform
+    return dataset
+
+
+def anchor_batch_stream(dataset, batch_size: int, micro_per_step: int, seed: int, rank: int = 0,
+                        world_size: int = 1, num_workers: int = 0) -> BatchStream:
+    """step -> endless anchor micro-batches of `batch_size` from that optimizer step on; each step
+    takes `micro_per_step` of them per rank, ranks take disjoint samples (as the task data does),
+    and the position is a function of the step, so a resumed run draws what it would have drawn."""
+    from craftvla.train.batches import StepSampler, data_loader
+
+    def stream(step: int) -> Iterator[dict]:
+        sampler = StepSampler(len(dataset), seed, batch_size * world_size * micro_per_step, batch_size,
+                              rank, world_size, step)
+        return iter(data_loader(dataset, sampler, num_workers, seed + rank))
+
+    return stream
+
+
+def calibration_batches(dataset, num_samples: int, seed: int, fake_config=None, batch_size: int = 32
+                        ) -> Iterator[dict]:
+    """`num_samples` anchor samples (a seeded random subset of `dataset`, or fake batches of
+    `fake_config` without one) in micro-batches, for measuring the retention targets' spread."""
+    if dataset is None:
+        for first in range(0, num_samples, batch_size):
+            yield fake_config.fake_batch(min(batch_size, num_samples - first), seed=seed * 1_000_003 + first)
+        return
+    from torch.utils.data import DataLoader, Subset
+
+    from craftvla.train.batches import collate
+
+    gen = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(dataset), generator=gen)[:num_samples].tolist()
+    yield from DataLoader(Subset(dataset, picked), batch_size=batch_size, collate_fn=collate)

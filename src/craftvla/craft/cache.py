@@ -26,6 +26,7 @@ string in the shard's metadata) and one teacher target:
 | token_level    | `labels`          | (L_max,) int64             |
 | hidden_state   | `teacher_hidden`  | (n_layers, n_vecs, D) + `token_mask` (n_vecs,) bool |
 | hidden_feature | `target_features` | (D,) pooled                |
+| action_chunk   | `teacher_actions` | (H, A) the teacher's chunk, normalised units |
 
 Token positions follow the *unpadded* sequence [BOS, vision, text (T_i real tokens), queries,
 STOP], right-padded to L_max = 1 + N_vis + T_max + Q + 1, so a sample's targets do not depend on
@@ -54,15 +55,19 @@ from craftvla.config import parse_config
 from craftvla.errors import ConfigError, CraftVLAError, require
 from craftvla.files import read_json, read_safetensors, safetensors_header, write_json_atomic
 from craftvla.keys import STATE_KEY, TASK_KEY
+from craftvla.craft.anchors import open_anchor_dataset
 from craftvla.model.context import VLMContext, bridge_features, pool_tokens
 
 log = logging.getLogger(__name__)
 
-CACHE_TYPES = ("token_level", "hidden_state", "hidden_feature")
+CACHE_TYPES = ("token_level", "hidden_state", "hidden_feature", "action_chunk")
 POOLINGS = ("mean_image_tokens", "mean_all_tokens", "mean_text_tokens", "last_token")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 IMAGE_DTYPES = ("float16", "float32")  # [0, 1] pixels: float16 keeps 11 bits, bfloat16 only 8
-TARGET_KEYS = {"token_level": "labels", "hidden_state": "teacher_hidden", "hidden_feature": "target_features"}
+TARGET_KEYS = {"token_level": "labels", "hidden_state": "teacher_hidden", "hidden_feature": "target_features",
+               "action_chunk": "teacher_actions"}
+# The CRaFT retention target (craft/targets.py) each cache type feeds.
+CACHE_TARGETS = {"hidden_feature": "pooled", "hidden_state": "tokens", "action_chunk": "actions"}
 IDS_KEY, MASK_KEY, TOKEN_MASK_KEY = "input_ids", "attention_mask", "token_mask"
 IGNORE_INDEX = -100  # PyTorch cross-entropy's ignore_index, as Prismatic's label masking uses
 META_FILE, PLAN_FILE = "meta.json", "build.json"
@@ -78,7 +83,8 @@ class CacheBuildConfig:
     dataset: Optional[str] = None
     # Output cache directory.
     out: Optional[str] = None
-    # Target kind: token_level (labels), hidden_state (teacher_hidden), hidden_feature (target_features).
+    # Target kind: token_level (labels), hidden_state (teacher_hidden), hidden_feature (target_features),
+    # action_chunk (teacher_actions: the teacher's predicted action chunk, for behaviour distillation).
     type: str = "hidden_feature"
     # Token set pooled (hidden_feature) or kept (hidden_state): mean_image_tokens, mean_all_tokens,
     # mean_text_tokens, last_token.
@@ -242,20 +248,6 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _open_anchor_dataset(root: str, policy):
-    """The anchor dataset converted by the policy's processor (its statistics, else the dataset's)."""
-    from craftvla.data import LeRobotDataset
-
-    dataset = LeRobotDataset(root, chunk_size=policy.config.chunk_size)
-    missing = [k for k in policy.config.camera_keys if k not in dataset.meta.camera_keys]
-    if missing:
-        raise CraftVLAError(f"dataset {root}: cameras {dataset.meta.camera_keys} lack the policy's {missing}")
-    if policy.processor.stats is None:
-        policy.processor.set_stats(dataset.stats, f"anchor dataset {root}")
-    dataset.transform = policy.processor.transform
-    return dataset
-
-
 def _plan(cfg: CacheBuildConfig, policy, num_frames: int) -> dict:
     """Everything that determines the cache's bytes: compared on resume, published as meta.json."""
     num_layers = policy.llm.num_layers
@@ -334,6 +326,8 @@ def teacher_batch(policy, batch: dict, plan: dict) -> dict[str, torch.Tensor]:
     elif kind == "hidden_state":
         states, token_mask = hidden_targets(context, plan["hidden_layers"], plan["pooling"], max_text)
         out.update(teacher_hidden=states.to(dtype), token_mask=token_mask)
+    elif kind == "action_chunk":
+        out["teacher_actions"] = policy.action_head.sample(context).to(dtype)  # (B, H, A)
     else:
         out["target_features"] = pooled_features(context, plan["hidden_layer_index"], plan["pooling"],
                                                  max_text).to(dtype)
@@ -365,7 +359,7 @@ def build_cache(cfg: CacheBuildConfig) -> Path:
         require(getattr(cfg, name) is not None, name, None, "required")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     policy = VLAPolicy.from_pretrained(cfg.checkpoint, map_location=device).eval()
-    dataset = _open_anchor_dataset(cfg.dataset, policy)
+    dataset = open_anchor_dataset(cfg.dataset, policy)
     plan = _plan(cfg, policy, len(dataset))
     out = Path(cfg.out)
     done = _prepare_out(out, plan, cfg.overwrite)
@@ -444,7 +438,7 @@ class AnchorCache:
         """Refuse (CraftVLAError naming both values) a cache that does not match the student."""
         meta = self.meta
         layers = tuple(meta["hidden_layers"]) if self.cache_type == "hidden_state" else (meta["hidden_layer_index"],)
-        if self.cache_type != "token_level":
+        if self.cache_type not in ("token_level", "action_chunk"):
             _check("hidden layer", layers, expected.layers, self.path,
                    f" (leave craft.anchor_layer_idx unset to adopt the cache's, or rebuild the cache with "
                    f"--layer {expected.layers[0]})")
@@ -508,10 +502,14 @@ class AnchorCache:
 # ----- training: the student side ------------------------------------------------------------------
 
 
-def student_targets(cache_type: str, meta: dict, context: VLMContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def student_targets(cache_type: str, meta: dict, context: VLMContext, policy=None
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The student's counterpart of the cached target, from its forward on the cache's inputs:
-    hidden_feature -> (B, D); hidden_state -> (B, n_layers, n_vecs, D) with padding zeroed."""
+    hidden_feature -> (B, D); hidden_state -> (B, n_layers, n_vecs, D) with padding zeroed;
+    action_chunk -> (B, H, A), the student's own chunk (needs `policy`, for its action head)."""
     max_text = meta["max_text_tokens"]
+    if cache_type == "action_chunk":
+        return policy.action_head.sample(context), None
     if cache_type == "hidden_feature":
         return pooled_features(context, meta["hidden_layer_index"], meta["pooling"], max_text), None
     if cache_type == "hidden_state":
@@ -566,26 +564,39 @@ def checked_cache(path, policy, craft_cfg, settings: Optional[ExtractionSettings
 
 
 class CacheAnchorProvider:
-    """A `retention_pair` provider for anchor_source="cache" (the contract of craft/anchors.py's
+    """A `retention_pairs` provider for anchor_source="cache" (the contract of craft/anchors.py's
     providers): each call draws one anchor batch from the cache, runs the student on the cache's
-    own inputs (with gradient) and returns (student, cached target), both flattened to (B, F), so
-    CRaFT's retention_loss is the MSE of the pooled feature (hidden_feature) or of every cached
-    token state (hidden_state; padded tokens are zero on both sides).
+    own inputs (with gradient) and returns {target: (student, cached target)}: the pooled
+    feature (hidden_feature -> "pooled"), every cached token state (hidden_state -> "tokens";
+    padded tokens are zero on both sides) or the action chunk (action_chunk -> "actions").
 
     `settings` overrides what the craft config implies (e.g. another pooling: the craft config
     can only express mean-pooled image tokens)."""
 
-    def __init__(self, policy, feature_fn, craft_cfg, batch_size: int = 8, seed: int = 0,
+    def __init__(self, policy, craft_cfg, batch_size: int = 8, seed: int = 0,
                  settings: Optional[ExtractionSettings] = None):
         self.cache = checked_cache(craft_cfg.anchor_cache, policy, craft_cfg, settings)
-        self.stream = self.cache.batches(batch_size, seed=seed, device=policy.action_queries.weight.device)
+        self.target = CACHE_TARGETS[self.cache.cache_type]
+        if craft_cfg.targets is not None and craft_cfg.target_names != [self.target]:
+            raise CraftVLAError(f"anchor cache {self.cache.path}: a {self.cache.cache_type} cache feeds the "
+                                f"'{self.target}' target only, but craft.targets={craft_cfg.targets!r} "
+                                "(leave it unset to adopt the cache's)")
+        self.batch_size, self.seed = batch_size, seed
+        self.device = policy.action_queries.weight.device
+        self.stream = self.cache.batches(batch_size, seed=seed, device=self.device)
         self.description = f"offline {self.cache.cache_type} cache {self.cache.path} ({len(self.cache)} samples)"
 
-    def retention_pair(self, policy, batch: dict, context: VLMContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def retention_pairs(self, policy, batch: dict, context: VLMContext) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         anchor = next(self.stream)
         target = anchor.pop(TARGET_KEYS[self.cache.cache_type])
-        student, _ = student_targets(self.cache.cache_type, self.cache.meta, policy.encode(anchor))  # with gradient
-        return student.flatten(1), target.flatten(1).to(student.dtype)
+        student, _ = student_targets(self.cache.cache_type, self.cache.meta, policy.encode(anchor), policy)
+        return {self.target: (student, target.to(student.dtype))}
+
+    def measure_targets(self, policy, num_samples: int) -> dict[str, torch.Tensor]:
+        """{target: (N, ...)}: the cached targets of the first `num_samples` samples (the teacher's)."""
+        count = min(num_samples, len(self.cache))
+        target = self.cache.samples(list(range(count)))[TARGET_KEYS[self.cache.cache_type]]
+        return {self.target: target.float()}
 
 
 # ----- CLI -----------------------------------------------------------------------------------------

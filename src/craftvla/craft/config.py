@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from craftvla.craft.functional import PROJECTION_SCOPES
+from craftvla.craft.targets import TARGETS
 from craftvla.model.context import ANCHOR_TYPES, POOLING_MODES
 from craftvla.errors import require
 
@@ -57,8 +58,20 @@ class CraftConfig:
     anchor_source: Optional[str] = None
     # Anchor-cache directory (built by `craftvla cache build`); implies anchor_source="cache".
     anchor_cache: Optional[str] = None
-    # Anchor samples drawn from the cache per micro-batch (anchor_source="cache" only).
+    # Anchor samples per micro-batch drawn from the cache or from anchor_dataset.
     anchor_batch_size: int = 8
+    # A LeRobot dataset whose batches the online anchors use (e.g. the old tasks' data), instead of
+    # the training batch; costs one more forward + backward of anchor_batch_size samples per micro-batch.
+    anchor_dataset: Optional[str] = None
+    # What is retained, comma-separated to combine: pooled (bridge features, the design note's),
+    # tokens (the same states per token), actions (the policy's own action chunks: behaviour
+    # distillation); see craft/targets.py. None = pooled, or with an anchor cache what it holds.
+    targets: Optional[str] = None
+    # Divide each target's MSE by its variance across anchor samples (measured once before
+    # training), so the budget is a fraction of the features' spread; false = raw MSE.
+    scale_free: bool = True
+    # Anchor samples the variance is measured on.
+    scale_samples: int = 256
     # Log craft/* metrics every this many optimizer steps (averaged over those steps);
     # None = the run's logging frequency (--log.log_freq).
     log_freq: Optional[int] = None
@@ -84,6 +97,12 @@ class CraftConfig:
         require(self.source == "cache" or not self.anchor_cache, "craft.anchor_source", self.anchor_source,
                 f"conflicts with craft.anchor_cache={self.anchor_cache!r} (drop one of the two flags)")
         require(self.anchor_batch_size >= 1, "craft.anchor_batch_size", self.anchor_batch_size, "must be >= 1")
+        require(not (self.anchor_dataset and self.source == "cache"), "craft.anchor_dataset", self.anchor_dataset,
+                "is for online anchors; a cache already holds its anchor data (drop one of the two)")
+        unknown = [t for t in self.target_names if t not in TARGETS]
+        require(not unknown and len(set(self.target_names)) == len(self.target_names), "craft.targets",
+                self.targets, f"choose one or more of {tuple(TARGETS)}, comma-separated, each once")
+        require(self.scale_samples >= 2, "craft.scale_samples", self.scale_samples, "must be >= 2")
         require(self.log_freq is None or self.log_freq >= 1, "craft.log_freq", self.log_freq, "must be >= 1")
 
     # Unset fields stay None (so a saved config keeps meaning "the default"); these resolve them.
@@ -91,6 +110,11 @@ class CraftConfig:
     def source(self) -> str:
         """anchor_source, or "cache" when only anchor_cache is given, else "online"."""
         return self.anchor_source or ("cache" if self.anchor_cache else "online")
+
+    @property
+    def target_names(self) -> list[str]:
+        """The retention targets, in order (a cache run adopts the cache's when unset)."""
+        return [t.strip() for t in (self.targets or "pooled").split(",") if t.strip()]
 
     @property
     def online_anchor_type(self) -> str:

@@ -23,15 +23,15 @@ from craftvla.errors import CraftVLAError, ConfigError
 PROJECTION_SCOPES = ("global", "per_tensor")
 
 
-def retention_loss(f: torch.Tensor, f_anchor: torch.Tensor) -> torch.Tensor:
-    """L_ret = MSE(f, f_anchor), mean over all elements: (B, F), (B, F) -> scalar. No gradient
-    flows into the anchor."""
+def retention_loss(f: torch.Tensor, f_anchor: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """L_ret = MSE(f, f_anchor) / scale, mean over all elements: (B, ...), (B, ...) -> scalar. No
+    gradient flows into the anchor. `scale` makes it scale-free (craft/targets.py's feature_variance)."""
     if f.shape != f_anchor.shape:
         raise CraftVLAError(
             f"retention features {tuple(f.shape)} and anchor features {tuple(f_anchor.shape)} "
-            "differ in shape (different anchor_type, pooling or model width?)"
+            "differ in shape (different target, anchor_type, pooling or model width?)"
         )
-    return F.mse_loss(f, f_anchor.detach().to(f.dtype))
+    return F.mse_loss(f, f_anchor.detach().to(f.dtype)) / scale
 
 
 def surgery_beta(

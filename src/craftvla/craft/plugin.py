@@ -24,10 +24,11 @@ import torch.distributed as dist
 from torch import nn
 
 from craftvla.craft import functional as CF
-from craftvla.craft.anchors import make_anchor_provider
+from craftvla.craft.anchors import BatchStream, make_anchor_provider
 from craftvla.craft.config import CraftConfig
+from craftvla.craft.targets import combined_retention_loss, compute_targets, feature_variance
 from craftvla.errors import CraftVLAError
-from craftvla.model.context import VLMContext, bridge_features
+from craftvla.model.context import VLMContext
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("craft/retention_loss", "craft/conflict", "craft/cos", "craft/beta")
@@ -38,10 +39,13 @@ class CraftPlugin:
 
     Build it on the policy holding its *initial* weights (before loading a resumed training
     state into it): that is what the anchors and L2-to-init refer to. `log_freq` is the run's
-    logging frequency, used unless `cfg.log_freq` asks for another.
+    logging frequency, used unless `cfg.log_freq` asks for another. `anchor_batches` (step ->
+    micro-batches) feeds online anchors from an anchor dataset. With `cfg.scale_free`, call
+    `calibrate` before training (the loop does); until then each target's scale is 1 (raw MSE).
     """
 
-    def __init__(self, policy: nn.Module, cfg: CraftConfig, seed: int = 0, log_freq: int = 1):
+    def __init__(self, policy: nn.Module, cfg: CraftConfig, seed: int = 0, log_freq: int = 1,
+                 anchor_batches: BatchStream | None = None):
         self.cfg = cfg
         self.log_freq = cfg.log_freq or log_freq  # craft/* metrics every this many optimizer steps
         self._policy = policy
@@ -52,31 +56,56 @@ class CraftPlugin:
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise CraftVLAError(f"CRaFT: trainable parameters mix dtypes {sorted(map(str, dtypes))}; use one")
+        self.anchors = (make_anchor_provider(policy, cfg, self._features, seed, anchor_batches)
+                        if cfg.uses_features else None)
+        self.targets = [getattr(self.anchors, "target", None)] if cfg.source == "cache" else cfg.target_names
+        self.targets = self.targets if cfg.uses_features else []
+        self.metric_keys = METRIC_KEYS + tuple(f"craft/ret/{t}" for t in self.targets if len(self.targets) > 1)
         self._build_buffers()
         device = self.params[0].device
         self.lam = torch.tensor(float(cfg.retention_weight), device=device)  # stays on the device
-        self.step, self._micro = 0, 0
+        self.scales = {t: torch.ones((), device=device) for t in self.targets}  # see calibrate()
+        self.calibrated = False
+        self.step, self._micro, self._started = 0, 0, False
         self._pending = None
-        self._log_sum, self._log_n = torch.zeros(len(METRIC_KEYS), device=device), 0
-        self.anchors = make_anchor_provider(policy, cfg, self._features, seed) if cfg.uses_features else None
+        self._log_sum, self._log_n = torch.zeros(len(self.metric_keys), device=device), 0
         self.initial = [p.detach().clone() for p in self.params] if cfg.mode == "l2_init" else None
         log.info("CRaFT mode=%s over %d trainable tensors (%s values); anchors: %s", cfg.mode,
                  len(self.params), f"{self._numel:,}", getattr(self.anchors, "description", "none"))
 
     def _build_buffers(self) -> None:
-        """One flat buffer [g_act | g_ret | L_ret]: one all-reduce covers everything."""
+        """One flat buffer [g_act | g_ret | L_ret | per-target terms]: one all-reduce covers everything."""
         p0 = self.params[0]
         self._numel = n = sum(p.numel() for p in self.params)
-        self._buf = torch.zeros(2 * n + 1, dtype=p0.dtype, device=p0.device)
+        self._buf = torch.zeros(2 * n + 1 + len(self.targets), dtype=p0.dtype, device=p0.device)
         self.g_act, self.g_ret, self._l_ret = self._buf[:n], self._buf[n : 2 * n], self._buf[2 * n :]
+        # _l_ret[0] = L_ret, _l_ret[1:] = each target's scaled term
         sizes = [p.numel() for p in self.params]
         self._act_views = [v.view_as(p) for v, p in zip(self.g_act.split(sizes), self.params)]
         self._ret_views = [v.view_as(p) for v, p in zip(self.g_ret.split(sizes), self.params)]
         self._lengths = torch.tensor(sizes, device=p0.device)  # (K,) for per-tensor projection
 
-    def _features(self, context: VLMContext) -> torch.Tensor:
-        """(B, F) bridge features of a forward's VLM context, as configured."""
-        return policy_features(self._policy, context, self.cfg)
+    def _features(self, context: VLMContext) -> dict[str, torch.Tensor]:
+        """{target: (B, ...)} of a forward's VLM context, as configured."""
+        return compute_targets(self._policy, context, self.cfg)
+
+    def calibrate(self, batches) -> dict[str, float]:
+        """Measure each target's scale: the variance across anchor samples of the initial model's
+        target (`batches`: anchor-data micro-batches; a cache uses its own stored targets). Call
+        with the initial weights; the result is saved in the training state."""
+        if self.anchors is None or not self.cfg.scale_free:
+            return {}
+        if hasattr(self.anchors, "cache"):
+            measured = self.anchors.measure_targets(self._policy, self.cfg.scale_samples)
+        else:
+            measured = self.anchors.measure_targets(self._policy, batches)
+        for name, f in measured.items():
+            self.scales[name] = feature_variance(f).clamp_min(1e-12).to(self.scales[name].device)
+        self.calibrated = True
+        values = {t: float(v) for t, v in self.scales.items()}
+        log.info("CRaFT retention scale (variance across %d anchor samples): %s", len(next(iter(measured.values()))),
+                 ", ".join(f"{t}={v:.4g}" for t, v in values.items()))
+        return values
 
     # ----- per micro-batch ----------------------------------------------------------------------
     def _accumulate(self, loss: torch.Tensor, views, retain_graph: bool) -> None:
@@ -91,13 +120,16 @@ class CraftPlugin:
         plus "loss" (a detached tensor: no host sync)."""
         if self._micro == 0:
             self._buf.zero_()
+        if not self._started and hasattr(self.anchors, "start"):
+            self.anchors.start(self.step)  # anchor batches continue where a resumed run stopped
+        self._started = True
         self._policy = policy
         out = policy.compute_loss(batch)
         if self.anchors is not None:
-            f_theta, f_anchor = self.anchors.retention_pair(policy, batch, out.context)
-            l_ret = CF.retention_loss(f_theta, f_anchor)
+            l_ret, terms = combined_retention_loss(self.anchors.retention_pairs(policy, batch, out.context), self.scales)
+            # the anchor forward is separate from the task forward when anchors come from other data
             self._accumulate(l_ret * scale, self._ret_views, retain_graph=True)
-            self._l_ret += l_ret.detach()
+            self._l_ret += torch.stack([l_ret.detach(), *[terms[t].detach() for t in self.targets]])
         self._accumulate(out.loss * scale, self._act_views, retain_graph=False)
         self._micro += 1
         return {**out.metrics, "loss": out.loss.detach()}
@@ -126,10 +158,11 @@ class CraftPlugin:
             torch._foreach_add_(self._act_views, diff, alpha=cfg.retention_weight)
             penalty = 0.5 * cfg.retention_weight * torch.stack(torch._foreach_powsum(diff, 2)).sum()
             zero = torch.zeros((), device=penalty.device)
-            return {"l_ret": penalty, "cos": zero, "beta": zero + cfg.retention_weight, "conflict": zero}
+            return {"l_ret": penalty, "terms": self._l_ret[1:].clone(), "cos": zero, "beta": zero + cfg.retention_weight,
+                    "conflict": zero}
         lengths = self._lengths if cfg.projection_scope == "per_tensor" else None
         stats = CF.project_flat(self.g_act, self.g_ret, self.lam, cfg.projection_eps, lengths, cfg.projection_on)
-        return {"l_ret": self._l_ret[0].clone(), **stats}
+        return {"l_ret": self._l_ret[0].clone(), "terms": self._l_ret[1:].clone(), **stats}
 
     def after_optimizer_step(self) -> dict[str, float]:
         """Dual update with this step's L_ret; every `log_freq` steps, the craft/* metrics averaged
@@ -141,7 +174,9 @@ class CraftPlugin:
             self.lam = CF.dual_update(self.lam, stats["l_ret"], self.cfg.retention_budget, self.cfg.dual_lr)
         self.step += 1
         self._micro = 0
-        self._log_sum += torch.stack([stats["l_ret"], stats["conflict"], stats["cos"], stats["beta"]]).float()
+        main = torch.stack([stats["l_ret"], stats["conflict"], stats["cos"], stats["beta"]]).float()
+        terms = stats["terms"].float() if len(self.targets) > 1 else stats["terms"][:0].float()
+        self._log_sum += torch.cat([main, terms])
         self._log_n += 1
         return {} if self.step % self.log_freq else self.flush_metrics()
 
@@ -153,11 +188,11 @@ class CraftPlugin:
         values = (self._log_sum / self._log_n).tolist()  # the one host sync per logged line
         self._log_sum.zero_()
         self._log_n = 0
-        return {**dict(zip(METRIC_KEYS, values)), "craft/lambda": float(self.lam)}
+        return {**dict(zip(self.metric_keys, values)), "craft/lambda": float(self.lam)}
 
     # ----- training state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"lambda": float(self.lam), "step": self.step}
+        return {"lambda": float(self.lam), "step": self.step, "scales": {t: float(v) for t, v in self.scales.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         missing = {"lambda", "step"} - set(state)
@@ -165,9 +200,7 @@ class CraftPlugin:
             raise CraftVLAError(f"CRaFT state is missing {sorted(missing)}; it has {sorted(state)}")
         self.lam = torch.tensor(float(state["lambda"]), device=self.lam.device)
         self.step = int(state["step"])
+        for name, value in state.get("scales", {}).items():  # as measured when the run started
+            if name in self.scales:
+                self.scales[name] = torch.tensor(float(value), device=self.lam.device)
 
-
-def policy_features(policy: nn.Module, context: VLMContext, cfg: CraftConfig) -> torch.Tensor:
-    """The policy's bridge features from `context` with the configured layer, pooling and anchor type."""
-    return bridge_features(context, policy.anchor_layer(cfg.anchor_layer_idx), pooling=cfg.online_pooling,
-                           anchor_type=cfg.online_anchor_type)

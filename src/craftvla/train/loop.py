@@ -133,13 +133,26 @@ def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False):
                        step_scheduler_with_optimizer=False)
 
 
-def make_craft_plugin(policy: nn.Module, cfg: TrainConfig, accelerator) -> Optional[GradPlugin]:
-    """CRaFT (or a retention baseline) when `--craft.enabled true`, else None (plain fine-tuning)."""
+def make_craft_plugin(policy: nn.Module, cfg: TrainConfig, accelerator, dataset=None) -> Optional[GradPlugin]:
+    """CRaFT (or a retention baseline) when `--craft.enabled true`, else None (plain fine-tuning).
+    Online anchors read --craft.anchor_dataset's batches when given, else the training batch; the
+    scale-free loss's spread is measured here, on the anchor data, with the initial weights."""
     if not cfg.craft.enabled:
         return None
+    from craftvla.craft import anchors
     from craftvla.craft.plugin import CraftPlugin
 
-    return CraftPlugin(policy, cfg.craft, seed=cfg.seed + accelerator.process_index, log_freq=cfg.log.log_freq)
+    c = cfg.craft
+    anchor_data = anchors.open_anchor_dataset(c.anchor_dataset, policy) if c.anchor_dataset else None
+    stream = None if anchor_data is None else anchors.anchor_batch_stream(
+        anchor_data, c.anchor_batch_size, cfg.grad_accum_steps, cfg.seed + 1, accelerator.process_index,
+        accelerator.num_processes, cfg.dataset.num_workers)
+    plugin = CraftPlugin(policy, c, seed=cfg.seed + accelerator.process_index, log_freq=cfg.log.log_freq,
+                         anchor_batches=stream)
+    if c.uses_features and c.scale_free:
+        data = anchor_data if anchor_data is not None else dataset
+        plugin.calibrate(anchors.calibration_batches(data, c.scale_samples, cfg.seed + 2, policy.config))
+    return plugin
 
 
 def unused_trainable_parameters(policy: nn.Module) -> list[str]:
@@ -280,7 +293,8 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
     policy = accelerator.unwrap_model(model)  # the one unwrap; the trainer never touches .module
     # Built on the device-resident policy while it still holds its initial weights (before a
     # resume loads trained ones): CRaFT's anchors and L2-to-init refer to those.
-    grad_plugin = (make_grad_plugin or make_craft_plugin)(policy, cfg, accelerator)
+    grad_plugin = (make_grad_plugin(policy, cfg, accelerator) if make_grad_plugin
+                   else make_craft_plugin(policy, cfg, accelerator, dataset))
     plugins = {"grad_plugin": grad_plugin} if hasattr(grad_plugin, "state_dict") else {}
     run = Run(cfg, accelerator, policy, model, optimizer, scheduler, iter(()), run_dir,
               num_samples=len(dataset) if dataset is not None else None, grad_plugin=grad_plugin, plugins=plugins)
