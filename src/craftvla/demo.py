@@ -1,103 +1,170 @@
-"""`craftvla demo`: the whole story on a CPU with no arguments.
+"""`craftvla demo`: teach the shipped generalist a new task, with and without CRaFT, and show
+what each keeps. No arguments needed; about 15 minutes on 2 CPU cores.
 
-1. collect scripted-expert demonstrations on three Meta-World tasks (LeRobot v3 dataset),
-2. train the `tiny` preset on them,
-3. evaluate it closed-loop on unseen object positions, with videos,
-then print the success rate and where everything was written. About 12 minutes on 2 CPU cores
-(measured: mean success 0.97, 10/10, 10/10, 9/10, with these defaults);
-flags shrink or grow each stage (`craftvla demo --steps 200 --eval_episodes 3` for a quick look).
+1. collect scripted-expert demonstrations of the new task (window-open), and a few episodes of
+   the generalist's own five tasks (CRaFT's anchor data: what it should keep doing),
+2. fine-tune the generalist (assets/generalist) twice per seed: plain, and with CRaFT,
+3. evaluate the generalist and both fine-tuned policies closed-loop on the new task and on the
+   generalist's tasks (unseen positions),
+4. print a table and write a report directory: report.md, success.png, craft_curves.png and a
+   rollout video per policy.
+Flags scale it (`--steps`, `--episodes`, `--eval_episodes`, `--seeds`); every stage re-uses
+what a previous demo run in the same --out already finished.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from craftvla.config import parse_config
-from craftvla.errors import ConfigError
+from craftvla.errors import ConfigError, CraftVLAError
+from craftvla.sim.metaworld import GENERALIST_TASKS, NEW_TASK
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "assets" / "generalist" / "checkpoint"
+# CRaFT as the demo runs it: the behaviour (action-chunk) target held on the generalist's own
+# tasks' frames, a budget relative to the targets' spread (benchmarks/retention).
+CRAFT_FLAGS = ["--craft.enabled", "true", "--craft.targets", "actions", "--craft.anchor_batch_size", "16",
+               "--craft.log_freq", "1"]
 
 
 @dataclass
 class DemoConfig:
-    # Directory for the dataset, the training run and the evaluation (re-used across demo runs).
+    # Directory for the datasets, runs, evaluations and reports (re-used across demo runs).
     out: str = "runs/demo"
-    # Meta-World tasks (comma-separated); their goals are visible at 64 px.
-    tasks: str = "drawer-close-v3,button-press-topdown-v3,door-open-v3"
-    # Expert demonstrations per task (the dataset is collected once and re-used).
+    # The generalist to start from; None = the one shipped in assets/generalist/checkpoint.
+    generalist: Optional[str] = None
+    # The new task taught to the generalist.
+    task: str = NEW_TASK
+    # The generalist's tasks (evaluated for forgetting; CRaFT's anchor data comes from them).
+    old_tasks: str = ",".join(GENERALIST_TASKS)
+    # Expert demonstrations of the new task.
     episodes: int = 20
-    # Optimizer steps of the tiny preset (mean success 0.83 after 600, 0.97 after 1200: the image's
-    # influence on the actions keeps growing past 600 steps, benchmarks/train_metaworld/README.md).
-    steps: int = 1200
+    # Expert episodes per old task for CRaFT's anchor data.
+    anchor_episodes: int = 8
+    # Fine-tuning steps of each run.
+    steps: int = 300
     # Samples per optimizer step.
     batch_size: int = 32
-    # Peak learning rate.
-    lr: float = 1e-3
+    # Peak learning rate of the fine-tuning.
+    lr: float = 3e-4
+    # CRaFT's retention budget epsilon (a fraction of the retained targets' spread).
+    retention_budget: float = 0.1
     # Closed-loop evaluation episodes per task (unseen positions: the evaluation seed stream).
     eval_episodes: int = 10
-    # Seed of collection, training and evaluation.
+    # Fine-tuning seeds (each trains plain and CRaFT once).
+    seeds: int = 1
+    # Seed of collection and evaluation, and the first training seed.
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("episodes", "steps", "batch_size", "eval_episodes"):
+        for name in ("episodes", "anchor_episodes", "steps", "batch_size", "eval_episodes", "seeds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 1")
 
+    def generalist_path(self) -> Path:
+        path = Path(self.generalist) if self.generalist else SHIPPED
+        if not (path / "config.json").is_file():
+            raise CraftVLAError(f"{path}: no generalist checkpoint there (config.json missing); pass --generalist DIR "
+                                "or rebuild the shipped one with assets/generalist/run.sh")
+        return path
 
-def collect_once(cfg: DemoConfig, root: Path) -> Path:
-    """The demonstration dataset: collected unless a finished one is already at `root`."""
+
+def collect_once(root: Path, tasks: str, episodes: int, seed: int, label: str) -> Path:
+    """A demonstration dataset: collected unless a finished one is already at `root`."""
     from craftvla.sim.collect import CollectConfig, collect
 
     if (root / "meta" / "info.json").is_file():
-        print(f"[1/3] re-using the demonstrations in {root}")
+        print(f"  re-using {label} in {root}")
         return root
-    print(f"[1/3] collecting {cfg.episodes} expert episodes per task into {root}")
-    collect(CollectConfig(out=str(root), tasks=cfg.tasks, episodes=cfg.episodes, seed=cfg.seed))
+    print(f"  collecting {label}: {episodes} expert episodes per task into {root}")
+    collect(CollectConfig(out=str(root), tasks=tasks, episodes=episodes, seed=seed))
     return root
 
 
-def train_tiny(cfg: DemoConfig, data: Path, run_dir: Path) -> Path:
-    """Train the tiny preset; returns the final checkpoint directory."""
+def fine_tune(cfg: DemoConfig, name: str, seed: int, data: Path, run_dir: Path, extra: list[str]) -> Path:
+    """One fine-tuning run from the generalist (skipped when finished); returns the run directory."""
     from craftvla.train.config import parse_train_config
     from craftvla.train.loop import train
 
-    print(f"[2/3] training the tiny preset for {cfg.steps} steps into {run_dir}")
-    train_cfg = parse_train_config([
-        "--preset", "tiny", "--dataset.root", str(data), "--output_dir", str(run_dir),
+    last = run_dir / "checkpoints" / "last"
+    if last.exists():
+        print(f"  re-using {name} (seed {seed}): {run_dir}")
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run of an earlier demo
+    print(f"  fine-tuning {name} (seed {seed}) for {cfg.steps} steps into {run_dir}")
+    train(parse_train_config([
+        "--init_from", str(cfg.generalist_path()), "--dataset.root", str(data), "--output_dir", str(run_dir),
         "--steps", str(cfg.steps), "--batch_size", str(cfg.batch_size), "--optim.lr", str(cfg.lr),
-        "--seed", str(cfg.seed), "--checkpoint.save_freq", "0", "--log.log_freq", "10",
-    ])
-    train(train_cfg)
-    return (run_dir / "checkpoints" / "last").resolve()
+        "--seed", str(seed), "--checkpoint.save_freq", "0", "--log.log_freq", "10", *extra]))
+    return run_dir
 
 
-def evaluate_checkpoint(cfg: DemoConfig, checkpoint: Path, out: Path) -> dict:
+def evaluate_once(cfg: DemoConfig, checkpoint: Path, out: Path, label: str) -> dict:
+    """Success on the new task and the old ones (re-used when already evaluated)."""
     from craftvla.sim.evaluate import evaluate
     from craftvla.sim.policies import CheckpointPolicy
 
-    print(f"[3/3] evaluating {cfg.eval_episodes} episodes per task on unseen positions")
-    return evaluate(CheckpointPolicy.from_pretrained(checkpoint), cfg.tasks, cfg.eval_episodes, seed=cfg.seed,
-                    out_dir=out, num_videos=2)
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    print(f"  evaluating {label}: {cfg.eval_episodes} episodes on each of {len(cfg.old_tasks.split(',')) + 1} tasks")
+    return evaluate(CheckpointPolicy.from_pretrained(checkpoint), [cfg.task, *cfg.old_tasks.split(",")],
+                    cfg.eval_episodes, seed=cfg.seed, out_dir=out, num_videos=1, overwrite=True)
+
+
+def summarise(results: dict, new_task: str) -> dict:
+    """{new: success on the new task, old: mean over the old tasks, tasks: per task}."""
+    tasks = {t: r["success_rate"] for t, r in results["tasks"].items()}
+    old = [v for t, v in tasks.items() if t != new_task]
+    return {"new": tasks[new_task], "old": sum(old) / len(old), "tasks": tasks}
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Every stage of the demo; returns the report directory."""
+    from craftvla.demo_report import write_demo_report
+
+    out = Path(cfg.out)
+    generalist = cfg.generalist_path()
+    print(f"[1/4] data (starting from the generalist in {generalist})")
+    new_data = collect_once(out / "data_new", cfg.task, cfg.episodes, cfg.seed + 1000, f"new task {cfg.task}")
+    anchor_data = collect_once(out / "data_anchor", cfg.old_tasks, cfg.anchor_episodes, cfg.seed + 2000,
+                               "anchor data of the generalist's tasks")
+    print("[2/4] fine-tuning")
+    runs: dict[str, list[Path]] = {"plain": [], "craft": []}
+    craft_flags = [*CRAFT_FLAGS, "--craft.anchor_dataset", str(anchor_data),
+                   "--craft.retention_budget", str(cfg.retention_budget)]
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        runs["plain"].append(fine_tune(cfg, "plain", seed, new_data, out / f"plain-s{seed}", []))
+        runs["craft"].append(fine_tune(cfg, "CRaFT", seed, new_data, out / f"craft-s{seed}", craft_flags))
+    print("[3/4] closed-loop evaluation on unseen positions")
+    evals = {"generalist": [evaluate_once(cfg, generalist, out / "eval-generalist", "the generalist")]}
+    for name, run_dirs in runs.items():
+        evals[name] = [evaluate_once(cfg, run / "checkpoints" / "last", run / "eval", f"{name} ({run.name})")
+                       for run in run_dirs]
+    print("[4/4] report")
+    summary = {name: [summarise(r, cfg.task) for r in results] for name, results in evals.items()}
+    report = out / time.strftime("report-%Y%m%d-%H%M%S")
+    for n in range(2, 1000):  # never write into an earlier report
+        if not report.exists():
+            break
+        report = out / time.strftime(f"report-%Y%m%d-%H%M%S-{n}")
+    write_demo_report(report, cfg, summary, runs, evals_dirs={
+        "generalist": [out / "eval-generalist"], **{n: [run / "eval" for run in rs] for n, rs in runs.items()}})
+    return report
 
 
 def main(argv: list[str]) -> int:
-    """CLI entry: `craftvla demo [--steps N] [--episodes N] [--out DIR] ...`."""
+    """CLI entry: `craftvla demo [--steps N] [--episodes N] [--seeds N] [--out DIR] ...`."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = parse_config(DemoConfig, args=argv, prog="craftvla demo")
-    out = Path(cfg.out)
     t0 = time.perf_counter()
-    data = collect_once(cfg, out / "data")
-    run_dir = out / time.strftime("train-%Y%m%d-%H%M%S")
-    checkpoint = train_tiny(cfg, data, run_dir)
-    results = evaluate_checkpoint(cfg, checkpoint, run_dir / "eval")
-    print()
-    for task, row in results["tasks"].items():
-        print(f"  {task:<26} success {row['success_rate']:.0%} ({row['episodes']} episodes)")
-    print(f"mean success rate {results['mean_success_rate']:.0%} after {cfg.steps} training steps "
-          f"({time.perf_counter() - t0:.0f} s in all)")
-    print(f"run:         {run_dir}  (metrics.jsonl, train_config.yaml)")
-    print(f"checkpoint:  {checkpoint}")
-    print(f"curves:      {run_dir / 'plots'}")
-    print(f"videos:      {run_dir / 'eval' / 'videos'}")
+    report = run_demo(cfg)
+    print((report / "table.txt").read_text())
+    print(f"done in {time.perf_counter() - t0:.0f} s; report: {report / 'report.md'}")
     return 0

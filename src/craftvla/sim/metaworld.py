@@ -103,6 +103,10 @@ INSTRUCTIONS: dict[str, str] = {
 
 # Defaults whose objects and goals are visible at 64 px; reach/push goals are 1-2 px there.
 DEFAULT_TASKS = ("drawer-close-v3", "button-press-topdown-v3", "door-open-v3")
+# Task set A of the generalist shipped in assets/generalist (goals visible at 64 px, experts >= 96 %),
+# and the new task `craftvla demo` teaches it.
+GENERALIST_TASKS = (*DEFAULT_TASKS, "handle-press-v3", "plate-slide-v3")
+NEW_TASK = "window-open-v3"
 DEFAULT_CAMERA = "corner"
 
 _OPEN_ENVS: weakref.WeakSet = weakref.WeakSet()  # envs to close at exit if the caller did not
