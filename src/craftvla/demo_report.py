@@ -51,9 +51,10 @@ def success_plot(summary: dict[str, list[dict]], new_task: str, path: Path) -> N
         ax.text(i - 0.2, a + 0.02, f"{a:.0%}", ha="center", fontsize=8)
         ax.text(i + 0.2, b + 0.02, f"{b:.0%}", ha="center", fontsize=8)
     ax.set_xticks(list(x), [LABELS[n] for n in names])
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_ylabel("success rate")
-    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    ax.legend(fontsize=8, loc="upper center", ncol=2, frameon=False)
     _save(fig, path)
 
 
