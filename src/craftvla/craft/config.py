@@ -27,7 +27,8 @@ class CraftConfig:
     mode: str = "craft"
     # Initial lambda, the weight of g_ret (for l2_init: the L2-SP coefficient alpha).
     retention_weight: float = 1.0
-    # epsilon: the retention budget; lambda grows while L_ret exceeds it and shrinks below it.
+    # epsilon: the retention budget; lambda grows while L_ret exceeds it and shrinks below it. With
+    # scale_free (default) L_ret is a fraction of the targets' spread across anchor samples.
     retention_budget: float = 0.1
     # eta_lambda: step size of the dual update lambda <- max(0, lambda + eta * (L_ret - epsilon)).
     dual_lr: float = 0.01
