@@ -43,12 +43,12 @@ PROBE_STEPS = int(os.environ.get("STUDY_PROBE_STEPS", 100))
 
 BASE = ["--steps", str(STEPS), "--batch_size", "32", "--optim.lr", "3e-4", "--checkpoint.save_freq", "0",
         "--log.log_freq", "10", "--dataset.num_workers", "1", "--log.plots", "false"]
-CRAFT = ["--craft.enabled", "true", "--craft.log_freq", "1", "--craft.dual_lr", "0.1"]
+CRAFT = ["--craft.enabled", "true", "--craft.log_freq", "1"]
 ON_A = ["--craft.anchor_dataset", "{A}", "--craft.anchor_batch_size", "16"]
 
 
-def craft(targets: str, eps: float = 0.1, *extra: str) -> list[str]:
-    return [*CRAFT, "--craft.targets", targets, "--craft.retention_budget", str(eps), *extra]
+def craft(targets: str, eps: float = 0.1, dual_lr: float = 0.1) -> list[str]:
+    return [*CRAFT, "--craft.targets", targets, "--craft.retention_budget", str(eps), "--craft.dual_lr", str(dual_lr)]
 
 
 # name -> extra `craftvla train` flags ({A} / {B} / {CACHE_A} are filled in).
@@ -69,6 +69,8 @@ METHODS: dict[str, list[str]] = {
     "craft_pooled_A": [*craft("pooled"), *ON_A],
     "craft_tokens_A": [*craft("tokens"), *ON_A],
     "craft_actions_A": [*craft("actions"), *ON_A],
+    # `craftvla demo`'s CRaFT: the default dual step 0.01, so lambda stays near 1 under the budget
+    "craft_demo": [*craft("actions", 0.1, 0.01), *ON_A],
     "craft_all_A": [*craft("pooled,tokens,actions"), *ON_A],
     "craft_actions_cacheA": [*craft("actions"), "--craft.anchor_cache", "{CACHE_A}", "--craft.anchor_batch_size", "16"],
     "craft_actions_A_replay2": [*craft("actions"), *ON_A, "--dataset.roots", "{B},{A}", "--dataset.weights", "0.98,0.02"],
