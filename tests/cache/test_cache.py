@@ -382,3 +382,19 @@ def test_later_shard_truncated_fails_at_first_read_naming_it(build, tmp_path):
     cache.samples([0, 1])  # shard 0 is intact
     with pytest.raises(CraftVLAError, match=r"shard-00002.safetensors: not a readable safetensors"):
         cache.samples([4])
+
+
+def test_cache_scale_is_the_spread_of_the_cached_targets(build, checkpoint):
+    """A cache run measures the scale-free loss's scale on the cache's own (teacher) targets."""
+    from craftvla.craft.targets import feature_variance
+
+    path = build(type="action_chunk", dtype="float32", num_samples=6, shard_size=4)
+    policy = _policy(checkpoint)
+    plugin = CraftPlugin(policy, CraftConfig(enabled=True, anchor_cache=str(path), scale_samples=5))
+    assert plugin.targets == ["actions"]
+    scales = plugin.calibrate(None)
+    cached = C.AnchorCache(path).samples(list(range(5)))["teacher_actions"]
+    assert cached.shape[1:] == (policy.config.chunk_size, policy.config.action_dim)
+    assert scales == {"actions": pytest.approx(feature_variance(cached).item(), rel=1e-6)}
+    with pytest.raises(CraftVLAError, match="feeds the 'actions' target only"):
+        CraftPlugin(policy, CraftConfig(enabled=True, anchor_cache=str(path), targets="pooled"))

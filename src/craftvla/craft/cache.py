@@ -581,7 +581,7 @@ class CacheAnchorProvider:
             raise CraftVLAError(f"anchor cache {self.cache.path}: a {self.cache.cache_type} cache feeds the "
                                 f"'{self.target}' target only, but craft.targets={craft_cfg.targets!r} "
                                 "(leave it unset to adopt the cache's)")
-        self.batch_size, self.seed = batch_size, seed
+        self.scale_samples = craft_cfg.scale_samples
         self.device = policy.action_queries.weight.device
         self.stream = self.cache.batches(batch_size, seed=seed, device=self.device)
         self.description = f"offline {self.cache.cache_type} cache {self.cache.path} ({len(self.cache)} samples)"
@@ -592,9 +592,10 @@ class CacheAnchorProvider:
         student, _ = student_targets(self.cache.cache_type, self.cache.meta, policy.encode(anchor), policy)
         return {self.target: (student, target.to(student.dtype))}
 
-    def measure_targets(self, policy, num_samples: int) -> dict[str, torch.Tensor]:
-        """{target: (N, ...)}: the cached targets of the first `num_samples` samples (the teacher's)."""
-        count = min(num_samples, len(self.cache))
+    def measure_targets(self, policy, batches=None) -> dict[str, torch.Tensor]:
+        """{target: (N, ...)}: the cached (teacher's) targets of the first `craft.scale_samples`
+        samples; `batches` is not read: the cache is the anchor data."""
+        count = min(self.scale_samples, len(self.cache))
         target = self.cache.samples(list(range(count)))[TARGET_KEYS[self.cache.cache_type]]
         return {self.target: target.float()}
 

@@ -58,8 +58,7 @@ class CraftPlugin:
             raise CraftVLAError(f"CRaFT: trainable parameters mix dtypes {sorted(map(str, dtypes))}; use one")
         self.anchors = (make_anchor_provider(policy, cfg, self._features, seed, anchor_batches)
                         if cfg.uses_features else None)
-        self.targets = [getattr(self.anchors, "target", None)] if cfg.source == "cache" else cfg.target_names
-        self.targets = self.targets if cfg.uses_features else []
+        self.targets = self._target_names()
         self.metric_keys = METRIC_KEYS + tuple(f"craft/ret/{t}" for t in self.targets if len(self.targets) > 1)
         self._build_buffers()
         device = self.params[0].device
@@ -85,6 +84,12 @@ class CraftPlugin:
         self._ret_views = [v.view_as(p) for v, p in zip(self.g_ret.split(sizes), self.params)]
         self._lengths = torch.tensor(sizes, device=p0.device)  # (K,) for per-tensor projection
 
+    def _target_names(self) -> list[str]:
+        """The retained targets: the config's, a cache's own, or none (L2-to-init)."""
+        if self.anchors is None:
+            return []
+        return [self.anchors.target] if self.cfg.source == "cache" else self.cfg.target_names
+
     def _features(self, context: VLMContext) -> dict[str, torch.Tensor]:
         """{target: (B, ...)} of a forward's VLM context, as configured."""
         return compute_targets(self._policy, context, self.cfg)
@@ -95,10 +100,7 @@ class CraftPlugin:
         with the initial weights; the result is saved in the training state."""
         if self.anchors is None or not self.cfg.scale_free:
             return {}
-        if hasattr(self.anchors, "cache"):
-            measured = self.anchors.measure_targets(self._policy, self.cfg.scale_samples)
-        else:
-            measured = self.anchors.measure_targets(self._policy, batches)
+        measured = self.anchors.measure_targets(self._policy, batches)
         for name, f in measured.items():
             self.scales[name] = feature_variance(f).clamp_min(1e-12).to(self.scales[name].device)
         self.calibrated = True
