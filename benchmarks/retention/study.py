@@ -173,8 +173,9 @@ def head_probe(checkpoint: Path, cell: Path) -> dict:
             "--steps", str(PROBE_STEPS), "--batch_size", "32", "--optim.lr", "1e-3", "--checkpoint.save_freq", "0",
             "--log.log_freq", "10", "--log.plots", "false", "--freeze.vision", "true", "--freeze.projector", "true",
             "--freeze.llm", "true", "--freeze.action_queries", "true"], cell / "cell.log")
+    curve = [r["l1_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "l1_loss" in r]
     return {"l1_A_tuned": l1_on_A(checkpoint), "l1_A_refit": l1_on_A(out / "checkpoints" / "last"),
-            "l1_A_generalist": l1_on_A(GENERALIST)}
+            "l1_A_generalist": l1_on_A(GENERALIST), "refit_l1_curve": curve}  # training L1, every 10 steps
 
 
 def l1_on_A(checkpoint: Path, samples: int = 512) -> float:
