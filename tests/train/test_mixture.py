@@ -113,3 +113,10 @@ def test_training_on_a_mixture_logs_per_source_counts(two_datasets, tmp_path):
     expected = source_counts(48, mixture_bounds([0.75, 0.25]))
     assert (lines[-1]["data/samples/new"], lines[-1]["data/samples/old"]) == tuple(expected.tolist())
     assert lines[0]["data/samples/new"] + lines[0]["data/samples/old"] == 24  # after 3 steps of 8
+
+
+def test_source_names_are_short_and_unique(tmp_path):
+    from craftvla.data.mixture import source_names
+
+    assert source_names([str(tmp_path / "a" / "data"), str(tmp_path / "b" / "data"), str(tmp_path / "old")]) == \
+        ["data_0", "data_1", "old"]
