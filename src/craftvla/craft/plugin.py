@@ -64,7 +64,6 @@ class CraftPlugin:
         device = self.params[0].device
         self.lam = torch.tensor(float(cfg.retention_weight), device=device)  # stays on the device
         self.scales = {t: torch.ones((), device=device) for t in self.targets}  # see calibrate()
-        self.calibrated = False
         self.step, self._micro, self._started = 0, 0, False
         self._pending = None
         self._log_sum, self._log_n = torch.zeros(len(self.metric_keys), device=device), 0
@@ -103,7 +102,6 @@ class CraftPlugin:
         measured = self.anchors.measure_targets(self._policy, batches)
         for name, f in measured.items():
             self.scales[name] = feature_variance(f).clamp_min(1e-12).to(self.scales[name].device)
-        self.calibrated = True
         values = {t: float(v) for t, v in self.scales.items()}
         log.info("CRaFT retention scale (variance across %d anchor samples): %s", len(next(iter(measured.values()))),
                  ", ".join(f"{t}={v:.4g}" for t, v in values.items()))
