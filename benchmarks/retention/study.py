@@ -209,12 +209,44 @@ def craft_log(run: Path) -> dict:
     return out
 
 
-def run_cell(method: str, seed: int) -> Path:
+def claim(cell: Path) -> bool:
+    """Take the cell for this process (a `.claim` file holding its pid); False if a live process has it.
+
+    Lets two study processes share the work (`OMP_NUM_THREADS=1`, one per core): evaluation runs the
+    simulator on one core, so a second process fills the other.
+    """
+    lock = cell / ".claim"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False  # alive
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def run_cell(method: str, seed: int) -> Path | None:
     result = RESULTS / f"{method}__s{seed}.json"
     if result.is_file():
         return result
     cell = WORK / method / f"s{seed}"
     cell.mkdir(parents=True, exist_ok=True)
+    if not claim(cell):
+        return None
+    try:
+        return _run_cell(method, seed, cell, result)
+    finally:
+        (cell / ".claim").unlink(missing_ok=True)
+
+
+def _run_cell(method: str, seed: int, cell: Path, result: Path) -> Path:
     t0 = time.time()
     last = train_cell(method, seed, cell)
     ev_b, ev_a = eval_cell(last, cell, TASKS_B, "B"), eval_cell(last, cell, TASKS_A, "A")
@@ -223,6 +255,7 @@ def run_cell(method: str, seed: int) -> Path:
               "per_task": {t: r["success_rate"] for ev in (ev_b, ev_a) for t, r in ev["tasks"].items()},
               **drift_on_A(last), **head_probe(last, cell), **craft_log(cell / "run"),
               "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+              "study_processes": int(os.environ.get("STUDY_PROCESSES", "1")),
               "cell_s": time.time() - t0}
     result.parent.mkdir(parents=True, exist_ok=True)
     tmp = result.with_suffix(".tmp")
@@ -248,11 +281,22 @@ def generalist_row() -> Path:
     return result
 
 
+def run_parallel(n: int, argv: list[str]) -> int:
+    """`n` copies of this command (each claims cells as it goes), one torch thread each."""
+    flags = [a for i, a in enumerate(argv) if a != "--processes" and (i == 0 or argv[i - 1] != "--processes")]
+    flags = [a for a in flags if not a.startswith("--processes=")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STUDY_PROCESSES": str(n)}
+    procs = [subprocess.Popen([sys.executable, __file__, *flags], env=env) for _ in range(n)]
+    return max(p.wait() for p in procs)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("verb", choices=("run", "report"))
     parser.add_argument("--methods", default="all", help=f"comma-separated, or all: {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="study processes sharing the cells, one torch thread each (2 on a 2-core machine)")
     args = parser.parse_args(argv)
     if args.verb == "report":
         from report import write_report
@@ -265,6 +309,8 @@ def main(argv: list[str]) -> int:
         parser.error(f"unknown methods {unknown}")
     prepare()
     generalist_row()
+    if args.processes > 1:
+        return run_parallel(args.processes, argv)
     for seed in map(int, args.seeds.split(",")):  # seed-major: every method gets seed 0 first
         for method in methods:
             run_cell(method, seed)
