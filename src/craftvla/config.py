@@ -28,6 +28,8 @@ PROJECTORS = ("linear", "mlp", "fused_mlp")
 LLM_FAMILIES = ("qwen2", "llama", "mistral", "bert")
 ATTENTION_MODES = ("bidirectional", "causal")
 NORM_MODES = ("mean_std", "min_max", "identity")
+MERGERS = ("none", "learned", "learned_v2", "pool", "tome")
+SCORERS = ("none", "attention", "mlp", "random", "fastv", "instruction")
 
 
 
@@ -164,6 +166,54 @@ class L1BridgeHeadConfig(HeadConfig):
         require(self.mlp_ratio >= 1, "head.mlp_ratio", self.mlp_ratio, "must be >= 1")
 
 
+@dataclass
+class PruningConfig:
+    """Vision-token reduction (design note 002): a merger before the LLM, token selection inside it."""
+
+    # Before the LLM: "learned" (LearnableTokenMerger), "learned_v2" (instruction-aware), or the
+    # parameter-free baselines "pool" (average neighbouring patches) and "tome" (bipartite merging); "none".
+    merger: str = "none"
+    # Fraction of the vision tokens the merger keeps (0.5: 256 -> 128).
+    merge_ratio: float = 0.5
+    # Inside the LLM: "attention" (VisionPrunerHead: vision tokens attend to the instruction),
+    # "mlp" (VisionPrunerHeadSimple), or the parameter-free baselines "random", "fastv" (attention
+    # the last token gives each vision token) and "instruction" (LightVLA-style query-key scores); "none".
+    scorer: str = "none"
+    # LLM layers after which tokens are selected (hidden_states indices 1 .. num_layers - 1);
+    # empty = after a quarter and half of the layers (layers 1 and 2 of 4).
+    layers: list[int] = field(default_factory=list)
+    # Fraction of the vision tokens entering the LLM that survive each selection (non-increasing);
+    # empty = 0.5 then 0.25 of them. One value per layer.
+    keep: list[float] = field(default_factory=list)
+    # Hidden width of the learned pruner heads and merger.
+    hidden_dim: int = 64
+
+    def __post_init__(self) -> None:
+        require(self.merger in MERGERS, "pruning.merger", self.merger, f"choose one of {MERGERS}")
+        require(self.scorer in SCORERS, "pruning.scorer", self.scorer, f"choose one of {SCORERS}")
+        require(0.0 < self.merge_ratio <= 1.0, "pruning.merge_ratio", self.merge_ratio, "must be in (0, 1]")
+        require(self.hidden_dim >= 1, "pruning.hidden_dim", self.hidden_dim, "must be >= 1")
+        require(all(0.0 < k <= 1.0 for k in self.keep), "pruning.keep", self.keep, "each value must be in (0, 1]")
+        require(list(self.keep) == sorted(self.keep, reverse=True), "pruning.keep", self.keep, "must be non-increasing")
+        require(list(self.layers) == sorted(set(self.layers)), "pruning.layers", self.layers,
+                "must be ascending without repeats")
+
+    @property
+    def enabled(self) -> bool:
+        return self.merger != "none" or self.scorer != "none"
+
+    def schedule(self, num_layers: int) -> list[tuple[int, float]]:
+        """(layer, keep fraction) pairs for an LLM of `num_layers` layers; empty when no scorer."""
+        if self.scorer == "none":
+            return []
+        layers = list(self.layers) or sorted({max(1, num_layers // 4), max(1, num_layers // 2)})
+        keep = list(self.keep) or [0.5, 0.25][: len(layers)]
+        require(len(keep) == len(layers), "pruning.keep", self.keep, f"needs one value per layer {layers}")
+        require(all(1 <= l < num_layers for l in layers), "pruning.layers", layers,
+                f"must lie in 1 .. {num_layers - 1} (selection happens between the LLM's {num_layers} layers)")
+        return list(zip(layers, keep))
+
+
 def _default_normalization() -> dict[str, str]:
     return {STATE_KEY: "mean_std", ACTION_KEY: "mean_std"}
 
@@ -176,6 +226,7 @@ class VLAConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     head: HeadConfig = field(default_factory=L1BridgeHeadConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
     # Batch keys of the camera images, 1-3 of them, each "observation.images.<camera>".
     camera_keys: list[str] = field(default_factory=lambda: [IMAGE_PREFIX + "corner"])
     # Proprioceptive state size S (from the dataset's metadata).

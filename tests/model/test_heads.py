@@ -104,6 +104,7 @@ def test_flat_readout_sees_where_a_patch_is(flat):
         hidden = context.hidden_states[0].clone()
         hidden[:, vision[0]] = hidden[:, vision[0].flip(0)]  # the same tokens, patches in reverse order
         context.hidden_states = (hidden, *context.hidden_states[1:])
+        context.patches = context.patches.flip(1)  # the flat read-out reads the patches entering the LLM
         after = policy.action_head.sample(context)
     assert torch.allclose(before, after, atol=1e-5) == (flat == 0)
     assert (policy.action_head.flat is None) == (flat == 0)

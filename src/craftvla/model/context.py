@@ -7,7 +7,7 @@ cache pool their bridge features from it with the one `bridge_features` below.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,6 +26,11 @@ class VLMContext:
     hidden_states: tuple[torch.Tensor, ...]  # num_layers + 1 tensors (B, L_l, D); [0] = the LLM's input layer
     layouts: tuple[TokenLayout, ...]  # one per hidden state (layers after a token removal are shorter)
     state: torch.Tensor  # (B, S)
+    # (B, N, D) the projected patch tokens of every camera, before any merging: the LLM's input
+    # vision tokens unless a token merger reduced them (model/pruning); read by position-aware heads.
+    patches: Optional[torch.Tensor] = None
+    # What the policy's pruning part did in this forward (merge_sparsity, keep/<layer>, tokens/<layer>).
+    pruning: dict = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -33,6 +38,9 @@ class VLMContext:
 
     def vision(self, layer: int) -> torch.Tensor:  # -> (B, N_l, D) vision-patch states of hidden_states[layer]
         return self.layouts[layer].vision(self.hidden_states[layer])
+
+    def patch_tokens(self) -> torch.Tensor:  # (B, N, D) every projected patch, before any merging
+        return self.patches if self.patches is not None else self.vision(0)
 
     def vision_mask(self, layer: int) -> Optional[torch.Tensor]:  # (B, N_l) bool, None = all visible
         return self.layouts[layer].vision_mask

@@ -22,6 +22,9 @@ from craftvla.errors import CraftVLAError
 from craftvla.model.sequence import TokenLayout, gather_tokens
 
 BYTE_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# The attention implementation that honours soft keep weights (`keep_attention`), registered with
+# transformers' AttentionInterface; a policy with token pruning selects it for its LLM.
+KEEP_ATTENTION = "craftvla_keep"
 
 
 def byte_tokenizer():
@@ -103,6 +106,47 @@ def configure_attention(config, cfg: LLMConfig):
     return config
 
 
+def keep_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0,
+                   key_keep: Optional[torch.Tensor] = None, is_causal: Optional[bool] = None, **kwargs):
+    """SDPA, unless `key_keep` (B, L) in [0, 1] weights each key (soft token pruning, DynamicViT):
+
+        w_ij = keep_j exp(s_ij) / sum_k keep_k exp(s_ik),   keep_i forced to 1 on the diagonal,
+
+    so a key with weight 0 is exactly absent (the same output as removing it), and a
+    straight-through keep mask passes gradients to its scores; masks never zero hidden states.
+    query (B, h, L, e); key/value (B, h_kv, L, e); returns (B, L, h, e) and the weights."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if key_keep is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      is_causal=is_causal, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling  # (B, h, L, L)
+    length = scores.shape[-1]
+    allowed = torch.ones(length, length, dtype=torch.bool, device=scores.device)
+    if attention_mask is not None:
+        allowed = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    elif is_causal if is_causal is not None else getattr(module, "is_causal", False):
+        allowed = allowed.tril()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    eye = torch.eye(length, dtype=torch.bool, device=scores.device)
+    weight = torch.where(eye, 1.0, key_keep.float()[:, None, None, :])  # (B, 1, L, L)
+    probs = (scores - scores.amax(dim=-1, keepdim=True)).exp() * weight
+    probs = (probs / probs.sum(dim=-1, keepdim=True)).to(query.dtype)  # the diagonal keeps the sum > 0
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def _register_keep_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(KEEP_ATTENTION, keep_attention)
+    AttentionMaskInterface.register(KEEP_ATTENTION, sdpa_mask)  # masks in SDPA's (boolean) form
+
+
 @dataclass
 class LLMOutput:
     """Every layer's hidden states, each with the layout of its (possibly shortened) sequence."""
@@ -111,8 +155,10 @@ class LLMOutput:
     layouts: tuple[TokenLayout, ...]  # one per hidden state
 
 
-# (l, hidden_states[l] (B, L, D), its layout) -> columns of layout.vision_index to keep (B, k), or
-# None to keep every token. Called for l = 0 .. num_layers - 1, before decoder layer l + 1 runs.
+# (l, hidden_states[l] (B, L, D), its layout) -> what happens to the vision tokens before decoder
+# layer l + 1 runs (l = 0 .. num_layers - 1): None keeps every token; a long tensor (B, k) of columns of
+# layout.vision_index keeps those and removes the rest (hard); a float tensor (B, N_vis) in [0, 1]
+# weights them as keys in every later layer's attention (soft, training: `keep_attention`).
 TokenSelector = Callable[[int, torch.Tensor, TokenLayout], Optional[torch.Tensor]]
 
 
@@ -167,7 +213,9 @@ class LanguageBackbone(nn.Module):
         mask, rope = self._mask(hidden, layout), self._rope(hidden, layout)
         for i, layer in enumerate(self.layers):
             keep = select(i, hidden, layout) if select is not None else None
-            if keep is not None:
+            if keep is not None and keep.is_floating_point():
+                layout = layout.mask_vision(keep)  # soft: same tokens, keys weighted
+            elif keep is not None:
                 order, layout = layout.keep_vision(keep)
                 hidden = gather_tokens(hidden, order)  # (B, L', D)
                 mask, rope = self._mask(hidden, layout), self._rope(hidden, layout)
@@ -199,13 +247,24 @@ class LanguageBackbone(nn.Module):
             return None
         return self.model.rotary_emb(hidden, layout.position_ids)  # (cos, sin), each (B, L, head_dim)
 
+    def use_keep_attention(self) -> None:
+        """Route attention through `keep_attention` (SDPA until a soft keep mask appears)."""
+        if self.is_encoder:
+            raise CraftVLAError("vision-token pruning needs a decoder LLM (qwen2, llama, mistral), not an encoder")
+        _register_keep_attention()
+        self.model.set_attn_implementation(KEEP_ATTENTION)
+
     def _run_layer(self, layer: nn.Module, hidden, mask, rope, layout: TokenLayout) -> torch.Tensor:
         if self.is_encoder:
             return layer(hidden, attention_mask=mask)
+        keep = layout.key_keep()  # (B, L) or None
+        if keep is not None and self.model.config._attn_implementation != KEEP_ATTENTION:
+            raise CraftVLAError("soft vision masks need LanguageBackbone.use_keep_attention() (apply_pruning calls it)")
+        extra = {} if keep is None else {"key_keep": keep}
         # is_causal reaches the attention kernel as transformers' own forward passes it: with no
         # padding the mask functions return None and SDPA would otherwise fall back to the module's default (causal).
         return layer(hidden, attention_mask=mask, position_ids=layout.position_ids, past_key_values=None,
-                     use_cache=False, position_embeddings=rope, is_causal=bool(self.model.config.is_causal))
+                     use_cache=False, position_embeddings=rope, is_causal=bool(self.model.config.is_causal), **extra)
 
     def lora_target_modules(self) -> list[str]:
         """PEFT target module names: attention and MLP projections of this family."""

@@ -64,6 +64,11 @@ class VLAPolicy(nn.Module):
         # Normalisation statistics, tokenisation, image and action conversion; saved with the checkpoint.
         self.processor = Processor(config, self.tokenizer)
         self.aux_losses: dict[str, tuple[AuxLoss, float]] = {}  # name -> (loss fn, weight); not saved
+        # Vision-token merging / pruning (config.pruning; None when off). Built after every other
+        # part so that without it their seeded initialisation is unchanged.
+        from craftvla.prune.module import build_pruning
+
+        self.pruning = build_pruning(self)
         self._bos_id, self._stop_id = _special_ids(self.tokenizer)
         if load_weights:
             from craftvla.model.checkpoints import load_pretrained_parts
@@ -86,17 +91,23 @@ class VLAPolicy(nn.Module):
     def encode(self, batch: dict, select: Optional[TokenSelector] = None) -> VLMContext:
         """Images + instruction + action queries through the LLM -> the VLM context, computed once.
 
-        `select` may remove vision tokens between LLM layers (see `model.language.TokenSelector`)."""
+        `select` may remove vision tokens between LLM layers (see `model.language.TokenSelector`);
+        without it, the policy's own pruning part (if any) merges and selects them."""
         missing = [k for k in [*self.config.camera_keys, STATE_KEY] if k not in batch]
         if missing or (TASK_KEY not in batch and TOKENS_KEY not in batch):
             raise CraftVLAError(f"batch is missing {missing or [TASK_KEY]}; it has {sorted(batch)}")
-        vision = self.projector(self.vision([batch[k] for k in self.config.camera_keys]))  # (B, N_vis, D)
+        patches = self.projector(self.vision([batch[k] for k in self.config.camera_keys]))  # (B, N, D)
         ids, text_mask = self._text(batch)  # (B, T)
+        text = self.llm.embed(ids)  # (B, T, D)
+        vision, stats = patches, {}
+        if self.pruning is not None:
+            vision = self.pruning.merge(patches, text, text_mask, stats)  # (B, M, D)
+            select = select if select is not None else self.pruning.selector(vision.shape[1], stats)
         special = self.llm.embed(torch.tensor([self._bos_id, self._stop_id], device=ids.device))  # (2, D)
-        embeds, layout = build_sequence(special[0], vision, self.llm.embed(ids), text_mask,
+        embeds, layout = build_sequence(special[0], vision, text, text_mask,
                                         self.action_queries.weight, special[1])  # (B, L, D)
         out = self.llm(embeds, layout, select)
-        return VLMContext(out.hidden_states, out.layouts, batch[STATE_KEY])
+        return VLMContext(out.hidden_states, out.layouts, batch[STATE_KEY], patches=patches, pruning=stats)
 
     # ----- the policy interface ------------------------------------------------------------------
     def add_aux_loss(self, name: str, fn: AuxLoss, weight: float = 1.0) -> None:

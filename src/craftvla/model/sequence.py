@@ -10,6 +10,7 @@ it get a shorter sequence and a new layout, while every survivor keeps its origi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +33,8 @@ class TokenLayout:
     attention_mask: torch.Tensor  # (B, L) long: 1 = real token, 0 = instruction padding
     position_ids: torch.Tensor  # (B, L) long: RoPE / absolute positions, kept through removals
     token_index: torch.Tensor  # (B, L) long: each token's position in the full (embedding-layer) sequence
-    # (B, N_vis) bool: False for vision tokens masked out (soft pruning); None = all visible.
+    # (B, N_vis) bool, or float in [0, 1] (a straight-through keep mask from soft pruning, which
+    # weights these tokens as attention keys): 0 / False = masked out; None = all visible.
     vision_mask: Optional[torch.Tensor] = None
 
     @property
@@ -55,6 +57,18 @@ class TokenLayout:
     def last_token_index(self) -> torch.Tensor:  # (B,) position of each sample's last real token
         positions = torch.arange(self.seq_len, device=self.attention_mask.device)
         return (self.attention_mask.bool() * positions).argmax(dim=1)
+
+    def mask_vision(self, weights: torch.Tensor) -> "TokenLayout":
+        """The same tokens with vision keep weights (B, N_vis) multiplied into `vision_mask`."""
+        mask = weights if self.vision_mask is None else self.vision_mask.to(weights.dtype) * weights
+        return dataclasses.replace(self, vision_mask=mask)
+
+    def key_keep(self) -> Optional[torch.Tensor]:
+        """(B, L) attention-key weights: the vision mask at vision positions, 1 elsewhere; None if unmasked."""
+        if self.vision_mask is None:
+            return None
+        mask = self.vision_mask.float()
+        return torch.ones_like(self.attention_mask, dtype=mask.dtype).scatter(1, self.vision_index, mask)
 
     def keep_vision(self, keep: torch.Tensor) -> tuple[torch.Tensor, "TokenLayout"]:
         """Keep the vision tokens at columns `keep` (B, k) of `vision_index`, and every other token.

@@ -53,15 +53,16 @@ class BridgeBlock(nn.Module):
         return x + self.mlp(x)
 
     @staticmethod
-    def _attend_vision(q, k, v, mask):  # (B, h, H, e), (B, h, N, e) x2, (B, N) bool | None -> (B, h, H, e)
+    def _attend_vision(q, k, v, mask):  # (B, h, H, e), (B, h, N, e) x2, (B, N) bool / 0-1 float | None -> (B, h, H, e)
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v)
+        mask = mask.bool()  # a float (soft-pruning) mask would read as an additive bias
         seen = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         return torch.where(mask.any(dim=1)[:, None, None, None], seen, 0.0)  # no visible token: no vision read
 
 
 class FlatReadout(nn.Module):
-    """Vision tokens (B, N, D) -> C channels per token, flattened (B, N * C) -> MLP -> one token (B, 1, D).
+    """Patch tokens (B, N, D) -> C channels per token, flattened (B, N * C) -> MLP -> one token (B, 1, D).
 
     Unlike attention pooling, the flattened vector keeps which patch each feature came from, so a
     linear map can read an object's position directly (the read-out of CNN behaviour-cloning policies)."""
@@ -102,7 +103,7 @@ class L1BridgeHead(ActionHead):
     def forward(self, context: VLMContext) -> torch.Tensor:  # -> (B, H, A)
         proprio = self.proprio(context.state).unsqueeze(1)  # (B, 1, D)
         if self.flat is not None:  # the position-preserving vision token joins proprio: (B, 2, D)
-            proprio = torch.cat([proprio, self.flat(context.vision(0))], dim=1)
+            proprio = torch.cat([proprio, self.flat(context.patch_tokens())], dim=1)
         x = self.chunk_embed.expand(context.state.shape[0], -1, -1)  # (B, H, d)
         for i, block in enumerate(self.blocks):
             source = 0 if self.vision_source == "projector" else i + 1

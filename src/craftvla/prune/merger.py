@@ -1,0 +1,135 @@
+"""Stage 1: merge the vision tokens before the LLM (N -> M = round(merge_ratio * N)).
+
+Every merger maps `(vision (B, N, D), text (B, T, D), text_mask (B, T)) -> (merged (B, M, D),
+stats)`; the learned ones report `merge_sparsity` (the mean normalised entropy of each merged
+token's weights over the input tokens: 0 = each output copies one input, 1 = a uniform average).
+Patches are grouped by `patch_groups`: windows of neighbouring patches of one camera (rows x cols 1x2 at 0.5,
+2x2 at 0.25, 2x4 at 0.125), the `pool` baseline's windows and the learned mergers' starting point.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from craftvla.errors import ConfigError
+
+
+def merged_count(num_tokens: int, ratio: float) -> int:
+    return max(1, round(num_tokens * ratio))
+
+
+def patch_groups(num_cameras: int, grid: int, ratio: float) -> torch.Tensor:
+    """(N,) long: the output slot of every patch (raster order per camera, cameras concatenated).
+
+    Windows of wh x ww patches with wh * ww = 1 / ratio (a power of two), wide before tall."""
+    factor = round(1 / ratio)
+    if factor < 1 or abs(factor * ratio - 1) > 1e-6 or factor & (factor - 1):
+        raise ConfigError(f"pruning.merge_ratio={ratio}: grouping needs 1 / ratio to be a power of two (0.5, 0.25, ...)")
+    ww = 2 ** math.ceil(math.log2(factor) / 2)
+    wh = factor // ww
+    if grid % ww or grid % wh:
+        raise ConfigError(f"pruning.merge_ratio={ratio}: {wh}x{ww} windows do not tile a {grid}x{grid} patch grid")
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    per_camera = ((rows // wh) * (grid // ww) + cols // ww).flatten()  # (grid * grid,)
+    slots = (grid // wh) * (grid // ww)
+    return torch.cat([per_camera + c * slots for c in range(num_cameras)])
+
+
+def group_matrix(groups: torch.Tensor) -> torch.Tensor:
+    """(N,) slot ids -> (M, N) row-stochastic averaging weights."""
+    one_hot = F.one_hot(groups, int(groups.max()) + 1).T.float()  # (M, N)
+    return one_hot / one_hot.sum(dim=1, keepdim=True)
+
+
+def normalised_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """weights (..., N) rows summing to 1 -> mean entropy / log N, a scalar in [0, 1]."""
+    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)
+    return entropy.mean() / math.log(weights.shape[-1])
+
+
+class PoolMerger(nn.Module):
+    """Average each window of neighbouring patches (the `pool` baseline): (B, N, D) -> (B, M, D)."""
+
+    def __init__(self, groups: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weights", group_matrix(groups), persistent=False)  # (M, N)
+
+    def forward(self, vision, text, text_mask):
+        return torch.einsum("mn,bnd->bmd", self.weights.to(vision.dtype), vision), {}
+
+
+class LearnableTokenMerger(nn.Module):
+    """Each of M outputs is a softmax-weighted average of the N input tokens:
+
+        w_m = softmax_n(prior_mn + q_m . k(x_n) / sqrt(d)),    out_m = sum_n w_mn x_n
+
+    `prior` starts at the window grouping (0 inside a window, -`spread` outside) and the slot
+    queries `q` at zero, so the untrained merger equals the `pool` baseline; training moves both.
+    Outputs stay in the LLM's input space (a weighted average of its tokens)."""
+
+    def __init__(self, dim: int, groups: torch.Tensor, hidden_dim: int = 64, spread: float = 8.0):
+        super().__init__()
+        inside = F.one_hot(groups, int(groups.max()) + 1).T.float()  # (M, N)
+        self.prior = nn.Parameter((inside - 1.0) * spread)
+        self.queries = nn.Parameter(torch.zeros(inside.shape[0], hidden_dim))
+        self.key = nn.Linear(dim, hidden_dim)
+        self.scale = hidden_dim ** -0.5
+
+    def slot_queries(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:  # -> (B, M, h)
+        return self.queries.expand(text.shape[0], -1, -1)
+
+    def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), stats
+        logits = self.prior + torch.einsum("bmh,bnh->bmn", self.slot_queries(text, text_mask), self.key(vision)) * self.scale
+        weights = logits.softmax(dim=-1)  # (B, M, N)
+        return weights @ vision, {"merge_sparsity": normalised_entropy(weights)}
+
+
+class LearnableTokenMergerV2(LearnableTokenMerger):
+    """Instruction-aware: the slot queries are shifted by a projection of the pooled instruction
+    (zero-initialised, so it too starts as the `pool` baseline)."""
+
+    def __init__(self, dim: int, groups: torch.Tensor, hidden_dim: int = 64, spread: float = 8.0):
+        super().__init__(dim, groups, hidden_dim, spread)
+        self.text_to_slots = nn.Linear(dim, self.queries.numel())
+        nn.init.zeros_(self.text_to_slots.weight)
+        nn.init.zeros_(self.text_to_slots.bias)
+
+    def slot_queries(self, text, text_mask):
+        keep = text_mask.unsqueeze(-1).to(text.dtype)  # (B, T, 1)
+        pooled = (text * keep).sum(1) / keep.sum(1).clamp_min(1)  # (B, D)
+        return self.queries + self.text_to_slots(pooled).view(-1, *self.queries.shape)
+
+
+class ToMeMerger(nn.Module):
+    """ToMe bipartite soft matching (Bolya et al. 2023), parameter-free, repeated until M tokens remain:
+    tokens alternate into sets A and B; each A token's most similar B token (cosine) is its edge; the
+    r most similar edges merge (size-weighted averages). (B, N, D) -> (B, M, D)."""
+
+    def __init__(self, num_out: int):
+        super().__init__()
+        self.num_out = num_out
+
+    def forward(self, vision, text, text_mask):
+        x, size = vision, torch.ones(*vision.shape[:2], 1, dtype=vision.dtype, device=vision.device)  # (B, N, 1)
+        while x.shape[1] > self.num_out:
+            x, size = self._merge_step(x, size, min(x.shape[1] - self.num_out, x.shape[1] // 2))
+        return x, {}
+
+    @staticmethod
+    def _merge_step(x, size, r):  # merge r tokens of A into B: (B, N, D) -> (B, N - r, D)
+        a, b = x[:, ::2], x[:, 1::2]  # (B, Na, D), (B, Nb, D)
+        sa, sb = size[:, ::2], size[:, 1::2]
+        sim = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)  # (B, Na, Nb)
+        best, target = sim.max(dim=-1)  # (B, Na)
+        order = best.argsort(dim=-1, descending=True)
+        merged, kept = order[:, :r], order[:, r:].sort(dim=-1).values  # (B, r), (B, Na - r)
+        dim = x.shape[-1]
+        dst = target.gather(1, merged)  # (B, r)
+        take = lambda t, idx: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+        sum_b = (b * sb).scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, dim), take(a * sa, merged))
+        size_b = sb.scatter_add(1, dst.unsqueeze(-1), take(sa, merged))
+        return torch.cat([take(a, kept), sum_b / size_b], dim=1), torch.cat([take(sa, kept), size_b], dim=1)

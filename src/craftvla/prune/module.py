@@ -1,0 +1,111 @@
+"""`VisionTokenPruning`: the merger and the layer pruner as one opt-in part of a policy.
+
+    apply_pruning(policy, PruningConfig(merger="learned", scorer="attention"))  # adds policy.pruning
+    policy.encode(batch)        # merges before the LLM, selects inside it (hard: tokens removed)
+    policy.pruning.set_soft(True, temperature=0.5)   # training: straight-through masks instead
+
+The config is part of the policy's config (`VLAConfig.pruning`), so a pruned checkpoint saves and
+loads like any other; no module of transformers is patched (the soft masks reach attention through
+an attention implementation registered with transformers' AttentionInterface).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from craftvla.config import PruningConfig
+from craftvla.errors import ConfigError
+from craftvla.model.language import TokenSelector
+from craftvla.prune.merger import (LearnableTokenMerger, LearnableTokenMergerV2, PoolMerger, ToMeMerger, merged_count,
+                                   patch_groups)
+from craftvla.prune.pruner import LayerSpecificPruner
+from craftvla.prune.scorers import FastVScorer, InstructionScorer, RandomScorer, VisionPrunerHead, VisionPrunerHeadSimple
+
+
+class VisionTokenPruning(nn.Module):
+    def __init__(self, cfg: PruningConfig, llm, num_cameras: int, patches_per_camera: int):
+        super().__init__()
+        self.cfg = cfg
+        dim = llm.hidden_size
+        self.num_tokens = num_cameras * patches_per_camera  # vision tokens from the projector
+        self.merger = _build_merger(cfg, dim, num_cameras, patches_per_camera)
+        self.pruner = _build_pruner(cfg, llm)
+        if self.pruner is not None:
+            llm.use_keep_attention()
+
+    @property
+    def num_llm_tokens(self) -> int:
+        """Vision tokens entering the LLM (after merging)."""
+        return merged_count(self.num_tokens, self.cfg.merge_ratio) if self.merger is not None else self.num_tokens
+
+    def set_soft(self, soft: bool, temperature: Optional[float] = None, noise: bool = True) -> None:
+        """Training (soft masks, Gumbel noise while in training mode) or inference (hard removal)."""
+        if self.pruner is not None:
+            self.pruner.soft, self.pruner.noise = soft, noise
+            if temperature is not None:
+                self.pruner.temperature = float(temperature)
+
+    def merge(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, stats: dict) -> torch.Tensor:
+        """vision (B, N, D) -> (B, M, D); records merge_sparsity (learned mergers) and token counts."""
+        stats["tokens/input"] = torch.tensor(float(vision.shape[1]))
+        if self.merger is None:
+            return vision
+        merged, extra = self.merger(vision, text, text_mask)
+        stats.update(extra)
+        stats["tokens/merged"] = torch.tensor(float(merged.shape[1]))
+        return merged
+
+    def selector(self, num_input: int, stats: dict) -> Optional[TokenSelector]:
+        return None if self.pruner is None else self.pruner.selector(num_input, stats)
+
+
+def _build_merger(cfg: PruningConfig, dim: int, num_cameras: int, patches: int) -> Optional[nn.Module]:
+    if cfg.merger == "none":
+        return None
+    if cfg.merger == "tome":
+        return ToMeMerger(merged_count(num_cameras * patches, cfg.merge_ratio))
+    grid = math.isqrt(patches)
+    if grid * grid != patches:
+        raise ConfigError(f"pruning.merger={cfg.merger!r} groups a square patch grid; this vision tower gives {patches}")
+    groups = patch_groups(num_cameras, grid, cfg.merge_ratio)
+    if cfg.merger == "pool":
+        return PoolMerger(groups)
+    cls = LearnableTokenMerger if cfg.merger == "learned" else LearnableTokenMergerV2
+    return cls(dim, groups, cfg.hidden_dim)
+
+
+def _build_pruner(cfg: PruningConfig, llm) -> Optional[LayerSpecificPruner]:
+    schedule = cfg.schedule(llm.num_layers)
+    if not schedule:
+        return None
+    dim = llm.hidden_size
+    if cfg.scorer == "attention":
+        return LayerSpecificPruner(schedule, heads={layer: VisionPrunerHead(dim, cfg.hidden_dim) for layer, _ in schedule})
+    if cfg.scorer == "mlp":
+        return LayerSpecificPruner(schedule, heads={layer: VisionPrunerHeadSimple(dim, cfg.hidden_dim) for layer, _ in schedule})
+    scorer = {"random": RandomScorer, "fastv": lambda: FastVScorer(llm), "instruction": lambda: InstructionScorer(llm)}
+    return LayerSpecificPruner(schedule, scorer=scorer[cfg.scorer]())
+
+
+def build_pruning(policy) -> Optional[VisionTokenPruning]:
+    """The policy's pruning part from `policy.config.pruning`, or None when it is off."""
+    cfg = policy.config.pruning
+    if not cfg.enabled:
+        return None
+    return VisionTokenPruning(cfg, policy.llm, len(policy.config.camera_keys), policy.vision.num_patches)
+
+
+def apply_pruning(policy, cfg: PruningConfig):
+    """Give `policy` vision-token pruning (replacing any it had); returns the policy.
+
+    New learned parts are randomly initialised (train them with `craftvla prune train`); the
+    rest of the policy is unchanged. The config is recorded in `policy.config.pruning`."""
+    policy.config.pruning = cfg
+    policy.pruning = build_pruning(policy)
+    if policy.pruning is not None:
+        policy.pruning.to(policy.action_queries.weight.device)
+    return policy

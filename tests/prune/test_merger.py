@@ -1,0 +1,83 @@
+"""Token mergers: window grouping, pooling, the learned mergers' start and sparsity, ToMe."""
+
+import math
+
+import pytest
+import torch
+
+from craftvla.errors import ConfigError
+from craftvla.prune.merger import (LearnableTokenMerger, LearnableTokenMergerV2, PoolMerger, ToMeMerger, group_matrix,
+                                   normalised_entropy, patch_groups)
+
+
+def test_patch_groups_by_hand():
+    # 4x4 grid, raster order: 1x2 windows at 0.5, 2x2 at 0.25, 2x4 at 0.125.
+    assert patch_groups(1, 4, 0.5).view(4, 4).tolist() == [[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5], [6, 6, 7, 7]]
+    assert patch_groups(1, 4, 0.25).view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert patch_groups(1, 4, 0.125).view(4, 4).tolist() == [[0] * 4, [0] * 4, [1] * 4, [1] * 4]
+    two = patch_groups(2, 4, 0.25)  # the second camera's windows follow the first's
+    assert two[:16].max() == 3 and two[16:].min() == 4 and two[16:].max() == 7
+    with pytest.raises(ConfigError, match="power of two"):
+        patch_groups(1, 4, 0.3)
+    with pytest.raises(ConfigError, match="tile"):
+        patch_groups(1, 6, 0.125)
+
+
+def test_pool_merger_averages_windows():
+    x = torch.arange(2 * 16 * 3, dtype=torch.float32).view(2, 16, 3)
+    out, _ = PoolMerger(patch_groups(1, 4, 0.25))(x, None, None)
+    assert out.shape == (2, 4, 3)
+    assert torch.allclose(out[:, 0], (x[:, 0] + x[:, 1] + x[:, 4] + x[:, 5]) / 4)
+    assert torch.allclose(out[:, 3], (x[:, 10] + x[:, 11] + x[:, 14] + x[:, 15]) / 4)
+    assert torch.allclose(group_matrix(patch_groups(1, 4, 0.5)).sum(1), torch.ones(8))
+
+
+def test_learned_mergers_start_near_pooling_and_v2_is_v1_at_init():
+    torch.manual_seed(0)
+    groups = patch_groups(1, 8, 0.5)
+    x, text, mask = torch.randn(2, 64, 16), torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    pooled, _ = PoolMerger(groups)(x, text, mask)
+    v1 = LearnableTokenMerger(16, groups, hidden_dim=8)
+    torch.manual_seed(1)
+    v2 = LearnableTokenMergerV2(16, groups, hidden_dim=8)
+    v2.load_state_dict({**v2.state_dict(), **v1.state_dict()})
+    out1, stats = v1(x, text, mask)
+    out2, _ = v2(x, text, mask)
+    assert torch.equal(out1, out2)  # the instruction branch starts at zero
+    # Each output's weight outside its window starts at 62 e^-8 / (2 + 62 e^-8) ~ 1%.
+    leak = 62 * math.exp(-8) / (2 + 62 * math.exp(-8))
+    assert (out1 - pooled).abs().max() < 3 * leak * x.abs().max()
+    assert 0.0 < float(stats["merge_sparsity"].detach()) < 0.25
+
+
+def test_merge_sparsity_extremes():
+    assert float(normalised_entropy(torch.eye(4))) == pytest.approx(0.0)
+    assert float(normalised_entropy(torch.full((3, 8), 1 / 8))) == pytest.approx(1.0)
+
+
+def test_sparsity_loss_and_task_gradients_reach_the_merger():
+    torch.manual_seed(0)
+    merger = LearnableTokenMergerV2(16, patch_groups(1, 4, 0.5), hidden_dim=8)
+    x, text, mask = torch.randn(2, 16, 16), torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.bool)
+    out, stats = merger(x, text, mask)
+    (out.pow(2).mean() + stats["merge_sparsity"]).backward()
+    assert merger.prior.grad.abs().sum() > 0 and merger.queries.grad.abs().sum() > 0
+    assert merger.text_to_slots.weight.grad.abs().sum() > 0
+
+
+def test_tome_merges_the_most_similar_pairs():
+    # 8 tokens; A = even positions, B = odd. A0 duplicates B0 and A1 duplicates B1: merging 2 pairs
+    # must fold exactly those, leaving B0 and B1 unchanged (averages of equal tokens).
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 6)
+    x[0, 0], x[0, 2] = x[0, 1], x[0, 3]
+    out, _ = ToMeMerger(6)(x, None, None)
+    assert out.shape == (1, 6, 6)
+    assert torch.allclose(out[0, :2], x[0, [4, 6]])  # the kept A tokens, in order
+    assert torch.allclose(out[0, 2:], x[0, [1, 3, 5, 7]])
+
+
+def test_tome_size_weighted_average():
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])  # A: rows 0, 2; B: rows 1, 3
+    out, _ = ToMeMerger(1)(x, None, None)  # 4 -> 2 -> 1: every token averaged, each counted once
+    assert torch.allclose(out[0, 0], x[0].mean(0), atol=1e-6)
