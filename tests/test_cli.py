@@ -15,6 +15,8 @@ HELP = {
     ("cache", "build"): ("--pooling", "Token set pooled"),
     ("demo",): ("--steps", "steps"),
     ("info",): ("--preset", "preset"),
+    ("prune", "train"): ("--objective", "adversarial, distill or task"),
+    ("prune", "eval"): ("--batch_sizes", "latency measurement"),
 }
 
 
@@ -31,13 +33,21 @@ def test_help_lists_flags_under_the_verb_name(argv, capsys):
     assert flag in out and words in out
 
 
+def test_prune_without_sub_verb_lists_train_and_eval(capsys):
+    assert main(["prune", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "craftvla prune <train|eval>" in out and "--stage 1" in out
+    assert main(["prune"]) == 2
+
+
 def test_cache_without_sub_verb_lists_build(capsys):
     assert main(["cache", "--help"]) == 0
     assert "craftvla cache build" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv", [["train", "--steps", "x"], ["collect", "--nope", "1"], ["eval", "--episodes"],
-                                  ["cache", "build", "--layer", "two"], ["info", "--preset", "huge"]])
+                                  ["cache", "build", "--layer", "two"], ["info", "--preset", "huge"],
+                                  ["prune", "train", "--stage", "3"], ["prune", "eval", "--keep", "half"]])
 def test_bad_flags_are_one_line_errors(argv, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()

@@ -17,6 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("craftvla.train.loop", "train / fine-tune a policy (CRaFT, LoRA, DDP via accelerate)"),
     "eval": ("craftvla.sim.evaluate", "closed-loop evaluation in the simulator"),
     "cache": ("craftvla.craft.cache", "build an offline anchor cache"),
+    "prune": ("craftvla.prune.commands", "vision-token pruning: prune train --stage 1|2, prune eval"),
     "demo": ("craftvla.demo", "the whole story on a CPU with a built-in default"),
     "info": ("craftvla.model.summary", "print a preset's shapes and parameter counts"),
 }

@@ -320,6 +320,17 @@ class VLAConfig:
         return batch
 
 
+def number_list(text: Optional[str], name: str, cast=float) -> list:
+    """A comma-separated command-line list ("0.98,0.02") as numbers; empty / None -> []."""
+    if text is None or not str(text).strip():
+        return []
+    try:
+        return [cast(x) for x in str(text).split(",")]
+    except ValueError:
+        raise ConfigError(f"--{name}={text!r}: expected comma-separated {cast.__name__}s, e.g. "
+                          f"{'0.98,0.02' if cast is float else '1,2'}") from None
+
+
 def parse_config(cls, config_path: Optional[str] = None, args: Optional[list[str]] = None,
                  prog: Optional[str] = None, source: Optional[str] = None):
     """draccus.parse with its errors turned into one-line ConfigErrors (unknown keys, bad values).

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from craftvla.errors import ConfigError
-from craftvla.prune.gumbel import straight_through_keep, temperature_at, topk_columns
+from craftvla.prune.gumbel import relaxed_keep, straight_through_keep, temperature_at, topk_columns
 
 
 def test_temperature_schedules_by_hand():
@@ -52,6 +52,9 @@ def test_dropped_tokens_stay_dropped_and_budget_holds():
     mask.sum().backward()
     assert scores.grad[:, 6:].abs().sum() == 0 and scores.grad[:, :6].abs().sum() > 0
     assert torch.equal(straight_through_keep(scores, 10, tau=1.0), torch.ones(4, 10))
+    few = torch.zeros(1, 10, dtype=torch.bool)
+    few[0, :2] = True  # fewer tokens alive than the budget: all of them stay
+    assert torch.equal(relaxed_keep(scores[:1], 3, 1.0, noise=False, alive=few) > 0.5, few)
 
 
 def test_noise_changes_the_choice_only_in_training_draws():

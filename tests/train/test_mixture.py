@@ -61,7 +61,7 @@ def test_bad_weights_are_clear_errors():
         MixtureIndex([4, 4], [1, 1, 1], seed=0)
     with pytest.raises(ConfigError, match="one weight per dataset"):
         train_config("/tmp/x", "--dataset.roots", "a,b", "--dataset.weights", "1")
-    with pytest.raises(ConfigError, match="comma-separated numbers"):
+    with pytest.raises(ConfigError, match="comma-separated floats"):
         train_config("/tmp/x", "--dataset.roots", "a,b", "--dataset.weights", "1,x")
     with pytest.raises(ConfigError, match="conflicts with dataset.root"):
         train_config("/tmp/x", "--dataset.root", "a", "--dataset.roots", "a,b")

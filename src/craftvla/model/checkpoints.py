@@ -188,7 +188,7 @@ def load_policy(cls, directory, map_location="cpu"):
     root = Path(directory)
     if not root.is_dir():
         raise CraftVLAError(f"{root}: checkpoint directory not found")
-    config = _read_policy_config(root / "config.json")
+    config = read_policy_config(root / "config.json")
     llm_config = _read_llm_config(root / "llm_config.json")
     tokenizer = _read_tokenizer(config, root / "tokenizer")
     weights = read_safetensors(root / "model.safetensors")
@@ -209,7 +209,7 @@ def _read_processor(processor, root: Path) -> None:
     processor.set_stats(stats, meta["stats_source"])
 
 
-def _read_policy_config(path: Path) -> VLAConfig:
+def read_policy_config(path: Path) -> VLAConfig:
     """config.json -> VLAConfig; refuses other formats and unknown or mistyped keys."""
     raw = read_json(path, expect=dict)
     raw.pop("pretrained_from", None)

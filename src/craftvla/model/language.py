@@ -108,14 +108,17 @@ def configure_attention(config, cfg: LLMConfig):
 
 def keep_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0,
-                   key_keep: Optional[torch.Tensor] = None, is_causal: Optional[bool] = None, **kwargs):
-    """SDPA, unless `key_keep` (B, L) in [0, 1] weights each key (soft token pruning, DynamicViT):
+                   key_keep: Optional[torch.Tensor] = None, key_keep_soft: Optional[torch.Tensor] = None,
+                   is_causal: Optional[bool] = None, **kwargs):
+    """SDPA, unless `key_keep` (B, L) in {0, 1} masks keys (soft token pruning, as DynamicViT):
 
-        w_ij = keep_j exp(s_ij) / sum_k keep_k exp(s_ik),   keep_i forced to 1 on the diagonal,
+        P(w)_ij = w_j exp(s_ij) / sum_k w_k exp(s_ik),   w_i forced to 1 on the diagonal,
 
-    so a key with weight 0 is exactly absent (the same output as removing it), and a
-    straight-through keep mask passes gradients to its scores; masks never zero hidden states.
-    query (B, h, L, e); key/value (B, h_kv, L, e); returns (B, L, h, e) and the weights."""
+    so a key with weight 0 is exactly absent (the same output as removing it); hidden states are
+    never zeroed. With `key_keep_soft` (the relaxed weights, carrying gradients to the pruner) the
+    forward value stays P(hard) while the weights' gradient is that of P(soft) at the same scores:
+    the gradient of a hard 0/1 mask inside a softmax explodes where a dropped key would dominate.
+    query (B, h, L, e); key/value (B, h_kv, L, e); returns (B, L, h, e) and the probabilities."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if key_keep is None:
@@ -132,10 +135,16 @@ def keep_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
         allowed = allowed.tril()
     scores = scores.masked_fill(~allowed, float("-inf"))
     eye = torch.eye(length, dtype=torch.bool, device=scores.device)
-    weight = torch.where(eye, 1.0, key_keep.float()[:, None, None, :])  # (B, 1, L, L)
-    probs = (scores - scores.amax(dim=-1, keepdim=True)).exp() * weight
-    probs = (probs / probs.sum(dim=-1, keepdim=True)).to(query.dtype)  # the diagonal keeps the sum > 0
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+
+    def weighted_softmax(s: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # weights (B, L) per key
+        p = (s - s.amax(dim=-1, keepdim=True)).exp() * torch.where(eye, 1.0, weights.float()[:, None, None, :])
+        return p / p.sum(dim=-1, keepdim=True)  # the diagonal keeps the sum > 0
+
+    probs = weighted_softmax(scores, key_keep.detach())
+    if key_keep_soft is not None and key_keep_soft.requires_grad:
+        relaxed = weighted_softmax(scores.detach(), key_keep_soft)
+        probs = probs + (relaxed - relaxed.detach())
+    probs = nn.functional.dropout(probs.to(query.dtype), p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
@@ -157,8 +166,9 @@ class LLMOutput:
 
 # (l, hidden_states[l] (B, L, D), its layout) -> what happens to the vision tokens before decoder
 # layer l + 1 runs (l = 0 .. num_layers - 1): None keeps every token; a long tensor (B, k) of columns of
-# layout.vision_index keeps those and removes the rest (hard); a float tensor (B, N_vis) in [0, 1]
-# weights them as keys in every later layer's attention (soft, training: `keep_attention`).
+# layout.vision_index keeps those and removes the rest (hard); a float tensor (B, N_vis) in [0, 1] of
+# relaxed keep weights masks out those <= 0.5 as keys of every later layer's attention, the weights
+# carrying the gradient (soft, training: `TokenLayout.mask_vision`, `keep_attention`).
 TokenSelector = Callable[[int, torch.Tensor, TokenLayout], Optional[torch.Tensor]]
 
 
@@ -260,7 +270,7 @@ class LanguageBackbone(nn.Module):
         keep = layout.key_keep()  # (B, L) or None
         if keep is not None and self.model.config._attn_implementation != KEEP_ATTENTION:
             raise CraftVLAError("soft vision masks need LanguageBackbone.use_keep_attention() (apply_pruning calls it)")
-        extra = {} if keep is None else {"key_keep": keep}
+        extra = {} if keep is None else {"key_keep": keep[0], "key_keep_soft": keep[1]}
         # is_causal reaches the attention kernel as transformers' own forward passes it: with no
         # padding the mask functions return None and SDPA would otherwise fall back to the module's default (causal).
         return layer(hidden, attention_mask=mask, position_ids=layout.position_ids, past_key_values=None,

@@ -124,6 +124,7 @@ class VLAPolicy(nn.Module):
             extra, extra_metrics = fn(context, batch)
             loss = loss + weight * extra
             metrics = {**metrics, **extra_metrics, f"aux/{name}": extra.detach()}
+        metrics.update({f"prune/{k}": v.detach() for k, v in context.pruning.items()})  # empty unless pruning
         return LossOutput(loss, metrics, context)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -33,9 +33,11 @@ class TokenLayout:
     attention_mask: torch.Tensor  # (B, L) long: 1 = real token, 0 = instruction padding
     position_ids: torch.Tensor  # (B, L) long: RoPE / absolute positions, kept through removals
     token_index: torch.Tensor  # (B, L) long: each token's position in the full (embedding-layer) sequence
-    # (B, N_vis) bool, or float in [0, 1] (a straight-through keep mask from soft pruning, which
-    # weights these tokens as attention keys): 0 / False = masked out; None = all visible.
+    # (B, N_vis) bool: False for vision tokens masked out (soft pruning); None = all visible.
     vision_mask: Optional[torch.Tensor] = None
+    # (B, N_vis) float in [0, 1]: soft pruning's relaxed keep weights (vision_mask = weights > 0.5),
+    # through which gradients reach the scores (`model.language.keep_attention`); None without.
+    vision_soft: Optional[torch.Tensor] = None
 
     @property
     def seq_len(self) -> int:
@@ -59,16 +61,23 @@ class TokenLayout:
         return (self.attention_mask.bool() * positions).argmax(dim=1)
 
     def mask_vision(self, weights: torch.Tensor) -> "TokenLayout":
-        """The same tokens with vision keep weights (B, N_vis) multiplied into `vision_mask`."""
-        mask = weights if self.vision_mask is None else self.vision_mask.to(weights.dtype) * weights
-        return dataclasses.replace(self, vision_mask=mask)
+        """The same tokens with relaxed keep weights (B, N_vis) applied: tokens with weight <= 0.5
+        are masked out (and stay so), the weights multiply into `vision_soft`."""
+        keep = weights > 0.5
+        mask = keep if self.vision_mask is None else self.vision_mask & keep
+        soft = weights if self.vision_soft is None else self.vision_soft * weights
+        return dataclasses.replace(self, vision_mask=mask, vision_soft=soft)
 
-    def key_keep(self) -> Optional[torch.Tensor]:
-        """(B, L) attention-key weights: the vision mask at vision positions, 1 elsewhere; None if unmasked."""
+    def key_keep(self) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(B, L) attention-key weights, hard (the vision mask, 1 for other tokens) and relaxed
+        (`vision_soft`, or None); None when no vision token is masked."""
         if self.vision_mask is None:
             return None
-        mask = self.vision_mask.float()
-        return torch.ones_like(self.attention_mask, dtype=mask.dtype).scatter(1, self.vision_index, mask)
+
+        def spread(values: torch.Tensor) -> torch.Tensor:
+            return torch.ones_like(self.attention_mask, dtype=values.dtype).scatter(1, self.vision_index, values)
+
+        return spread(self.vision_mask.float()), None if self.vision_soft is None else spread(self.vision_soft)
 
     def keep_vision(self, keep: torch.Tensor) -> tuple[torch.Tensor, "TokenLayout"]:
         """Keep the vision tokens at columns `keep` (B, k) of `vision_index`, and every other token.
@@ -97,6 +106,7 @@ class TokenLayout:
             position_ids=self.position_ids.gather(1, order),
             token_index=self.token_index.gather(1, order),
             vision_mask=None if self.vision_mask is None else self.vision_mask.gather(1, keep.gather(1, rank)),
+            vision_soft=None if self.vision_soft is None else self.vision_soft.gather(1, keep.gather(1, rank)),
         )
         return order, layout
 

@@ -11,8 +11,9 @@ an attention implementation registered with transformers' AttentionInterface).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -34,8 +35,18 @@ class VisionTokenPruning(nn.Module):
         self.num_tokens = num_cameras * patches_per_camera  # vision tokens from the projector
         self.merger = _build_merger(cfg, dim, num_cameras, patches_per_camera)
         self.pruner = _build_pruner(cfg, llm)
+        self.off = False  # `disabled()`: the unpruned model (training's reference)
         if self.pruner is not None:
             llm.use_keep_attention()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within: no merging and no selection (the original, unpruned policy)."""
+        self.off = True
+        try:
+            yield
+        finally:
+            self.off = False
 
     @property
     def num_llm_tokens(self) -> int:
@@ -51,6 +62,8 @@ class VisionTokenPruning(nn.Module):
 
     def merge(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, stats: dict) -> torch.Tensor:
         """vision (B, N, D) -> (B, M, D); records merge_sparsity (learned mergers) and token counts."""
+        if self.off:
+            return vision
         stats["tokens/input"] = torch.tensor(float(vision.shape[1]))
         if self.merger is None:
             return vision
@@ -60,7 +73,7 @@ class VisionTokenPruning(nn.Module):
         return merged
 
     def selector(self, num_input: int, stats: dict) -> Optional[TokenSelector]:
-        return None if self.pruner is None else self.pruner.selector(num_input, stats)
+        return None if self.pruner is None or self.off else self.pruner.selector(num_input, stats)
 
 
 def _build_merger(cfg: PruningConfig, dim: int, num_cameras: int, patches: int) -> Optional[nn.Module]:
@@ -102,10 +115,21 @@ def build_pruning(policy) -> Optional[VisionTokenPruning]:
 def apply_pruning(policy, cfg: PruningConfig):
     """Give `policy` vision-token pruning (replacing any it had); returns the policy.
 
-    New learned parts are randomly initialised (train them with `craftvla prune train`); the
-    rest of the policy is unchanged. The config is recorded in `policy.config.pruning`."""
+    New learned parts are randomly initialised (train them with `craftvla prune train`); a merger
+    or pruner the policy already had keeps its weights when its settings are unchanged; the rest
+    of the policy is unchanged. The config is recorded in `policy.config.pruning`."""
+    old, old_cfg = getattr(policy, "pruning", None), policy.config.pruning
     policy.config.pruning = cfg
     policy.pruning = build_pruning(policy)
+    if policy.pruning is not None and old is not None:  # parts whose settings are unchanged keep their weights
+        if old.merger is not None and _same(old_cfg, cfg, "merger", "merge_ratio", "hidden_dim"):
+            policy.pruning.merger = old.merger
+        if old.pruner is not None and _same(old_cfg, cfg, "scorer", "layers", "keep", "hidden_dim"):
+            policy.pruning.pruner = old.pruner
     if policy.pruning is not None:
         policy.pruning.to(policy.action_queries.weight.device)
     return policy
+
+
+def _same(a: PruningConfig, b: PruningConfig, *fields: str) -> bool:
+    return all(getattr(a, f) == getattr(b, f) for f in fields)

@@ -3,9 +3,9 @@
 At each pruning layer l with keep fraction f, k = round(f * N) of the N vision tokens that entered
 the LLM survive (fixed budgets: the same k for every sample). Inference (`soft=False`) removes the
 others from the sequence (`TokenLayout.keep_vision`: survivors keep their position ids, the mask is
-rebuilt). Training (`soft=True`) keeps the sequence and returns a straight-through keep mask that
-weights the tokens as attention keys (`model.language.keep_attention`); the forward values are the
-same top-k decision, so soft without noise computes what hard computes.
+rebuilt). Training (`soft=True`) keeps the sequence and returns relaxed keep weights whose > 0.5 part is
+the same top-k decision: those tokens are masked out as attention keys while the weights carry the
+gradient (`model.language.keep_attention`), so soft without noise computes what hard computes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from craftvla.model.language import TokenSelector
 from craftvla.model.sequence import TokenLayout
-from craftvla.prune.gumbel import straight_through_keep, topk_columns
+from craftvla.prune.gumbel import relaxed_keep, topk_columns
 
 
 class LayerSpecificPruner(nn.Module):
@@ -55,11 +55,10 @@ class LayerSpecificPruner(nn.Module):
             stats[f"tokens/{layer}"] = torch.tensor(float(min(k, layout.num_vision)))
             stats[f"keep/{layer}"] = torch.tensor(min(k, layout.num_vision) / num_input)
             if self.soft:
-                alive = None if layout.vision_mask is None else layout.vision_mask > 0.5
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self.learned):
                     scores = self.scores(layer, hidden, layout)
-                return straight_through_keep(scores, k, self.temperature, noise=self.noise and self.training,
-                                             alive=alive)
+                return relaxed_keep(scores, k, self.temperature, noise=self.noise and self.training,
+                                    alive=layout.vision_mask)
             if k >= layout.num_vision:
                 return None
             return topk_columns(self.scores(layer, hidden, layout), k)

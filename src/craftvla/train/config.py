@@ -17,7 +17,7 @@ from typing import Any, Optional
 import draccus
 import yaml
 
-from craftvla.config import VLAConfig, parse_config
+from craftvla.config import VLAConfig, number_list, parse_config
 from craftvla.craft.config import CraftConfig
 from craftvla.errors import ConfigError, require
 
@@ -49,7 +49,7 @@ class DatasetConfig:
         require(self.weights is None or self.roots is not None, "dataset.weights", self.weights,
                 "needs --dataset.roots (the datasets it weights)")
         if self.weights is not None:
-            weights = _float_list(self.weights, "dataset.weights")
+            weights = number_list(self.weights, "dataset.weights")
             require(len(weights) == len(self.paths()), "dataset.weights", self.weights,
                     f"needs one weight per dataset in --dataset.roots ({len(self.paths())})")
             require(all(w >= 0 for w in weights) and sum(weights) > 0, "dataset.weights", self.weights,
@@ -63,14 +63,7 @@ class DatasetConfig:
 
     def weight_list(self) -> Optional[list[float]]:
         """The mixing weights as floats, None when unset."""
-        return None if self.weights is None else _float_list(self.weights, "dataset.weights")
-
-
-def _float_list(text: str, name: str) -> list[float]:
-    try:
-        return [float(x) for x in str(text).split(",")]
-    except ValueError:
-        raise ConfigError(f"--{name}={text!r}: expected comma-separated numbers, e.g. 0.98,0.02") from None
+        return None if self.weights is None else number_list(self.weights, "dataset.weights")
 
 
 @dataclass

@@ -269,8 +269,14 @@ def micro_batch_stream(cfg: TrainConfig, dataset, policy_cfg, accelerator, start
     return iter(data_loader(dataset, sampler, cfg.dataset.num_workers, cfg.seed + rank))
 
 
+# Called on the built policy (after init, freezing and LoRA) by verbs built on this loop (`craftvla
+# prune train`): it may add parts and choose what trains; it returns {parameter-name prefix: peak LR}
+# for parameters whose LR differs from optim.lr (each becomes its own parameter group).
+PreparePolicy = Callable[[nn.Module], dict[str, float]]
+
+
 def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
-          aux_losses: Optional[dict[str, AuxLoss]] = None) -> Run:
+          aux_losses: Optional[dict[str, AuxLoss]] = None, prepare_policy: Optional[PreparePolicy] = None) -> Run:
     """Build the accelerator, data, policy, optimizer and plug-ins; restore state on --resume."""
     from accelerate.utils import set_seed
 
@@ -280,6 +286,7 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
     run_dir = Path(cfg.output_dir)
     dataset = open_dataset(cfg)
     policy = build_policy(cfg, dataset)
+    lr_by_prefix = prepare_policy(policy) if prepare_policy is not None else {}
     for name, fn in (aux_losses or {}).items():
         policy.add_aux_loss(name, fn)
     unused = unused_trainable_parameters(policy) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else []
@@ -287,7 +294,7 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
         log.warning("%d trainable parameters get no gradient (e.g. %s): DDP will search for unused "
                     "parameters every step; freeze or remove them to avoid that cost", len(unused), unused[:3])
     accelerator = make_accelerator(cfg, find_unused_parameters=bool(unused))
-    optimizer = build_optimizer(policy, cfg.optim)
+    optimizer = build_optimizer(policy, cfg.optim, lr_by_prefix)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps(), cfg.steps, cfg.schedule.min_lr_ratio)
     model, optimizer = accelerator.prepare(policy, optimizer)
     policy = accelerator.unwrap_model(model)  # the one unwrap; the trainer never touches .module
@@ -429,7 +436,7 @@ def _out_of_time(accelerator, t0: float, max_minutes: Optional[float]) -> bool:
 
 
 def train(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
-          aux_losses: Optional[dict[str, AuxLoss]] = None) -> Run:
+          aux_losses: Optional[dict[str, AuxLoss]] = None, prepare_policy: Optional[PreparePolicy] = None) -> Run:
     """Set up and run training from a parsed config (the programmatic entry point)."""
     run_dir = Path(cfg.output_dir)
     if not cfg.resume and (run_dir / "checkpoints" / ckpt.LAST).exists():
@@ -437,7 +444,7 @@ def train(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
 
         raise CraftVLAError(f"{run_dir}: already holds a run; pass --resume true to continue it, "
                             "or choose another --output_dir")
-    run = setup(cfg, make_grad_plugin, aux_losses)
+    run = setup(cfg, make_grad_plugin, aux_losses, prepare_policy)
     if run.accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_train_config(cfg, str(run_dir / "train_config.yaml"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -9,23 +11,32 @@ from craftvla.errors import CraftVLAError
 from craftvla.train.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr_by_prefix: Optional[dict[str, float]] = None) -> list[dict]:
     """Trainable parameters split into decayed (matrices) and undecayed (biases, norms, gates).
 
     nanoGPT's rule: weight decay only on tensors with >= 2 dims, so LayerNorm gains, biases and
-    scalar gates are not pulled towards zero.
+    scalar gates are not pulled towards zero. `lr_by_prefix` {name prefix: lr} puts the parameters
+    under each prefix into groups of their own with that peak LR (AdamW is per-parameter, so this is
+    one optimizer per part); the rest take the optimizer's.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise CraftVLAError("no trainable parameters: everything is frozen (check --freeze.* and --lora.rank)")
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    parts: dict[Optional[str], list] = {}
+    for name, param in trainable:
+        prefix = next((k for k in (lr_by_prefix or {}) if name.startswith(k)), None)
+        parts.setdefault(prefix, []).append(param)
+    groups = []
+    for prefix, params in parts.items():
+        lr = {} if prefix is None else {"lr": lr_by_prefix[prefix]}
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **lr},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **lr}]
+    return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_by_prefix: Optional[dict[str, float]] = None) -> torch.optim.Optimizer:
     """AdamW over the model's trainable parameters; `adamw_8bit` needs bitsandbytes and CUDA."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, lr_by_prefix)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, **kwargs)

@@ -53,10 +53,9 @@ class BridgeBlock(nn.Module):
         return x + self.mlp(x)
 
     @staticmethod
-    def _attend_vision(q, k, v, mask):  # (B, h, H, e), (B, h, N, e) x2, (B, N) bool / 0-1 float | None -> (B, h, H, e)
+    def _attend_vision(q, k, v, mask):  # (B, h, H, e), (B, h, N, e) x2, (B, N) bool | None -> (B, h, H, e)
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v)
-        mask = mask.bool()  # a float (soft-pruning) mask would read as an additive bias
         seen = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         return torch.where(mask.any(dim=1)[:, None, None, None], seen, 0.0)  # no visible token: no vision read
 
