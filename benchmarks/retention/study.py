@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from _lib import sh, write_json  # noqa: E402
+
 REPO = HERE.parents[1]
 BIN = Path(os.environ.get("BIN", REPO / ".venv" / "bin"))
 WORK = Path(os.environ.get("STUDY_WORK", REPO / "runs" / "retention"))
@@ -76,17 +79,6 @@ METHODS: dict[str, list[str]] = {
     "craft_actions_A_replay2": [*craft("actions"), *ON_A, "--dataset.roots", "{B},{A}", "--dataset.weights", "0.98,0.02"],
     **{f"craft_actions_A_eps{eps:g}": [*craft("actions", eps), *ON_A] for eps in (0.01, 0.03, 0.3, 1.0)},
 }
-
-
-def sh(args: list, log: Path) -> None:
-    """Run a command, its output appended to `log`; raise with the log's tail on failure."""
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(map(str, args))}\n")
-        f.flush()
-        code = subprocess.call([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT,
-                               env={**os.environ, "MUJOCO_GL": "egl"})
-    if code:
-        raise SystemExit(f"failed ({code}): {' '.join(map(str, args))}\n{log.read_text()[-3000:]}")
 
 
 def prepare() -> None:
@@ -257,10 +249,7 @@ def _run_cell(method: str, seed: int, cell: Path, result: Path) -> Path:
               "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
               "study_processes": int(os.environ.get("STUDY_PROCESSES", "1")),
               "cell_s": time.time() - t0}
-    result.parent.mkdir(parents=True, exist_ok=True)
-    tmp = result.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, result)
+    write_json(result, record)
     print(f"{method} seed {seed}: B {record['success_B']:.2f}  A {record['success_A']:.2f}  "
           f"({record['cell_s']:.0f} s)", flush=True)
     return result
@@ -273,11 +262,9 @@ def generalist_row() -> Path:
         cell = WORK / "generalist"
         cell.mkdir(parents=True, exist_ok=True)
         ev_b, ev_a = eval_cell(GENERALIST, cell, TASKS_B, "B"), eval_cell(GENERALIST, cell, TASKS_A, "A")
-        result.parent.mkdir(parents=True, exist_ok=True)
-        result.write_text(json.dumps({"method": "generalist", "seed": 0, "success_B": ev_b["mean_success_rate"],
-                                      "success_A": ev_a["mean_success_rate"],
-                                      "per_task": {t: r["success_rate"] for ev in (ev_b, ev_a)
-                                                   for t, r in ev["tasks"].items()}}, indent=1))
+        write_json(result, {"method": "generalist", "seed": 0, "success_B": ev_b["mean_success_rate"],
+                            "success_A": ev_a["mean_success_rate"],
+                            "per_task": {t: r["success_rate"] for ev in (ev_b, ev_a) for t, r in ev["tasks"].items()}})
     return result
 
 

@@ -1,0 +1,248 @@
+"""Vision-token pruning: the learned two-stage pruner against baselines, at matched token budgets.
+
+    .venv/bin/python benchmarks/pruning/bench.py run        # data, base policy, learned stages, eval cells
+    .venv/bin/python benchmarks/pruning/bench.py latency    # every cell timed back to back (run it idle)
+    .venv/bin/python benchmarks/pruning/bench.py report     # results.md + success_vs_latency.png
+
+Everything is resumable: each finished piece (dataset, training run, cell) is skipped on a rerun,
+and training runs continue from their last checkpoint, so the benchmark spans sessions.
+
+Set-up: the `tiny-256` preset (256 vision tokens) trained on TASKS (128 px, 50 expert demos per
+task); held-out demonstrations (10 per task, another seed) for the action L1. A budget b is the
+fraction of the 256 vision tokens left after the last selection. Per method and budget, a cell:
+closed-loop success (EPISODES unseen positions per task), held-out L1, vision tokens per LLM
+layer, FLOPs per chunk; `latency` then times predict_action_chunk (batch 1 and 8, 2 threads,
+median of 20 after 5 warm-up calls) for every cell in one process, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from _lib import sh, write_json  # noqa: E402
+
+REPO = HERE.parents[1]
+BIN = Path(os.environ.get("BIN", REPO / ".venv" / "bin"))
+WORK = Path(os.environ.get("BENCH_WORK", REPO / "runs" / "pruning"))
+RESULTS = Path(os.environ.get("BENCH_RESULTS", HERE / "results"))
+TASKS = "drawer-close-v3,button-press-topdown-v3,handle-press-v3"
+# BENCH_* variables shrink everything for a smoke run of the harness (never for results).
+DEMOS = int(os.environ.get("BENCH_DEMOS", 50))
+BASE_STEPS = int(os.environ.get("BENCH_BASE_STEPS", 3000))
+STAGE_STEPS = int(os.environ.get("BENCH_STAGE_STEPS", 300))
+EPISODES = int(os.environ.get("BENCH_EPISODES", 20))
+SAMPLES = int(os.environ.get("BENCH_SAMPLES", 512))
+PRESET = os.environ.get("BENCH_PRESET", "tiny-256")
+IMAGE = int(os.environ.get("BENCH_IMAGE", 128))
+BUDGETS = (0.5, 0.25, 0.125)
+DATA, HELD, BASE = WORK / "data", WORK / "heldout", WORK / "base"
+
+
+# ----- methods: budget -> how its pruned policy is made ------------------------------------------
+def in_llm(scorer: str):
+    """Parameter-free scorers, selecting after layers 1 and 2 of 4: 2b then b (the learned pruners' schedule)."""
+    return lambda b: {"apply": ["--scorer", scorer, "--layers", "1,2", "--keep", f"{min(1.0, 2 * b):g},{b:g}"]}
+
+
+def pre_llm(merger: str):
+    """Parameter-free mergers before the LLM, to b."""
+    return lambda b: {"apply": ["--merger", merger, "--merge_ratio", f"{b:g}"]}
+
+
+def learned(objective: str = "adversarial", merger: bool = True):
+    """The two-stage system: the merger (stage 1, to half) and pruner heads after layers 1 and 2
+    (stage 2) keeping the rest of the budget. At b = 0.5 the merger alone meets it."""
+
+    def make(b: float) -> dict:
+        if merger and b >= 0.5:
+            return {"stage1": 0.5}
+        keep = [min(1.0, 4 * b), 2 * b] if merger else [min(1.0, 2 * b), b]
+        return {"stage1": 0.5 if merger else None, "stage2": {"objective": objective, "keep": keep}}
+
+    return make
+
+
+METHODS = {
+    "random": in_llm("random"),
+    "fastv": in_llm("fastv"),
+    "instruction": in_llm("instruction"),
+    "pool": pre_llm("pool"),
+    "tome": pre_llm("tome"),
+    "merger": lambda b: {"stage1": b},  # stage 1 alone, merging to b
+    "learned": learned(),
+}
+# Ablations at b = 0.25 only: the objective, and the pruners without the merger.
+ABLATIONS = {"learned_distill": learned("distill"), "learned_task": learned("task"),
+             "pruners_only": learned(merger=False)}
+
+
+def cells() -> list[tuple[str, float]]:
+    return [(m, b) for m in METHODS for b in BUDGETS] + [(m, 0.25) for m in ABLATIONS]
+
+
+def recipe(method: str, budget: float) -> dict:
+    return {**METHODS, **ABLATIONS}[method](budget)
+
+
+# ----- the pieces -----------------------------------------------------------------------------------
+def prepare() -> None:
+    """Training and held-out demonstrations at the preset's resolution, and the unpruned base policy."""
+    log = WORK / "prepare.log"
+    if not (DATA / "meta" / "info.json").is_file():
+        sh([BIN / "craftvla", "collect", "--out", DATA, "--tasks", TASKS, "--episodes", DEMOS, "--image_size", IMAGE,
+            "--seed", "0"], log)
+    if not (HELD / "meta" / "info.json").is_file():
+        sh([BIN / "craftvla", "collect", "--out", HELD, "--tasks", TASKS, "--episodes", max(2, DEMOS // 5),
+            "--image_size", IMAGE, "--seed", "500"], log)
+    if not (BASE / "done").is_file():
+        resume = ["--resume", "true"] if (BASE / "checkpoints" / "last").exists() else []
+        sh([BIN / "craftvla", "train", "--preset", PRESET, "--dataset.root", DATA, "--output_dir", BASE,
+            "--steps", BASE_STEPS, "--batch_size", "32", "--optim.lr", "1e-3", "--dataset.num_workers", "1",
+            "--checkpoint.save_freq", "200", "--log.log_freq", "10", "--seed", "0", *resume], log)
+        (BASE / "done").write_text("trained\n")
+
+
+def _stage(name: str, args: list, log: Path) -> Path:
+    """A `prune train` run (resumed if interrupted); returns its last checkpoint."""
+    out = WORK / name
+    if not (out / "done").is_file():
+        resume = ["--resume", "true"] if (out / "checkpoints" / "last").exists() else []
+        sh([BIN / "craftvla", "prune", "train", "--dataset", DATA, "--output_dir", out, "--steps", STAGE_STEPS,
+            "--batch_size", "32", "--num_workers", "1", "--save_freq", "100", *args, *resume], log)
+        (out / "done").write_text("trained\n")
+    return out / "checkpoints" / "last"
+
+
+def checkpoint_for(method: str, budget: float, log: Path) -> tuple[Path, list]:
+    """(policy directory, prune-eval flags to apply) for a cell, training what it needs."""
+    base = BASE / "checkpoints" / "last"
+    plan = recipe(method, budget)
+    if "apply" in plan:
+        return base, plan["apply"]
+    ckpt = base
+    if plan.get("stage1"):
+        ckpt = _stage(f"stage1_r{plan['stage1']:g}", ["--stage", "1", "--checkpoint", base,
+                                                       "--merge_ratio", f"{plan['stage1']:g}"], log)
+    if plan.get("stage2"):
+        s2 = plan["stage2"]
+        keep = ",".join(f"{k:g}" for k in s2["keep"])
+        name = f"stage2_{'m' if plan.get('stage1') else 'nom'}_{s2['objective']}_k{keep.replace(',', '_')}"
+        ckpt = _stage(name, ["--stage", "2", "--checkpoint", ckpt, "--objective", s2["objective"],
+                             "--layers", "1,2", "--keep", keep], log)
+    return ckpt, []
+
+
+def run_cell(method: str, budget: float) -> Path:
+    result = RESULTS / f"{method}__b{budget:g}.json"
+    if result.is_file():
+        return result
+    cell = WORK / "cells" / f"{method}__b{budget:g}"
+    log = cell / "cell.log"
+    ckpt, flags = checkpoint_for(method, budget, log)
+    pruned = cell / "policy"
+    report = cell / "prune_eval.json"
+    if not report.is_file():  # L1 unpruned/soft/hard, tokens, FLOPs; saves the configured pruned policy
+        sh([BIN / "craftvla", "prune", "eval", "--checkpoint", ckpt, *flags, "--dataset", HELD, "--samples", SAMPLES,
+            "--batch_sizes", "1", "--repeats", "3", "--warmup", "1", "--out", report, "--save", pruned], log)
+    if not (cell / "eval" / "results.json").is_file():
+        sh([BIN / "craftvla", "eval", "--checkpoint", pruned, "--tasks", TASKS, "--episodes", EPISODES, "--seed", "0",
+            "--num_videos", "1", "--out", cell / "eval", "--overwrite", "true"], log)
+    ev, pe = json.loads((cell / "eval" / "results.json").read_text()), json.loads(report.read_text())
+    record = {"method": method, "budget": budget, "recipe": recipe(method, budget), "success": ev["mean_success_rate"],
+              "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()}, "l1": pe["task_l1"]["hard"],
+              "l1_soft": pe["task_l1"]["soft"], "l1_unpruned": pe["task_l1"]["unpruned"],
+              "vision_tokens_per_layer": pe["tokens"]["vision_tokens_per_layer"],
+              "flops": pe["speed"]["batch_1"]["hard"]["flops"], "flops_unpruned": pe["speed"]["batch_1"]["unpruned"]["flops"]}
+    write_json(result, record)
+    print(f"{method} @ {budget:g}: success {record['success']:.2f}  L1 {record['l1']:.4f}  "
+          f"FLOPs x{record['flops'] / record['flops_unpruned']:.2f}", flush=True)
+    return result
+
+
+def unpruned_row() -> Path:
+    result = RESULTS / "unpruned.json"
+    if not result.is_file():
+        cell = WORK / "cells" / "unpruned"
+        base = BASE / "checkpoints" / "last"
+        if not (cell / "eval" / "results.json").is_file():
+            sh([BIN / "craftvla", "eval", "--checkpoint", base, "--tasks", TASKS, "--episodes", EPISODES, "--seed", "0",
+                "--num_videos", "1", "--out", cell / "eval", "--overwrite", "true"], cell / "cell.log")
+        ev = json.loads((cell / "eval" / "results.json").read_text())
+        write_json(result, {"method": "unpruned", "budget": 1.0, "success": ev["mean_success_rate"],
+                            "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()},
+                            "l1": _l1(base)})
+    return result
+
+
+def _l1(checkpoint: Path) -> float:
+    import torch
+
+    from craftvla.craft.anchors import calibration_batches, open_anchor_dataset
+    from craftvla.model.policy import VLAPolicy
+
+    policy = VLAPolicy.from_pretrained(checkpoint).eval()
+    total = 0.0
+    with torch.no_grad():
+        for batch in calibration_batches(open_anchor_dataset(str(HELD), policy), SAMPLES, seed=0):
+            total += float(policy(batch)[0]) * len(batch["task"])
+    return total / SAMPLES
+
+
+def latency(threads: int = 2, repeats: int = 20, warmup: int = 5) -> Path:
+    """Every finished cell's pruned policy and the unpruned base, timed in this one process."""
+    import torch
+
+    from craftvla.model.policy import VLAPolicy
+    from craftvla.model.speed import chunk_latency
+
+    torch.set_num_threads(threads)
+    out = RESULTS / "latency.json"
+    table = json.loads(out.read_text()) if out.is_file() else {}
+    policies = {"unpruned": BASE / "checkpoints" / "last"}
+    policies |= {f"{m}__b{b:g}": WORK / "cells" / f"{m}__b{b:g}" / "policy" for m, b in cells()}
+    for name, path in policies.items():
+        if name in table or not path.is_dir():
+            continue
+        policy = VLAPolicy.from_pretrained(path).eval()
+        table[name] = {}
+        for size in (1, 8):
+            torch.manual_seed(0)
+            batch = policy.config.fake_batch(size, seed=0)
+            table[name][f"batch_{size}"] = chunk_latency(policy, batch, warmup, repeats)
+        print(name, {k: round(v["median_ms"], 2) for k, v in table[name].items()}, flush=True)
+        write_json(out, table)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("verb", choices=("run", "latency", "report"))
+    parser.add_argument("--methods", default="all", help=f"comma-separated, or all: {', '.join([*METHODS, *ABLATIONS])}")
+    args = parser.parse_args(argv)
+    if args.verb == "report":
+        from report import write_report
+
+        write_report(RESULTS, HERE)
+        return 0
+    if args.verb == "latency":
+        latency()
+        return 0
+    WORK.mkdir(parents=True, exist_ok=True)
+    prepare()
+    unpruned_row()
+    chosen = None if args.methods == "all" else set(args.methods.split(","))
+    for method, budget in cells():
+        if chosen is None or method in chosen:
+            run_cell(method, budget)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,69 @@
+"""results/*.json + results/latency.json -> results.md and success_vs_latency.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load(results: Path) -> tuple[dict, list[dict], dict]:
+    rows = [json.loads(p.read_text()) for p in sorted(results.glob("*__b*.json"))]
+    unpruned = json.loads((results / "unpruned.json").read_text()) if (results / "unpruned.json").is_file() else {}
+    latency = json.loads((results / "latency.json").read_text()) if (results / "latency.json").is_file() else {}
+    return unpruned, rows, latency
+
+
+def _ms(latency: dict, name: str, size: int) -> float | None:
+    entry = latency.get(name, {}).get(f"batch_{size}")
+    return None if entry is None else entry["median_ms"]
+
+
+def write_report(results: Path, directory: Path) -> None:
+    unpruned, rows, latency = load(results)
+    base1, base8 = _ms(latency, "unpruned", 1), _ms(latency, "unpruned", 8)
+    lines = ["# Vision-token pruning: learned two-stage pruner vs baselines", "",
+             "Command: `.venv/bin/python benchmarks/pruning/bench.py run`, then `... latency` on an idle machine, "
+             "then `... report`. Budget = fraction of the 256 vision tokens left after the last selection.", ""]
+    if unpruned:
+        lines.append(f"Unpruned: success {unpruned['success']:.2f}, held-out L1 {unpruned['l1']:.4f}"
+                     + (f", {base1:.2f} ms (batch 1) / {base8:.2f} ms (batch 8)" if base1 else "") + ".")
+        lines.append("")
+    lines += ["| budget | method | success | L1 (hard) | vision tokens per layer | FLOPs | ms b1 | speed-up b1 | ms b8 | speed-up b8 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (-r["budget"], r["method"])):
+        name = f"{row['method']}__b{row['budget']:g}"
+        b1, b8 = _ms(latency, name, 1), _ms(latency, name, 8)
+        speed = [f"{x:.2f}" if x else "-" for x in (b1, base1 / b1 if b1 and base1 else None,
+                                                      b8, base8 / b8 if b8 and base8 else None)]
+        lines.append(f"| {row['budget']:g} | {row['method']} | {row['success']:.2f} | {row['l1']:.4f} | "
+                     f"{row['vision_tokens_per_layer']} | x{row['flops'] / row['flops_unpruned']:.2f} | " + " | ".join(speed) + " |")
+    (directory / "results.md").write_text("\n".join(lines) + "\n")
+    plot(unpruned, rows, latency, directory / "success_vs_latency.png")
+
+
+def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = {0.5: "o", 0.25: "s", 0.125: "^"}
+    methods = sorted({r["method"] for r in rows})
+    cmap = plt.get_cmap("tab10")
+    for i, method in enumerate(methods):
+        for row in (r for r in rows if r["method"] == method):
+            ms = _ms(latency, f"{method}__b{row['budget']:g}", 1)
+            x = ms if ms is not None else row["flops"] / 1e6
+            ax.scatter([x], [row["success"]], color=cmap(i % 10), marker=markers.get(row["budget"], "x"), s=50,
+                       label=method if row["budget"] == 0.25 else None)
+    if unpruned and _ms(latency, "unpruned", 1):
+        ax.scatter([_ms(latency, "unpruned", 1)], [unpruned["success"]], color="black", marker="*", s=120, label="unpruned")
+    ax.set_xlabel("predict_action_chunk latency, batch 1 (ms)" if latency else "MFLOPs per chunk")
+    ax.set_ylabel("closed-loop success")
+    ax.set_title("Success vs latency (o 50%, s 25%, ^ 12.5% of vision tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
