@@ -138,6 +138,14 @@ def checkpoint_for(method: str, budget: float, log: Path) -> tuple[Path, list]:
     return ckpt, []
 
 
+def closed_loop(checkpoint: Path, cell: Path) -> dict:
+    """`craftvla eval` on every task (EPISODES unseen positions each, evaluation seed 0), once per cell."""
+    if not (cell / "eval" / "results.json").is_file():
+        sh([BIN / "craftvla", "eval", "--checkpoint", checkpoint, "--tasks", TASKS, "--episodes", EPISODES,
+            "--seed", "0", "--num_videos", "1", "--out", cell / "eval", "--overwrite", "true"], cell / "cell.log")
+    return json.loads((cell / "eval" / "results.json").read_text())
+
+
 def run_cell(method: str, budget: float) -> Path:
     result = RESULTS / f"{method}__b{budget:g}.json"
     if result.is_file():
@@ -150,10 +158,7 @@ def run_cell(method: str, budget: float) -> Path:
     if not report.is_file():  # L1 unpruned/soft/hard, tokens, FLOPs; saves the configured pruned policy
         sh([BIN / "craftvla", "prune", "eval", "--checkpoint", ckpt, *flags, "--dataset", HELD, "--samples", SAMPLES,
             "--batch_sizes", "1", "--repeats", "3", "--warmup", "1", "--out", report, "--save", pruned], log)
-    if not (cell / "eval" / "results.json").is_file():
-        sh([BIN / "craftvla", "eval", "--checkpoint", pruned, "--tasks", TASKS, "--episodes", EPISODES, "--seed", "0",
-            "--num_videos", "1", "--out", cell / "eval", "--overwrite", "true"], log)
-    ev, pe = json.loads((cell / "eval" / "results.json").read_text()), json.loads(report.read_text())
+    ev, pe = closed_loop(pruned, cell), json.loads(report.read_text())
     record = {"method": method, "budget": budget, "recipe": recipe(method, budget), "success": ev["mean_success_rate"],
               "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()}, "l1": pe["task_l1"]["hard"],
               "l1_soft": pe["task_l1"]["soft"], "l1_unpruned": pe["task_l1"]["unpruned"],
@@ -170,10 +175,7 @@ def unpruned_row() -> Path:
     if not result.is_file():
         cell = WORK / "cells" / "unpruned"
         base = BASE / "checkpoints" / "last"
-        if not (cell / "eval" / "results.json").is_file():
-            sh([BIN / "craftvla", "eval", "--checkpoint", base, "--tasks", TASKS, "--episodes", EPISODES, "--seed", "0",
-                "--num_videos", "1", "--out", cell / "eval", "--overwrite", "true"], cell / "cell.log")
-        ev = json.loads((cell / "eval" / "results.json").read_text())
+        ev = closed_loop(base, cell)
         write_json(result, {"method": "unpruned", "budget": 1.0, "success": ev["mean_success_rate"],
                             "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()},
                             "l1": _l1(base)})
