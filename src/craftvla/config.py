@@ -214,6 +214,31 @@ class PruningConfig:
         return list(zip(layers, keep))
 
 
+@HeadConfig.register_subclass("flow_matching")
+@dataclass
+class FlowMatchingHeadConfig(L1BridgeHeadConfig):
+    """pi0-style flow matching: the bridge blocks as an action expert that predicts the velocity
+    from noise to actions, conditioned on the VLM context; sampled by Euler steps."""
+
+    # Which LLM states the expert's blocks read: "layers" = block l reads layer l's (the bridge
+    # head's way), "last" = every block reads the last layer's.
+    context: str = "layers"
+    # Euler steps from noise (t = 1) to actions (t = 0) at inference (pi0: 10).
+    num_steps: int = 10
+    # Training time t ~ Beta(a, b) * (1 - time_min) + time_min (pi0: Beta(1.5, 1), 0.001): t = 1 is noise.
+    time_beta_a: float = 1.5
+    time_beta_b: float = 1.0
+    time_min: float = 0.001
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.context in ("layers", "last"), "head.context", self.context, "choose layers or last")
+        require(self.num_steps >= 1, "head.num_steps", self.num_steps, "must be >= 1")
+        require(self.time_beta_a > 0 and self.time_beta_b > 0, "head.time_beta_a", (self.time_beta_a, self.time_beta_b),
+                "Beta parameters must be > 0")
+        require(0 <= self.time_min < 1, "head.time_min", self.time_min, "must be in [0, 1)")
+
+
 def _default_normalization() -> dict[str, str]:
     return {STATE_KEY: "mean_std", ACTION_KEY: "mean_std"}
 

@@ -161,8 +161,9 @@ def test_head_vision_source(source):
     cfg.head.vision_source = source
     policy = VLAPolicy(cfg).eval()
     seen = {}
-    for block in policy.action_head.blocks:
-        block.register_forward_hook(lambda mod, args, out: seen.setdefault("vision", []).append(args[1]))
+    for block in policy.action_head.blocks:  # record the vision states each block's condition() reads
+        block.condition = (lambda orig: lambda vision, *rest: (seen.setdefault("vision", []).append(vision),
+                                                               orig(vision, *rest))[1])(block.condition)
     context = policy.compute_loss(cfg.fake_batch(2)).context
     layers = range(1, cfg.llm.num_layers + 1)
     expected = [context.vision(0 if source == "projector" else l) for l in layers]

@@ -56,6 +56,7 @@ from craftvla.errors import ConfigError, CraftVLAError, require
 from craftvla.files import read_json, read_safetensors, safetensors_header, write_json_atomic
 from craftvla.keys import STATE_KEY, TASK_KEY
 from craftvla.craft.anchors import open_anchor_dataset
+from craftvla.craft.targets import action_target
 from craftvla.model.context import VLMContext, bridge_features, pool_tokens
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,7 @@ def teacher_batch(policy, batch: dict, plan: dict) -> dict[str, torch.Tensor]:
         states, token_mask = hidden_targets(context, plan["hidden_layers"], plan["pooling"], max_text)
         out.update(teacher_hidden=states.to(dtype), token_mask=token_mask)
     elif kind == "action_chunk":
-        out["teacher_actions"] = policy.action_head.sample(context).to(dtype)  # (B, H, A)
+        out["teacher_actions"] = action_target(policy, context, None).to(dtype)  # (B, H, A)
     else:
         out["target_features"] = pooled_features(context, plan["hidden_layer_index"], plan["pooling"],
                                                  max_text).to(dtype)
@@ -509,7 +510,7 @@ def student_targets(cache_type: str, meta: dict, context: VLMContext, policy=Non
     action_chunk -> (B, H, A), the student's own chunk (needs `policy`, for its action head)."""
     max_text = meta["max_text_tokens"]
     if cache_type == "action_chunk":
-        return policy.action_head.sample(context), None
+        return action_target(policy, context, None), None
     if cache_type == "hidden_feature":
         return pooled_features(context, meta["hidden_layer_index"], meta["pooling"], max_text), None
     if cache_type == "hidden_state":

@@ -52,8 +52,11 @@ def token_target(policy: nn.Module, context: VLMContext, cfg) -> torch.Tensor:
 
 
 def action_target(policy: nn.Module, context: VLMContext, cfg) -> torch.Tensor:
-    """(B, H, A): the action head's chunk for this context, in normalised units."""
-    return policy.action_head.sample(context)
+    """(B, H, A): the action head's chunk for this context, in normalised units. A stochastic head
+    (flow matching) draws its noise from a generator seeded the same way on every call, so the
+    start's and the current policy's chunks differ only by what the weights do."""
+    generator = torch.Generator(device=context.state.device).manual_seed(0)
+    return policy.action_head.sample(context, generator=generator)
 
 
 TARGETS: dict[str, TargetFn] = {"pooled": pooled_target, "tokens": token_target, "actions": action_target}

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from craftvla.config import VLAConfig
 from craftvla.model.heads.base import ActionHead
+from craftvla.model.heads.flow_matching import FlowMatchingHead
 from craftvla.model.heads.l1_bridge import L1BridgeHead
 
-HEADS: dict[str, type[ActionHead]] = {"l1_bridge": L1BridgeHead}
+HEADS: dict[str, type[ActionHead]] = {"l1_bridge": L1BridgeHead, "flow_matching": FlowMatchingHead}
 
 
 def build_head(config: VLAConfig, llm_dim: int, num_layers: int, num_vision_tokens: int) -> ActionHead:
@@ -18,4 +19,4 @@ def build_head(config: VLAConfig, llm_dim: int, num_layers: int, num_vision_toke
                                    num_vision_tokens=num_vision_tokens)
 
 
-__all__ = ["HEADS", "ActionHead", "L1BridgeHead", "build_head"]
+__all__ = ["HEADS", "ActionHead", "FlowMatchingHead", "L1BridgeHead", "build_head"]

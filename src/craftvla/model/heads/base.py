@@ -10,6 +10,7 @@ may read it as often as it needs (a flow-matching head's denoising steps reuse o
 from __future__ import annotations
 
 import abc
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,5 +24,6 @@ class ActionHead(nn.Module, abc.ABC):
         """Scalar training loss over the batch's non-padded action steps, and detached metrics."""
 
     @abc.abstractmethod
-    def sample(self, context: VLMContext) -> torch.Tensor:
-        """An action chunk (B, H, A) in normalised units."""
+    def sample(self, context: VLMContext, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """An action chunk (B, H, A) in normalised units. Stochastic heads (flow matching) draw their
+        noise from `generator` when given (a seeded one makes the chunk a function of the context)."""

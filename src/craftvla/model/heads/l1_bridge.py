@@ -8,6 +8,8 @@ finds it useful (VLA-Adapter's "bridge attention").
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -40,14 +42,20 @@ class BridgeBlock(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, n, d) -> (B, heads, n, d / heads)
         return rearrange(t, "b n (h e) -> b h n e", h=self.num_heads)
 
-    def forward(self, x, vision, queries, proprio, vision_mask=None) -> torch.Tensor:
+    def condition(self, vision, queries, proprio, vision_mask=None) -> tuple:
+        """The keys and values this block reads from the VLM context: computed once per context,
+        reused by every call of `forward` (a flow head's denoising steps)."""
+        k_ad, v_ad = self.kv_adapter(self.norm_cond(torch.cat([queries, proprio], dim=1))).chunk(2, dim=-1)  # (B, Q+P, d)
+        k_vis, v_vis = self.kv_vision(self.norm_cond(vision)).chunk(2, dim=-1)  # (B, N, d)
+        return self._heads(k_ad), self._heads(v_ad), self._heads(k_vis), self._heads(v_vis), vision_mask
+
+    def forward(self, x: torch.Tensor, cond: tuple) -> torch.Tensor:  # x (B, H, d), cond from `condition`
+        k_ad, v_ad, k_vis, v_vis, vision_mask = cond
         h = self.norm_x(x)
         q = self._heads(self.q_proj(h))  # (B, h, H, e)
         k_self, v_self = self.kv_self(h).chunk(2, dim=-1)  # (B, H, d) each
-        k_ad, v_ad = self.kv_adapter(self.norm_cond(torch.cat([queries, proprio], dim=1))).chunk(2, dim=-1)  # (B, Q+P, d)
-        k_vis, v_vis = self.kv_vision(self.norm_cond(vision)).chunk(2, dim=-1)  # (B, N, d)
-        main = F.scaled_dot_product_attention(q, self._heads(torch.cat([k_self, k_ad], 1)), self._heads(torch.cat([v_self, v_ad], 1)))
-        seen = self._attend_vision(q, self._heads(k_vis), self._heads(v_vis), vision_mask)
+        main = F.scaled_dot_product_attention(q, torch.cat([self._heads(k_self), k_ad], 2), torch.cat([self._heads(v_self), v_ad], 2))
+        seen = self._attend_vision(q, k_vis, v_vis, vision_mask)
         mixed = rearrange(main + torch.tanh(self.gate) * seen, "b h n e -> b n (h e)")  # (B, H, d)
         x = x + self.o_proj(mixed)
         return x + self.mlp(x)
@@ -88,6 +96,7 @@ class L1BridgeHead(ActionHead):
                  action_dim: int, chunk_size: int, num_vision_tokens: int):
         super().__init__()
         self.vision_source = cfg.vision_source
+        self.context_source = getattr(cfg, "context", "layers")  # flow_matching may read only the last layer
         dim = cfg.hidden_dim or llm_dim
         # VLA-Adapter's ProprioProjector: state -> one LLM-width token.
         self.proprio = nn.Sequential(nn.Linear(state_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
@@ -99,22 +108,33 @@ class L1BridgeHead(ActionHead):
         # Built last so that without it the head's parameters (and their seeded init) are unchanged.
         self.flat = FlatReadout(llm_dim, cfg.flat_readout, num_vision_tokens) if cfg.flat_readout else None
 
-    def forward(self, context: VLMContext) -> torch.Tensor:  # -> (B, H, A)
+    def conditions(self, context: VLMContext) -> list[tuple]:
+        """Every block's keys and values from the context (see `BridgeBlock.condition`)."""
         proprio = self.proprio(context.state).unsqueeze(1)  # (B, 1, D)
         if self.flat is not None:  # the position-preserving vision token joins proprio: (B, 2, D)
             proprio = torch.cat([proprio, self.flat(context.patch_tokens())], dim=1)
-        x = self.chunk_embed.expand(context.state.shape[0], -1, -1)  # (B, H, d)
+        conds = []
         for i, block in enumerate(self.blocks):
-            source = 0 if self.vision_source == "projector" else i + 1
-            x = block(x, context.vision(source), context.queries(i + 1), proprio, context.vision_mask(source))
+            layer = i + 1 if self.context_source == "layers" else context.num_layers
+            source = 0 if self.vision_source == "projector" else layer
+            conds.append(block.condition(context.vision(source), context.queries(layer), proprio, context.vision_mask(source)))
+        return conds
+
+    def trunk(self, x: torch.Tensor, conds: list[tuple]) -> torch.Tensor:  # (B, H, d) latents -> (B, H, A)
+        for block, cond in zip(self.blocks, conds):
+            x = block(x, cond)
         return self.out(self.norm(x))
+
+    def forward(self, context: VLMContext) -> torch.Tensor:  # -> (B, H, A)
+        x = self.chunk_embed.expand(context.state.shape[0], -1, -1)  # (B, H, d)
+        return self.trunk(x, self.conditions(context))
 
     def loss(self, context: VLMContext, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = l1_loss(self(context), batch[ACTION_KEY], batch[ACTION_PAD_KEY])
         return loss, {"l1_loss": loss.detach()}
 
-    def sample(self, context: VLMContext) -> torch.Tensor:
-        return self(context)
+    def sample(self, context: VLMContext, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self(context)  # deterministic: no noise to draw
 
 
 def l1_loss(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
