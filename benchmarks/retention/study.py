@@ -234,6 +234,9 @@ def run_cell(method: str, seed: int) -> Path | None:
         return None
     try:
         return _run_cell(method, seed, cell, result)
+    except SystemExit as err:  # a failed command: report it and go on with the other cells (a rerun retries)
+        print(f"{method} seed {seed}: FAILED, see {cell / 'cell.log'}\n{err}", flush=True)
+        return None
     finally:
         (cell / ".claim").unlink(missing_ok=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -398,3 +399,17 @@ def test_cache_scale_is_the_spread_of_the_cached_targets(build, checkpoint):
     assert scales == {"actions": pytest.approx(feature_variance(cached).item(), rel=1e-6)}
     with pytest.raises(CraftVLAError, match="feeds the 'actions' target only"):
         CraftPlugin(policy, CraftConfig(enabled=True, anchor_cache=str(path), targets="pooled"))
+
+
+def test_shipped_generalist_fingerprint_is_stable():
+    """Caches built from the shipped generalist stay valid: new config sections at their defaults (e.g.
+    pruning off) leave the fingerprint alone, while turning pruning on changes it."""
+    from craftvla.config import PruningConfig
+    from craftvla.model.policy import VLAPolicy
+    from craftvla.prune.module import apply_pruning
+
+    root = Path(__file__).resolve().parents[2] / "assets" / "generalist" / "checkpoint"
+    policy = VLAPolicy.from_pretrained(root)
+    assert C.model_fingerprint(policy) == "60e993f2b756a05b5eb371eef1f692a874baad6fbec01b9dbaea0ccb127032ad"
+    apply_pruning(policy, PruningConfig(scorer="random"))
+    assert C.model_fingerprint(policy) != "60e993f2b756a05b5eb371eef1f692a874baad6fbec01b9dbaea0ccb127032ad"

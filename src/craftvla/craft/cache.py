@@ -228,6 +228,8 @@ def model_fingerprint(policy) -> str:
 
     config = portable_config(policy.config)
     config.pop("preset_name", None)
+    if not policy.config.pruning.enabled:  # off: the same model as before the section existed
+        config.pop("pruning", None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     state = {k.replace(".base_layer.", "."): v for k, v in policy.state_dict().items() if "lora_" not in k}
     for key in sorted(state):
