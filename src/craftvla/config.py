@@ -239,6 +239,22 @@ class FlowMatchingHeadConfig(L1BridgeHeadConfig):
         require(0 <= self.time_min < 1, "head.time_min", self.time_min, "must be in [0, 1)")
 
 
+@HeadConfig.register_subclass("discrete")
+@dataclass
+class DiscreteHeadConfig(HeadConfig):
+    """RT-2 / OpenVLA-style discrete actions: each action dimension of each step binned, one action
+    slot per (step, dimension) in the LLM sequence (the action queries: chunk_size x action_dim of
+    them), read out by the LLM's output layer over the bins and trained with cross-entropy. All
+    slots decode in one pass (OpenVLA-OFT's parallel decoding; bidirectional attention)."""
+
+    # Bins per action dimension, uniform between the training data's normalised min and max.
+    num_bins: int = 256
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.num_bins >= 2, "head.num_bins", self.num_bins, "must be >= 2")
+
+
 def _default_normalization() -> dict[str, str]:
     return {STATE_KEY: "mean_std", ACTION_KEY: "mean_std"}
 
@@ -290,6 +306,10 @@ class VLAConfig:
             self.vision.weights_dir = self.vision.weights_dir or str(Path(self.weights_dir) / "vision")
         if self.projector.type is None:
             self.projector.type = "fused_mlp" if self.vision.use_fused_vision_backbone else "mlp"
+        if isinstance(self.head, DiscreteHeadConfig):  # one action slot per (step, dimension)
+            self.num_action_queries = self.chunk_size * self.action_dim
+            require(self.llm.attention == "bidirectional", "llm.attention", self.llm.attention,
+                    "the discrete head decodes all action slots in parallel, which needs bidirectional attention")
 
     # ----- construction -------------------------------------------------------------------------
     @staticmethod

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from craftvla.config import FlowMatchingHeadConfig, L1BridgeHeadConfig
+from craftvla.config import DiscreteHeadConfig, FlowMatchingHeadConfig, L1BridgeHeadConfig
 from craftvla.craft.config import CraftConfig
 from craftvla.craft.plugin import CraftPlugin
 from craftvla.model.policy import VLAPolicy
@@ -14,7 +14,8 @@ from craftvla.model.policy import VLAPolicy
 from ._common import batch, small_config, train_steps
 
 HEADS = {"l1_bridge": L1BridgeHeadConfig(hidden_dim=32, num_heads=2),
-         "flow_matching": FlowMatchingHeadConfig(hidden_dim=32, num_heads=2, num_steps=4)}
+         "flow_matching": FlowMatchingHeadConfig(hidden_dim=32, num_heads=2, num_steps=4),
+         "discrete": DiscreteHeadConfig(num_bins=32)}  # actions target: the expected bin centre
 
 
 @pytest.mark.parametrize("head", list(HEADS))

@@ -133,3 +133,17 @@ def test_removal_between_layers_shortens_later_layers_only():
     assert [lay.num_vision for lay in out.layouts] == [6, 6, 4, 2]
     assert out.layouts[3].token_index[:, 1:3].tolist() == [[1, 2]] * 3  # the first two patches survived
     assert out.hidden_states[-1].isfinite().all()
+
+
+def test_sequence_with_more_queries_than_vision_tokens():
+    """The discrete head's slots outnumber the vision tokens (chunk x action_dim): the mask, position
+    ids and index tensors still cover every token."""
+    gen = torch.Generator().manual_seed(0)
+    text_mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    embeds, layout = build_sequence(torch.randn(8, generator=gen), torch.randn(1, 2, 8, generator=gen),
+                                    torch.randn(1, 3, 8, generator=gen), text_mask, torch.randn(6, 8, generator=gen),
+                                    torch.randn(8, generator=gen))
+    assert embeds.shape[1] == layout.seq_len == 1 + 2 + 3 + 6 + 1
+    assert layout.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0] + [1] * 7]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10, 11]]
+    assert layout.query_index.tolist() == [[6, 7, 8, 9, 10, 11]]

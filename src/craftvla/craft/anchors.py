@@ -189,7 +189,7 @@ def open_anchor_dataset(root: str, policy: nn.Module):
     if missing:
         raise CraftVLAError(f"dataset {root}: cameras {dataset.meta.camera_keys} lack the policy's {missing}")
     if policy.processor.stats is None:
-        policy.processor.set_stats(dataset.stats, f"anchor dataset {root}")
+        policy.set_stats(dataset.stats, f"anchor dataset {root}")
     dataset.transform = policy.processor.transform
     return dataset
 

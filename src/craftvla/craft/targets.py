@@ -52,11 +52,12 @@ def token_target(policy: nn.Module, context: VLMContext, cfg) -> torch.Tensor:
 
 
 def action_target(policy: nn.Module, context: VLMContext, cfg) -> torch.Tensor:
-    """(B, H, A): the action head's chunk for this context, in normalised units. A stochastic head
-    (flow matching) draws its noise from a generator seeded the same way on every call, so the
-    start's and the current policy's chunks differ only by what the weights do."""
+    """(B, H, A): the action head's chunk for this context, in normalised units (`target_actions`:
+    differentiable; a discrete head's expected action). A stochastic head (flow matching) draws its
+    noise from a generator seeded the same way on every call, so the start's and the current
+    policy's chunks differ only by what the weights do."""
     generator = torch.Generator(device=context.state.device).manual_seed(0)
-    return policy.action_head.sample(context, generator=generator)
+    return policy.action_head.target_actions(context, generator=generator)
 
 
 TARGETS: dict[str, TargetFn] = {"pooled": pooled_target, "tokens": token_target, "actions": action_target}

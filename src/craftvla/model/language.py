@@ -200,6 +200,7 @@ class LanguageBackbone(nn.Module):
                 hf_logging.set_verbosity(verbosity)
         else:
             self.model = AutoModel.from_config(config)
+        self.weights_dir = directory if load_weights else None
         self.is_encoder = config.model_type == "bert"
         self.hidden_size = config.hidden_size
         self.num_layers = config.num_hidden_layers
@@ -211,6 +212,21 @@ class LanguageBackbone(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.encoder.layer if self.is_encoder else self.model.layers
+
+    def output_embedding_rows(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """Rows `ids` of the LM head (B-less (n, D)): the input embedding when the config ties them,
+        else `lm_head.weight` from the loaded weights directory; None when there is no LM head."""
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            return self.model.get_input_embeddings().weight[ids].detach().clone()
+        if self.weights_dir is None:
+            return None
+        from safetensors import safe_open
+
+        for path in sorted(Path(self.weights_dir).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                if "lm_head.weight" in f.keys():
+                    return f.get_tensor("lm_head.weight")[ids]
+        return None
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
         return self.model.get_input_embeddings()(token_ids)

@@ -61,6 +61,10 @@ class VLAPolicy(nn.Module):
         self.action_queries = nn.Embedding(config.num_action_queries, dim)
         nn.init.zeros_(self.action_queries.weight)  # VLA-Adapter: queries start at zero
         self.action_head = build_head(config, dim, self.llm.num_layers, self.vision.num_patches * len(config.camera_keys))
+        if load_weights and hasattr(self.action_head, "init_output"):  # discrete: the LM head's last rows
+            vocab, bins = self.llm.model.config.vocab_size, self.action_head.num_bins
+            self.action_head.init_output(self.llm.output_embedding_rows(torch.arange(vocab - bins, vocab))
+                                         if vocab >= bins else None)
         # Normalisation statistics, tokenisation, image and action conversion; saved with the checkpoint.
         self.processor = Processor(config, self.tokenizer)
         self.aux_losses: dict[str, tuple[AuxLoss, float]] = {}  # name -> (loss fn, weight); not saved
@@ -108,6 +112,12 @@ class VLAPolicy(nn.Module):
                                         self.action_queries.weight, special[1])  # (B, L, D)
         out = self.llm(embeds, layout, select)
         return VLMContext(out.hidden_states, out.layouts, batch[STATE_KEY], patches=patches, pruning=stats)
+
+    def set_stats(self, stats: Optional[dict], source: str) -> None:
+        """Adopt normalisation statistics (the processor's); a discrete head re-spans its bins."""
+        self.processor.set_stats(stats, source)
+        if stats is not None and hasattr(self.action_head, "set_action_range"):
+            self.action_head.set_action_range(*self.processor.action_range())
 
     # ----- the policy interface ------------------------------------------------------------------
     def add_aux_loss(self, name: str, fn: AuxLoss, weight: float = 1.0) -> None:

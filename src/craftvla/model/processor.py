@@ -59,6 +59,13 @@ class Processor:
         """State and action (whichever the item has) in the model's normalised units."""
         return self._transforms()[0](item)
 
+    def action_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training actions' min and max per dimension, in normalised units: (A,), (A,)."""
+        stats = self.stats[ACTION_KEY]
+        low, high = (torch.as_tensor(np.asarray(stats[k]), dtype=torch.float32) for k in ("min", "max"))
+        out = self.normalize({ACTION_KEY: torch.stack([low, high])})[ACTION_KEY]
+        return out[0], out[1]
+
     # ----- text ---------------------------------------------------------------------------------
     def tokenize(self, tasks: Sequence[str], pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Instructions -> ids (B, T) long and mask (B, T) bool, right-padded, no special tokens;

@@ -124,8 +124,10 @@ def build_sequence(bos: torch.Tensor, vision: torch.Tensor, text: torch.Tensor, 
         bos.expand(batch, 1, dim), vision, text, queries.expand(batch, n_query, dim), stop.expand(batch, 1, dim),
     ], dim=1)  # (B, 1 + N_vis + T + Q + 1, D)
     start = torch.cumsum(torch.tensor([1, n_vis, n_text, n_query]), 0).tolist()  # first index of each group
-    ones = torch.ones(batch, 1 + n_vis, dtype=torch.long, device=device)
-    attention_mask = torch.cat([ones, text_mask.long(), ones[:, : n_query + 1]], dim=1)  # (B, L)
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(batch, n, dtype=torch.long, device=device)
+
+    attention_mask = torch.cat([ones(1 + n_vis), text_mask.long(), ones(n_query + 1)], dim=1)  # (B, L)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
     def span(first: int, end: int) -> torch.Tensor:  # (B, end - first)

@@ -183,7 +183,7 @@ def build_policy(cfg: TrainConfig, dataset) -> nn.Module:
     if cfg.init_from and dataset is not None:
         _check_compatible(policy.config, policy_cfg, cfg.init_from)
     if dataset is not None:
-        policy.processor.set_stats(*training_stats(policy, dataset, cfg))
+        policy.set_stats(*training_stats(policy, dataset, cfg))
         log.info("normalisation statistics: %s", policy.processor.stats_source)
         dataset.transform = policy.processor.transform  # normalise + tokenise in the DataLoader workers
     frozen = apply_freeze(policy, cfg.freeze)

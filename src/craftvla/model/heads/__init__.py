@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from craftvla.config import VLAConfig
 from craftvla.model.heads.base import ActionHead
+from craftvla.model.heads.discrete import DiscreteHead
 from craftvla.model.heads.flow_matching import FlowMatchingHead
 from craftvla.model.heads.l1_bridge import L1BridgeHead
 
-HEADS: dict[str, type[ActionHead]] = {"l1_bridge": L1BridgeHead, "flow_matching": FlowMatchingHead}
+HEADS: dict[str, type[ActionHead]] = {"l1_bridge": L1BridgeHead, "flow_matching": FlowMatchingHead,
+                                      "discrete": DiscreteHead}
 
 
 def build_head(config: VLAConfig, llm_dim: int, num_layers: int, num_vision_tokens: int) -> ActionHead:
@@ -19,4 +21,4 @@ def build_head(config: VLAConfig, llm_dim: int, num_layers: int, num_vision_toke
                                    num_vision_tokens=num_vision_tokens)
 
 
-__all__ = ["HEADS", "ActionHead", "FlowMatchingHead", "L1BridgeHead", "build_head"]
+__all__ = ["HEADS", "ActionHead", "DiscreteHead", "FlowMatchingHead", "L1BridgeHead", "build_head"]

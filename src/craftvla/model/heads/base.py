@@ -27,3 +27,8 @@ class ActionHead(nn.Module, abc.ABC):
     def sample(self, context: VLMContext, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """An action chunk (B, H, A) in normalised units. Stochastic heads (flow matching) draw their
         noise from `generator` when given (a seeded one makes the chunk a function of the context)."""
+
+    def target_actions(self, context: VLMContext, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The chunk as a differentiable function of the context (CRaFT's `actions` target): `sample`
+        for heads whose sampling is differentiable; a discrete head gives its expected action."""
+        return self.sample(context, generator=generator)
