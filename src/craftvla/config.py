@@ -244,15 +244,20 @@ class FlowMatchingHeadConfig(L1BridgeHeadConfig):
 class DiscreteHeadConfig(HeadConfig):
     """RT-2 / OpenVLA-style discrete actions: each action dimension of each step binned, one action
     slot per (step, dimension) in the LLM sequence (the action queries: chunk_size x action_dim of
-    them), read out by the LLM's output layer over the bins and trained with cross-entropy. All
-    slots decode in one pass (OpenVLA-OFT's parallel decoding; bidirectional attention)."""
+    them), read out by the LLM's output layer over the bins and trained with cross-entropy."""
 
     # Bins per action dimension, uniform between the training data's normalised min and max.
     num_bins: int = 256
+    # "parallel": every slot in one pass (OpenVLA-OFT; needs llm.attention bidirectional);
+    # "autoregressive": slot by slot, each fed the previous bin, with a KV cache (RT-2 / OpenVLA; causal).
+    # None = parallel for a bidirectional LLM, autoregressive for a causal one.
+    decoding: Optional[str] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.num_bins >= 2, "head.num_bins", self.num_bins, "must be >= 2")
+        require(self.decoding in (None, "parallel", "autoregressive"), "head.decoding", self.decoding,
+                "choose parallel or autoregressive")
 
 
 def _default_normalization() -> dict[str, str]:
@@ -308,8 +313,12 @@ class VLAConfig:
             self.projector.type = "fused_mlp" if self.vision.use_fused_vision_backbone else "mlp"
         if isinstance(self.head, DiscreteHeadConfig):  # one action slot per (step, dimension)
             self.num_action_queries = self.chunk_size * self.action_dim
-            require(self.llm.attention == "bidirectional", "llm.attention", self.llm.attention,
-                    "the discrete head decodes all action slots in parallel, which needs bidirectional attention")
+            causal = self.llm.attention == "causal"
+            if self.head.decoding is None:
+                self.head.decoding = "autoregressive" if causal else "parallel"
+            require(causal == (self.head.decoding == "autoregressive"), "head.decoding", self.head.decoding,
+                    f"with llm.attention={self.llm.attention!r} (parallel decoding needs bidirectional attention, "
+                    "autoregressive needs causal)")
 
     # ----- construction -------------------------------------------------------------------------
     @staticmethod

@@ -38,16 +38,13 @@ def test_bin_round_trip_within_half_a_bin():
     assert (err <= (head.high - head.low) / 256 / 2 + 1e-6).all()
 
 
-def test_slots_are_the_queries_and_causal_is_refused():
+def test_slots_are_the_queries():
     _, cfg = discrete_policy()
     assert cfg.num_action_queries == cfg.chunk_size * cfg.action_dim
     assert dataclasses.replace(cfg, action_dim=7).num_action_queries == cfg.chunk_size * 7
-    with pytest.raises(ConfigError, match="llm.attention"):
-        micro_config(head=DiscreteHeadConfig(), llm=LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                                              intermediate_size=128, attention="causal"))
 
 
-def test_loss_is_cross_entropy_over_real_steps(flow=None):
+def test_loss_is_cross_entropy_over_real_steps():
     policy, cfg = discrete_policy(num_bins=16)
     batch = cfg.fake_batch(3)  # sample 0 has two padded steps
     with torch.no_grad():
@@ -120,3 +117,51 @@ def test_target_actions_are_the_expected_bin_centre():
         probs = policy.action_head.logits(context).softmax(-1)  # (B, H, A, K)
         expected = (probs * policy.action_head.from_bins(torch.arange(8)[:, None].expand(-1, 4)).T[None, None]).sum(-1)
         torch.testing.assert_close(policy.action_head.target_actions(context), expected)
+
+
+def causal_discrete_policy(num_bins: int = 16):
+    torch.manual_seed(0)
+    llm = LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, attention="causal")
+    cfg = micro_config(head=DiscreteHeadConfig(num_bins=num_bins), llm=llm)
+    return VLAPolicy(cfg).eval(), cfg
+
+
+def test_decoding_follows_the_attention_mode():
+    _, cfg = causal_discrete_policy()
+    assert cfg.head.decoding == "autoregressive"
+    _, cfg = discrete_policy()
+    assert cfg.head.decoding == "parallel"
+    with pytest.raises(ConfigError, match="head.decoding"):
+        micro_config(head=DiscreteHeadConfig(decoding="autoregressive"))
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    """Greedy slot-by-slot decoding with the cache gives the logits one causal pass over the whole
+    sequence gives when its slots are fed the same bins (teacher forcing): padded instructions included."""
+    policy, cfg = causal_discrete_policy()
+    batch = cfg.fake_batch(3)
+    batch["task"] = ["open", "press the button from the top", "close the drawer"]  # different lengths: padding
+    bins, step_logits = policy.decode_autoregressive(batch)
+    assert bins.shape == (3, cfg.chunk_size, cfg.action_dim)
+    forced = {**batch, "action": policy.action_head.from_bins(bins)}
+    assert torch.equal(policy.action_head.to_bins(forced["action"]), bins)
+    with torch.no_grad():
+        full = policy.action_head.logits(policy.encode(forced))  # (B, H, A, K), one pass
+    torch.testing.assert_close(step_logits, full, rtol=0, atol=1e-5)
+    assert torch.equal(policy.predict_action_chunk(batch), policy.action_head.from_bins(bins))
+
+
+def test_autoregressive_training_is_teacher_forced():
+    policy, cfg = causal_discrete_policy(num_bins=32)
+    policy.train()
+    batch = cfg.fake_batch(8)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss, metrics = policy(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert policy.action_head.token_in.weight.grad is not None  # the previous bins feed the slots

@@ -252,6 +252,33 @@ class LanguageBackbone(nn.Module):
             layouts.append(layout)
         return LLMOutput(tuple(states), tuple(layouts))
 
+    # ----- incremental decoding (causal decoders): a prefix once, then one token at a time -------------
+    def prefill(self, embeds: torch.Tensor, layout: TokenLayout):
+        """Run a causal decoder over a prefix (B, L, D) laid out as `layout`, keeping every layer's
+        keys and values in a transformers DynamicCache for `decode_step`; returns the cache."""
+        from transformers import DynamicCache
+
+        if self.is_encoder or not self.model.config.is_causal:
+            raise CraftVLAError("incremental decoding needs a causal decoder LLM (llm.attention causal)")
+        cache = DynamicCache(config=self.model.config)
+        hidden, mask, rope = embeds, self._mask(embeds, layout), self._rope(embeds, layout)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=layout.position_ids, past_key_values=cache,
+                           use_cache=True, position_embeddings=rope, is_causal=True)
+        return cache
+
+    def decode_step(self, embed: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor, cache) -> torch.Tensor:
+        """One new token per sample: embed (B, 1, D) at `position_ids` (B, 1), attending to the cached
+        keys and itself where `key_mask` (B, L_cached + 1) bool is True -> its last-layer state (B, 1, D),
+        after the final norm (as `forward`'s last hidden state). The cache grows by one."""
+        rope = self.model.rotary_emb(embed, position_ids)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, L + 1): SDPA's boolean form
+        hidden = embed
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                           use_cache=True, position_embeddings=rope, is_causal=False)
+        return self.model.norm(hidden)
+
     def _input_layer(self, embeds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         if self.is_encoder:  # BERT adds absolute position and token-type embeddings, then LayerNorm
             return self.model.embeddings(inputs_embeds=embeds, position_ids=layout.position_ids)

@@ -12,6 +12,7 @@ Batch keys: "observation.images.<camera>" (B, 3, H, W) float in [0, 1]; "observa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from craftvla.config import VLAConfig
 from craftvla.errors import CraftVLAError
-from craftvla.keys import STATE_KEY, TASK_KEY, TOKENS_KEY, TOKENS_MASK_KEY
+from craftvla.keys import ACTION_KEY, STATE_KEY, TASK_KEY, TOKENS_KEY, TOKENS_MASK_KEY
 from craftvla.model.context import VLMContext, default_anchor_layer
 from craftvla.model.heads import build_head
 from craftvla.model.language import LanguageBackbone, TokenSelector, hf_config, load_tokenizer
@@ -61,10 +62,11 @@ class VLAPolicy(nn.Module):
         self.action_queries = nn.Embedding(config.num_action_queries, dim)
         nn.init.zeros_(self.action_queries.weight)  # VLA-Adapter: queries start at zero
         self.action_head = build_head(config, dim, self.llm.num_layers, self.vision.num_patches * len(config.camera_keys))
-        if load_weights and hasattr(self.action_head, "init_output"):  # discrete: the LM head's last rows
+        if load_weights and hasattr(self.action_head, "init_output"):  # discrete: the LM's last token rows
             vocab, bins = self.llm.model.config.vocab_size, self.action_head.num_bins
-            self.action_head.init_output(self.llm.output_embedding_rows(torch.arange(vocab - bins, vocab))
-                                         if vocab >= bins else None)
+            if vocab >= bins:
+                ids = torch.arange(vocab - bins, vocab)
+                self.action_head.init_output(self.llm.output_embedding_rows(ids), self.llm.embed(ids).detach())
         # Normalisation statistics, tokenisation, image and action conversion; saved with the checkpoint.
         self.processor = Processor(config, self.tokenizer)
         self.aux_losses: dict[str, tuple[AuxLoss, float]] = {}  # name -> (loss fn, weight); not saved
@@ -108,8 +110,10 @@ class VLAPolicy(nn.Module):
             vision = self.pruning.merge(patches, text, text_mask, stats)  # (B, M, D)
             select = select if select is not None else self.pruning.selector(vision.shape[1], stats)
         special = self.llm.embed(torch.tensor([self._bos_id, self._stop_id], device=ids.device))  # (2, D)
-        embeds, layout = build_sequence(special[0], vision, text, text_mask,
-                                        self.action_queries.weight, special[1])  # (B, L, D)
+        queries = self.action_queries.weight  # (Q, D)
+        if self._autoregressive and ACTION_KEY in batch:  # teacher forcing: each slot sees the previous bin
+            queries = queries + self.action_head.slot_inputs(self.action_head.to_bins(batch[ACTION_KEY]))  # (B, Q, D)
+        embeds, layout = build_sequence(special[0], vision, text, text_mask, queries, special[1])  # (B, L, D)
         out = self.llm(embeds, layout, select)
         return VLMContext(out.hidden_states, out.layouts, batch[STATE_KEY], patches=patches, pruning=stats)
 
@@ -142,10 +146,49 @@ class VLAPolicy(nn.Module):
         out = self.compute_loss(batch)
         return out.loss, out.metrics
 
+    @property
+    def _autoregressive(self) -> bool:
+        return getattr(self.action_head, "autoregressive", False)
+
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict) -> torch.Tensor:
         """Observation batch (images, state, task) -> actions (B, H, A) in normalised units."""
+        if self._autoregressive:
+            bins, _ = self.decode_autoregressive(batch)
+            return self.action_head.from_bins(bins)
         return self.action_head.sample(self.encode(batch))
+
+    @torch.no_grad()
+    def decode_autoregressive(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A discrete head's slots one at a time (RT-2 / OpenVLA): the prefix [BOS][vision][text] runs
+        once into a KV cache, then slot j runs alone, fed the greedy bin of slot j - 1. Returns the
+        bins (B, H, A) and every slot's logits (B, H, A, num_bins)."""
+        head = self.action_head
+        if self.pruning is not None:
+            raise CraftVLAError("vision-token pruning is not supported with autoregressive decoding")
+        batch = {k: v for k, v in batch.items() if k != ACTION_KEY}  # decoding must not see the answer
+        vision = self.projector(self.vision([batch[k] for k in self.config.camera_keys]))  # (B, N, D)
+        ids, text_mask = self._text(batch)
+        special = self.llm.embed(torch.tensor([self._bos_id, self._stop_id], device=ids.device))
+        queries = self.action_queries.weight  # (Q, D)
+        embeds, layout = build_sequence(special[0], vision, self.llm.embed(ids), text_mask, queries, special[1])
+        first = 1 + vision.shape[1] + ids.shape[1]  # [BOS] + vision + text: where the slots begin (no host sync)
+        prefix = dataclasses.replace(layout, attention_mask=layout.attention_mask[:, :first],
+                                     position_ids=layout.position_ids[:, :first], token_index=layout.token_index[:, :first])
+        cache = self.llm.prefill(embeds[:, :first], prefix)
+        bins, logits, previous = [], [], None
+        for j in range(queries.shape[0]):
+            slot = queries[j].expand(embeds.shape[0], 1, -1)  # (B, 1, D)
+            if previous is not None:
+                slot = slot + head.token_in(previous).unsqueeze(1)
+            position = layout.position_ids[:, first + j : first + j + 1]  # (B, 1)
+            keys = layout.attention_mask[:, : first + j + 1].bool()  # (B, first + j + 1)
+            step = head.out(self.llm.decode_step(slot, position, keys, cache)[:, 0])  # (B, K)
+            previous = step.argmax(-1)
+            bins.append(previous)
+            logits.append(step)
+        shape = (embeds.shape[0], self.config.chunk_size, self.config.action_dim)
+        return torch.stack(bins, 1).view(shape), torch.stack(logits, 1).view(*shape, -1)
 
     @torch.no_grad()
     def infer(self, observation: dict) -> np.ndarray:

@@ -115,13 +115,15 @@ def build_sequence(bos: torch.Tensor, vision: torch.Tensor, text: torch.Tensor, 
                    queries: torch.Tensor, stop: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
     """Concatenate the token groups and return `(inputs_embeds (B, L, D), layout)`.
 
-    bos, stop: (D,); vision: (B, N_vis, D); text: (B, T, D) with text_mask (B, T) bool; queries: (Q, D).
+    bos, stop: (D,); vision: (B, N_vis, D); text: (B, T, D) with text_mask (B, T) bool; queries: (Q, D),
+    or (B, Q, D) when each sample's differ (a discrete head's teacher-forced action slots).
     """
     batch, n_vis, dim = vision.shape
-    n_text, n_query = text.shape[1], queries.shape[0]
+    n_text, n_query = text.shape[1], queries.shape[-2]
     device = vision.device
     embeds = torch.cat([
-        bos.expand(batch, 1, dim), vision, text, queries.expand(batch, n_query, dim), stop.expand(batch, 1, dim),
+        bos.expand(batch, 1, dim), vision, text, queries.expand(batch, n_query, dim) if queries.dim() == 2 else queries,
+        stop.expand(batch, 1, dim),
     ], dim=1)  # (B, 1 + N_vis + T + Q + 1, D)
     start = torch.cumsum(torch.tensor([1, n_vis, n_text, n_query]), 0).tolist()  # first index of each group
     def ones(n: int) -> torch.Tensor:

@@ -30,6 +30,9 @@ class DiscreteHead(ActionHead):
         self.register_buffer("low", -torch.ones(action_dim))  # (A,) normalised range the bins span
         self.register_buffer("high", torch.ones(action_dim))
         self.out = nn.Linear(llm_dim, cfg.num_bins)
+        self.autoregressive = cfg.decoding == "autoregressive"
+        # Autoregressive: slot j's input adds the embedding of slot j - 1's bin (teacher-forced in training).
+        self.token_in = nn.Embedding(cfg.num_bins, llm_dim) if self.autoregressive else None
 
     # ----- bins ---------------------------------------------------------------------------------
     def set_action_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
@@ -45,12 +48,22 @@ class DiscreteHead(ActionHead):
         width = (self.high - self.low) / self.num_bins
         return self.low + (bins.to(self.low.dtype) + 0.5) * width
 
-    def init_output(self, rows: Optional[torch.Tensor]) -> None:
-        """Start the output layer from the LLM's output embedding rows (num_bins, D), if it has them."""
-        if rows is not None:
-            with torch.no_grad():
+    def init_output(self, rows: Optional[torch.Tensor], input_rows: Optional[torch.Tensor] = None) -> None:
+        """Start the output layer from the LLM's output embedding rows (num_bins, D), if it has them,
+        and the bin embeddings (autoregressive) from its input embedding rows of the same tokens."""
+        with torch.no_grad():
+            if rows is not None:
                 self.out.weight.copy_(rows)
                 self.out.bias.zero_()
+            if input_rows is not None and self.token_in is not None:
+                self.token_in.weight.copy_(input_rows)
+
+    def slot_inputs(self, bins: torch.Tensor) -> torch.Tensor:
+        """Bins of the chunk (B, H, A) -> what each slot adds to its query (B, H * A, D): slot j the
+        embedding of bin j - 1 (step-major order), slot 0 nothing. Autoregressive decoding only."""
+        flat = bins.flatten(1)  # (B, Q)
+        shifted = self.token_in(flat[:, :-1])  # (B, Q - 1, D)
+        return torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)
 
     # ----- the head interface -------------------------------------------------------------------
     def logits(self, context: VLMContext) -> torch.Tensor:  # -> (B, H, A, num_bins)
