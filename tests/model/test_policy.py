@@ -169,3 +169,14 @@ def test_head_vision_source(source):
     expected = [context.vision(0 if source == "projector" else l) for l in layers]
     assert len(seen["vision"]) == cfg.llm.num_layers
     assert all(torch.equal(a, b) for a, b in zip(seen["vision"], expected))
+
+
+def test_compiled_inference_equals_eager():
+    """torch.compile on the inference path gives the eager chunk (the speed is measured in benchmarks/inference)."""
+    torch.manual_seed(0)
+    cfg = micro_config()
+    policy = VLAPolicy(cfg).eval()
+    batch = cfg.fake_batch(2)
+    eager = policy.predict_action_chunk(batch)
+    policy.compile_inference()
+    torch.testing.assert_close(policy.predict_action_chunk(batch), eager, rtol=1e-4, atol=1e-5)

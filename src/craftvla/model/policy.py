@@ -70,6 +70,7 @@ class VLAPolicy(nn.Module):
         # Normalisation statistics, tokenisation, image and action conversion; saved with the checkpoint.
         self.processor = Processor(config, self.tokenizer)
         self.aux_losses: dict[str, tuple[AuxLoss, float]] = {}  # name -> (loss fn, weight); not saved
+        self._compiled_predict: Optional[Callable] = None  # compile_inference()
         # Vision-token merging / pruning (config.pruning; None when off). Built after every other
         # part so that without it their seeded initialisation is unchanged.
         from craftvla.prune.module import build_pruning
@@ -153,10 +154,19 @@ class VLAPolicy(nn.Module):
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict) -> torch.Tensor:
         """Observation batch (images, state, task) -> actions (B, H, A) in normalised units."""
+        return (self._compiled_predict or self._predict)(batch)
+
+    def _predict(self, batch: dict) -> torch.Tensor:
         if self._autoregressive:
             bins, _ = self.decode_autoregressive(batch)
             return self.action_head.from_bins(bins)
         return self.action_head.sample(self.encode(batch))
+
+    def compile_inference(self, **options) -> "VLAPolicy":
+        """Run `predict_action_chunk` through torch.compile (static shapes: each new batch size or
+        instruction length compiles once, on its first call); `options` go to torch.compile."""
+        self._compiled_predict = torch.compile(self._predict, dynamic=False, **options)
+        return self
 
     @torch.no_grad()
     def decode_autoregressive(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

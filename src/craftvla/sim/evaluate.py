@@ -53,6 +53,7 @@ class EvalConfig:
     image_size: int = 0  # render size; 0 = the checkpoint's image size (64 for expert/random)
     camera: str = DEFAULT_CAMERA  # video camera when the policy reads no images
     device: str = "cpu"  # torch device of the checkpoint policy
+    compile: bool = False  # torch.compile the policy's inference path (the first chunk pays the compilation)
     overwrite: bool = False  # replace an existing DIR/results.json
 
     def __post_init__(self) -> None:
@@ -158,7 +159,10 @@ def make_policy(cfg: EvalConfig) -> SimPolicy:
         return ExpertPolicy()
     if cfg.policy == "random":
         return RandomPolicy(seed=cfg.seed)
-    return CheckpointPolicy.from_pretrained(cfg.checkpoint, device=cfg.device)
+    policy = CheckpointPolicy.from_pretrained(cfg.checkpoint, device=cfg.device)
+    if cfg.compile:
+        policy.policy.compile_inference()
+    return policy
 
 
 def main(argv: list[str]) -> int:
