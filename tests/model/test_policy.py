@@ -180,3 +180,30 @@ def test_compiled_inference_equals_eager():
     eager = policy.predict_action_chunk(batch)
     policy.compile_inference()
     torch.testing.assert_close(policy.predict_action_chunk(batch), eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["l1_bridge", "flow_matching", "discrete", "discrete_ar"])
+def test_inference_path_is_one_graph_without_host_syncs(head):
+    """torch.compile traces predict_action_chunk into one graph: no data-dependent Python control
+    flow or .item()/.tolist() (a host sync on a GPU) anywhere on the inference path of any head."""
+    import torch._dynamo as dynamo
+
+    from craftvla.config import DiscreteHeadConfig, FlowMatchingHeadConfig
+    from craftvla.keys import TOKENS_KEY, TOKENS_MASK_KEY
+
+    heads = {"l1_bridge": None, "flow_matching": FlowMatchingHeadConfig(hidden_dim=32, num_steps=3),
+             "discrete": DiscreteHeadConfig(num_bins=16), "discrete_ar": DiscreteHeadConfig(num_bins=16)}
+    overrides = {} if heads[head] is None else {"head": heads[head]}
+    if head == "discrete_ar":
+        overrides["llm"] = LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                                     attention="causal")
+    torch.manual_seed(0)
+    cfg = micro_config(**overrides)
+    policy = VLAPolicy(cfg).eval()
+    batch = cfg.fake_batch(2)
+    batch.pop("action")
+    batch[TOKENS_KEY], batch[TOKENS_MASK_KEY] = policy.tokenize(batch["task"])
+    dynamo.reset()
+    explained = dynamo.explain(policy._predict)(batch)
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    assert explained.graph_count == 1

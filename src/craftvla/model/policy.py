@@ -154,7 +154,12 @@ class VLAPolicy(nn.Module):
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict) -> torch.Tensor:
         """Observation batch (images, state, task) -> actions (B, H, A) in normalised units."""
-        return (self._compiled_predict or self._predict)(batch)
+        if self._compiled_predict is None:
+            return self._predict(batch)
+        if TOKENS_KEY not in batch:  # tokenise outside the compiled graph (strings cannot be traced)
+            ids, mask = self.tokenize(batch[TASK_KEY])
+            batch = {**batch, TOKENS_KEY: ids, TOKENS_MASK_KEY: mask}
+        return self._compiled_predict(batch)
 
     def _predict(self, batch: dict) -> torch.Tensor:
         if self._autoregressive:

@@ -11,6 +11,7 @@ it get a shorter sequence and a new layout, while every survivor keeps its origi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -125,7 +126,7 @@ def build_sequence(bos: torch.Tensor, vision: torch.Tensor, text: torch.Tensor, 
         bos.expand(batch, 1, dim), vision, text, queries.expand(batch, n_query, dim) if queries.dim() == 2 else queries,
         stop.expand(batch, 1, dim),
     ], dim=1)  # (B, 1 + N_vis + T + Q + 1, D)
-    start = torch.cumsum(torch.tensor([1, n_vis, n_text, n_query]), 0).tolist()  # first index of each group
+    start = list(itertools.accumulate([1, n_vis, n_text, n_query]))  # first index of each group (no tensor: no sync)
     def ones(n: int) -> torch.Tensor:
         return torch.ones(batch, n, dtype=torch.long, device=device)
 
