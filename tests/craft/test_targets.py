@@ -131,3 +131,10 @@ def test_unknown_target_is_a_config_error():
         CraftConfig(enabled=True, targets="actions,actions")
     with pytest.raises(ConfigError, match="craft.anchor_dataset"):
         CraftConfig(enabled=True, anchor_cache="c", anchor_dataset="d")
+
+
+def test_default_target_follows_the_anchor_data():
+    """The retention study's finding as the default: actions with old-task anchor data, else pooled."""
+    assert CraftConfig(enabled=True).target_names == ["pooled"]
+    assert CraftConfig(enabled=True, anchor_dataset="old_tasks").target_names == ["actions"]
+    assert CraftConfig(enabled=True, anchor_dataset="old_tasks", targets="tokens").target_names == ["tokens"]

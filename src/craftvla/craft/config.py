@@ -66,7 +66,9 @@ class CraftConfig:
     anchor_dataset: Optional[str] = None
     # What is retained, comma-separated to combine: pooled (bridge features, the design note's),
     # tokens (the same states per token), actions (the policy's own action chunks: behaviour
-    # distillation); see craft/targets.py. None = pooled, or with an anchor cache what it holds.
+    # distillation); see craft/targets.py. None = actions with an anchor_dataset (the retention
+    # study's finding: the only target that kept the old tasks), pooled without one, or with an
+    # anchor cache what it holds.
     targets: Optional[str] = None
     # Divide each target's MSE by its variance across anchor samples (measured once before
     # training), so the budget is a fraction of the features' spread; false = raw MSE.
@@ -115,7 +117,8 @@ class CraftConfig:
     @property
     def target_names(self) -> list[str]:
         """The retention targets, in order (a cache run adopts the cache's when unset)."""
-        return [t.strip() for t in (self.targets or "pooled").split(",") if t.strip()]
+        default = "actions" if self.anchor_dataset else "pooled"
+        return [t.strip() for t in (self.targets or default).split(",") if t.strip()]
 
     @property
     def online_anchor_type(self) -> str:

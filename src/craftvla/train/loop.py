@@ -143,6 +143,10 @@ def make_craft_plugin(policy: nn.Module, cfg: TrainConfig, accelerator, dataset=
     from craftvla.craft.plugin import CraftPlugin
 
     c = cfg.craft
+    if c.mode in ("craft", "dual_only") and c.source == "online" and not c.anchor_dataset:
+        log.warning("CRaFT anchors on the training batch: in the retention study (benchmarks/retention) "
+                    "that kept little of the old tasks (pooled features) or stopped the new one being learned "
+                    "(actions); give the old tasks' data with --craft.anchor_dataset DIR")
     anchor_data = anchors.open_anchor_dataset(c.anchor_dataset, policy) if c.anchor_dataset else None
     stream = None if anchor_data is None else anchors.anchor_batch_stream(
         anchor_data, c.anchor_batch_size, cfg.grad_accum_steps, cfg.seed + 1, accelerator.process_index,
