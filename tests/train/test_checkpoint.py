@@ -71,3 +71,14 @@ def test_8bit_adamw_without_cuda_is_a_clear_error():
         pytest.skip("CUDA present: 8-bit AdamW is allowed")
     with pytest.raises(CraftVLAError, match="needs a CUDA GPU"):
         build_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="adamw_8bit"))
+
+
+def test_switching_the_preset_head_type_keeps_the_fields_the_new_type_has():
+    from craftvla.config import DiscreteHeadConfig, FlowMatchingHeadConfig
+    from craftvla.train.config import parse_train_config
+
+    flow = parse_train_config(["--policy.head.type", "flow_matching"]).policy.head
+    assert isinstance(flow, FlowMatchingHeadConfig) and (flow.hidden_dim, flow.flat_readout) == (128, 8)  # tiny's
+    discrete = parse_train_config(["--policy.head.type", "discrete", "--policy.head.num_bins", "64"]).policy
+    assert isinstance(discrete.head, DiscreteHeadConfig) and discrete.head.num_bins == 64
+    assert discrete.num_action_queries == discrete.chunk_size * discrete.action_dim

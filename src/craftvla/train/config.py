@@ -17,7 +17,7 @@ from typing import Any, Optional
 import draccus
 import yaml
 
-from craftvla.config import VLAConfig, number_list, parse_config
+from craftvla.config import HeadConfig, VLAConfig, number_list, parse_config
 from craftvla.craft.config import CraftConfig
 from craftvla.errors import ConfigError, require
 
@@ -305,6 +305,14 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
     preset = _prescan(argv, "--preset") or user.get("preset", "tiny")
     base = draccus.encode(TrainConfig(preset=preset, policy=VLAConfig.preset(preset)))
     merged = _deep_merge(base, user)
+    head_type = _prescan(argv, "--policy.head.type")
+    if head_type is not None and head_type != merged["policy"]["head"].get("type"):
+        # Another head type: keep the preset's head fields that the new type also has (width, heads, ...).
+        try:
+            valid = {f.name for f in dataclasses.fields(HeadConfig.get_choice_class(head_type))}
+        except Exception:  # an unknown type: draccus names the valid ones when it parses the flag
+            valid = {f.name for f in dataclasses.fields(HeadConfig)}
+        merged["policy"]["head"] = {k: v for k, v in merged["policy"]["head"].items() if k in valid}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(merged, f)
     source = f"preset {preset!r}" + (f", {config_path}" if config_path else "") + " and the command line"
