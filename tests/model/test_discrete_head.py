@@ -21,6 +21,20 @@ def discrete_policy(**head):
     return VLAPolicy(cfg).eval(), cfg
 
 
+def train(policy, batch, steps: int = 40) -> list[float]:
+    """Adam steps on one batch; the losses."""
+    policy.train()
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss, _ = policy(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_bins_by_hand():
     policy, _ = discrete_policy(num_bins=4)
     head: DiscreteHead = policy.action_head
@@ -92,16 +106,8 @@ def test_output_layer_starts_from_the_lm_head_rows(tmp_path, tied):
 
 def test_training_lowers_the_cross_entropy_and_bins_save(tmp_path):
     policy, cfg = discrete_policy(num_bins=32)
-    policy.train()
     batch = cfg.fake_batch(8)
-    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss, _ = policy(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(policy, batch)
     assert losses[-1] < 0.5 * losses[0]
     policy.action_head.set_action_range(torch.full((4,), -0.5), torch.full((4,), 0.5))
     policy.eval().save_pretrained(tmp_path / "ckpt")
@@ -153,15 +159,6 @@ def test_kv_cache_decoding_equals_full_recomputation():
 
 def test_autoregressive_training_is_teacher_forced():
     policy, cfg = causal_discrete_policy(num_bins=32)
-    policy.train()
-    batch = cfg.fake_batch(8)
-    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss, metrics = policy(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(policy, cfg.fake_batch(8))
     assert losses[-1] < 0.5 * losses[0]
     assert policy.action_head.token_in.weight.grad is not None  # the previous bins feed the slots
