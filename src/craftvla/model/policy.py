@@ -71,6 +71,7 @@ class VLAPolicy(nn.Module):
         self.processor = Processor(config, self.tokenizer)
         self.aux_losses: dict[str, tuple[AuxLoss, float]] = {}  # name -> (loss fn, weight); not saved
         self._compiled_predict: Optional[Callable] = None  # compile_inference()
+        self.inference_dtype: Optional[torch.dtype] = None  # set_inference_precision(): autocast dtype
         # Vision-token merging / pruning (config.pruning; None when off). Built after every other
         # part so that without it their seeded initialisation is unchanged.
         from craftvla.prune.module import build_pruning
@@ -153,13 +154,26 @@ class VLAPolicy(nn.Module):
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict) -> torch.Tensor:
-        """Observation batch (images, state, task) -> actions (B, H, A) in normalised units."""
-        if self._compiled_predict is None:
-            return self._predict(batch)
-        if TOKENS_KEY not in batch:  # tokenise outside the compiled graph (strings cannot be traced)
-            ids, mask = self.tokenize(batch[TASK_KEY])
-            batch = {**batch, TOKENS_KEY: ids, TOKENS_MASK_KEY: mask}
-        return self._compiled_predict(batch)
+        """Observation batch (images, state, task) -> actions (B, H, A) in normalised units (float32)."""
+        predict = self._predict
+        if self._compiled_predict is not None:
+            predict = self._compiled_predict
+            if TOKENS_KEY not in batch:  # tokenise outside the compiled graph (strings cannot be traced)
+                ids, mask = self.tokenize(batch[TASK_KEY])
+                batch = {**batch, TOKENS_KEY: ids, TOKENS_MASK_KEY: mask}
+        if self.inference_dtype is None:
+            return predict(batch)
+        device = self.action_queries.weight.device.type
+        with torch.autocast(device_type=device, dtype=self.inference_dtype):
+            return predict(batch).float()
+
+    def set_inference_precision(self, precision: str = "auto") -> "VLAPolicy":
+        """Inference under autocast: "bf16", "fp32" (none), or "auto" = bf16 on CUDA, fp32 elsewhere."""
+        if precision not in ("auto", "bf16", "fp32"):
+            raise CraftVLAError(f"precision={precision!r}: choose auto, bf16 or fp32")
+        cuda = self.action_queries.weight.is_cuda
+        self.inference_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and cuda) else None
+        return self
 
     def _predict(self, batch: dict) -> torch.Tensor:
         if self._autoregressive:

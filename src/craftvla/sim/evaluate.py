@@ -54,6 +54,7 @@ class EvalConfig:
     camera: str = DEFAULT_CAMERA  # video camera when the policy reads no images
     device: str = "cpu"  # torch device of the checkpoint policy
     compile: bool = False  # torch.compile the policy's inference path (the first chunk pays the compilation)
+    precision: str = "auto"  # inference autocast: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32
     overwrite: bool = False  # replace an existing DIR/results.json
 
     def __post_init__(self) -> None:
@@ -160,6 +161,7 @@ def make_policy(cfg: EvalConfig) -> SimPolicy:
     if cfg.policy == "random":
         return RandomPolicy(seed=cfg.seed)
     policy = CheckpointPolicy.from_pretrained(cfg.checkpoint, device=cfg.device)
+    policy.policy.set_inference_precision(cfg.precision)
     if cfg.compile:
         policy.policy.compile_inference()
     return policy
