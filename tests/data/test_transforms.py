@@ -66,3 +66,34 @@ def test_image_transforms_shapes_ranges_and_purity():
     # resizing a constant image keeps its value
     const = ResizeImages((24, 20))({"observation.images.cam": torch.full((3, 48, 64), 0.3)})
     torch.testing.assert_close(const["observation.images.cam"], torch.full((3, 24, 20), 0.3))
+
+
+def test_crop_resize_zooms_into_a_sub_window():
+    """A horizontal ramp stays a ramp, narrowed to the crop's sqrt(0.9) of the width; scale 1 is identity."""
+    torch.manual_seed(0)
+    ramp = torch.linspace(0.0, 1.0, 64).expand(2, 3, 64, 64).clone()  # (B, 3, H, W): value = column
+    for _ in range(5):
+        out = RandomCropResize(0.9)({"observation.images.cam": ramp})["observation.images.cam"]
+        torch.testing.assert_close(out[0], out[1])  # one crop for every frame of the call
+        assert torch.allclose(out[:, :, 0], out[:, :, -1])  # rows untouched by a horizontal ramp
+        row = out[0, 0, 0]
+        assert (row.diff() > 0).all()  # still increasing left to right
+        span = float(row[-1] - row[0])  # the crop keeps 61 of 64 columns: about 0.95 of the span
+        assert 0.90 < span < 0.99, span
+    same = RandomCropResize(1.0)({"observation.images.cam": ramp})["observation.images.cam"]
+    torch.testing.assert_close(same, ramp)
+
+
+def test_color_jitter_brightness_scales_within_its_range_and_clamps():
+    torch.manual_seed(0)
+    jitter = ColorJitter(brightness=0.2, contrast=0.0, saturation=0.0, hue=0.0)
+    factors = []
+    for _ in range(20):
+        out = jitter({"observation.images.cam": torch.full((3, 8, 8), 0.5)})["observation.images.cam"]
+        assert torch.allclose(out, out.flatten()[0].expand_as(out))  # a uniform gain
+        factors.append(float(out.flatten()[0]) / 0.5)
+    assert min(factors) >= 0.8 - 1e-6 and max(factors) <= 1.2 + 1e-6
+    assert max(factors) - min(factors) > 0.1  # it does vary from call to call
+    bright = ColorJitter(brightness=(1.5, 1.5), contrast=0.0, saturation=0.0, hue=0.0)
+    out = bright({"observation.images.cam": torch.tensor([0.2, 0.9]).view(1, 1, 2).expand(3, 1, 2)})
+    torch.testing.assert_close(out["observation.images.cam"][0, 0], torch.tensor([0.3, 1.0]))  # 1.35 clamps

@@ -15,6 +15,7 @@ from craftvla.model.processor import crop_text_padding
 from craftvla.train.batches import collate
 
 from .conftest import micro_config
+from tests.launch import CHILD_TIMEOUT_S
 
 CAM = "observation.images.corner"
 STATS = {"observation.state": {"mean": np.array([1.0, 2.0, 3.0, 4.0]), "std": np.array([2.0, 2.0, 2.0, 2.0])},
@@ -126,5 +127,5 @@ def test_infer_does_not_import_the_simulator(tmp_path, policy):
         assert not leaked, leaked
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

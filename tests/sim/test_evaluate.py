@@ -54,13 +54,18 @@ def test_checkpoint_policy_runs_end_to_end(tmp_path):
     cfg = VLAConfig.preset("tiny")
     model = VLAPolicy(cfg)
     ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
-    model.processor.set_stats({k: {"mean": zeros, "std": ones * 0.5, "min": -ones, "max": ones}
+    model.processor.set_stats({k: {"mean": zeros, "std": ones * 4.0, "min": -ones, "max": ones}
                                for k in ("observation.state", "action")}, "test")
     model.save_pretrained(tmp_path / "ckpt")
     policy = CheckpointPolicy.from_pretrained(tmp_path / "ckpt")
     assert policy.cameras == ["corner"] and policy.chunk_size == cfg.chunk_size
-    chunk = policy.predict_chunk([_fake_obs(cfg.vision.image_size)] * 2)
-    assert chunk.shape == (2, cfg.chunk_size, 4) and np.abs(chunk).max() <= 1.0
+    observations = [_fake_obs(cfg.vision.image_size)] * 2
+    chunk = policy.predict_chunk(observations)
+    assert chunk.shape == (2, cfg.chunk_size, 4)
+    policy.policy.processor.config.action_clip = "none"  # the same forward, un-clipped
+    unclipped = policy.predict_chunk(observations)
+    assert (np.abs(unclipped) > 1.0).any() and (np.abs(unclipped) < 1.0).any()  # std 4: both kinds
+    np.testing.assert_allclose(chunk, np.clip(unclipped, -1.0, 1.0))  # clipped to the stats' min/max
     out = tmp_path / "eval"
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", TASK, "--episodes", "2",
                  "--max_steps", "12", "--num_envs", "2", "--out", str(out)]) == 0

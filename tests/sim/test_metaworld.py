@@ -13,6 +13,7 @@ from craftvla.sim.metaworld import (
     COLLECT_STREAM, EVAL_STREAM, MetaWorldEnv, camera_is_upside_down,
     camera_names, episode_seed, instruction, make_renderer, parse_tasks,
 )
+from tests.launch import CHILD_TIMEOUT_S
 
 TASK = "drawer-close-v3"
 
@@ -112,7 +113,7 @@ print("ok")
 
 
 def test_no_egl_error_noise_at_exit_and_torch_imports_after_rendering():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
     assert "EGLError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

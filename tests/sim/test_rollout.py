@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from craftvla.keys import STATE_KEY
+from craftvla.keys import IMAGE_PREFIX, STATE_KEY
 from craftvla.sim.metaworld import EVAL_STREAM
 from craftvla.sim.policies import RandomPolicy
 from craftvla.sim.rollout import RolloutSpec, run_episodes
@@ -40,12 +40,21 @@ def test_executes_k_of_h_then_replans_in_one_batched_call():
         assert e.length == 10 and not e.success
 
 
-def test_random_row_is_deterministic_and_independent_of_batching():
+def test_random_row_is_deterministic_and_its_positions_independent_of_batching():
     spec = RolloutSpec(seed=5, stream=EVAL_STREAM, max_steps=15, record=True)
     runs = [list(run_episodes(RandomPolicy(seed=1), "door-open-v3", 2, spec)) for _ in range(2)]
     for a, b in zip(*runs):
         np.testing.assert_array_equal(np.stack([f[STATE_KEY] for f in a.frames]),
                                       np.stack([f[STATE_KEY] for f in b.frames]))
-    batched = list(run_episodes(RandomPolicy(seed=1), "door-open-v3", 2,
-                                RolloutSpec(seed=5, stream=EVAL_STREAM, max_steps=15, num_envs=2)))
-    assert sorted(e.seed for e in batched) == sorted(e.seed for e in runs[0])  # same positions
+    # Batched, the random stream is shared between envs (so later states differ), but each
+    # episode starts from the same object position: its first rendered frame is the same.
+    first = {}
+    for num_envs in (1, 2):
+        spec = RolloutSpec(seed=5, stream=EVAL_STREAM, max_steps=2, num_envs=num_envs, record=True,
+                           cameras=("corner",), image_size=32)
+        episodes = run_episodes(RandomPolicy(seed=1), "door-open-v3", 2, spec)
+        first[num_envs] = {e.index: e.frames[0][IMAGE_PREFIX + "corner"] for e in episodes}
+    assert sorted(first[1]) == sorted(first[2]) == [0, 1]
+    for i in (0, 1):
+        np.testing.assert_array_equal(first[1][i], first[2][i])
+    assert not np.array_equal(first[1][0], first[1][1])  # two different positions

@@ -1,31 +1,25 @@
-"""Gradient equivalences of `train_step`: accumulation 2 x 4 == batch 8; 2-process DDP == 1 process."""
+"""Gradient equivalences of `train_step`: accumulation 2 x 4 == batch 8; 2-process DDP == 1 process;
+clipping sees the final (post-surgery) gradient of the whole batch."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.launch import run_child, torchrun
+
 SCRIPT = Path(__file__).with_name("grad_step.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(out: Path, *args: str, procs: int = 1) -> dict:
     if procs == 1:  # in-process: same code path, no interpreter start-up
         from tests.train import grad_step
 
-        accum = int(args[args.index("--accum") + 1]) if "--accum" in args else 1
-        grad_step.main(str(out), accum, "--craft" in args)
+        grad_step.main(str(out), *grad_step.parse_flags(list(args)))
         return torch.load(out, weights_only=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-           "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT), str(out), *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_child(torchrun(procs, str(SCRIPT), str(out), *args))
     return torch.load(out, weights_only=True)
 
 
@@ -54,3 +48,19 @@ def test_accumulation_and_ddp_equal_one_big_batch(tmp_path, craft):
         for other in (accum, ddp):
             for key, value in big["craft"].items():
                 assert abs(other["craft"][key] - value) <= 1e-4 * max(abs(value), 1e-3), key
+
+
+def test_clipping_sees_the_whole_batch_after_the_surgery(tmp_path):
+    """CRaFT + accumulation + DDP with a binding clip: every run logs the norm of the one-batch final
+    gradient, and the applied gradient is that gradient scaled to exactly the clip norm."""
+    free = _run(tmp_path / "free.pt", "--craft")  # 1 x 8, no clipping: the post-surgery gradient
+    norm = float(sum(g.pow(2).sum() for g in free["grads"].values()).sqrt())
+    clip = 0.25 * norm
+    runs = [_run(tmp_path / "big.pt", "--craft", "--clip", str(clip)),
+            _run(tmp_path / "accum.pt", "--craft", "--clip", str(clip), "--accum", "2"),
+            _run(tmp_path / "ddp.pt", "--craft", "--clip", str(clip), procs=2)]
+    for run in runs:
+        assert float(run["grad_norm"]) == pytest.approx(norm, rel=1e-5)  # logged: the pre-clip norm
+        applied = float(sum(g.pow(2).sum() for g in run["grads"].values()).sqrt())
+        assert applied == pytest.approx(clip, rel=1e-4)  # clipped last: nothing rescales it afterwards
+        assert _max_diff({k: g * norm / clip for k, g in run["grads"].items()}, free["grads"]) < 1e-4 * norm

@@ -1,7 +1,11 @@
 """`craftvla train`: the training loop — `train_step` and a short `main`.
 
     craftvla train --preset tiny --dataset.root DIR --output_dir RUN --steps 2000
-    accelerate launch --num_processes 2 -m craftvla train ...   (or torchrun; DDP, gloo on CPU)
+    accelerate launch --multi_gpu --num_processes 2 -m craftvla train ...   (DDP: NCCL on GPUs, gloo on CPU)
+    torchrun --nproc_per_node 2 -m craftvla train ...                      (the same)
+
+On a machine without GPUs, `accelerate launch --num_processes 2` without `--multi_gpu` starts ONE
+process (Accelerate's simple launcher); the "processes:" line at start-up says what ran.
 
 Writes RUN/train_config.yaml, RUN/metrics.jsonl, RUN/checkpoints/<step>/ + last (see state.py)
 and RUN/plots/*.png. Plug-ins attach here: a *gradient plug-in* (CRaFT) takes over the backward
@@ -298,6 +302,8 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
         log.warning("%d trainable parameters get no gradient (e.g. %s): DDP will search for unused "
                     "parameters every step; freeze or remove them to avoid that cost", len(unused), unused[:3])
     accelerator = make_accelerator(cfg, find_unused_parameters=bool(unused))
+    log.info("processes: %d (%s on %s), %d samples each per micro-batch", accelerator.num_processes,
+             accelerator.distributed_type.value, accelerator.device, cfg.micro_batch_size(accelerator.num_processes))
     optimizer = build_optimizer(policy, cfg.optim, lr_by_prefix)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps(), cfg.steps, cfg.schedule.min_lr_ratio)
     model, optimizer = accelerator.prepare(policy, optimizer)
