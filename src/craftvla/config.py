@@ -288,10 +288,15 @@ class VLAConfig:
     # Inference: "stats" clips actions in robot units to the training data's [min, max] per
     # dimension (OpenVLA clips to its dataset bounds); "none" returns them unclipped.
     action_clip: str = "stats"
-    # A VLA-Adapter / Prismatic-style local directory holding every part (see model/checkpoints.py):
-    # llm/ (transformers), vision/ (timm state dicts), projector.safetensors, action_head.safetensors.
-    # Sets llm.weights_dir and vision.weights_dir when those are unset. None = parts as configured.
+    # A local directory holding every pretrained part: a VLA-Adapter release (model.safetensors +
+    # action_head--/proprio_projector--*.pt), a Prismatic run (checkpoints/*.pt), both read by
+    # model/released.py; or craftvla's parts layout (llm/, vision/, projector.*, action_head.*; see
+    # model/checkpoints.py), which sets llm.weights_dir and vision.weights_dir when those are unset.
+    # None = parts as configured.
     weights_dir: Optional[str] = None
+    # Load the action head's weights found in weights_dir; false = start the head fresh (a VLA-Adapter
+    # release's MLPResNet head is another architecture than craftvla's heads).
+    load_action_head: bool = True
     # The preset this config started from (informational).
     preset_name: str = "custom"
 
@@ -306,9 +311,7 @@ class VLAConfig:
         for key, mode in self.normalization.items():
             require(mode in NORM_MODES, f"normalization[{key!r}]", mode, f"choose one of {NORM_MODES}")
         if self.weights_dir is not None:
-            require(Path(self.weights_dir).is_dir(), "weights_dir", self.weights_dir, "no such directory")
-            self.llm.weights_dir = self.llm.weights_dir or str(Path(self.weights_dir) / "llm")
-            self.vision.weights_dir = self.vision.weights_dir or str(Path(self.weights_dir) / "vision")
+            self._resolve_weights_dir(Path(self.weights_dir))
         if self.projector.type is None:
             self.projector.type = "fused_mlp" if self.vision.use_fused_vision_backbone else "mlp"
         if isinstance(self.head, DiscreteHeadConfig):  # one action slot per (step, dimension)
@@ -321,6 +324,17 @@ class VLAConfig:
                     "autoregressive needs causal)")
 
     # ----- construction -------------------------------------------------------------------------
+    def _resolve_weights_dir(self, root: Path) -> None:
+        """Point the LLM and vision parts at `root`'s layout (a release is read whole by the policy)."""
+        from craftvla.model.released import release_kind, tokenizer_dir
+
+        require(root.is_dir(), "weights_dir", str(root), "no such directory")
+        if release_kind(root) is None:  # craftvla's parts layout
+            self.llm.weights_dir = self.llm.weights_dir or str(root / "llm")
+            self.vision.weights_dir = self.vision.weights_dir or str(root / "vision")
+        elif self.llm.tokenizer is None and tokenizer_dir(root) is not None:
+            self.llm.tokenizer = str(root)
+
     @staticmethod
     def preset(name: str, **overrides: Any) -> "VLAConfig":
         """A named preset (`tiny`, `tiny-256`, `small-pretrained`, `vla-adapter-qwen2.5-0.5b`), with top-level overrides."""

@@ -12,7 +12,8 @@ Format 2 (the head as a draccus choice type, the processor files) replaced forma
 checkpoints are refused with a message.
 Saves are atomic: written to a temporary sibling directory, then swapped in by rename.
 
-Real-weights directory (`VLAConfig.weights_dir`), the layout a VLA-Adapter export unpacks to:
+Released VLA-Adapter / Prismatic directories are read by model/released.py. craftvla's own parts
+layout for `VLAConfig.weights_dir` (pretrained parts gathered by hand):
     llm/                              transformers save_pretrained (Qwen2ForCausalLM or Qwen2Model) + tokenizer
     vision/featurizer.safetensors     timm state dict of tower 0 (DINOv2 in fused mode, SigLIP alone)
     vision/fused_featurizer.safetensors  timm state dict of tower 1 (SigLIP in fused mode)
@@ -37,6 +38,7 @@ from craftvla.data.stats import from_jsonable, to_jsonable
 from craftvla.errors import CraftVLAError
 from craftvla.files import read_json, read_safetensors, read_torch
 from craftvla.model.processor import PROCESSOR_FILE
+from craftvla.model.released import load_release
 
 FORMAT_VERSION = 2
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -92,9 +94,15 @@ def map_keys(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[st
 # ----- pretrained parts ---------------------------------------------------------------------------
 
 
-def load_pretrained_parts(policy) -> None:
-    """Load the vision towers, projector and head named by the config (the LLM loads itself)."""
+def load_pretrained_parts(policy, release=None) -> None:
+    """Load the vision towers, projector and head named by the config (the LLM loads itself), or
+    every part of a VLA-Adapter / Prismatic `release` (model/released.py)."""
     cfg: VLAConfig = policy.config
+    if release is not None:
+        if cfg.vision.weights_dir is not None:  # a Prismatic run without its (frozen) vision backbone
+            _load_towers(policy, Path(cfg.vision.weights_dir))
+        load_release(policy, release, cfg.load_action_head)
+        return
     if cfg.vision.weights_dir is not None:
         _load_towers(policy, Path(cfg.vision.weights_dir))
     elif cfg.vision.backbone_id == "mobilenet_v2":
@@ -105,7 +113,7 @@ def load_pretrained_parts(policy) -> None:
         if projector is not None:
             load_into(policy.projector, map_keys(read_state_dict(projector), PROJECTOR_KEY_MAP), str(projector))
         head = find_weight_file(root, "action_head", required=False)
-        if head is not None:
+        if head is not None and cfg.load_action_head:
             load_into(policy.action_head, map_keys(read_state_dict(head), {"action_head.": ""}), str(head))
 
 
@@ -149,6 +157,7 @@ def portable_config(config: VLAConfig) -> dict:
     """The config as saved: pretrained-source paths move to "pretrained_from" (the checkpoint holds
     every weight, so loading it must not need, or check, the original directories)."""
     data = config.to_dict()
+    data.pop("load_action_head")  # a loading option of weights_dir, meaningless once the checkpoint holds every weight
     sources = {"weights_dir": data.pop("weights_dir"), "llm.weights_dir": data["llm"]["weights_dir"],
                "vision.weights_dir": data["vision"]["weights_dir"]}
     data["llm"]["weights_dir"] = data["vision"]["weights_dir"] = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -25,9 +26,10 @@ from craftvla.errors import CraftVLAError
 from craftvla.keys import ACTION_KEY, STATE_KEY, TASK_KEY, TOKENS_KEY, TOKENS_MASK_KEY
 from craftvla.model.context import VLMContext, default_anchor_layer
 from craftvla.model.heads import build_head
-from craftvla.model.language import LanguageBackbone, TokenSelector, hf_config, load_tokenizer
+from craftvla.model.language import LanguageBackbone, TokenSelector, configure_attention, hf_config, load_tokenizer
 from craftvla.model.processor import Processor
 from craftvla.model.projector import Projector
+from craftvla.model.released import load_llm, open_release
 from craftvla.model.sequence import build_sequence
 from craftvla.model.vision import VisionBackbone
 
@@ -54,9 +56,14 @@ class VLAPolicy(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.llm)
-        llm_config = llm_config if llm_config is not None else hf_config(config.llm, len(self.tokenizer))
+        release = open_release(Path(config.weights_dir)) if load_weights and config.weights_dir else None
+        if llm_config is None:  # a release describes its own LLM; else the weights dir's or the shape fields
+            llm_config = configure_attention(release.llm_config(), config.llm) if release else hf_config(
+                config.llm, len(self.tokenizer))
         self.vision = VisionBackbone(config.vision)
         self.llm = LanguageBackbone(config.llm, llm_config, load_weights)
+        if release is not None:
+            load_llm(self.llm, release)  # before the discrete head reads the LM's rows below
         dim = self.llm.hidden_size
         self.projector = Projector(config.projector.type, self.vision.embed_dim, dim)
         self.action_queries = nn.Embedding(config.num_action_queries, dim)
@@ -81,7 +88,7 @@ class VLAPolicy(nn.Module):
         if load_weights:
             from craftvla.model.checkpoints import load_pretrained_parts
 
-            load_pretrained_parts(self)
+            load_pretrained_parts(self, release)
 
     # ----- the token sequence -------------------------------------------------------------------
     def tokenize(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,8 @@ class ViTTower(nn.Module):
     def __init__(self, vit: nn.Module, feature_layer: int, mean: tuple, std: tuple):
         super().__init__()
         self.normalize = ImageNormalize(mean, std)
-        self.block_index = len(vit.blocks) + feature_layer  # -2 -> penultimate (Prismatic)
+        self.depth = len(vit.blocks)  # before pruning: the blocks a full checkpoint holds
+        self.block_index = self.depth + feature_layer  # -2 -> penultimate (Prismatic)
         vit.prune_intermediate_layers([self.block_index], prune_norm=True, prune_head=True)
         self.model = vit
         self.embed_dim = vit.embed_dim
@@ -55,8 +56,8 @@ class ViTTower(nn.Module):
         """A full timm state dict minus the pruned parts (later blocks, final norm, pooling, head)."""
         def pruned(key: str) -> bool:
             head, _, rest = key.partition(".")
-            if head == "blocks":
-                return int(rest.split(".")[0]) > self.block_index
+            if head == "blocks":  # a block beyond the full depth stays, and is reported as unexpected
+                return self.block_index < int(rest.split(".")[0]) < self.depth
             return head in ("norm", "fc_norm", "head", "attn_pool")
 
         return {k: v for k, v in state.items() if not pruned(k)}

@@ -1,4 +1,5 @@
-"""`l1_bridge`: VLA-Adapter's bridge-attention head (its L1RegressionActionHead), trained with L1.
+"""`l1_bridge`: a VLA-Adapter-style bridge-attention head (after its L1RegressionActionHead; not
+key-compatible with the released MLPResNet, see model/released.py), trained with L1.
 
 One `BridgeBlock` per LLM layer: the action-chunk latent attends (a) to itself and to that
 layer's action-query states plus a proprioception token, and (b) to that layer's vision-patch

@@ -1,0 +1,241 @@
+"""Checkpoints released by other projects, loaded from local directories (no network, no pickle code).
+
+VLA-Adapter release (a Hugging Face directory such as VLA-Adapter/LIBERO-Spatial-Pro):
+    config.json                        OpenVLAConfig; its text_config is the Qwen2.5 LLM's config
+    model.safetensors                  vision_backbone.featurizer.*  (DINOv2, LayerScale `scale_factor`)
+                                       vision_backbone.fused_featurizer.*  (SigLIP)
+                                       projector.fc{1,2,3}.*, language_model.model.*, action_queries.weight
+                                       (the LM head is tied to the embeddings and not stored)
+    proprio_projector--*checkpoint.pt  [module.]fc1 / fc2: the proprioception MLP -> our head's `proprio`
+    action_head--*checkpoint.pt        VLA-Adapter's MLPResNet head: loaded only when the keys are
+                                       craftvla's; its own architecture is not implemented here
+    tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, ...
+Prismatic training run (prismatic/training/strategies/{ddp,fsdp}.py):
+    config.json                        {"model": {"llm_backbone_id": ..., ...}}
+    checkpoints/latest-checkpoint.pt   (or the newest step-*.pt) = {"model": {
+        "projector": {projector.{0,2,4}.*}, "llm_backbone": {llm.model.*, llm.lm_head.weight},
+        "vision_backbone": {dino_featurizer.*, siglip_featurizer.*}  (only when it was trained)}}
+The key names and shapes are pinned by tests/model/fixtures/vla_adapter_release.json (read from
+VLA-Adapter's loading code and model cards). Heads saved from a DDP wrapper carry `module.`;
+it is stripped, as VLA-Adapter's own loader does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from craftvla.errors import CraftVLAError
+
+log = logging.getLogger(__name__)
+
+VLA_ADAPTER, PRISMATIC = "vla-adapter", "prismatic"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# Prismatic names its LLM by an id; the transformers configs of the ids craftvla knows (Qwen2.5-0.5B's
+# model card; "-extra" adds 256 tokens, the vocabulary padded to a multiple of 64).
+PRISMATIC_LLMS = {
+    "qwen25-0_5b-extra": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                              num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                              tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                              max_position_embeddings=32768, hidden_act="silu"),
+}
+PRISMATIC_LLMS["qwen25-0_5b"] = PRISMATIC_LLMS["qwen25-0_5b-extra"]
+
+
+def release_kind(root: Path) -> Optional[str]:
+    """VLA_ADAPTER, PRISMATIC, or None (craftvla's own parts layout); reads only file headers."""
+    single = root / "model.safetensors"
+    if single.is_file():
+        from craftvla.files import safetensors_header
+
+        keys, _ = safetensors_header(single)
+        if any(k.startswith("language_model.") for k in keys):
+            return VLA_ADAPTER
+    if (root / "checkpoints").is_dir() and _prismatic_file(root, required=False) is not None:
+        return PRISMATIC
+    return None
+
+
+def _prismatic_file(root: Path, required: bool = True) -> Optional[Path]:
+    latest = root / "checkpoints" / "latest-checkpoint.pt"
+    steps = sorted((root / "checkpoints").glob("step-*.pt"))
+    found = latest if latest.is_file() else (steps[-1] if steps else None)
+    if found is None and required:
+        raise CraftVLAError(f"{root / 'checkpoints'}: no latest-checkpoint.pt or step-*.pt")
+    return found
+
+
+def tokenizer_dir(root: Path) -> Optional[Path]:
+    """The release's own tokenizer directory (its root), when it ships one."""
+    return root if any((root / name).is_file() for name in TOKENIZER_FILES) else None
+
+
+@dataclass
+class Release:
+    """A recognised release directory and its weights, split into craftvla's parts."""
+
+    root: Path
+    kind: str
+    towers: list[dict[str, torch.Tensor]]  # timm state dicts (DINOv2, SigLIP); [] when absent
+    projector: dict[str, torch.Tensor]  # fc1 / fc2 / fc3
+    llm: dict[str, torch.Tensor]  # transformers base-model keys (layers.*, embed_tokens.*, norm.*)
+    queries: Optional[torch.Tensor]  # (Q, D) action queries; None for Prismatic (VLA-Adapter adds them)
+    proprio: Optional[dict[str, torch.Tensor]]  # fc1 / fc2 of the proprioception projector
+    head: Optional[tuple[Path, dict[str, torch.Tensor]]]  # the action-head file and its state
+
+    def llm_config(self):
+        """The LLM's transformers config as the release describes it."""
+        from transformers import AutoConfig
+
+        if self.kind == VLA_ADAPTER:
+            text = _read_json(self.root / "config.json").get("text_config")
+            if not isinstance(text, dict):
+                raise CraftVLAError(f"{self.root / 'config.json'}: no 'text_config' (the LLM's config)")
+        else:
+            llm_id = _read_json(self.root / "config.json").get("model", {}).get("llm_backbone_id")
+            if llm_id not in PRISMATIC_LLMS:
+                raise CraftVLAError(f"{self.root / 'config.json'}: llm_backbone_id {llm_id!r}; craftvla knows "
+                                    f"{sorted(PRISMATIC_LLMS)}")
+            text = PRISMATIC_LLMS[llm_id]
+        text = dict(text)
+        return AutoConfig.for_model(text.pop("model_type", "qwen2"), **text)
+
+
+def open_release(root: Path) -> Optional[Release]:
+    """Read a VLA-Adapter or Prismatic directory (None when `root` is craftvla's parts layout)."""
+    kind = release_kind(root)
+    if kind == VLA_ADAPTER:
+        return split_vla_adapter(root, _read_safetensors(root / "model.safetensors"),
+                                 _module_file(root, "proprio_projector"), _module_file(root, "action_head"))
+    if kind == PRISMATIC:
+        path = _prismatic_file(root)
+        return split_prismatic(root, path, _read_nested(path))
+    return None
+
+
+def split_vla_adapter(root: Path, state: dict, proprio: Optional[tuple], head: Optional[tuple]) -> Release:
+    """model.safetensors' flat state (+ the two head files, each (path, state) or None) -> parts."""
+    parts = {prefix: _take(state, prefix) for prefix in ("vision_backbone.featurizer.", "vision_backbone.fused_featurizer.",
+                                                         "projector.", "language_model.model.")}
+    state.pop("language_model.lm_head.weight", None)  # tied to the embeddings (never stored by save_pretrained)
+    queries = state.pop("action_queries.weight", None)
+    if state:
+        raise CraftVLAError(f"{root / 'model.safetensors'}: {len(state)} unexpected keys (e.g. {sorted(state)[:3]})")
+    towers = [_layerscale_as_timm(parts[p]) for p in ("vision_backbone.featurizer.", "vision_backbone.fused_featurizer.")]
+    return Release(root, VLA_ADAPTER, [t for t in towers if t], parts["projector."], parts["language_model.model."],
+                   queries, proprio[1] if proprio else None, head)
+
+
+def split_prismatic(root: Path, path: Path, nested: dict) -> Release:
+    """{"model": {module: state}} of a Prismatic checkpoint -> parts."""
+    from craftvla.model.checkpoints import PROJECTOR_KEY_MAP, map_keys
+
+    modules = nested.get("model") if isinstance(nested, dict) else None
+    if not isinstance(modules, dict) or not {"projector", "llm_backbone"} <= set(modules):
+        raise CraftVLAError(f"{path}: expected {{'model': {{'projector': ..., 'llm_backbone': ...}}}} (Prismatic's "
+                            f"checkpoint layout); found {sorted(modules) if isinstance(modules, dict) else type(nested)}")
+    llm = dict(modules["llm_backbone"])
+    llm.pop("llm.lm_head.weight", None)  # tied in Qwen2.5; craftvla's LLM is the base model
+    vision = dict(modules.get("vision_backbone") or {})
+    towers = [_take(vision, prefix) for prefix in ("dino_featurizer.", "siglip_featurizer.")]
+    for name, rest in (("llm_backbone", llm), ("vision_backbone", vision)):
+        unknown = [k for k in rest if not k.startswith("llm.model.")] if name == "llm_backbone" else list(rest)
+        if unknown:
+            raise CraftVLAError(f"{path}: {len(unknown)} unexpected keys in '{name}' (e.g. {sorted(unknown)[:3]})")
+    return Release(root, PRISMATIC, [t for t in towers if t], map_keys(modules["projector"], PROJECTOR_KEY_MAP),
+                   _take(llm, "llm.model."), None, None, None)
+
+
+def load_release(policy, release: Release, load_head: bool) -> None:
+    """Every part the release holds into `policy` (the LLM is loaded earlier, by `load_llm`)."""
+    from craftvla.model.checkpoints import load_into
+
+    where = f"{release.root} ({release.kind})"
+    if release.towers:
+        if len(release.towers) != len(policy.vision.towers):
+            raise CraftVLAError(f"{where}: {len(release.towers)} vision towers, the policy has {len(policy.vision.towers)}")
+        for tower, state in zip(policy.vision.towers, release.towers):
+            load_into(tower.model, tower.pretrained_state(state), f"{where}: vision tower")
+    elif policy.config.vision.weights_dir is None:
+        raise CraftVLAError(f"{where}: holds no vision backbone (a Prismatic run that kept it frozen); give the "
+                            "towers with --policy.vision.weights_dir DIR (featurizer / fused_featurizer files)")
+    load_into(policy.projector, release.projector, f"{where}: projector")
+    if release.queries is not None:
+        load_into(policy.action_queries, {"weight": release.queries}, f"{where}: action_queries.weight")
+    if release.proprio is not None:
+        proprio = {"0.weight": release.proprio.get("fc1.weight"), "0.bias": release.proprio.get("fc1.bias"),
+                   "2.weight": release.proprio.get("fc2.weight"), "2.bias": release.proprio.get("fc2.bias")}
+        if not hasattr(policy.action_head, "proprio") or any(v is None for v in proprio.values()):
+            raise CraftVLAError(f"{where}: proprio_projector keys {sorted(release.proprio)} do not fit the "
+                                f"{policy.config.head.type} head (expected fc1/fc2 and an l1_bridge or flow head)")
+        load_into(policy.action_head.proprio, proprio, f"{where}: proprio_projector")
+    if release.head is not None and load_head:
+        _load_head(policy, *release.head)
+
+
+def load_llm(llm, release: Release) -> None:
+    from craftvla.model.checkpoints import load_into
+
+    load_into(llm.model, release.llm, f"{release.root} ({release.kind}): language model")
+
+
+def _load_head(policy, path: Path, state: dict) -> None:
+    from craftvla.model.checkpoints import load_into
+
+    own = policy.action_head.state_dict()
+    if not set(state) & set(own):
+        raise CraftVLAError(
+            f"{path}: {len(state)} tensors of another head architecture (e.g. {sorted(state)[:2]}: VLA-Adapter's "
+            f"MLPResNet); craftvla's {policy.config.head.type} head has none of these keys. Pass "
+            "--policy.load_action_head false to start the head fresh and load every other part")
+    load_into(policy.action_head, state, str(path))
+
+
+# ----- files -----------------------------------------------------------------------------------------
+
+
+def _take(state: dict, prefix: str) -> dict:
+    """Pop every key starting with `prefix` from `state`, prefix removed."""
+    keys = [k for k in state if k.startswith(prefix)]
+    return {k[len(prefix):]: state.pop(k) for k in keys}
+
+
+def _layerscale_as_timm(state: dict) -> dict:
+    """Hugging Face's export renames timm's LayerScale `gamma` to `scale_factor`; back to timm's name."""
+    return {k[: -len("scale_factor")] + "gamma" if k.endswith(".scale_factor") else k: v for k, v in state.items()}
+
+
+def _module_file(root: Path, name: str) -> Optional[tuple[Path, dict]]:
+    """VLA-Adapter's `<name>--<step>_checkpoint.pt` (exactly one, as its loader requires), `module.` stripped."""
+    found = sorted(p for p in root.glob(f"{name}--*") if "checkpoint" in p.name)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise CraftVLAError(f"{root}: {len(found)} {name} files ({[p.name for p in found]}); keep exactly one")
+    from craftvla.model.checkpoints import read_state_dict
+
+    state = read_state_dict(found[0])
+    return found[0], {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _read_safetensors(path: Path) -> dict:
+    from craftvla.files import read_safetensors
+
+    return dict(read_safetensors(path))
+
+
+def _read_nested(path: Path) -> dict:
+    from craftvla.files import read_torch
+
+    return read_torch(path)
+
+
+def _read_json(path: Path) -> dict:
+    from craftvla.files import read_json
+
+    return read_json(path, expect=dict)
+
