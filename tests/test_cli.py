@@ -14,6 +14,7 @@ HELP = {
     ("eval",): ("--checkpoint", "checkpoint"),
     ("cache", "build"): ("--pooling", "Token set pooled"),
     ("demo",): ("--steps", "steps"),
+    ("serve",): ("--api_key", "Api-Key"),
     ("info",): ("--preset", "preset"),
     ("prune", "train"): ("--objective", "adversarial, distill or task"),
     ("prune", "eval"): ("--batch_sizes", "latency measurement"),

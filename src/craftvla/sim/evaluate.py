@@ -28,10 +28,10 @@ from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.files import write_json_atomic
 
 from .metaworld import DEFAULT_CAMERA, DEFAULT_TASKS, EVAL_STREAM, control_fps, parse_cameras, parse_tasks
-from .policies import CheckpointPolicy, ExpertPolicy, RandomPolicy, SimPolicy
+from .policies import CheckpointPolicy, ExpertPolicy, RandomPolicy, ServerPolicy, SimPolicy
 from .rollout import Episode, RolloutSpec, run_episodes
 
-POLICIES = ("checkpoint", "expert", "random")
+POLICIES = ("checkpoint", "server", "expert", "random")
 
 
 @dataclass
@@ -44,7 +44,9 @@ class EvalConfig:
     env: str = "metaworld"  # simulator (only Meta-World for now)
     tasks: str = ",".join(DEFAULT_TASKS)  # comma-separated Meta-World task names
     episodes: int = 20  # episodes per task
-    policy: str = "checkpoint"  # checkpoint | expert | random (reference rows)
+    policy: str = "checkpoint"  # checkpoint | server (a running `craftvla serve`) | expert | random (reference rows)
+    server: str = "ws://127.0.0.1:8000"  # with --policy server: the server's address
+    api_key: str = ""  # with --policy server: its API key, if it requires one
     execute_steps: int = 0  # actions executed per predicted chunk before re-planning; 0 = H // 2
     seed: int = 0  # base seed of positions (evaluation stream: disjoint from collect's)
     num_videos: int = 2  # episodes per task saved as mp4
@@ -61,7 +63,7 @@ class EvalConfig:
         if not self.out and self.policy == "checkpoint" and self.checkpoint:
             self.out = str(Path(self.checkpoint) / "eval")
         if not self.out:
-            raise ConfigError("--out: required with --policy expert|random (the directory for results.json)")
+            raise ConfigError("--out: required with --policy server|expert|random (the directory for results.json)")
         if self.env != "metaworld":
             raise ConfigError(f"--env={self.env!r}: only 'metaworld' is supported")
         if self.policy not in POLICIES:
@@ -160,6 +162,8 @@ def make_policy(cfg: EvalConfig) -> SimPolicy:
         return ExpertPolicy()
     if cfg.policy == "random":
         return RandomPolicy(seed=cfg.seed)
+    if cfg.policy == "server":
+        return ServerPolicy(cfg.server, api_key=cfg.api_key or None)
     policy = CheckpointPolicy.from_pretrained(cfg.checkpoint, device=cfg.device)
     policy.policy.set_inference_precision(cfg.precision)
     if cfg.compile:

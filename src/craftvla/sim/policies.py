@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from craftvla.errors import CraftVLAError
-from craftvla.keys import ENV_TASK_KEY, IMAGE_PREFIX, RAW_OBS_KEY
+from craftvla.keys import ENV_TASK_KEY, IMAGE_PREFIX, RAW_OBS_KEY, STATE_KEY, TASK_KEY
 
 from .metaworld import ScriptedExpert
 
@@ -108,3 +108,29 @@ class CheckpointPolicy:
 
     def predict_chunk(self, observations: list[dict[str, Any]]) -> np.ndarray:
         return self.policy.infer_batch(observations)  # (B, H, A) env units
+
+
+class ServerPolicy:
+    """A policy behind `craftvla serve` (or any server speaking openpi's protocol with craftvla's
+    observation keys): one request per environment, the chunk the server returns."""
+
+    image_size: int | None
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        from craftvla.serve.client import PolicyClient
+
+        self.client = PolicyClient(url, api_key=api_key)
+        meta = self.client.metadata
+        missing = [k for k in ("camera_keys", "chunk_size", "image_size") if k not in meta]
+        if missing:
+            raise CraftVLAError(f"{url}: the server's metadata lacks {missing} (not a craftvla server?)")
+        self.keys = [*meta["camera_keys"], STATE_KEY, meta.get("instruction_key", TASK_KEY)]
+        self.cameras = [k.removeprefix(IMAGE_PREFIX) for k in meta["camera_keys"]]
+        self.chunk_size, self.image_size = int(meta["chunk_size"]), int(meta["image_size"])
+
+    def reset(self) -> None:
+        """The server keeps no per-episode state."""
+
+    def predict_chunk(self, observations: list[dict[str, Any]]) -> np.ndarray:
+        chunks = [self.client.actions({k: o[k] for k in self.keys}) for o in observations]
+        return np.stack(chunks).astype(np.float32)  # (B, H, A)

@@ -1,0 +1,213 @@
+"""`craftvla serve`: a trained policy behind a websocket, in openpi's protocol.
+
+    craftvla serve --checkpoint runs/train/checkpoints/last --port 8000 [--api_key KEY]
+
+Protocol (openpi's `WebsocketPolicyServer` / `WebsocketClientPolicy`, msgpack encoding in
+protocol.py): on connect the server sends its metadata (camera keys, state and action sizes,
+chunk size, image size); then each binary message is one observation dict
+    {"observation.images.<cam>": (H, W, 3) uint8, "observation.state": (S,), "task": str}
+("prompt" is accepted for "task", openpi's name) and the answer is
+    {"actions": (H, A) float32 in robot units, "server_timing": {"infer_ms", "batch_size", "prev_total_ms"}}.
+A request the server cannot serve gets one text frame with the reason, then the connection is
+closed (code 1011); the server keeps serving everyone else. `GET /healthz` answers 200 "OK".
+With an API key, clients must send `Authorization: Api-Key <key>` (openpi's header).
+
+Requests from different clients that wait at the same time run as one batch (`policy.infer_batch`,
+up to --max_batch), on one inference thread, so the event loop stays free for I/O. SIGINT / SIGTERM
+stop accepting, close the connections (1001 going away) and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import http
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from craftvla.errors import ConfigError, CraftVLAError
+from craftvla.keys import TASK_KEY
+
+from . import protocol
+
+log = logging.getLogger(__name__)
+PROMPT_KEY = "prompt"  # openpi's name for the instruction
+
+
+@dataclass
+class ServeConfig:
+    """Flags of `craftvla serve`."""
+
+    # a save_pretrained directory; the default is where `craftvla train` writes by default
+    checkpoint: str = "runs/train/checkpoints/last"
+    host: str = "127.0.0.1"  # interface to listen on (0.0.0.0: every interface)
+    port: int = 8000  # TCP port (0: any free port, printed at start)
+    api_key: str = ""  # require "Authorization: Api-Key <key>" from clients; "" = no key
+    max_batch: int = 8  # requests waiting at the same time are run as one batch of up to this many
+    device: str = "cpu"  # torch device of the policy
+    precision: str = "auto"  # inference autocast: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32
+    compile: bool = False  # torch.compile the inference path (the first request pays the compilation)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port={self.port}: must be in 0..65535")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max_batch={self.max_batch}: must be >= 1")
+
+
+def policy_metadata(policy) -> dict[str, Any]:
+    """What a client needs to build observations: sent once on connect."""
+    cfg = policy.config
+    return {"server": "craftvla", "camera_keys": list(cfg.camera_keys), "image_size": int(cfg.vision.image_size),
+            "state_dim": int(cfg.state_dim), "action_dim": int(cfg.action_dim), "chunk_size": int(cfg.chunk_size),
+            "instruction_key": TASK_KEY, "stats_source": policy.processor.stats_source}
+
+
+class PolicyServer:
+    """Serves `policy.infer_batch` over websockets; `run()` blocks until SIGINT / SIGTERM,
+    `serve(ready, stop)` is the same as a coroutine (tests and benchmarks run it in a thread)."""
+
+    def __init__(self, policy, host: str = "127.0.0.1", port: int = 8000, api_key: str = "", max_batch: int = 8):
+        self.policy, self.host, self.port = policy, host, port
+        self.api_key, self.max_batch = api_key, max_batch
+        self.metadata = policy_metadata(policy)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="craftvla-infer")
+        self._queue: Optional[asyncio.Queue] = None
+
+    # ----- lifecycle ------------------------------------------------------------------------------
+    def run(self) -> None:
+        asyncio.run(self._run_until_signal())
+
+    async def _run_until_signal(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.serve(stop=stop)
+
+    async def serve(self, ready: Optional[asyncio.Event] = None, stop: Optional[asyncio.Event] = None) -> None:
+        """Listen until `stop` is set; `ready` is set once the port is bound (self.port then holds it)."""
+        from websockets.asyncio.server import serve
+
+        self._queue = asyncio.Queue()
+        batcher = asyncio.create_task(self._batcher())
+        try:
+            async with serve(self._handler, self.host, self.port, compression=None, max_size=None,
+                             process_request=self._process_request) as server:
+                self.port = server.sockets[0].getsockname()[1]
+                log.info("serving on ws://%s:%d (health: http://%s:%d/healthz)", self.host, self.port, self.host, self.port)
+                if ready is not None:
+                    ready.set()
+                await (stop.wait() if stop is not None else asyncio.Future())
+                server.close()  # connections get 1001 "going away"
+                await server.wait_closed()
+        finally:
+            batcher.cancel()
+            self._executor.shutdown(wait=True)
+
+    # ----- HTTP: health check and API key ---------------------------------------------------------
+    def _process_request(self, connection, request):
+        if request.path == "/healthz":
+            return connection.respond(http.HTTPStatus.OK, "OK\n")
+        if self.api_key:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Api-Key {self.api_key}".encode()):
+                return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
+        return None
+
+    # ----- one connection -------------------------------------------------------------------------
+    async def _handler(self, websocket) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        await websocket.send(protocol.pack(self.metadata))
+        previous: Optional[float] = None
+        try:
+            async for message in websocket:
+                start = time.perf_counter()
+                try:
+                    actions, infer_ms, batch = await self._infer(_observation(message))
+                except CraftVLAError as err:  # the request's fault: say why, close, serve the others
+                    await websocket.send(f"craftvla serve: {err}")
+                    await websocket.close(code=1011, reason="bad request; the reason is in the previous frame")
+                    return
+                timing = {"infer_ms": infer_ms, "batch_size": batch}
+                if previous is not None:
+                    timing["prev_total_ms"] = previous
+                await websocket.send(protocol.pack({"actions": actions, "server_timing": timing}))
+                previous = (time.perf_counter() - start) * 1000
+        except ConnectionClosed:
+            pass
+
+    async def _infer(self, obs: dict) -> tuple[np.ndarray, float, int]:
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((obs, future))
+        return await future
+
+    # ----- batching -------------------------------------------------------------------------------
+    async def _batcher(self) -> None:
+        """Take every request waiting (up to max_batch), run them as one batch on the inference thread."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            start = time.perf_counter()
+            results = await loop.run_in_executor(self._executor, self._infer_many, [obs for obs, _ in batch])
+            infer_ms = (time.perf_counter() - start) * 1000
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result((result, infer_ms, len(batch)))
+
+    def _infer_many(self, observations: list[dict]) -> list:
+        """(H, A) actions per observation, or the error of each one that cannot be served."""
+        try:
+            return list(self.policy.infer_batch(observations))
+        except Exception as err:  # noqa: BLE001  one bad request must not stop the server
+            if len(observations) > 1:
+                return [self._infer_many([obs])[0] for obs in observations]  # find who caused it
+            if not isinstance(err, CraftVLAError):
+                log.exception("inference failed")
+                err = CraftVLAError(f"inference failed: {type(err).__name__}: {' '.join(str(err).split())}")
+            return [err]
+
+
+def _observation(message) -> dict:
+    """A decoded request: a dict with string keys; openpi's "prompt" accepted for the instruction."""
+    if isinstance(message, str):
+        raise CraftVLAError("expected a binary msgpack message, got a text frame")
+    obs = protocol.unpack(message)
+    if not isinstance(obs, dict) or not all(isinstance(k, str) for k in obs):
+        raise CraftVLAError(f"expected an observation dict with string keys, got {type(obs).__name__}")
+    if TASK_KEY not in obs and PROMPT_KEY in obs:
+        obs[TASK_KEY] = obs.pop(PROMPT_KEY)
+    if isinstance(obs.get(TASK_KEY), bytes):
+        obs[TASK_KEY] = obs[TASK_KEY].decode()
+    return obs
+
+
+def main(argv: list[str]) -> int:
+    """CLI entry: load the checkpoint, serve until interrupted."""
+    from craftvla.config import parse_config
+    from craftvla.model.policy import VLAPolicy
+
+    cfg = parse_config(ServeConfig, args=argv, prog="craftvla serve")
+    policy = VLAPolicy.from_pretrained(cfg.checkpoint, map_location=cfg.device).eval()
+    policy.set_inference_precision(cfg.precision)
+    if cfg.compile:
+        policy.compile_inference()
+    server = PolicyServer(policy, cfg.host, cfg.port, cfg.api_key, cfg.max_batch)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"craftvla serve: {cfg.checkpoint} (Ctrl-C to stop)", flush=True)
+    server.run()
+    print("craftvla serve: stopped", flush=True)
+    return 0
