@@ -15,6 +15,7 @@ HELP = {
     ("cache", "build"): ("--pooling", "Token set pooled"),
     ("demo",): ("--steps", "steps"),
     ("serve",): ("--api_key", "Api-Key"),
+    ("convert", "rlds"): ("--map", "RLDS=LeRobot pairs"),
     ("info",): ("--preset", "preset"),
     ("prune", "train"): ("--objective", "adversarial, distill or task"),
     ("prune", "eval"): ("--batch_sizes", "latency measurement"),

@@ -14,6 +14,7 @@ from craftvla.errors import CraftVLAError
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "collect": ("craftvla.sim.collect", "record scripted-expert demonstrations as a LeRobot v3 dataset"),
+    "convert": ("craftvla.data.convert", "convert a dataset to LeRobot v3.0: convert rlds (TFDS/RLDS shards)"),
     "train": ("craftvla.train.loop", "train / fine-tune a policy (CRaFT, LoRA, DDP via accelerate)"),
     "eval": ("craftvla.sim.evaluate", "closed-loop evaluation in the simulator"),
     "cache": ("craftvla.craft.cache", "build an offline anchor cache"),
