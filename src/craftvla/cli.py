@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Callable
 
 from craftvla.errors import CraftVLAError
 
@@ -23,6 +24,20 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("craftvla.demo", "the whole story on a CPU with a built-in default"),
     "info": ("craftvla.model.summary", "print a preset's shapes and parameter counts"),
 }
+
+
+def run_sub_verb(verb: str, argv: list[str], sub_verbs: dict[str, tuple[Callable[[list[str]], int], str]]) -> int:
+    """`craftvla <verb> <sub-verb> [flags]`: run the sub-verb's entry, or list the sub-verbs (exit 0
+    for --help, 2 when none or an unknown one is given)."""
+    if argv and argv[0] in sub_verbs:
+        return int(sub_verbs[argv[0]][0](argv[1:]) or 0)
+    lines = [f"usage: craftvla {verb} <{'|'.join(sub_verbs)}> [--flag value ...]   "
+             f"(craftvla {verb} {next(iter(sub_verbs))} --help for its flags)", ""]
+    lines += [f"  {name:<6} {text}" for name, (_, text) in sub_verbs.items()]
+    if argv and argv[0] not in ("-h", "--help"):
+        lines.insert(0, f"craftvla {verb}: unknown sub-verb {argv[0]!r}")
+    print("\n".join(lines), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+    return 0 if argv[:1] in (["-h"], ["--help"]) else 2
 
 
 def _usage() -> str:

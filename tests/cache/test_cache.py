@@ -327,7 +327,7 @@ def test_cli_build_and_errors(checkpoint, anchor_dataset, tmp_path, capsys):
     assert C.AnchorCache(out).meta["hidden_layer_index"] == 3
     assert main(args) == 1 and "already a complete cache" in capsys.readouterr().err
     assert main(["cache", "build", "--type", "logits"]) == 1
-    assert main(["cache", "bulid"]) == 1 and "unknown sub-verb 'bulid'" in capsys.readouterr().err
+    assert main(["cache", "bulid"]) == 2 and "unknown sub-verb 'bulid'" in capsys.readouterr().err  # a usage error, as an unknown verb
     assert main(["cache", "build", "--checkpoint", str(checkpoint), "--dataset", str(anchor_dataset),
                  "--out", str(tmp_path / "d"), "--layer", "7"]) == 1
 

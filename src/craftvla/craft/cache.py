@@ -608,13 +608,14 @@ class CacheAnchorProvider:
 
 def main(argv: list[str]) -> int:
     """`craftvla cache build ...` (see the module docstring)."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: craftvla cache build [--flag value ...]   (craftvla cache build --help for flags)\n\n"
-              "sub-verbs:\n  build     compute a frozen checkpoint's anchor targets over a LeRobot dataset")
-        return 0 if argv else 2
-    if argv[0] != "build":
-        raise CraftVLAError(f"craftvla cache: unknown sub-verb {argv[0]!r}; use `craftvla cache build ...`")
-    cfg = parse_config(CacheBuildConfig, args=argv[1:], prog="craftvla cache build")
+    from craftvla.cli import run_sub_verb
+
+    return run_sub_verb("cache", argv, {"build": (_build_main, "compute a frozen checkpoint's anchor targets over a "
+                                                              "LeRobot dataset")})
+
+
+def _build_main(argv: list[str]) -> int:
+    cfg = parse_config(CacheBuildConfig, args=argv, prog="craftvla cache build")
     if not _is_main_process():
         log.info("not the main process: rank 0 builds the cache")
         return 0

@@ -157,15 +157,15 @@ def _write_episode(writer, episode: dict, mapping: dict[str, str], columns: dict
 
 def main(argv: list[str]) -> int:
     """CLI entry: `craftvla convert rlds --src DIR --out DIR [...]`."""
+    from craftvla.cli import run_sub_verb
+
+    return run_sub_verb("convert", argv, {"rlds": (_rlds_main, "a TFDS/RLDS dataset (TFRecord shards) -> LeRobot v3.0")})
+
+
+def _rlds_main(argv: list[str]) -> int:
     from craftvla.config import parse_config
 
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: craftvla convert rlds --src DIR --out DIR [--map K=V,...] [--fps N] ...\n\n"
-              "formats: rlds (TFDS/RLDS TFRecord shards -> LeRobot v3.0); craftvla convert rlds --help for its flags")
-        return 0 if argv else 2
-    if argv[0] != "rlds":
-        raise CraftVLAError(f"convert: unknown format {argv[0]!r}; expected rlds")
-    cfg = parse_config(RldsConvertConfig, args=argv[1:], prog="craftvla convert rlds")
+    cfg = parse_config(RldsConvertConfig, args=argv, prog="craftvla convert rlds")
     result = convert_rlds(cfg)
     print(f"converted {result['episodes']} episodes ({result['frames']} frames) to {Path(result['out'])}")
     return 0

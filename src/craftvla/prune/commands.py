@@ -9,9 +9,8 @@ SUBVERBS = {"train": ("craftvla.prune.train", "train the merger (--stage 1) or t
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in SUBVERBS:
-        lines = ["usage: craftvla prune <train|eval> [--flag value ...]", ""]
-        lines += [f"  {name:<6} {text}" for name, (_, text) in SUBVERBS.items()]
-        print("\n".join(lines))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return int(importlib.import_module(SUBVERBS[argv[0]][0]).main(argv[1:]) or 0)
+    from craftvla.cli import run_sub_verb
+
+    entries = {name: (lambda rest, module=module: importlib.import_module(module).main(rest), text)
+               for name, (module, text) in SUBVERBS.items()}
+    return run_sub_verb("prune", argv, entries)
