@@ -133,3 +133,17 @@ def test_cli_errors_exit_nonzero_and_leave_nothing(tmp_path, capsys):
     assert main(["rlds", "--src", str(SRC), "--out", str(tmp_path / "two"), "--max_episodes", "2",
                  "--progress", "false"]) == 0
     assert LeRobotDataset(tmp_path / "two", chunk_size=1).meta.total_episodes == 2
+
+
+def test_a_feature_the_records_lack_names_the_shard(tmp_path):
+    src = _copy(tmp_path)
+    tree = json.loads((src / "features.json").read_text())
+    observation = tree["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"]["features"]["observation"]
+    observation["featuresDict"]["features"]["depth"] = {
+        "pythonClassName": "tensorflow_datasets.core.features.tensor_feature.Tensor",
+        "tensor": {"dtype": "float32", "encoding": "none", "shape": {"dimensions": ["4"]}}}
+    (src / "features.json").write_text(json.dumps(tree))
+    with pytest.raises(CraftVLAError, match="00000-of-00002: record lacks feature 'steps/observation/depth'"):
+        convert_rlds(RldsConvertConfig(src=str(src), out=str(tmp_path / "out"), progress=False,
+                                       map="observation/depth=observation.depth"))
+    assert not (tmp_path / "out").exists()
