@@ -71,12 +71,13 @@ def measure(preset: str, head: str, batch: int, mode: str, threads: int, warmup:
     return {**record, **chunk_latency(policy, inputs, warmup, repeats)}
 
 
-def cells(presets, heads) -> list[tuple]:
-    return [(p, h, b, m) for p in presets for h in heads for b in BATCHES for m in MODES]
+def cells(presets, heads, batches=BATCHES, modes=MODES) -> list[tuple]:
+    return [(p, h, b, m) for p in presets for h in heads for b in batches for m in modes]
 
 
 def run(args) -> None:
-    for preset, head, batch, mode in cells(args.presets.split(","), args.heads.split(",")):
+    batches, modes = [int(b) for b in args.batches.split(",")], args.modes.split(",")
+    for preset, head, batch, mode in cells(args.presets.split(","), args.heads.split(","), batches, modes):
         out = RESULTS / f"{preset}__{head}__b{batch}__{mode}.json"
         if out.is_file():
             continue
@@ -116,6 +117,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("cell", nargs="*", help="(internal) preset head batch mode")
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--heads", default=",".join(HEADS))
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
+    parser.add_argument("--modes", default=",".join(MODES), help="eager, compiled or both")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
