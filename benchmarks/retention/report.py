@@ -15,6 +15,24 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
+# The README's short table: each method in words (the flags are in study.py's METHODS).
+LABELS = {
+    "plain": "plain fine-tuning", "frozen_vlm": "frozen VLM (head only)", "lora": "LoRA rank 16",
+    "l2_init": "L2-to-init (0.1)", "distill_fixed": "fixed-weight distillation of its actions on A's frames",
+    "replay2": "replay 2 %", "replay10": "replay 10 %", "replay50": "replay 50 %",
+    "craft_dual_only": "CRaFT dual-only (actions on A, no projection)",
+    "craft_pooled_B": "CRaFT pooled features on B's frames (the design note's)",
+    "craft_actions_B": "CRaFT actions on B's frames", "craft_pooled_A": "CRaFT pooled features on A's frames",
+    "craft_tokens_A": "CRaFT per-token features on A's frames",
+    "craft_actions_A": "CRaFT actions on A's frames (budget 0.1, dual step 0.1)",
+    "craft_demo": "the same with dual step 0.01 (`craftvla demo`, the defaults)",
+    "craft_all_A": "CRaFT pooled + tokens + actions on A", "craft_actions_cacheA": "CRaFT actions from an offline A cache",
+    "craft_actions_A_replay2": "CRaFT actions on A + 2 % replay",
+    "craft_actions_A_eps0.01": "CRaFT actions on A, budget 0.01", "craft_actions_A_eps0.03": "... budget 0.03",
+    "craft_actions_A_eps0.3": "... budget 0.3", "craft_actions_A_eps1": "... budget 1.0",
+}
+
+
 def load(results: Path) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
     for path in sorted(results.glob("*.json")):
@@ -47,7 +65,20 @@ def write_report(results: Path, directory: Path, order: list[str] = ()) -> None:
         lines.append(f"| {method} | " + " | ".join(cell(records, k, f) for k, _, f in COLUMNS)
                      + f" | {len(records)} |")
     (directory / "results.md").write_text("\n".join(lines) + "\n")
+    (directory / "summary.md").write_text(summary(rows, gen))
     plot(rows, gen, directory / "tradeoff.png")
+
+
+def summary(rows: dict[str, list[dict]], gen: dict) -> str:
+    """The README's table: success on B and A, action drift, final lambda, seeds (mean ± std)."""
+    short = lambda records, key: cell(records, key, "{:.2f}")  # noqa: E731
+    lines = ["| method | window-open (B) | old tasks (A) | action drift on A | final lambda | seeds |",
+             "|---|---|---|---|---|---|",
+             f"| generalist (start) | {gen.get('success_B', 0):.2f} | {gen.get('success_A', 0):.2f} | 0 | - | - |"]
+    for method, records in rows.items():
+        lines.append(f"| {LABELS.get(method, method)} | {short(records, 'success_B')} | {short(records, 'success_A')} | "
+                     f"{short(records, 'drift_actions')} | {short(records, 'final_lambda')} | {len(records)} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: dict[str, list[dict]], gen: dict, path: Path) -> None:
