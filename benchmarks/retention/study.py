@@ -213,7 +213,10 @@ def claim(cell: Path) -> bool:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                os.kill(int(lock.read_text() or 0), 0)
+                pid = int(lock.read_text() or 0)  # empty: its writer died (e.g. a full disk) before the pid
+                if pid <= 0:
+                    raise ValueError(pid)  # os.kill(0, 0) would signal our own process group: "alive"
+                os.kill(pid, 0)
                 return False  # alive
             except (ProcessLookupError, ValueError, FileNotFoundError):
                 lock.unlink(missing_ok=True)  # stale: its process is gone
