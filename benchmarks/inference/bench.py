@@ -8,6 +8,8 @@ SigLIP at 224 px, Qwen2.5-0.5B, 64 queries) x head (l1_bridge; flow_matching, 10
 discrete, parallel slots; discrete_ar, causal LLM, KV cache) x batch (1, 8) x mode (eager,
 compiled). Each cell: `threads` torch threads, `warmup` untimed calls, the median of `repeats`
 timed calls (model/speed.py); compiled cells also record the compilation time (first call).
+`--device cuda` runs the same cells on a GPU with bf16 autocast (`set_inference_precision("auto")`);
+their result files and rows carry the device.
 Random weights at real shapes use the byte tokenizer (the real Qwen vocabulary only changes the
 embedding table's size). Run it on an idle machine: every cell is timed in its own process.
 """
@@ -49,7 +51,8 @@ def policy_config(preset: str, head: str):
     return cfg
 
 
-def measure(preset: str, head: str, batch: int, mode: str, threads: int, warmup: int, repeats: int) -> dict:
+def measure(preset: str, head: str, batch: int, mode: str, threads: int, warmup: int, repeats: int,
+            device: str = "cpu") -> dict:
     import torch
 
     from craftvla.model.policy import VLAPolicy
@@ -58,11 +61,13 @@ def measure(preset: str, head: str, batch: int, mode: str, threads: int, warmup:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = policy_config(preset, head)
-    policy = VLAPolicy(cfg, load_weights=False).eval()
+    policy = VLAPolicy(cfg, load_weights=False).eval().to(device).set_inference_precision("auto")
     inputs = cfg.fake_batch(batch, seed=0)
     inputs.pop("action")  # an observation: no answer in it
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     record = {"preset": preset, "head": head, "batch": batch, "mode": mode, "llm_attention": cfg.llm.attention,
-              "params_m": sum(p.numel() for p in policy.parameters()) / 1e6}
+              "params_m": sum(p.numel() for p in policy.parameters()) / 1e6, "device": device,
+              "dtype": str(policy.inference_dtype or torch.float32).removeprefix("torch.")}
     if mode == "compiled":
         policy.compile_inference()
         start = time.perf_counter()
@@ -76,13 +81,18 @@ def cells(presets, heads, batches=BATCHES, modes=MODES) -> list[tuple]:
 
 
 def run(args) -> None:
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py: --device cuda, but torch sees no CUDA device on this machine")
     batches, modes = [int(b) for b in args.batches.split(",")], args.modes.split(",")
     for preset, head, batch, mode in cells(args.presets.split(","), args.heads.split(","), batches, modes):
-        out = RESULTS / f"{preset}__{head}__b{batch}__{mode}.json"
+        out = RESULTS / f"{preset}__{head}__b{batch}__{mode}{'' if args.device == 'cpu' else '__' + args.device}.json"
         if out.is_file():
             continue
         cmd = [sys.executable, __file__, "cell", preset, head, str(batch), mode, "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+               "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             print(f"{out.name}: FAILED\n{done.stderr[-2000:]}", flush=True)
@@ -95,19 +105,21 @@ def report() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     lines = ["# predict_action_chunk latency per head", "",
              "Command: `.venv/bin/python benchmarks/inference/bench.py run` then `... report`; median ms "
-             "(10th-90th percentile) of the timed calls, CPU, threads as listed.", "",
-             "| preset | head | batch | eager ms | compiled ms | compiled speed-up | compile s | threads |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(10th-90th percentile) of the timed calls; CPU rows in fp32 at the torch threads listed, CUDA "
+             "rows under bf16 autocast.", "",
+             "| preset | device | head | batch | eager ms | compiled ms | compiled speed-up | compile s | threads |",
+             "|---|---|---|---|---|---|---|---|---|"]
     table = {}
     for r in rows:
-        table.setdefault((r["preset"], r["head"], r["batch"]), {})[r["mode"]] = r
-    for (preset, head, batch), modes in sorted(table.items()):
+        device = f"{r.get('device', 'cpu')} {r.get('dtype', 'float32')}"
+        table.setdefault((r["preset"], device, r["head"], r["batch"]), {})[r["mode"]] = r
+    for (preset, device, head, batch), modes in sorted(table.items()):
         e, c = modes.get("eager"), modes.get("compiled")
         fmt = (lambda r: f"{r['median_ms']:.1f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f})" if r else "-")
         speed = f"{e['median_ms'] / c['median_ms']:.2f}x" if e and c else "-"
-        lines.append(f"| {preset} | {head} | {batch} | {fmt(e)} | {fmt(c)} | {speed} | "
-                     f"{c['compile_s']:.0f} | {(e or c)['threads']} |" if c else
-                     f"| {preset} | {head} | {batch} | {fmt(e)} | - | - | - | {(e or c)['threads']} |")
+        compile_s = f"{c['compile_s']:.0f}" if c else "-"
+        lines.append(f"| {preset} | {device} | {head} | {batch} | {fmt(e)} | {fmt(c)} | {speed} | {compile_s} | "
+                     f"{(e or c)['threads']} |")
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -122,10 +134,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: bf16 autocast on a GPU")
     args = parser.parse_args(argv)
     if args.verb == "cell":
         preset, head, batch, mode = args.cell
-        print(json.dumps(measure(preset, head, int(batch), mode, args.threads, args.warmup, args.repeats)))
+        print(json.dumps(measure(preset, head, int(batch), mode, args.threads, args.warmup, args.repeats,
+                                 args.device)))
     elif args.verb == "run":
         run(args)
     else:
