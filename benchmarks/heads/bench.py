@@ -66,7 +66,7 @@ def run_head(head: str) -> None:
         sh([BIN / "craftvla", "eval", "--checkpoint", ckpt, "--tasks", TASKS, "--episodes", EPISODES, "--seed", "0",
             "--num_videos", "1", "--out", out, "--overwrite", "true"], log)
     ev = json.loads((out / "results.json").read_text())
-    train = WORK / head / "metrics.jsonl"
+    train = REPO / "assets" / "generalist" / "train_metrics.jsonl" if HEADS[head] is None else WORK / head / "metrics.jsonl"
     train_s = max((json.loads(x).get("elapsed_s", 0) for x in train.read_text().splitlines()), default=None) \
         if train.is_file() else None
     write_json(result, {"head": head, "success": ev["mean_success_rate"], "train_s": train_s,
@@ -79,11 +79,12 @@ def report() -> None:
     tasks = TASKS.split(",")
     lines = ["# Closed-loop success per action head (same data and budget)", "",
              "Command: `.venv/bin/python benchmarks/heads/bench.py run` then `... report`; 20 unseen positions per task.", "",
-             "| head | mean | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " |",
-             "|---" * (len(tasks) + 2) + "|"]
+             "| head | mean | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " | training min |",
+             "|---" * (len(tasks) + 3) + "|"]
     for r in rows:
+        minutes = f"{r['train_s'] / 60:.0f}" if r.get("train_s") else "-"
         lines.append(f"| {r['head']} | {r['success']:.2f} | " + " | ".join(f"{r['per_task'].get(t, float('nan')):.2f}"
-                                                                      for t in tasks) + " |")
+                                                                      for t in tasks) + f" | {minutes} |")
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
 
 
