@@ -447,8 +447,8 @@ def _tiny() -> VLAConfig:
 def _tiny_256() -> VLAConfig:
     # The pruning preset: 256 vision tokens (128 px, 8 px patches) into a 4-layer Qwen2 of width 256,
     # from a light 2-block ViT, so that, as in real VLAs, the LLM and the head's per-layer vision
-    # reads carry most of the FLOPs (2.0 GFLOPs per chunk; FastV-style keep 0.5 / 0.25 after layers
-    # 1 / 2: 1.2; pool-merging to half first: 0.75; FlopCounterMode). Flat read-out: 4 channels x 256.
+    # reads carry most of the FLOPs (2.4 GFLOPs per chunk; FastV-style keep 0.5 / 0.25 after layers
+    # 1 / 2: 1.4; pool-merging to half: 1.3; `chunk_flops`, attention included). Flat read-out: 4 channels x 256.
     return VLAConfig(
         vision=VisionConfig(backbone_id="tiny-vit", image_size=128, patch_size=8, width=96, depth=2, num_heads=4),
         llm=LLMConfig(family="qwen2", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768),

@@ -16,7 +16,12 @@ import torch
 
 
 def chunk_flops(policy, batch: dict) -> int:
-    """FLOPs of one `predict_action_chunk(batch)` (matmuls, convolutions, attention), counted by torch."""
+    """FLOPs of one `predict_action_chunk(batch)` (matmuls, convolutions, attention), counted by torch.
+
+    Attention runs on SDPA's math backend here: torch's counter has no formula for the fused CPU
+    kernel (`_scaled_dot_product_flash_attention_for_cpu` counts 0), while the math backend's
+    matmuls are counted (4 B H L S D per call, masks included)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -24,7 +29,7 @@ def chunk_flops(policy, batch: dict) -> int:
     for p in trainable:  # its module tracker trips over parameters that require grad under no_grad
         p.requires_grad_(False)
     try:
-        with counter, torch.no_grad():
+        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             policy.predict_action_chunk(batch)
     finally:
         for p in trainable:
