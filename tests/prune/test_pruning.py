@@ -66,6 +66,27 @@ def test_soft_without_noise_computes_what_hard_computes(tiny):
     assert torch.allclose(soft.queries(4), hard.queries(4), atol=1e-5)
 
 
+def test_disabling_parts_gives_the_merged_or_the_original_policy(tiny):
+    policy, batch = tiny
+    apply_pruning(policy, PruningConfig())
+    original = policy.encode(batch)
+    _pruned(policy, merger="pool", merge_ratio=0.5)
+    merged_only = policy.encode(batch)
+    _pruned(policy, merger="pool", merge_ratio=0.5, scorer="mlp", layers=[1, 2], keep=[0.5, 0.25])
+    with policy.pruning.disabled(("pruner",)):  # stage 2's reference: merged, nothing selected
+        ctx = policy.encode(batch)
+    assert [lay.num_vision for lay in ctx.layouts] == [32] * 5
+    assert torch.equal(ctx.hidden_states[-1], merged_only.hidden_states[-1])
+    with policy.pruning.disabled():
+        ctx = policy.encode(batch)
+    assert [lay.num_vision for lay in ctx.layouts] == [64] * 5
+    assert torch.equal(ctx.hidden_states[-1], original.hidden_states[-1])
+    assert [lay.num_vision for lay in policy.encode(batch).layouts] == [32, 32, 16, 8, 8]
+    with pytest.raises(ValueError, match="unknown parts"):
+        with policy.pruning.disabled(("pruners",)):
+            pass
+
+
 def test_soft_training_step_reaches_pruner_heads(tiny):
     policy, batch = tiny
     _pruned(policy, scorer="attention", layers=[1, 2], keep=[0.5, 0.25]).train()

@@ -1,4 +1,4 @@
-"""The discriminator of stage 2: real (unpruned) vs fake (pruned) LLM hidden states.
+"""The discriminator of stage 2: real (without selection) vs fake (pruned) LLM hidden states.
 
 It reads the states of the tokens that exist in both models — the instruction and action-query
 tokens — at the layer after each pruning point, and gives one logit per token; a learned layer
@@ -28,7 +28,7 @@ def shared_mask(context: VLMContext, layer: int) -> torch.Tensor:  # (B, T + Q) 
 
 
 class Discriminator(nn.Module):
-    """Token states (B, N, D) of pruning layer i -> logits (B, N) (real = unpruned)."""
+    """Token states (B, N, D) of pruning layer i -> logits (B, N) (real = without selection)."""
 
     def __init__(self, dim: int, num_layers: int, hidden_dim: int = 128):
         super().__init__()

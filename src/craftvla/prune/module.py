@@ -35,18 +35,22 @@ class VisionTokenPruning(nn.Module):
         self.num_tokens = num_cameras * patches_per_camera  # vision tokens from the projector
         self.merger = _build_merger(cfg, dim, num_cameras, patches_per_camera)
         self.pruner = _build_pruner(cfg, llm)
-        self.off = False  # `disabled()`: the unpruned model (training's reference)
+        self.off: frozenset[str] = frozenset()  # parts switched off by `disabled()`
         if self.pruner is not None:
             llm.use_keep_attention()
 
     @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Within: no merging and no selection (the original, unpruned policy)."""
-        self.off = True
+    def disabled(self, parts: tuple[str, ...] = ("merger", "pruner")) -> Iterator[None]:
+        """Within: the given parts do nothing. By default both: the original, unpruned policy;
+        ("pruner",): the merged policy without in-LLM selection (stage 2's reference)."""
+        unknown = set(parts) - {"merger", "pruner"}
+        if unknown:
+            raise ValueError(f"disabled(): unknown parts {sorted(unknown)}; choose from merger, pruner")
+        self.off = frozenset(parts)
         try:
             yield
         finally:
-            self.off = False
+            self.off = frozenset()
 
     @property
     def num_llm_tokens(self) -> int:
@@ -62,7 +66,7 @@ class VisionTokenPruning(nn.Module):
 
     def merge(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, stats: dict) -> torch.Tensor:
         """vision (B, N, D) -> (B, M, D); records merge_sparsity (learned mergers) and token counts."""
-        if self.off:
+        if "merger" in self.off:
             return vision
         stats["tokens/input"] = torch.tensor(float(vision.shape[1]))
         if self.merger is None:
@@ -73,7 +77,7 @@ class VisionTokenPruning(nn.Module):
         return merged
 
     def selector(self, num_input: int, stats: dict) -> Optional[TokenSelector]:
-        return None if self.pruner is None or self.off else self.pruner.selector(num_input, stats)
+        return None if self.pruner is None or "pruner" in self.off else self.pruner.selector(num_input, stats)
 
 
 def _build_merger(cfg: PruningConfig, dim: int, num_cameras: int, patches: int) -> Optional[nn.Module]:

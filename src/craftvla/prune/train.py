@@ -8,8 +8,9 @@ new parts train, the policy itself stays frozen.
 - Stage 1: the token merger, with the task loss + `merge_sparsity_weight` x merge sparsity.
 - Stage 2: the pruner heads, with the task loss under straight-through soft masks (temperature
   annealed `temperature_start` -> `temperature_end` over the run) + an objective against the
-  unpruned policy's states (instruction and action-query tokens at the layer after each pruning
-  point): `adversarial` (a discriminator, trained alternately), `distill` (MSE) or `task` (none).
+  policy's states without selection (merged as stage 1 left it; fully unpruned with `train_merger`),
+  on the instruction and action-query tokens at the layer after each pruning point: `adversarial`
+  (a discriminator, trained alternately), `distill` (MSE) or `task` (none).
 Three optimizers, each with its own LR: merger (`merger_lr`) and pruners (`pruner_lr`) as parameter
 groups of the loop's AdamW (AdamW is per-parameter: a group is an optimizer), and the
 discriminator's own AdamW (`disc_lr`), stepped after the pruners' step.
@@ -169,6 +170,10 @@ class StagePlugin:
             # betas (0.5, 0.999): the usual choice for GAN discriminators (DCGAN)
             self.disc_opt = torch.optim.AdamW(param_groups(self.disc, 0.01), lr=cfg.disc_lr, betas=(0.5, 0.999))
         self.pending: list[tuple] = []
+        # The reference the objective compares against: the policy as stage 2 found it, i.e. merged
+        # but unselected (a frozen merger is not the pruners' to undo), or fully unpruned when the
+        # merger trains too.
+        self.reference_off = ("merger", "pruner") if cfg.train_merger else ("pruner",)
 
     def temperature(self) -> float:
         cfg = self.cfg
@@ -177,7 +182,7 @@ class StagePlugin:
     def backward(self, policy, batch: dict, scale: float) -> dict:
         tau = self.temperature()
         policy.pruning.set_soft(True, tau)
-        with torch.no_grad(), policy.pruning.disabled():
+        with torch.no_grad(), policy.pruning.disabled(self.reference_off):
             reference = policy.encode(batch)
         out = policy.compute_loss(batch)
         real = [shared_tokens(reference, layer) for layer in self.layers]
