@@ -87,6 +87,20 @@ def test_disabling_parts_gives_the_merged_or_the_original_policy(tiny):
             pass
 
 
+@pytest.mark.parametrize("scorer", ["instruction", "fastv"])
+def test_attention_scorers_ignore_masked_out_tokens(tiny, scorer):
+    policy, batch = tiny
+    _pruned(policy, scorer=scorer, layers=[1, 2], keep=[0.5, 0.25])
+    hard = policy.encode(batch)
+    policy.pruning.set_soft(True, 0.3, noise=False)
+    soft = policy.encode(batch)
+    policy.pruning.set_soft(False)
+    score = policy.pruning.pruner.scorer
+    kept = soft.layouts[2].vision_mask  # (B, 64): the 32 survivors of layer 1's selection
+    soft_scores = score(soft.hidden_states[2], soft.layouts[2], 2)[kept].view(3, 32)
+    assert torch.allclose(soft_scores, score(hard.hidden_states[2], hard.layouts[2], 2), atol=1e-5)
+
+
 def test_soft_training_step_reaches_pruner_heads(tiny):
     policy, batch = tiny
     _pruned(policy, scorer="attention", layers=[1, 2], keep=[0.5, 0.25]).train()

@@ -88,7 +88,11 @@ class _AttentionScorer(nn.Module):
         index, mask = self.readers(layout)  # (B, R)
         q = q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))  # (B, h, R, e)
         logits = (q @ k.transpose(2, 3)) * attn.scaling  # (B, h, R, L)
-        logits = logits.masked_fill(~layout.attention_mask.bool()[:, None, None, :], float("-inf"))
+        visible = layout.attention_mask.bool()  # (B, L): no padding, and (soft mode) no masked-out vision token
+        keep = layout.key_keep()
+        if keep is not None:
+            visible = visible & (keep[0] > 0)
+        logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
         probs = logits.softmax(dim=-1).mean(dim=1)  # (B, R, L)
         weights = mask.to(probs.dtype).unsqueeze(-1)
         received = (probs * weights).sum(1) / weights.sum(1).clamp_min(1)  # (B, L)
