@@ -29,10 +29,9 @@ from _lib import sh, write_json  # noqa: E402
 
 REPO = HERE.parents[1]
 BIN = Path(os.environ.get("BIN", REPO / ".venv" / "bin"))
-WORK = Path(os.environ.get("BENCH_WORK", REPO / "runs" / "pruning"))
-RESULTS = Path(os.environ.get("BENCH_RESULTS", HERE / "results"))
 TASKS = "drawer-close-v3,button-press-topdown-v3,handle-press-v3"
-# BENCH_* variables shrink everything for a smoke run of the harness (never for results).
+# BENCH_* variables shrink everything for a smoke run of the harness (never for results); a smoke
+# run gets its own folders, and every result records its set-up, so the two never mix.
 DEMOS = int(os.environ.get("BENCH_DEMOS", 50))
 BASE_STEPS = int(os.environ.get("BENCH_BASE_STEPS", 3000))
 STAGE_STEPS = int(os.environ.get("BENCH_STAGE_STEPS", 300))
@@ -40,6 +39,12 @@ EPISODES = int(os.environ.get("BENCH_EPISODES", 20))
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", 512))
 PRESET = os.environ.get("BENCH_PRESET", "tiny-256")
 IMAGE = int(os.environ.get("BENCH_IMAGE", 128))
+SETUP = {"preset": PRESET, "image": IMAGE, "demos": DEMOS, "base_steps": BASE_STEPS, "stage_steps": STAGE_STEPS,
+         "episodes": EPISODES, "samples": SAMPLES}
+SMOKE = any(k in os.environ for k in ("BENCH_DEMOS", "BENCH_BASE_STEPS", "BENCH_STAGE_STEPS", "BENCH_EPISODES",
+                                      "BENCH_SAMPLES", "BENCH_PRESET", "BENCH_IMAGE"))
+WORK = Path(os.environ.get("BENCH_WORK", REPO / "runs" / ("pruning-smoke" if SMOKE else "pruning")))
+RESULTS = Path(os.environ.get("BENCH_RESULTS", WORK / "results" if SMOKE else HERE / "results"))
 BUDGETS = (0.5, 0.25, 0.125)
 DATA, HELD, BASE = WORK / "data", WORK / "heldout", WORK / "base"
 
@@ -146,9 +151,33 @@ def closed_loop(checkpoint: Path, cell: Path) -> dict:
     return json.loads((cell / "eval" / "results.json").read_text())
 
 
+def finished(result: Path) -> bool:
+    """Whether `result` exists; refuses one made with another set-up (e.g. a smoke run's)."""
+    if not result.is_file():
+        return False
+    setup = json.loads(result.read_text()).get("setup")
+    if setup != SETUP:
+        raise SystemExit(f"{result}: made with set-up {setup}, this run's is {SETUP}; move it away to redo it")
+    return True
+
+
+def twin_of(method: str, budget: float) -> str | None:
+    """A finished cell of another method with the very same recipe at this budget (learned at 0.5
+    is the merger alone), so the same policy is not evaluated twice."""
+    for other in METHODS:
+        if other != method and recipe(other, budget) == recipe(method, budget) and finished(
+                RESULTS / f"{other}__b{budget:g}.json"):
+            return f"{other}__b{budget:g}"
+    return None
+
+
 def run_cell(method: str, budget: float) -> Path:
     result = RESULTS / f"{method}__b{budget:g}.json"
-    if result.is_file():
+    if finished(result):
+        return result
+    twin = twin_of(method, budget)
+    if twin:
+        write_json(result, {**json.loads((RESULTS / f"{twin}.json").read_text()), "method": method, "same_as": twin})
         return result
     cell = WORK / "cells" / f"{method}__b{budget:g}"
     log = cell / "cell.log"
@@ -159,8 +188,8 @@ def run_cell(method: str, budget: float) -> Path:
         sh([BIN / "craftvla", "prune", "eval", "--checkpoint", ckpt, *flags, "--dataset", HELD, "--samples", SAMPLES,
             "--batch_sizes", "1", "--repeats", "3", "--warmup", "1", "--out", report, "--save", pruned], log)
     ev, pe = closed_loop(pruned, cell), json.loads(report.read_text())
-    record = {"method": method, "budget": budget, "recipe": recipe(method, budget), "success": ev["mean_success_rate"],
-              "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()}, "l1": pe["task_l1"]["hard"],
+    record = {"method": method, "budget": budget, "setup": SETUP, "recipe": recipe(method, budget),
+              **success_of(ev), "l1": pe["task_l1"]["hard"],
               "l1_soft": pe["task_l1"]["soft"], "l1_unpruned": pe["task_l1"]["unpruned"],
               "vision_tokens_per_layer": pe["tokens"]["vision_tokens_per_layer"],
               "flops": pe["speed"]["batch_1"]["hard"]["flops"], "flops_unpruned": pe["speed"]["batch_1"]["unpruned"]["flops"]}
@@ -170,15 +199,19 @@ def run_cell(method: str, budget: float) -> Path:
     return result
 
 
+def success_of(ev: dict) -> dict:
+    """Mean success, per task, and the number of episodes behind them, from `craftvla eval`'s results."""
+    return {"success": ev["mean_success_rate"], "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()},
+            "episodes": sum(r["episodes"] for r in ev["tasks"].values())}
+
+
 def unpruned_row() -> Path:
     result = RESULTS / "unpruned.json"
-    if not result.is_file():
+    if not finished(result):
         cell = WORK / "cells" / "unpruned"
         base = BASE / "checkpoints" / "last"
         ev = closed_loop(base, cell)
-        write_json(result, {"method": "unpruned", "budget": 1.0, "success": ev["mean_success_rate"],
-                            "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()},
-                            "l1": _l1(base)})
+        write_json(result, {"method": "unpruned", "budget": 1.0, "setup": SETUP, **success_of(ev), "l1": _l1(base)})
     return result
 
 
@@ -230,7 +263,7 @@ def main(argv: list[str]) -> int:
     if args.verb == "report":
         from report import write_report
 
-        write_report(RESULTS, HERE)
+        write_report(RESULTS, WORK if SMOKE else HERE)
         return 0
     if args.verb == "latency":
         latency()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _lib import wilson_interval  # noqa: E402
 
 
 def load(results: Path) -> tuple[dict, list[dict], dict]:
@@ -11,6 +15,19 @@ def load(results: Path) -> tuple[dict, list[dict], dict]:
     unpruned = json.loads((results / "unpruned.json").read_text()) if (results / "unpruned.json").is_file() else {}
     latency = json.loads((results / "latency.json").read_text()) if (results / "latency.json").is_file() else {}
     return unpruned, rows, latency
+
+
+def _success(row: dict) -> str:
+    """'0.93 (0.84-0.97)': the rate and its 95% Wilson interval over the row's episodes."""
+    if "episodes" not in row:
+        return f"{row['success']:.2f}"
+    low, high = wilson_interval(row["success"], row["episodes"])
+    return f"{row['success']:.2f} ({low:.2f}-{high:.2f})"
+
+
+def _timed_as(row: dict) -> str:
+    """The latency entry of a row: its own cell's, or the identical cell's it repeats."""
+    return row.get("same_as") or f"{row['method']}__b{row['budget']:g}"
 
 
 def _ms(latency: dict, name: str, size: int) -> float | None:
@@ -25,17 +42,19 @@ def write_report(results: Path, directory: Path) -> None:
              "Command: `.venv/bin/python benchmarks/pruning/bench.py run`, then `... latency` on an idle machine, "
              "then `... report`. Budget = fraction of the 256 vision tokens left after the last selection.", ""]
     if unpruned:
-        lines.append(f"Unpruned: success {unpruned['success']:.2f}, held-out L1 {unpruned['l1']:.4f}"
+        lines.append(f"Unpruned: success {_success(unpruned)}, held-out L1 {unpruned['l1']:.4f}"
                      + (f", {base1:.2f} ms (batch 1) / {base8:.2f} ms (batch 8)" if base1 else "") + ".")
         lines.append("")
-    lines += ["| budget | method | success | L1 (hard) | vision tokens per layer | FLOPs | ms b1 | speed-up b1 | ms b8 | speed-up b8 |",
+    lines += ["Success: closed-loop rate over all episodes of the cell, with its 95% Wilson interval.", "",
+              "| budget | method | success | L1 (hard) | vision tokens per layer | FLOPs | ms b1 | speed-up b1 | ms b8 | speed-up b8 |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: (-r["budget"], r["method"])):
-        name = f"{row['method']}__b{row['budget']:g}"
+        name = _timed_as(row)
         b1, b8 = _ms(latency, name, 1), _ms(latency, name, 8)
+        method = row["method"] + (f" (= {row['same_as']})" if "same_as" in row else "")
         speed = [f"{x:.2f}" if x else "-" for x in (b1, base1 / b1 if b1 and base1 else None,
                                                       b8, base8 / b8 if b8 and base8 else None)]
-        lines.append(f"| {row['budget']:g} | {row['method']} | {row['success']:.2f} | {row['l1']:.4f} | "
+        lines.append(f"| {row['budget']:g} | {method} | {_success(row)} | {row['l1']:.4f} | "
                      f"{row['vision_tokens_per_layer']} | x{row['flops'] / row['flops_unpruned']:.2f} | " + " | ".join(speed) + " |")
     (directory / "results.md").write_text("\n".join(lines) + "\n")
     plot(unpruned, rows, latency, directory / "success_vs_latency.png")
@@ -53,15 +72,18 @@ def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path) -> None:
     cmap = plt.get_cmap("tab10")
     for i, method in enumerate(methods):
         for row in (r for r in rows if r["method"] == method):
-            ms = _ms(latency, f"{method}__b{row['budget']:g}", 1)
+            ms = _ms(latency, _timed_as(row), 1)
             x = ms if ms is not None else row["flops"] / 1e6
+            low, high = wilson_interval(row["success"], row["episodes"]) if "episodes" in row else (row["success"],) * 2
+            ax.errorbar([x], [row["success"]], yerr=[[row["success"] - low], [high - row["success"]]],
+                        color=cmap(i % 10), alpha=0.35, capsize=2, fmt="none")
             ax.scatter([x], [row["success"]], color=cmap(i % 10), marker=markers.get(row["budget"], "x"), s=50,
                        label=method if row["budget"] == 0.25 else None)
     if unpruned and _ms(latency, "unpruned", 1):
         ax.scatter([_ms(latency, "unpruned", 1)], [unpruned["success"]], color="black", marker="*", s=120, label="unpruned")
     ax.set_xlabel("predict_action_chunk latency, batch 1 (ms)" if latency else "MFLOPs per chunk")
     ax.set_ylabel("closed-loop success")
-    ax.set_title("Success vs latency (o 50%, s 25%, ^ 12.5% of vision tokens)")
+    ax.set_title("Success vs latency (o 50%, s 25%, ^ 12.5% of vision tokens; bars: 95% CI)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
