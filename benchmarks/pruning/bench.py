@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ TASKS = "drawer-close-v3,button-press-topdown-v3,handle-press-v3"
 # BENCH_* variables shrink everything for a smoke run of the harness (never for results); a smoke
 # run gets its own folders, and every result records its set-up, so the two never mix.
 DEMOS = int(os.environ.get("BENCH_DEMOS", 50))
-BASE_STEPS = int(os.environ.get("BENCH_BASE_STEPS", 3000))
+BASE_STEPS = int(os.environ.get("BENCH_BASE_STEPS", 2000))
 STAGE_STEPS = int(os.environ.get("BENCH_STAGE_STEPS", 300))
 EPISODES = int(os.environ.get("BENCH_EPISODES", 20))
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", 512))
@@ -47,6 +48,10 @@ WORK = Path(os.environ.get("BENCH_WORK", REPO / "runs" / ("pruning-smoke" if SMO
 RESULTS = Path(os.environ.get("BENCH_RESULTS", WORK / "results" if SMOKE else HERE / "results"))
 BUDGETS = (0.5, 0.25, 0.125)
 DATA, HELD, BASE = WORK / "data", WORK / "heldout", WORK / "base"
+# The trained base policy is committed (weights, config, statistics; about 100 minutes of CPU to
+# redo): a session starts on a fresh machine, and everything else here is quick to rebuild.
+PUBLISHED = HERE / "base_policy"
+BASE_SETUP = {k: SETUP[k] for k in ("preset", "image", "demos", "base_steps")}
 
 
 # ----- methods: budget -> how its pruned policy is made ------------------------------------------
@@ -105,12 +110,41 @@ def prepare() -> None:
     if not (HELD / "meta" / "info.json").is_file():
         sh([BIN / "craftvla", "collect", "--out", HELD, "--tasks", TASKS, "--episodes", max(2, DEMOS // 5),
             "--image_size", IMAGE, "--seed", "500"], log)
+    if not SMOKE and published():
+        return
     if not (BASE / "done").is_file():
         resume = ["--resume", "true"] if (BASE / "checkpoints" / "last").exists() else []
         sh([BIN / "craftvla", "train", "--preset", PRESET, "--dataset.root", DATA, "--output_dir", BASE,
             "--steps", BASE_STEPS, "--batch_size", "32", "--optim.lr", "1e-3", "--dataset.num_workers", "1",
             "--checkpoint.save_freq", "200", "--log.log_freq", "10", "--seed", "0", *resume], log)
         (BASE / "done").write_text("trained\n")
+    if not SMOKE:
+        publish(BASE / "checkpoints" / "last", BASE / "metrics.jsonl")
+
+
+def base_policy() -> Path:
+    """The unpruned policy: the committed one for a real run, the run's own for a smoke run."""
+    return BASE / "checkpoints" / "last" if SMOKE else PUBLISHED
+
+
+def published() -> bool:
+    """Whether the committed base policy is there; refuses one trained with another set-up."""
+    if not (PUBLISHED / "setup.json").is_file():
+        return False
+    setup = json.loads((PUBLISHED / "setup.json").read_text())
+    if setup != BASE_SETUP:
+        raise SystemExit(f"{PUBLISHED}: trained with set-up {setup}, this run's is {BASE_SETUP}; move it away to redo it")
+    return True
+
+
+def publish(checkpoint: Path, metrics: Path) -> None:
+    """Copy the trained policy (not its optimizer state) and its training log to PUBLISHED, atomically."""
+    tmp = PUBLISHED.with_name(PUBLISHED.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint.resolve(), tmp, ignore=shutil.ignore_patterns("training_state"))
+    shutil.copy(metrics, tmp / "train_metrics.jsonl")
+    write_json(tmp / "setup.json", BASE_SETUP)
+    os.replace(tmp, PUBLISHED)
 
 
 def _stage(name: str, args: list, log: Path) -> Path:
@@ -126,7 +160,7 @@ def _stage(name: str, args: list, log: Path) -> Path:
 
 def checkpoint_for(method: str, budget: float, log: Path) -> tuple[Path, list]:
     """(policy directory, prune-eval flags to apply) for a cell, training what it needs."""
-    base = BASE / "checkpoints" / "last"
+    base = base_policy()
     plan = recipe(method, budget)
     if "apply" in plan:
         return base, plan["apply"]
@@ -192,7 +226,8 @@ def run_cell(method: str, budget: float) -> Path:
               **success_of(ev), "l1": pe["task_l1"]["hard"],
               "l1_soft": pe["task_l1"]["soft"], "l1_unpruned": pe["task_l1"]["unpruned"],
               "vision_tokens_per_layer": pe["tokens"]["vision_tokens_per_layer"],
-              "flops": pe["speed"]["batch_1"]["hard"]["flops"], "flops_unpruned": pe["speed"]["batch_1"]["unpruned"]["flops"]}
+              "flops": pe["speed"]["batch_1"]["hard"]["flops"], "flops_unpruned": pe["speed"]["batch_1"]["unpruned"]["flops"],
+              "pruning": json.loads((pruned / "config.json").read_text())["pruning"]}  # rebuilds it for `latency`
     write_json(result, record)
     print(f"{method} @ {budget:g}: success {record['success']:.2f}  L1 {record['l1']:.4f}  "
           f"FLOPs x{record['flops'] / record['flops_unpruned']:.2f}", flush=True)
@@ -209,7 +244,7 @@ def unpruned_row() -> Path:
     result = RESULTS / "unpruned.json"
     if not finished(result):
         cell = WORK / "cells" / "unpruned"
-        base = BASE / "checkpoints" / "last"
+        base = base_policy()
         ev = closed_loop(base, cell)
         write_json(result, {"method": "unpruned", "budget": 1.0, "setup": SETUP, **success_of(ev), "l1": _l1(base)})
     return result
@@ -230,21 +265,33 @@ def _l1(checkpoint: Path) -> float:
 
 
 def latency(threads: int = 2, repeats: int = 20, warmup: int = 5) -> Path:
-    """Every finished cell's pruned policy and the unpruned base, timed in this one process."""
+    """The unpruned base and every finished cell's pruned policy, timed in this one process.
+
+    A cell's policy is rebuilt from the committed base and the pruning config its result records
+    (its learned parts freshly initialised): with fixed per-layer budgets the values of those
+    weights do not change what is computed, and the cells' own folders do not outlive a session."""
     import torch
 
+    from craftvla.config import PruningConfig
     from craftvla.model.policy import VLAPolicy
     from craftvla.model.speed import chunk_latency
+    from craftvla.prune.module import apply_pruning
 
     torch.set_num_threads(threads)
     out = RESULTS / "latency.json"
     table = json.loads(out.read_text()) if out.is_file() else {}
-    policies = {"unpruned": BASE / "checkpoints" / "last"}
-    policies |= {f"{m}__b{b:g}": WORK / "cells" / f"{m}__b{b:g}" / "policy" for m, b in cells()}
-    for name, path in policies.items():
-        if name in table or not path.is_dir():
+    configs = {"unpruned": None}
+    for method, budget in cells():
+        result = RESULTS / f"{method}__b{budget:g}.json"
+        if finished(result) and "same_as" not in (record := json.loads(result.read_text())):
+            configs[result.stem] = record["pruning"]
+    for name, pruning in configs.items():
+        if name in table:
             continue
-        policy = VLAPolicy.from_pretrained(path).eval()
+        policy = VLAPolicy.from_pretrained(base_policy())
+        if pruning is not None:
+            apply_pruning(policy, PruningConfig(**pruning))
+        policy.eval()
         table[name] = {}
         for size in (1, 8):
             torch.manual_seed(0)
