@@ -78,7 +78,9 @@ class CNNTower(nn.Module):
         self.normalize = ImageNormalize(mean, std)
         self.model = features
         with torch.no_grad():  # probe the output shape once; CNN strides are not uniform to compute
-            probe = features(torch.zeros(1, 3, image_size, image_size))
+            training = features.training
+            probe = features.eval()(torch.zeros(1, 3, image_size, image_size))  # eval: BatchNorm statistics untouched
+            features.train(training)
         self.embed_dim, self.num_patches = probe.shape[1], probe.shape[2] * probe.shape[3]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, h*w, C)

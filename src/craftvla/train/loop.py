@@ -30,6 +30,7 @@ from craftvla.train import state as ckpt
 from craftvla.train.batches import StepSampler, data_loader, fake_micro_batches, to_device
 from craftvla.train.config import TrainConfig, dump_train_config, parse_train_config
 from craftvla.train.metrics import MetricsLogger, truncate_metrics
+from craftvla.train.peft import train_mode
 
 if TYPE_CHECKING:
     from craftvla.model.policy import AuxLoss
@@ -385,7 +386,7 @@ def periodic_eval(run: Run, step: int) -> dict[str, float]:
             results = evaluate(sim_policy, e.tasks or list(DEFAULT_TASKS), e.episodes, seed=e.seed,
                                out_dir=run.run_dir / "eval" / ckpt.step_dir_name(step), progress=False)
         finally:
-            run.policy.train()
+            train_mode(run.policy)
             ckpt.set_rng_state(saved)
         record = {"eval/mean_success_rate": results["mean_success_rate"],
                   **{f"eval/{t}": r["success_rate"] for t, r in results["tasks"].items()}}
@@ -399,7 +400,7 @@ def fit(run: Run) -> dict[str, Any]:
     end = cfg.stop_at_step or cfg.steps
     metrics_path = run.run_dir / "metrics.jsonl"
     logger = MetricsLogger(metrics_path, acc, cfg.log.log_freq, run.start_step, cfg.steps, cfg.log.progress)
-    run.model.train()
+    train_mode(run.model)
     last: dict[str, Any] = {}
     t0 = time.perf_counter()
     step = run.start_step

@@ -28,6 +28,20 @@ def apply_freeze(policy: nn.Module, cfg: FreezeConfig) -> list[str]:
     return frozen
 
 
+def train_mode(model: nn.Module) -> nn.Module:
+    """`model.train()`, except that BatchNorm layers whose parameters are frozen stay in eval mode.
+
+    A frozen component must not change: in train mode BatchNorm would still overwrite its running
+    statistics with every batch's (detectron2's FrozenBatchNorm semantics; the vision tower of the
+    `small-pretrained` preset is a BatchNorm CNN). Dropout is left in train mode, as PEFT does."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and not any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            module.eval()
+    return model
+
+
 def apply_lora(policy: nn.Module, cfg: LoraConfig) -> list[str]:
     """Inject rank-`cfg.rank` LoRA adapters into `policy.llm`; only the adapters of the LLM train.
 
