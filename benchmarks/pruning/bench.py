@@ -34,7 +34,7 @@ TASKS = "drawer-close-v3,button-press-topdown-v3,handle-press-v3"
 # BENCH_* variables shrink everything for a smoke run of the harness (never for results); a smoke
 # run gets its own folders, and every result records its set-up, so the two never mix.
 DEMOS = int(os.environ.get("BENCH_DEMOS", 50))
-BASE_STEPS = int(os.environ.get("BENCH_BASE_STEPS", 2000))
+BASE_STEPS = int(os.environ.get("BENCH_BASE_STEPS", 1500))
 STAGE_STEPS = int(os.environ.get("BENCH_STAGE_STEPS", 300))
 EPISODES = int(os.environ.get("BENCH_EPISODES", 20))
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", 512))
