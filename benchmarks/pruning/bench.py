@@ -48,7 +48,7 @@ WORK = Path(os.environ.get("BENCH_WORK", REPO / "runs" / ("pruning-smoke" if SMO
 RESULTS = Path(os.environ.get("BENCH_RESULTS", WORK / "results" if SMOKE else HERE / "results"))
 BUDGETS = (0.5, 0.25, 0.125)
 DATA, HELD, BASE = WORK / "data", WORK / "heldout", WORK / "base"
-# The trained base policy is committed (weights, config, statistics; about 100 minutes of CPU to
+# The trained base policy is committed (weights, config, statistics; about 55 minutes of CPU to
 # redo): a session starts on a fresh machine, and everything else here is quick to rebuild.
 PUBLISHED = HERE / "base_policy"
 BASE_SETUP = {k: SETUP[k] for k in ("preset", "image", "demos", "base_steps")}
