@@ -448,10 +448,10 @@ def _tiny_256() -> VLAConfig:
     # The pruning preset: 256 vision tokens (128 px, 8 px patches) into a 4-layer Qwen2 of width 256,
     # from a light 2-block ViT, so that, as in real VLAs, the LLM and the head's per-layer vision
     # reads carry most of the FLOPs (2.39 GFLOPs per chunk, `chunk_flops`). No flat read-out: it
-    # reads the patches before the LLM, and a
-    # base trained with one ignored the LLM's vision tokens (keeping 1% of them moved its actions by
-    # < 0.01; benchmarks/pruning/probe_vision_path.py), so pruning could not matter. The head's
-    # vision gate starts open (tanh(1)) so the per-layer reads train from the first step.
+    # reads the patches before the LLM, and a base trained with one ignored the LLM's vision tokens
+    # (keeping 1% of them moved its actions by < 0.01; benchmarks/pruning/probe_vision_path.py), so
+    # pruning could not matter. The head's vision gate starts open (tanh(1)) so the per-layer reads
+    # train from the first step.
     return VLAConfig(
         vision=VisionConfig(backbone_id="tiny-vit", image_size=128, patch_size=8, width=96, depth=2, num_heads=4),
         llm=LLMConfig(family="qwen2", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768),
