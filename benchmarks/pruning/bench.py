@@ -12,7 +12,8 @@ task); held-out demonstrations (10 per task, another seed) for the action L1. A 
 fraction of the 256 vision tokens left after the last selection. Per method and budget, a cell:
 closed-loop success (EPISODES unseen positions per task), held-out L1, vision tokens per LLM
 layer, FLOPs per chunk; `latency` then times predict_action_chunk (batch 1 and 8, 2 threads,
-median of 20 after 5 warm-up calls) for every cell in one process, side by side.
+median of 20 after 5 warm-up calls; the median over 5 rounds in rotating order) for every
+cell in one process, side by side.
 """
 
 from __future__ import annotations
@@ -264,12 +265,20 @@ def _l1(checkpoint: Path) -> float:
     return total / SAMPLES
 
 
-def latency(threads: int = 2, repeats: int = 20, warmup: int = 5) -> Path:
+def latency(threads: int = 2, repeats: int = 20, warmup: int = 5, rounds: int = 5) -> Path:
     """The unpruned base and every finished cell's pruned policy, timed in this one process.
+
+    Each round times every policy (median of `repeats` calls after `warmup`), starting one place
+    further along the list than the round before, so that no policy always runs first or right
+    after the same neighbour; a policy's latency is the median of its round medians (at batch 1 a
+    policy's round medians spread by about 20 % on this machine).
+    Every round is written as it finishes, and a rerun goes on from the last one.
 
     A cell's policy is rebuilt from the committed base and the pruning config its result records
     (its learned parts freshly initialised): with fixed per-layer budgets the values of those
     weights do not change what is computed, and the cells' own folders do not outlive a session."""
+    import statistics
+
     import torch
 
     from craftvla.config import PruningConfig
@@ -278,27 +287,38 @@ def latency(threads: int = 2, repeats: int = 20, warmup: int = 5) -> Path:
     from craftvla.prune.module import apply_pruning
 
     torch.set_num_threads(threads)
-    out = RESULTS / "latency.json"
-    table = json.loads(out.read_text()) if out.is_file() else {}
+    out, partial = RESULTS / "latency.json", WORK / "latency_rounds.json"
     configs = {"unpruned": None}
     for method, budget in cells():
         result = RESULTS / f"{method}__b{budget:g}.json"
         if finished(result) and "same_as" not in (record := json.loads(result.read_text())):
             configs[result.stem] = record["pruning"]
+    done = json.loads(partial.read_text()) if partial.is_file() else []
+    if done and set(done[0]) != set(configs):
+        done = []  # another set of cells: start over
+    policies, batches = {}, {size: None for size in (1, 8)}
     for name, pruning in configs.items():
-        if name in table:
-            continue
         policy = VLAPolicy.from_pretrained(base_policy())
         if pruning is not None:
             apply_pruning(policy, PruningConfig(**pruning))
-        policy.eval()
-        table[name] = {}
-        for size in (1, 8):
-            torch.manual_seed(0)
-            batch = policy.config.fake_batch(size, seed=0)
-            table[name][f"batch_{size}"] = chunk_latency(policy, batch, warmup, repeats)
-        print(name, {k: round(v["median_ms"], 2) for k, v in table[name].items()}, flush=True)
-        write_json(out, table)
+        policies[name] = policy.eval()
+    for size in batches:
+        torch.manual_seed(0)
+        batches[size] = policies["unpruned"].config.fake_batch(size, seed=0)
+    names = list(configs)
+    for r in range(len(done), rounds):
+        table = {}
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            table[name] = {f"batch_{size}": chunk_latency(policies[name], batches[size], warmup, repeats)
+                           for size in batches}
+        done.append(table)
+        write_json(partial, done)
+        print(f"round {r + 1}/{rounds}:", {n: round(t["batch_1"]["median_ms"], 1) for n, t in table.items()}, flush=True)
+    summary = {name: {key: {"median_ms": statistics.median(d[name][key]["median_ms"] for d in done),
+                            "round_medians_ms": [d[name][key]["median_ms"] for d in done],
+                            "repeats": repeats, "warmup": warmup, "rounds": rounds, "threads": threads}
+                      for key in done[0][name]} for name in names}
+    write_json(out, summary)
     return out
 
 
