@@ -296,14 +296,16 @@ def test_craft_train_run_reads_the_cache(build, checkpoint, anchor_dataset, tmp_
     """`craftvla train --craft.anchor_source cache`: the student starts as the cache's teacher."""
     from craftvla.train.loop import train
     from craftvla.train.metrics import read_metrics
-    from tests.train.conftest import train_config
+    from craftvla.train.config import parse_train_config
 
     path = build(dtype="float32", image_dtype="float32", num_samples=8, shard_size=4)  # the build defaults
     run = tmp_path / "run"
     # no --craft.anchor_source / anchor_type / pooling / anchor_layer_idx: adopted from the cache
-    train(train_config(run, "--init_from", str(checkpoint), "--dataset.root", str(anchor_dataset), "--steps", "5",
+    # the policy is the checkpoint's (no architecture flags: they would be refused)
+    train(parse_train_config(["--output_dir", str(run), "--log.progress", "false", "--log.plots", "false",
+                       "--init_from", str(checkpoint), "--dataset.root", str(anchor_dataset), "--steps", "5",
                        "--batch_size", "4", "--optim.lr", "1e-2", "--log.log_freq", "1", "--craft.enabled", "true",
-                       "--craft.anchor_cache", str(path), "--craft.anchor_batch_size", "4"))
+                       "--craft.anchor_cache", str(path), "--craft.anchor_batch_size", "4"]))
     records = read_metrics(run / "metrics.jsonl")
     assert records[0]["craft/retention_loss"] < 1e-10  # the cache's targets are the initial model's own
     assert records[-1]["craft/retention_loss"] > 1e-6  # the task steps moved the features; the cache sees it

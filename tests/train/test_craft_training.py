@@ -57,8 +57,11 @@ def test_resume_with_craft_switched_off_is_refused(tiny_dataset, tmp_path):
 
     run = tmp_path / "run"
     train(_flags(tiny_dataset, run, "--stop_at_step", "1", "--checkpoint.save_freq", "1"))
+    plain = train_config(run, "--dataset.root", str(tiny_dataset), "--steps", "6", "--batch_size", "4",
+                         "--grad_accum_steps", "2", "--log.log_freq", "1", "--checkpoint.save_freq", "3",
+                         "--optim.lr", "3e-3", "--schedule.warmup_steps", "0", "--seed", "1", "--resume", "true")
     with pytest.raises(CraftVLAError, match="grad_plugin"):  # the saved lambda would be dropped silently
-        train(_flags(tiny_dataset, run, "--resume", "true", "--craft.enabled", "false"))
+        train(plain)
 
 
 @pytest.mark.parametrize("flags, field", [

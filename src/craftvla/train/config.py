@@ -2,8 +2,8 @@
 
 Every field is overridable from the command line (`--optim.lr 1e-4`, `--lora.rank 8`,
 `--policy.llm.num_layers 2`) or a YAML file (`--config f.yaml`); draccus does the parsing.
-The policy section starts from a named preset (`--preset tiny`), so a flag or YAML key overrides
-the preset rather than the dataclass default.
+The policy section starts from a named preset (`--preset tiny`) or, with `--init_from`, from the
+checkpoint's config.json, so a flag or YAML key overrides that rather than the dataclass default.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import draccus
 import yaml
@@ -187,15 +187,40 @@ class AccelConfig:
                  f"choose one of {PRECISIONS}")
 
 
+# Plug-in sections with an on-switch: section -> (switch field, an example value that turns it on).
+# While the switch is off the section's other fields do nothing, so setting one is refused, never
+# silently ignored.
+SWITCHED_SECTIONS = {"craft": ("enabled", "true"), "lora": ("rank", "8"), "eval": ("freq", "500")}
+
+
+def require_switched_on(section: str, cfg: Any, switch: tuple[str, str], explicit: Sequence[str] = ()) -> None:
+    """Refuse the fields of `section` that are set (unlike their defaults, or named in `explicit`:
+    flags given on the command line) while its switch field is off (false / 0)."""
+    name, example = switch
+    if getattr(cfg, name):
+        return
+    default = type(cfg)()
+    changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)]
+    changed += [field for field in explicit if field not in changed and field != name]
+    if changed:
+        flags = ", ".join(f"--{section}.{field}" for field in changed)
+        raise ConfigError(f"{flags}: set while {section}.{name}={getattr(cfg, name)!r}, so it would do nothing; "
+                          f"turn the section on (--{section}.{name} {example}) or drop the flag")
+
+
 @dataclass
 class TrainConfig:
     """Everything `craftvla train` needs; see the module docstring for how it is parsed."""
 
-    # Policy preset the `policy` section starts from (craftvla.config.PRESETS).
-    preset: str = "tiny"
+    # Policy preset the `policy` section starts from (craftvla.config.PRESETS); None = "tiny", or,
+    # with --init_from, no preset: the policy is the checkpoint's.
+    preset: Optional[str] = None
     # The policy; its camera/state/action sizes are replaced by the dataset's metadata.
     policy: VLAConfig = field(default_factory=lambda: VLAConfig.preset("tiny"))
     # A saved policy directory (save_pretrained layout) to fine-tune; None = fresh init from `policy`.
+    # The `policy` section is then the checkpoint's config.json (chunk size, head, layers, ...): a
+    # --policy.* flag that would change it is refused. What fine-tuning may change: --freeze.*,
+    # --lora.*, --init_stats, --policy.action_clip and, for flow matching, --policy.head.num_steps.
     init_from: Optional[str] = None
     # With init_from: normalisation statistics to train with. "keep" = the checkpoint's (the policy's
     # learned action mapping stays valid), "dataset" = recompute from --dataset.root, "aggregate" =
@@ -214,6 +239,7 @@ class TrainConfig:
     # Seed of initialisation, data order and every RNG (the run is reproducible on CPU).
     seed: int = 0
     # Continue from output_dir/checkpoints/last (same config; the data order continues exactly).
+    # `--resume` alone means true, as does any boolean flag given without a value.
     resume: bool = False
     # End this invocation after this step (a job time limit); the schedule still spans `steps`.
     stop_at_step: Optional[int] = None
@@ -231,6 +257,8 @@ class TrainConfig:
     craft: CraftConfig = field(default_factory=CraftConfig)
 
     def __post_init__(self) -> None:
+        for section, switch in SWITCHED_SECTIONS.items():
+            require_switched_on(section, getattr(self, section), switch)
         require(not (self.craft.enabled and self.accel.strategy == "fsdp"), "accel.strategy", self.accel.strategy,
                  "CRaFT's gradient surgery needs whole (unsharded) gradients: use ddp with craft.enabled")
         require(self.init_stats in ("keep", "dataset", "aggregate"), "init_stats", self.init_stats,
@@ -291,10 +319,13 @@ def _read_yaml(path: str) -> dict:
 
 
 def parse_train_config(argv: list[str]) -> TrainConfig:
-    """TrainConfig from `--preset`, an optional `--config f.yaml`, then command-line overrides.
+    """TrainConfig from `--preset` (or `--init_from`'s config.json), an optional `--config f.yaml`,
+    then command-line overrides.
 
-    The preset's policy becomes the base, the YAML file is merged over it, and draccus applies
-    the flags last, so each layer overrides the one before; unknown keys raise ConfigError.
+    The preset's policy (or the checkpoint's) becomes the base, the YAML file is merged over it, and
+    draccus applies the flags last, so each layer overrides the one before; unknown keys raise
+    ConfigError. Flags that would change an `--init_from` policy, or that set a section whose
+    on-switch is off (SWITCHED_SECTIONS), are refused.
     """
     argv = list(argv)
     config_path = _prescan(argv, "--config")
@@ -302,8 +333,10 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
         i = next(i for i, a in enumerate(argv) if a.startswith("--config"))
         del argv[i : i + (1 if "=" in argv[i] else 2)]
     user = _read_yaml(config_path) if config_path else {}
-    preset = _prescan(argv, "--preset") or user.get("preset", "tiny")
-    base = draccus.encode(TrainConfig(preset=preset, policy=VLAConfig.preset(preset)))
+    preset = _prescan(argv, "--preset") or user.get("preset")
+    init_from = _prescan(argv, "--init_from") or user.get("init_from")
+    start = init_policy_config(init_from, preset) if init_from else VLAConfig.preset(preset or "tiny")
+    base = draccus.encode(TrainConfig(preset=None if init_from else preset or "tiny", policy=start))
     merged = _deep_merge(base, user)
     head_type = _prescan(argv, "--policy.head.type")
     if head_type is not None and head_type != merged["policy"]["head"].get("type"):
@@ -313,13 +346,105 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
         except Exception:  # an unknown type: draccus names the valid ones when it parses the flag
             valid = {f.name for f in dataclasses.fields(HeadConfig)}
         merged["policy"]["head"] = {k: v for k, v in merged["policy"]["head"].items() if k in valid}
+    argv = _bare_bools(argv, merged)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(merged, f)
     source = f"preset {preset!r}" + (f", {config_path}" if config_path else "") + " and the command line"
     try:
-        return parse_config(TrainConfig, config_path=f.name, args=argv, prog="craftvla train", source=source)
+        cfg = parse_config(TrainConfig, config_path=f.name, args=argv, prog="craftvla train", source=source)
     finally:
         os.unlink(f.name)
+    explicit = _explicit_fields(argv)
+    if init_from:
+        policy_keys = explicit.get("policy", []) + list(_flatten(user.get("policy") or {}))
+        check_init_policy(cfg.policy, start, init_from, policy_keys)
+    for section, switch in SWITCHED_SECTIONS.items():
+        require_switched_on(section, getattr(cfg, section), switch, explicit.get(section, []))
+    return cfg
+
+
+def _bare_bools(argv: list[str], fields: dict) -> list[str]:
+    """A boolean flag given alone means true (`--resume` = `--resume true`); draccus wants a value."""
+    flags = {f"--{key}" for key, value in _flatten(fields).items() if isinstance(value, bool)}
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
+def _explicit_fields(argv: list[str]) -> dict[str, list[str]]:
+    """The dotted flags given on the command line by section: `--policy.llm.num_layers 8` ->
+    {"policy": ["llm.num_layers"]}."""
+    out: dict[str, list[str]] = {}
+    for arg in argv:
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            section, path = arg[2:].split("=", 1)[0].split(".", 1)
+            out.setdefault(section, []).append(path)
+    return out
+
+
+# ----- fine-tuning a checkpoint (--init_from) ------------------------------------------------------
+
+# Policy fields that fine-tuning may change: they alter neither the weights' shapes nor their meaning.
+FINE_TUNE_POLICY_FIELDS = ("action_clip", "head.num_steps")
+# Fields the dataset sets (checked against the checkpoint when the data is opened), and the name tag.
+_DATASET_FIELDS = ("camera_keys", "state_dim", "action_dim", "preset_name")
+
+
+def init_policy_config(init_from: str, preset: Optional[str] = None) -> VLAConfig:
+    """The policy config of the checkpoint that `--init_from` names (its config.json)."""
+    from pathlib import Path
+
+    from craftvla.model.checkpoints import read_policy_config
+
+    require(preset is None, "preset", preset,
+            f"conflicts with init_from={init_from!r}: the policy is the checkpoint's (drop --preset)")
+    require(Path(init_from).is_dir(), "init_from", init_from, "no such checkpoint directory")
+    return read_policy_config(Path(init_from) / "config.json")
+
+
+def check_init_policy(policy: VLAConfig, start: VLAConfig, init_from: str,
+                      keys: Optional[Sequence[str]] = None) -> None:
+    """Refuse a policy field that differs from the `init_from` checkpoint's (`start`) and that
+    fine-tuning cannot change. `keys`: the dotted fields the user set (flags, YAML); None = all but
+    the dataset's."""
+    have, want = _flatten(start.to_dict()), _flatten(policy.to_dict())
+    keys = [k for k in want if k not in _DATASET_FIELDS] if keys is None else keys
+    differ = [k for key in keys if key not in FINE_TUNE_POLICY_FIELDS
+              for k in sorted({*have, *want}) if (k == key or k.startswith(key + "."))
+              and have.get(k, "(absent)") != want.get(k, "(absent)")]
+    if differ:
+        k = "head.type" if "head.type" in differ else differ[0]
+        raise ConfigError(
+            f"--policy.{k}={want.get(k, '(absent)')!r}: --init_from {init_from} fixes the policy's architecture "
+            f"(its config.json has {k}={have.get(k, '(absent)')!r}); drop the flag, or train a fresh policy "
+            "without --init_from. Fine-tuning may change --freeze.*, --lora.*, --init_stats, "
+            + ", ".join(f"--policy.{f}" for f in FINE_TUNE_POLICY_FIELDS))
+
+
+def apply_fine_tune_fields(loaded: VLAConfig, wanted: VLAConfig) -> None:
+    """Set FINE_TUNE_POLICY_FIELDS of a loaded checkpoint's config (in place: its processor and head
+    read the same objects) to the run's values."""
+    for key in FINE_TUNE_POLICY_FIELDS:
+        *parents, name = key.split(".")
+        have, want = loaded, wanted
+        for part in parents:
+            have, want = getattr(have, part), getattr(want, part)
+        if hasattr(have, name) and hasattr(want, name):
+            setattr(have, name, getattr(want, name))
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"llm": {"num_layers": 4}} -> {"llm.num_layers": 4}; free-form mappings (normalization) stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "normalization":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def dump_train_config(cfg: TrainConfig, path: str) -> None:

@@ -28,9 +28,11 @@ from torch import nn
 
 from craftvla.train import state as ckpt
 from craftvla.train.batches import StepSampler, data_loader, fake_micro_batches, to_device
-from craftvla.train.config import TrainConfig, dump_train_config, parse_train_config
+from craftvla.train.config import (TrainConfig, apply_fine_tune_fields, check_init_policy, dump_train_config,
+                                   init_policy_config, parse_train_config)
 from craftvla.train.metrics import MetricsLogger, truncate_metrics
 from craftvla.train.peft import train_mode
+from craftvla.train.stop import EXIT_CODES, StopSignals, stop_reason
 
 if TYPE_CHECKING:
     from craftvla.model.policy import AuxLoss
@@ -118,6 +120,8 @@ class Run:
     grad_plugin: Optional[GradPlugin] = None
     plugins: dict[str, ckpt.Stateful] = field(default_factory=dict)  # saved in training_state/
     mixture: Optional[Any] = None  # data.mixture.MixtureCounter of a --dataset.roots run
+    step: int = 0  # the last step trained (set by fit)
+    stopped_by: Optional[str] = None  # "SIGINT", "SIGTERM" or "max_minutes" when the run ended early
 
 
 def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False):
@@ -189,6 +193,8 @@ def build_policy(cfg: TrainConfig, dataset) -> nn.Module:
         m = dataset.meta
         policy_cfg = policy_cfg.for_dataset(camera_keys=m.camera_keys, state_dim=m.state_dim, action_dim=m.action_dim)
     policy = VLAPolicy.from_pretrained(cfg.init_from) if cfg.init_from else VLAPolicy(policy_cfg)
+    if cfg.init_from:
+        apply_fine_tune_fields(policy.config, cfg.policy)
     if cfg.init_from and dataset is not None:
         _check_compatible(policy.config, policy_cfg, cfg.init_from)
     if dataset is not None:
@@ -208,7 +214,7 @@ def build_policy(cfg: TrainConfig, dataset) -> nn.Module:
 
 
 def _check_compatible(have, want, source: str) -> None:
-    for name in ("camera_keys", "state_dim", "action_dim", "chunk_size"):
+    for name in ("camera_keys", "state_dim", "action_dim"):
         if getattr(have, name) != getattr(want, name):
             from craftvla.errors import ConfigError
 
@@ -293,6 +299,8 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
 
     set_seed(cfg.seed)  # same initial weights on every rank
     run_dir = Path(cfg.output_dir)
+    if cfg.init_from:  # a TrainConfig built in code: its policy section must be the checkpoint's
+        check_init_policy(cfg.policy, init_policy_config(cfg.init_from), cfg.init_from)
     dataset = open_dataset(cfg)
     policy = build_policy(cfg, dataset)
     lr_by_prefix = prepare_policy(policy) if prepare_policy is not None else {}
@@ -395,7 +403,8 @@ def periodic_eval(run: Run, step: int) -> dict[str, float]:
 
 
 def fit(run: Run) -> dict[str, Any]:
-    """Train from run.start_step to the end (or stop_at_step); returns the last logged metrics."""
+    """Train from run.start_step to the end, or until stop_at_step, --max_minutes or SIGINT / SIGTERM
+    (each of which ends with a checkpoint of the last step: see stop.py); returns the last logged metrics."""
     cfg, acc = run.cfg, run.accelerator
     end = cfg.stop_at_step or cfg.steps
     metrics_path = run.run_dir / "metrics.jsonl"
@@ -403,28 +412,30 @@ def fit(run: Run) -> dict[str, Any]:
     train_mode(run.model)
     last: dict[str, Any] = {}
     t0 = time.perf_counter()
-    step = run.start_step
-    for step in range(run.start_step + 1, end + 1):
-        lr = run.scheduler.get_last_lr()[0]  # the LR this step's update uses
-        micro = [to_device(next(run.batches), acc.device) for _ in range(cfg.grad_accum_steps)]
-        last = train_step(run.model, micro, run.optimizer, run.scheduler, acc, cfg.optim.grad_clip_norm,
-                          run.grad_plugin)
-        epoch = {"epoch": step * cfg.batch_size / run.num_samples} if run.num_samples else {}
-        if run.mixture is not None:  # samples drawn per source so far (replay runs)
-            epoch.update(run.mixture.update(step))
-        out_of_time = _out_of_time(acc, t0, cfg.max_minutes)
-        final = step == end or out_of_time
-        if final and hasattr(run.grad_plugin, "flush_metrics"):  # a run shorter than its interval
-            last.update(run.grad_plugin.flush_metrics())
-        logger.update(step, {**last, "lr": lr}, cfg.batch_size, epoch, force=final or _plugin_logs(run, step))
-        if final or (cfg.checkpoint.save_freq and step % cfg.checkpoint.save_freq == 0):
-            save(run, step)
-        if cfg.eval.freq and step % cfg.eval.freq == 0:
-            logger.log({"step": step, **periodic_eval(run, step)})
-        if out_of_time:
-            log.warning("max_minutes=%s reached: stopped at step %d of %d", cfg.max_minutes, step, cfg.steps)
-            break
-    logger.close(step)
+    run.step = run.start_step
+    with StopSignals() as signals:
+        for step in range(run.start_step + 1, end + 1):
+            run.step = step
+            lr = run.scheduler.get_last_lr()[0]  # the LR this step's update uses
+            micro = [to_device(next(run.batches), acc.device) for _ in range(cfg.grad_accum_steps)]
+            last = train_step(run.model, micro, run.optimizer, run.scheduler, acc, cfg.optim.grad_clip_norm,
+                              run.grad_plugin)
+            epoch = {"epoch": step * cfg.batch_size / run.num_samples} if run.num_samples else {}
+            if run.mixture is not None:  # samples drawn per source so far (replay runs)
+                epoch.update(run.mixture.update(step))
+            run.stopped_by = stop_reason(acc, t0, cfg.max_minutes, signals) if step < end else None
+            final = step == end or run.stopped_by is not None
+            if final and hasattr(run.grad_plugin, "flush_metrics"):  # a run shorter than its interval
+                last.update(run.grad_plugin.flush_metrics())
+            logger.update(step, {**last, "lr": lr}, cfg.batch_size, epoch, force=final or _plugin_logs(run, step))
+            if final or (cfg.checkpoint.save_freq and step % cfg.checkpoint.save_freq == 0):
+                save(run, step)
+            if cfg.eval.freq and step % cfg.eval.freq == 0 and run.stopped_by is None:
+                logger.log({"step": step, **periodic_eval(run, step)})
+            if run.stopped_by is not None:
+                log.warning("%s: stopped at step %d of %d (checkpoint written)", run.stopped_by, step, cfg.steps)
+                break
+    logger.close(run.step)
     return last
 
 
@@ -433,17 +444,6 @@ def _plugin_logs(run: Run, step: int) -> bool:
     finer than the run's: the line is written then, so its values are not averaged away)."""
     freq = getattr(run.grad_plugin, "log_freq", None)
     return bool(freq) and step % freq == 0
-
-
-def _out_of_time(accelerator, t0: float, max_minutes: Optional[float]) -> bool:
-    """Whether the time budget is spent, decided on the main rank so every rank stops together."""
-    if max_minutes is None:
-        return False
-    late = time.perf_counter() - t0 > 60 * max_minutes
-    if accelerator.num_processes == 1:
-        return late
-    flag = torch.tensor([float(late)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="max").item())
 
 
 def train(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
@@ -472,11 +472,16 @@ def train(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
 
 
 def main(argv: list[str]) -> int:
-    """CLI entry: `craftvla train [--flag value ...]` (see TrainConfig for every flag)."""
+    """CLI entry: `craftvla train [--flag value ...]` (see TrainConfig for every flag). Stopped by
+    SIGINT / SIGTERM, it writes a checkpoint and exits with the signal's status (130 / 143)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = parse_train_config(argv)
     run = train(cfg)
     if run.accelerator.is_main_process:
-        print(f"run written to {cfg.output_dir} (metrics.jsonl, checkpoints/last, plots/)")
+        if run.stopped_by in EXIT_CODES:
+            print(f"{run.stopped_by}: stopped at step {run.step} of {cfg.steps}; its checkpoint is "
+                  f"{cfg.output_dir}/checkpoints/last. Continue the run with the same command and --resume")
+        else:
+            print(f"run written to {cfg.output_dir} (metrics.jsonl, checkpoints/last, plots/)")
     run.accelerator.end_training()
-    return 0
+    return EXIT_CODES.get(run.stopped_by, 0)
