@@ -299,14 +299,16 @@ def test_craft_train_run_reads_the_cache(build, checkpoint, anchor_dataset, tmp_
     from craftvla.train.config import parse_train_config
 
     path = build(dtype="float32", image_dtype="float32", num_samples=8, shard_size=4)  # the build defaults
+    assert json.loads((path / "meta.json").read_text())["cache_type"] == "action_chunk"  # the target that retains
     run = tmp_path / "run"
     # no --craft.anchor_source / anchor_type / pooling / anchor_layer_idx: adopted from the cache
     # the policy is the checkpoint's (no architecture flags: they would be refused)
-    train(parse_train_config(["--output_dir", str(run), "--log.progress", "false", "--log.plots", "false",
+    result = train(parse_train_config(["--output_dir", str(run), "--log.progress", "false", "--log.plots", "false",
                        "--init_from", str(checkpoint), "--dataset.root", str(anchor_dataset), "--steps", "5",
                        "--batch_size", "4", "--optim.lr", "1e-2", "--log.log_freq", "1", "--craft.enabled", "true",
                        "--craft.anchor_cache", str(path), "--craft.anchor_batch_size", "4"]))
     records = read_metrics(run / "metrics.jsonl")
+    assert result.grad_plugin.targets == ["actions"]  # adopted from the default cache
     assert records[0]["craft/retention_loss"] < 1e-10  # the cache's targets are the initial model's own
     assert records[-1]["craft/retention_loss"] > 1e-6  # the task steps moved the features; the cache sees it
 

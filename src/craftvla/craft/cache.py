@@ -1,11 +1,14 @@
 """Offline anchor caches: the frozen model's targets, computed once.
 
-    craftvla cache build --checkpoint CKPT --dataset DIR --out CACHE [--type hidden_feature] \
+    craftvla cache build --checkpoint CKPT --dataset DIR --out CACHE [--type action_chunk] \
         [--pooling mean_image_tokens] [--layer L] [--dtype float16] [--num_samples N] [--shard_size 1000]
 
-The defaults are what CRaFT extracts by default (C_R: the middle layer's image tokens,
-mean-pooled), and `craftvla train --craft.anchor_cache CACHE` adopts the cache's layer, pooling
-and feature type for every --craft.* flag left unset, so the two verbs compose without flags.
+The default type is the retention target that works: the teacher's own action chunks on the
+anchor data (the old tasks' frames), which kept 0.99 of the old tasks in the retention study
+(benchmarks/retention). `--type hidden_feature` stores the design note's pooled bridge features
+(C_R: the middle layer's image tokens, mean-pooled), which the same study found keeps 0.17-0.23.
+`craftvla train --craft.anchor_cache CACHE` adopts the cache's target, layer, pooling and feature
+type for every --craft.* flag left unset, so the two verbs compose without flags.
 
 A cache directory holds
     build.json                      the build plan (settings + sample indices), written first
@@ -84,9 +87,11 @@ class CacheBuildConfig:
     dataset: Optional[str] = None
     # Output cache directory.
     out: Optional[str] = None
-    # Target kind: token_level (labels), hidden_state (teacher_hidden), hidden_feature (target_features),
-    # action_chunk (teacher_actions: the teacher's predicted action chunk, for behaviour distillation).
-    type: str = "hidden_feature"
+    # Target kind: action_chunk (teacher_actions: the teacher's own action chunks; the retention
+    # study's one target that kept the old tasks, 0.99), hidden_feature (target_features: the design
+    # note's pooled bridge features, which kept only 0.17-0.23 there), hidden_state (teacher_hidden),
+    # token_level (labels).
+    type: str = "action_chunk"
     # Token set pooled (hidden_feature) or kept (hidden_state): mean_image_tokens, mean_all_tokens,
     # mean_text_tokens, last_token.
     pooling: str = "mean_image_tokens"
