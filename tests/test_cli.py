@@ -135,3 +135,37 @@ def test_error_from_a_dataloader_worker_is_cut_to_our_line(tmp_path):
     assert "Traceback" in str(err.value)  # what torch hands back
     line = _message(err.value)
     assert line.startswith(f"{mp4}: cannot decode") and "\n" not in line and "Traceback" not in line
+
+
+def _options(text: str) -> list[tuple[str, str]]:
+    """(flag, its help text) for each option listed after the usage block."""
+    import re
+
+    body = text.split("\n\n", 1)[1]
+    entries = re.split(r"\n(?=  --)", body)
+    out = []
+    for entry in entries:
+        match = re.match(r"\s*(--[\w.]+)(?: \[?\w+\]?)?(.*)", entry, flags=re.S)
+        if match:
+            out.append((match.group(1), " ".join(match.group(2).split())))
+    return out
+
+
+@pytest.mark.parametrize("argv", list(HELP), ids=" ".join)
+def test_every_flag_has_a_help_text_and_no_section_file_flags(argv, capsys):
+    assert main([*argv, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "Config file for" not in text
+    options = _options(text)
+    assert len(options) > 3
+    missing = [flag for flag, words in options if not words.replace("(default:", "").strip(" )").split(" ", 1)[0]
+               or words.startswith("(default:")]
+    assert not missing, f"flags without a help text: {missing}"
+
+
+def test_info_help_lists_every_preset(capsys):
+    from craftvla.config import PRESETS
+
+    assert main(["info", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+    assert all(name in out for name in PRESETS)

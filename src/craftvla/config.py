@@ -8,9 +8,12 @@ LeRobot); presets are plain Python functions at the bottom of this file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -88,11 +91,16 @@ class LLMConfig:
     family: str = "qwen2"
     # Local Hugging Face directory (config.json + *.safetensors); None = random init from the shape below.
     weights_dir: Optional[str] = None
-    # Shape of a random-init LLM (ignored when weights_dir is set: the directory's config.json wins).
+    # Width of a random-init LLM (ignored when weights_dir is set: the directory's config.json wins, for
+    # this shape field and the four below).
     hidden_size: int = 192
+    # Decoder layers of a random-init LLM.
     num_layers: int = 4
+    # Attention heads of a random-init LLM.
     num_heads: int = 4
+    # Key/value heads of a random-init LLM (grouped-query attention; divides num_heads).
     num_kv_heads: int = 2
+    # MLP width of a random-init LLM.
     intermediate_size: int = 512
     # Token-mixing: "bidirectional" (every token sees every other) or "causal" (what released VLA-Adapter does).
     attention: str = "bidirectional"
@@ -227,7 +235,9 @@ class FlowMatchingHeadConfig(L1BridgeHeadConfig):
     num_steps: int = 10
     # Training time t ~ Beta(a, b) * (1 - time_min) + time_min (pi0: Beta(1.5, 1), 0.001): t = 1 is noise.
     time_beta_a: float = 1.5
+    # The b of that Beta(a, b).
     time_beta_b: float = 1.0
+    # The smallest training time (t = 0 would be the clean actions).
     time_min: float = 0.001
 
     def __post_init__(self) -> None:
@@ -407,6 +417,8 @@ def parse_config(cls, config_path: Optional[str] = None, args: Optional[list[str
     which the CLI turns into its return code; `prog` is the verb ("craftvla train"); `source`
     names where the values came from in error messages (default: config_path and the command line)."""
     args = list(args or [])
+    if "-h" in args or "--help" in args:
+        _print_help(cls, config_path, args, prog)
     try:
         return draccus.parse(config_class=cls, config_path=config_path, args=args, prog=prog, exit_on_error=False)
     except SystemExit as err:
@@ -416,6 +428,27 @@ def parse_config(cls, config_path: Optional[str] = None, args: Optional[list[str
     except Exception as err:  # draccus: DecodingError, DraccusException, argparse.ArgumentError, ...
         source = source or (f"{config_path} and the command line" if config_path else "the command line")
         raise _config_error(err, f"invalid {prog or 'config'} flags (from {source})") from None
+
+
+# draccus lists a "--<section> str  Config file for <section>" flag for every nested dataclass: noise
+# between the flags a user looks for (one entry, possibly wrapped onto a second line).
+_SECTION_FILE_FLAG = re.compile(r"\n  --(?P<name>[\w.]+) str\s+Config file for [\w.]+ \(default: None\)")
+
+
+def _print_help(cls, config_path: Optional[str], args: list[str], prog: Optional[str]) -> None:
+    """draccus's --help text without the per-section config-file flags; raises SystemExit(0)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            draccus.parse(config_class=cls, config_path=config_path, args=args, prog=prog, exit_on_error=False)
+        except SystemExit:
+            pass
+    text = out.getvalue()
+    for name in set(_SECTION_FILE_FLAG.findall(text)):
+        text = text.replace(f" [--{name} str]", "")
+    text = re.sub(r"\n +\n(?= +\[)", "\n", text)  # usage lines emptied by the removal
+    print(_SECTION_FILE_FLAG.sub("", text), end="")
+    raise SystemExit(0)
 
 
 def _config_error(err: Exception, context: str) -> ConfigError:

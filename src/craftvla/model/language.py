@@ -9,6 +9,8 @@ by construction. No installed package is patched.
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -202,6 +204,11 @@ class LanguageBackbone(nn.Module):
             self.model = AutoModel.from_config(config)
         self.weights_dir = directory if load_weights else None
         self.is_encoder = config.model_type == "bert"
+        # The decoder layers' KV-cache argument: `cache` since transformers 5.x deprecated `past_key_values`
+        # (whose FutureWarning, printed on every forward, broke every progress bar); older versions take the latter.
+        self._cache_arg = "past_key_values"
+        if not self.is_encoder and "cache" in inspect.signature(self.layers[0].forward).parameters:
+            self._cache_arg = "cache"
         self.hidden_size = config.hidden_size
         self.num_layers = config.num_hidden_layers
         kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
@@ -263,7 +270,7 @@ class LanguageBackbone(nn.Module):
         cache = DynamicCache(config=self.model.config)
         hidden, mask, rope = embeds, self._mask(embeds, layout), self._rope(embeds, layout)
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=layout.position_ids, past_key_values=cache,
+            hidden = layer(hidden, attention_mask=mask, position_ids=layout.position_ids, **{self._cache_arg: cache},
                            use_cache=True, position_embeddings=rope, is_causal=True)
         return cache
 
@@ -275,7 +282,7 @@ class LanguageBackbone(nn.Module):
         mask = key_mask[:, None, None, :]  # (B, 1, 1, L + 1): SDPA's boolean form
         hidden = embed
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, **{self._cache_arg: cache},
                            use_cache=True, position_embeddings=rope, is_causal=False)
         return self.model.norm(hidden)
 
@@ -292,7 +299,7 @@ class LanguageBackbone(nn.Module):
         if not self.is_encoder and config.is_causal:
             # Survivors stay in their original order, so causal over the short sequence is causal over the full one.
             return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=layout.attention_mask,
-                                      past_key_values=None)
+                                      **{self._cache_arg: None})
         return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=layout.attention_mask)
 
     def _rope(self, hidden: torch.Tensor, layout: TokenLayout):
@@ -316,7 +323,7 @@ class LanguageBackbone(nn.Module):
         extra = {} if keep is None else {"key_keep": keep[0], "key_keep_soft": keep[1]}
         # is_causal reaches the attention kernel as transformers' own forward passes it: with no
         # padding the mask functions return None and SDPA would otherwise fall back to the module's default (causal).
-        return layer(hidden, attention_mask=mask, position_ids=layout.position_ids, past_key_values=None,
+        return layer(hidden, attention_mask=mask, position_ids=layout.position_ids, **{self._cache_arg: None},
                      use_cache=False, position_embeddings=rope, is_causal=bool(self.model.config.is_causal), **extra)
 
     def lora_target_modules(self) -> list[str]:

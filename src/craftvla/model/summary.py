@@ -12,7 +12,7 @@ from craftvla.config import VLAConfig, parse_config
 
 @dataclass
 class InfoConfig:
-    # Preset name (tiny, small-pretrained, vla-adapter-qwen2.5-0.5b).
+    # Preset name: tiny, tiny-256, small-pretrained or vla-adapter-qwen2.5-0.5b (craftvla.config.PRESETS).
     preset: str = "tiny"
     # Optional YAML policy config; replaces the preset.
     config: Optional[str] = None

@@ -38,16 +38,22 @@ class PruneEvalConfig:
     dataset: Optional[str] = None
     # Frames of `dataset` (a seeded random subset) for the task loss.
     samples: int = 256
-    # Pruning to apply over the checkpoint's (None / empty = the checkpoint's value); see PruningConfig.
+    # Pruning to apply over the checkpoint's (each None = the checkpoint's value; see PruningConfig):
+    # the merger before the LLM (learned, learned_v2, pool, tome, none).
     merger: Optional[str] = None
+    # Fraction of the vision tokens the merger keeps.
     merge_ratio: Optional[float] = None
+    # Token scorer inside the LLM (attention, mlp, random, fastv, instruction, none).
     scorer: Optional[str] = None
-    layers: Optional[str] = None  # comma-separated, e.g. 1,2
-    keep: Optional[str] = None  # comma-separated, e.g. 0.5,0.25
+    # LLM layers after which tokens are selected, comma-separated, e.g. 1,2.
+    layers: Optional[str] = None
+    # Kept fraction after each selection, comma-separated, e.g. 0.5,0.25.
+    keep: Optional[str] = None
     # Batch sizes of the latency measurement, comma-separated.
     batch_sizes: str = "1,8"
-    # Untimed calls before, and timed calls per measurement (the median is reported).
+    # Untimed calls before each latency measurement.
     warmup: int = 5
+    # Timed calls per measurement (the median is reported).
     repeats: int = 20
     # torch threads during the measurement (0 = leave torch's setting).
     threads: int = 2
@@ -55,6 +61,7 @@ class PruneEvalConfig:
     out: Optional[str] = None
     # Save the (re-)configured pruned policy here, e.g. for `craftvla eval`; None = do not save.
     save: Optional[str] = None
+    # Seed of the task-loss frame subset and of the latency batches.
     seed: int = 0
 
     def __post_init__(self) -> None:

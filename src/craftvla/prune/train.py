@@ -70,16 +70,23 @@ class PruneTrainConfig:
     merge_sparsity_weight: float = 0.01
     # Stage 2: train the merger too (at merger_lr).
     train_merger: bool = False
-    # Peak learning rates of the three optimizers.
+    # Peak learning rate of the merger (stage 1, or stage 2 with train_merger).
     merger_lr: float = 1e-3
+    # Peak learning rate of the pruner heads (stage 2).
     pruner_lr: float = 1e-3
+    # Learning rate of the discriminator's own AdamW (stage 2, objective adversarial).
     disc_lr: float = 1e-4
-    # Gumbel temperature: annealed from start to end over the run (schedule: exponential, linear, cosine).
+    # Gumbel temperature at the first step; annealed to temperature_end over the run.
     temperature_start: float = 1.0
+    # Gumbel temperature at the last step (<= temperature_start).
     temperature_end: float = 0.1
+    # Temperature annealing: exponential, linear or cosine.
     temperature_schedule: str = "exponential"
+    # Optimizer steps of this stage.
     steps: int = 500
+    # Samples per optimizer step.
     batch_size: int = 32
+    # Seed of initialisation, data order and Gumbel noise.
     seed: int = 0
     # Continue output_dir's run from its last checkpoint.
     resume: bool = False
@@ -87,8 +94,11 @@ class PruneTrainConfig:
     num_workers: int = 1
     # Checkpoint every this many steps (and at the end); 0 = only at the end.
     save_freq: int = 0
+    # Write one metrics.jsonl line every this many steps.
     log_freq: int = 10
+    # Show a progress bar (false: a log line per metrics line).
     progress: bool = True
+    # Write PNG training curves (plots/).
     plots: bool = True
 
     def __post_init__(self) -> None:

@@ -143,17 +143,36 @@ class CheckpointConfig:
         require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
 @dataclass
 class LogConfig:
     # Write one metrics.jsonl line (averaged over the interval) every this many steps.
     log_freq: int = 10
-    # Show a tqdm progress bar on the main process.
+    # Show a tqdm progress bar on the main process; false = one log line per metrics line instead.
     progress: bool = True
-    # Write PNG training curves (plots/) at the end of the run.
+    # Write PNG training curves (plots/): all of them at every checkpoint and at the end, and
+    # overview.png at most every plot_interval_s seconds as metrics lines are written.
     plots: bool = True
+    # Seconds between refreshes of plots/overview.png while training (drawing it takes ~0.4 s).
+    plot_interval_s: float = 30.0
+    # Experiment trackers, comma-separated, through Accelerate's tracker API (main process only):
+    # "tensorboard" (event files in OUTPUT_DIR/tensorboard/), "wandb" (`pip install wandb`; set
+    # WANDB_MODE=offline to run without a network). Every metrics.jsonl value is logged.
+    trackers: Optional[str] = None
+    # The trackers' project name (W&B project; TensorBoard sub-directory).
+    project: str = "craftvla"
 
     def __post_init__(self) -> None:
         require(self.log_freq >= 1, "log.log_freq", self.log_freq, "must be >= 1")
+        require(self.plot_interval_s >= 0, "log.plot_interval_s", self.plot_interval_s, "must be >= 0")
+        unknown = [t for t in self.tracker_list() if t not in TRACKERS]
+        require(not unknown, "log.trackers", self.trackers, f"choose from {TRACKERS}, comma-separated")
+
+    def tracker_list(self) -> list[str]:
+        """--log.trackers as a list ([] when unset)."""
+        return [t.strip() for t in (self.trackers or "").split(",") if t.strip()]
 
 
 @dataclass
@@ -453,6 +472,11 @@ def dump_train_config(cfg: TrainConfig, path: str) -> None:
     with open(tmp, "w") as f:
         yaml.safe_dump(draccus.encode(cfg), f, sort_keys=False)
     os.replace(tmp, path)
+
+
+def flat_train_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config as {"optim.lr": 3e-4, ...} (the trackers' hyper-parameters)."""
+    return _flatten(draccus.encode(cfg))
 
 
 def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:

@@ -29,8 +29,8 @@ from torch import nn
 from craftvla.train import state as ckpt
 from craftvla.train.batches import StepSampler, data_loader, fake_micro_batches, to_device
 from craftvla.train.config import (TrainConfig, apply_fine_tune_fields, check_init_policy, dump_train_config,
-                                   init_policy_config, parse_train_config)
-from craftvla.train.metrics import MetricsLogger, truncate_metrics
+                                   flat_train_config, init_policy_config, parse_train_config)
+from craftvla.train.metrics import MetricsLogger, start_trackers, tracker_settings, truncate_metrics
 from craftvla.train.peft import train_mode
 from craftvla.train.stop import EXIT_CODES, StopSignals, stop_reason
 
@@ -138,8 +138,9 @@ def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     # cpu=True on CPU-only machines: without it Accelerate ignores torchrun's WORLD_SIZE there and
     # every process would silently train alone.
+    trackers = tracker_settings(cfg.log.tracker_list(), Path(cfg.output_dir))
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, fsdp_plugin=fsdp, dynamo_plugin=dynamo, kwargs_handlers=[ddp],
-                       step_scheduler_with_optimizer=False)
+                       step_scheduler_with_optimizer=False, **trackers)
 
 
 def make_craft_plugin(policy: nn.Module, cfg: TrainConfig, accelerator, dataset=None) -> Optional[GradPlugin]:
@@ -311,6 +312,8 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
         log.warning("%d trainable parameters get no gradient (e.g. %s): DDP will search for unused "
                     "parameters every step; freeze or remove them to avoid that cost", len(unused), unused[:3])
     accelerator = make_accelerator(cfg, find_unused_parameters=bool(unused))
+    if cfg.log.tracker_list():
+        start_trackers(accelerator, cfg.log.project, run_dir, flat_train_config(cfg))
     log.info("processes: %d (%s on %s), %d samples each per micro-batch", accelerator.num_processes,
              accelerator.distributed_type.value, accelerator.device, cfg.micro_batch_size(accelerator.num_processes))
     optimizer = build_optimizer(policy, cfg.optim, lr_by_prefix)
@@ -408,7 +411,9 @@ def fit(run: Run) -> dict[str, Any]:
     cfg, acc = run.cfg, run.accelerator
     end = cfg.stop_at_step or cfg.steps
     metrics_path = run.run_dir / "metrics.jsonl"
-    logger = MetricsLogger(metrics_path, acc, cfg.log.log_freq, run.start_step, cfg.steps, cfg.log.progress)
+    logger = MetricsLogger(metrics_path, acc, cfg.log.log_freq, run.start_step, cfg.steps, cfg.log.progress,
+                           trackers=bool(cfg.log.tracker_list()))
+    plots = PlotRefresher(run, metrics_path)
     train_mode(run.model)
     last: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -427,16 +432,52 @@ def fit(run: Run) -> dict[str, Any]:
             final = step == end or run.stopped_by is not None
             if final and hasattr(run.grad_plugin, "flush_metrics"):  # a run shorter than its interval
                 last.update(run.grad_plugin.flush_metrics())
-            logger.update(step, {**last, "lr": lr}, cfg.batch_size, epoch, force=final or _plugin_logs(run, step))
-            if final or (cfg.checkpoint.save_freq and step % cfg.checkpoint.save_freq == 0):
-                save(run, step)
-            if cfg.eval.freq and step % cfg.eval.freq == 0 and run.stopped_by is None:
-                logger.log({"step": step, **periodic_eval(run, step)})
+            wrote = logger.update(step, {**last, "lr": lr}, cfg.batch_size, epoch,
+                                  force=final or _plugin_logs(run, step))
+            _save_evaluate_plot(run, step, final, wrote, logger, plots)
             if run.stopped_by is not None:
                 log.warning("%s: stopped at step %d of %d (checkpoint written)", run.stopped_by, step, cfg.steps)
                 break
     logger.close(run.step)
     return last
+
+
+def _save_evaluate_plot(run: Run, step: int, final: bool, wrote: bool, logger: MetricsLogger, plots) -> None:
+    """After a step: the checkpoint (at the interval and at the end), periodic evaluation, the plots."""
+    cfg = run.cfg
+    saving = final or bool(cfg.checkpoint.save_freq and step % cfg.checkpoint.save_freq == 0)
+    if saving:
+        save(run, step)
+    if cfg.eval.freq and step % cfg.eval.freq == 0 and run.stopped_by is None:
+        logger.log({"step": step, **periodic_eval(run, step)})
+    if saving:
+        plots.all()
+    elif wrote:
+        plots.overview()
+
+
+class PlotRefresher:
+    """plots/*.png while training (main rank, --log.plots): every curve at each checkpoint, and
+    overview.png as metrics lines arrive, at most every --log.plot_interval_s seconds."""
+
+    def __init__(self, run: Run, metrics_path: Path) -> None:
+        self.on = run.cfg.log.plots and run.accelerator.is_main_process
+        self.metrics_path, self.out = metrics_path, run.run_dir / "plots"
+        self.interval, self.last = run.cfg.log.plot_interval_s, time.perf_counter()
+
+    def all(self) -> None:
+        if self.on and self.metrics_path.is_file():
+            from craftvla.train.plots import plot_metrics
+
+            plot_metrics(self.metrics_path, self.out)
+            self.last = time.perf_counter()
+
+    def overview(self) -> None:
+        if self.on and time.perf_counter() - self.last >= self.interval and self.metrics_path.is_file():
+            from craftvla.train.plots import plot_overview
+
+            plot_overview(self.metrics_path, self.out)
+            self.last = time.perf_counter()
 
 
 def _plugin_logs(run: Run, step: int) -> bool:
@@ -462,11 +503,7 @@ def train(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
         truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
     run.accelerator.wait_for_everyone()
     t0 = time.perf_counter()
-    fit(run)
-    if run.accelerator.is_main_process and cfg.log.plots and (run_dir / "metrics.jsonl").is_file():
-        from craftvla.train.plots import plot_metrics
-
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
+    fit(run)  # the plots are drawn with the last checkpoint
     log.info("done in %.0f s: %s", time.perf_counter() - t0, run_dir)
     return run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from craftvla.train.metrics import read_metrics
 
@@ -25,13 +26,22 @@ def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
-def plot_metrics(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
-    """One PNG per metric (loss.png, lr.png, ...) plus overview.png; returns the paths written."""
+# overview.png: these curves when present, then the first two periodic-evaluation curves.
+OVERVIEW_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "craft/lambda", "craft/retention_loss")
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_metrics(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+    """One PNG per metric (loss.png, lr.png, craft_lambda.png, ...) plus overview.png; returns the paths."""
+    plt = _pyplot()
     curves = series(read_metrics(metrics_path))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,15 +51,32 @@ def plot_metrics(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) ->
         _draw(ax, key, steps, values)
         written.append(_save(fig, out / f"{key.replace('/', '_')}.png"))
         plt.close(fig)
-    main_keys = [k for k in ("loss", "lr", "samples_per_s", "grad_norm") if k in curves]
-    main_keys += sorted(k for k in curves if k.startswith("eval/"))[:2]
-    if main_keys:
-        fig, axes = plt.subplots(1, len(main_keys), figsize=(4 * len(main_keys), 3.2), dpi=100, squeeze=False)
-        for ax, key in zip(axes[0], main_keys):
-            _draw(ax, key, *curves[key])
-        written.append(_save(fig, out / "overview.png"))
-        plt.close(fig)
-    return written
+    overview = _overview(plt, curves, out)
+    return written + ([overview] if overview else [])
+
+
+def plot_overview(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> Optional[Path]:
+    """overview.png alone (the cheap refresh while training); None while there is nothing to draw."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _overview(_pyplot(), series(read_metrics(metrics_path)), out)
+
+
+def overview_keys(curves: dict) -> list[str]:
+    """The curves overview.png shows, in order."""
+    return [k for k in OVERVIEW_KEYS if k in curves] + sorted(k for k in curves if k.startswith("eval/"))[:2]
+
+
+def _overview(plt, curves: dict, out: Path) -> Optional[Path]:
+    keys = overview_keys(curves)
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        _draw(ax, key, *curves[key])
+    path = _save(fig, out / "overview.png")
+    plt.close(fig)
+    return path
 
 
 def _draw(ax, key: str, steps: list[int], values: list[float]) -> None:
