@@ -50,7 +50,8 @@ def test_results_equal_episode_flags_and_the_last_allowed_step_counts(tmp_path):
 def test_a_policy_that_never_succeeds_scores_zero(tmp_path):
     results = evaluate(StillPolicy(), TASK, episodes=3, seed=0, max_steps=30, out_dir=tmp_path,
                        num_videos=0, progress=False)
-    assert results["tasks"][TASK] == {"success_rate": 0.0, "episodes": 3, "mean_length": 30.0}
+    assert results["tasks"][TASK] == {"success_rate": 0.0, "episodes": 3, "mean_length": 30.0,
+                                      "instruction": "close the drawer", "seen_in_training": None}
     assert results["mean_success_rate"] == 0.0
     rows = json.loads((tmp_path / "episodes.json").read_text())
     assert [(r["success"], r["length"]) for r in rows] == [(False, 30)] * 3

@@ -7,7 +7,8 @@ craftvla checkpoint (`save_pretrained`), a Hugging Face-style directory:
     tokenizer/          the tokenizer (save_pretrained)
     stats.json          the processor's normalisation statistics (LeRobot stats.json format; absent
                         for a policy never trained on a dataset)
-    processor.json      where those statistics came from (`model/processor.py`)
+    processor.json      where those statistics came from, and the training data's instructions
+                        (`model/processor.py`)
 Format 2 (the head as a draccus choice type, the processor files) replaced format 1; format-1
 checkpoints are refused with a message.
 Saves are atomic: written to a temporary sibling directory, then swapped in by rename.
@@ -216,6 +217,10 @@ def _read_processor(processor, root: Path) -> None:
     if (root / "stats.json").is_file():
         stats = from_jsonable(read_json(root / "stats.json", expect=dict), str(root / "stats.json"))
     processor.set_stats(stats, meta["stats_source"])
+    tasks = meta.get("training_tasks")
+    if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+        raise CraftVLAError(f"{root / PROCESSOR_FILE}: 'training_tasks' must be a list of instruction strings or null")
+    processor.training_tasks = tasks
 
 
 def read_policy_config(path: Path) -> VLAConfig:

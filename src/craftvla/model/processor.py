@@ -35,6 +35,9 @@ class Processor:
     def __init__(self, config: VLAConfig, tokenizer, stats: Optional[dict] = None, stats_source: str = "none"):
         self.config, self.tokenizer = config, tokenizer
         self.set_stats(stats, stats_source)
+        # The instructions of the policy's training data, its start's included when fine-tuned
+        # (sorted); None = unknown. Evaluation reports each task as seen in training or not by them.
+        self.training_tasks: Optional[list[str]] = None
 
     # ----- statistics ---------------------------------------------------------------------------
     def set_stats(self, stats: Optional[dict], source: str) -> None:
@@ -133,7 +136,7 @@ class Processor:
 
     def metadata(self) -> dict:
         """What processor.json records beside stats.json and tokenizer/."""
-        return {"stats_source": self.stats_source}
+        return {"stats_source": self.stats_source, "training_tasks": self.training_tasks}
 
 
 def crop_text_padding(batch: dict[str, Any]) -> dict[str, Any]:

@@ -228,6 +228,8 @@ class MetaWorldEnv:
         self._flip = {c: camera_is_upside_down(self.env.model, self.env.data, c) for c in self.cameras}
         self.steps = 0
         self.render_images = bool(self.cameras)  # False: observations carry no images (faster)
+        self._fast_render = fast_render
+        self._sized_renderers: dict[int, mujoco.Renderer] = {}  # other sizes than image_size (videos)
         _OPEN_ENVS.add(self)
 
     @staticmethod
@@ -277,6 +279,18 @@ class MetaWorldEnv:
             images[IMAGE_PREFIX + cam] = np.ascontiguousarray(img[::-1, ::-1]) if self._flip[cam] else img
         return images
 
+    def render_camera(self, camera: str, size: int) -> np.ndarray:
+        """One upright RGB frame (size, size, 3) uint8 of `camera`, at a size other than the
+        observations' (e.g. a video of a 64 px policy at 128 px); its renderer is made once."""
+        if size not in self._sized_renderers:
+            self._sized_renderers[size] = make_renderer(self.env.model, size, self._fast_render)
+        renderer = self._sized_renderers[size]
+        renderer.update_scene(self.env.data, camera=camera)
+        img = renderer.render()
+        if camera not in self._flip:
+            self._flip[camera] = camera_is_upside_down(self.env.model, self.env.data, camera)
+        return np.ascontiguousarray(img[::-1, ::-1]) if self._flip[camera] else img
+
     def _observe(self, raw: np.ndarray) -> dict[str, Any]:
         obs = {STATE_KEY: raw[:4].astype(np.float32), RAW_OBS_KEY: raw, ENV_TASK_KEY: self.task,
                TASK_KEY: instruction(self.task)}
@@ -286,9 +300,10 @@ class MetaWorldEnv:
 
     def close(self) -> None:
         """Free the renderer's EGL context and the env; safe to call twice."""
-        if self.renderer is not None:
-            self.renderer.close()
-            self.renderer = None
+        for renderer in [self.renderer, *self._sized_renderers.values()]:
+            if renderer is not None:
+                renderer.close()
+        self.renderer, self._sized_renderers = None, {}
         if self.env is not None:
             self.env.close()
             self.env = None

@@ -90,6 +90,7 @@ class CheckpointPolicy:
         self.cameras = [k.removeprefix(IMAGE_PREFIX) for k in cfg.camera_keys]
         self.image_size = int(cfg.vision.image_size)
         self.chunk_size = int(cfg.chunk_size)
+        self.training_tasks = policy.processor.training_tasks  # instructions seen in training; None = unknown
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> CheckpointPolicy:

@@ -61,6 +61,7 @@ class RolloutSpec:
     record: bool = False  # keep state/images/action of every step in Episode.frames
     video_camera: str | None = None  # camera for Episode.video ...
     video_episodes: int = 0  # ... of episodes 0..video_episodes-1
+    video_size: int = 0  # ... rendered at this size (its own renderer); 0 = the observations' images
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "execute_steps", "num_envs", "image_size"):
@@ -109,7 +110,7 @@ def _start(env: MetaWorldEnv, task: str, index: int, policy: SimPolicy, spec: Ro
     seed = episode_seed(spec.seed, spec.stream, task, index)
     episode = Episode(task=task, index=index, seed=seed, success=False, length=0)
     slot = _Slot(episode=episode, obs=env.reset(seed))
-    _record_video(slot, spec)
+    _record_video(env, slot, spec)
     return slot
 
 
@@ -130,7 +131,7 @@ def _advance(env: MetaWorldEnv, slot: _Slot, spec: RolloutSpec) -> bool:
         slot.episode.frames.append({**frame, "action": np.clip(action, -1.0, 1.0).astype(np.float32)})
     slot.obs, success = env.step(action)
     slot.steps += 1
-    _record_video(slot, spec)
+    _record_video(env, slot, spec)
     if success and slot.success_at is None:
         slot.success_at = slot.steps
     done = slot.steps >= spec.max_steps or (
@@ -141,6 +142,9 @@ def _advance(env: MetaWorldEnv, slot: _Slot, spec: RolloutSpec) -> bool:
     return done
 
 
-def _record_video(slot: _Slot, spec: RolloutSpec) -> None:
+def _record_video(env: MetaWorldEnv, slot: _Slot, spec: RolloutSpec) -> None:
     if spec.video_camera and slot.episode.index < spec.video_episodes:
-        slot.episode.video.append(slot.obs[IMAGE_PREFIX + spec.video_camera])
+        size = spec.video_size or spec.image_size
+        frame = (slot.obs[IMAGE_PREFIX + spec.video_camera] if size == spec.image_size
+                 else env.render_camera(spec.video_camera, size))
+        slot.episode.video.append(frame)

@@ -201,6 +201,7 @@ def build_policy(cfg: TrainConfig, dataset) -> nn.Module:
     if dataset is not None:
         policy.set_stats(*training_stats(policy, dataset, cfg))
         log.info("normalisation statistics: %s", policy.processor.stats_source)
+        policy.processor.training_tasks = training_tasks(policy, dataset, cfg)
         dataset.transform = policy.processor.transform  # normalise + tokenise in the DataLoader workers
     frozen = apply_freeze(policy, cfg.freeze)
     if cfg.lora.rank > 0:
@@ -221,6 +222,16 @@ def _check_compatible(have, want, source: str) -> None:
 
             raise ConfigError(f"init_from={source!r}: {name}={getattr(have, name)!r} but the dataset needs "
                               f"{getattr(want, name)!r}")
+
+
+def training_tasks(policy: nn.Module, dataset, cfg: TrainConfig) -> Optional[list[str]]:
+    """The instructions this run's policy will have been trained on: the dataset's (every source of
+    a mixture) and, fine-tuning, the start's; None when the start's are unknown."""
+    start = policy.processor.training_tasks if cfg.init_from else []
+    if start is None:
+        return None
+    sources = getattr(dataset, "datasets", [dataset])  # a MixedDataset's sources, or the dataset
+    return sorted({*start, *(task for source in sources for task in source.meta.tasks)})
 
 
 def training_stats(policy: nn.Module, dataset, cfg: TrainConfig) -> tuple[dict, str]:
