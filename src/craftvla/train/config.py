@@ -368,7 +368,8 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
     argv = _bare_bools(argv, merged)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(merged, f)
-    source = f"preset {preset!r}" + (f", {config_path}" if config_path else "") + " and the command line"
+    origin = f"--init_from {init_from}" if init_from else f"preset {preset or 'tiny'!r}"
+    source = origin + (f", {config_path}" if config_path else "") + " and the command line"
     try:
         cfg = parse_config(TrainConfig, config_path=f.name, args=argv, prog="craftvla train", source=source)
     finally:
