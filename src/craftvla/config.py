@@ -176,7 +176,8 @@ class L1BridgeHeadConfig(HeadConfig):
 
 @dataclass
 class PruningConfig:
-    """Vision-token reduction (design note 002): a merger before the LLM, token selection inside it."""
+    """Vision-token reduction in two stages (the original design notes' pruner): a token merger before the
+    LLM shortens the vision sequence, and scorers inside the LLM keep a fraction of it after chosen layers."""
 
     # Before the LLM: "learned" (LearnableTokenMerger), "learned_v2" (instruction-aware), or the
     # parameter-free baselines "pool" (average neighbouring patches) and "tome" (bipartite merging); "none".

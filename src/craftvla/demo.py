@@ -1,5 +1,5 @@
 """`craftvla demo`: teach the shipped generalist a new task, with and without CRaFT, and show
-what each keeps. No arguments needed; about 15 minutes on 2 CPU cores.
+what each keeps. No arguments needed; 11-13 minutes on 2 CPU cores (benchmarks/demo/).
 
 1. collect scripted-expert demonstrations of the new task (window-open), and a few episodes of
    the generalist's own five tasks (CRaFT's anchor data: what it should keep doing),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -10,6 +9,7 @@ from statistics import mean
 
 from craftvla.files import write_json_atomic
 from craftvla.train.metrics import read_metrics
+from craftvla.train.plots import pyplot, save_figure
 
 LABELS = {"generalist": "generalist (before)", "plain": "plain fine-tuning", "craft": "CRaFT"}
 
@@ -35,10 +35,7 @@ def markdown_table(summary: dict[str, list[dict]], new_task: str) -> str:
 
 def success_plot(summary: dict[str, list[dict]], new_task: str, path: Path) -> None:
     """Grouped bars: success on the new task and on the old tasks, per policy (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(summary)
     new = [mean(r["new"] for r in summary[n]) for n in names]
@@ -55,15 +52,12 @@ def success_plot(summary: dict[str, list[dict]], new_task: str, path: Path) -> N
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_ylabel("success rate")
     ax.legend(fontsize=8, loc="upper center", ncol=2, frameon=False)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def craft_plot(metrics_paths: list[Path], budget: float, path: Path) -> None:
     """lambda and the (scale-free) retention loss against the budget, per CRaFT seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
     for i, metrics in enumerate(metrics_paths):
@@ -79,17 +73,7 @@ def craft_plot(metrics_paths: list[Path], budget: float, path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def copy_videos(eval_dirs: dict[str, list[Path]], new_task: str, out: Path) -> dict[str, str]:

@@ -7,11 +7,11 @@ Nothing here unpickles code: `.pt` files load with `weights_only=True`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -38,20 +38,34 @@ def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
     return data
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
-    """Write `obj` as JSON under `path` atomically (the parent directory is created)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """The one way a file is written here: yields a temporary sibling of `path` to write (dot-prefixed,
+    `.tmp<pid>` before the real suffix, so writers that read the extension — matplotlib, PyAV — still
+    see it); when the block ends it is fsynced and renamed onto `path`, and on any error removed. The
+    parent directory is created. A crash never leaves a half-written file under the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` under `path` atomically (see atomic_path)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    """Write `obj` as JSON under `path` atomically (see atomic_path)."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False))
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:

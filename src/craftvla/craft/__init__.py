@@ -2,7 +2,9 @@
 
 functional.py  pure tensor functions (pooling, retention loss, surgery, dual update)
 config.py      CraftConfig (the --craft.* flags)
-anchors.py     anchor-feature providers: online (default), swap (reference), cache
+anchors.py     anchor providers: online (the initial weights, default) and the anchor-dataset streams
+cache.py       offline anchor caches (`craftvla cache build`) and their provider
+targets.py     what is retained: pooled bridge features, per-token states, the policy's own actions
 plugin.py      CraftPlugin, the object train_step calls
 """
 

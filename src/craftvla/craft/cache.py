@@ -56,7 +56,7 @@ from safetensors.torch import save_file
 
 from craftvla.config import parse_config
 from craftvla.errors import ConfigError, CraftVLAError, require
-from craftvla.files import read_json, read_safetensors, safetensors_header, write_json_atomic
+from craftvla.files import atomic_path, read_json, read_safetensors, safetensors_header, write_json_atomic
 from craftvla.keys import STATE_KEY, TASK_KEY
 from craftvla.craft.anchors import open_anchor_dataset
 from craftvla.craft.targets import action_target
@@ -286,7 +286,7 @@ def _prepare_out(out: Path, plan: dict, overwrite: bool) -> set[int]:
     if (out / META_FILE).is_file():
         raise CraftVLAError(f"{out} is already a complete cache; pass --overwrite true to rebuild it")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # a shard interrupted mid-write
+    for stale in out.glob(".*.tmp*"):  # a shard interrupted mid-write (killed before atomic_path cleaned up)
         stale.unlink()
     if (out / PLAN_FILE).is_file():
         old = read_json(out / PLAN_FILE, expect=dict)
@@ -307,11 +307,8 @@ def shard_name(index: int) -> str:
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], tasks: list[str]) -> None:
     """Atomic: a dot-prefixed temporary file, fsynced, then renamed over the final name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"tasks": json.dumps(tasks)})
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"tasks": json.dumps(tasks)})
 
 
 @torch.no_grad()

@@ -2,8 +2,10 @@
 
     [BOS] [vision patches x N_vis] [instruction x T] [action queries x Q] [STOP]
 
-Everything downstream (action heads, bridge features, anchor caches) reads positions from a
-`TokenLayout`'s index tensors; nobody slices hidden states by offsets. The layout is per layer:
+Everything downstream (action heads, bridge features, anchor caches, trainers) reads positions from
+a `TokenLayout`'s index tensors. The one cut by an offset is the autoregressive decoder's prefix
+(`VLAPolicy.decode_autoregressive`: [BOS] + vision + text, computed from the tensors' shapes so the
+host never waits on the device), which is then decoded slot by slot. The layout is per layer:
 when the LLM's layer loop removes vision tokens (`TokenLayout.keep_vision`), the layers after
 it get a shorter sequence and a new layout, while every survivor keeps its original position id.
 """

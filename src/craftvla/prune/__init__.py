@@ -1,1 +1,1 @@
-"""Two-stage vision-token pruning (design note 002): merge before the LLM, select inside it."""
+"""Two-stage vision-token pruning (the original design notes' pruner): merge before the LLM, select inside it."""

@@ -15,9 +15,7 @@ Closed-loop success: `craftvla eval --checkpoint` on a saved pruned policy (`--s
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,6 +24,7 @@ import torch
 
 from craftvla.config import PruningConfig, number_list, parse_config
 from craftvla.errors import ConfigError, require
+from craftvla.files import write_json_atomic
 
 log = logging.getLogger("craftvla.prune")
 
@@ -167,10 +166,6 @@ def main(argv: list[str]) -> int:
     report = evaluate(cfg)
     print(summary(report))
     if cfg.out:
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, out)
-        print(f"report written to {out}")
+        write_json_atomic(cfg.out, report, indent=1)
+        print(f"report written to {cfg.out}")
     return 0

@@ -21,7 +21,6 @@ training loop and the demo.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from craftvla.config import parse_config
 from craftvla.errors import ConfigError, CraftVLAError
-from craftvla.files import write_json_atomic
+from craftvla.files import atomic_path, write_json_atomic
 
 from .metaworld import DEFAULT_CAMERA, DEFAULT_TASKS, EVAL_STREAM, control_fps, instruction, parse_cameras, parse_tasks
 from .policies import CheckpointPolicy, ExpertPolicy, RandomPolicy, ServerPolicy, SimPolicy
@@ -191,21 +190,14 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
     """Encode (H, W, 3) uint8 frames as H.264 mp4 (PyAV), atomically (temp file + rename)."""
     import av
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     h, w = frames[0].shape[:2]
-    tmp = path.with_name(f".{path.name}.tmp.mp4")
-    try:
-        with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"  # even sizes
-            for frame in frames:
-                frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())  # flush
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"  # even sizes
+        for frame in frames:
+            frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush
 
 
 def make_policy(cfg: EvalConfig) -> SimPolicy:

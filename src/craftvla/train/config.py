@@ -469,10 +469,9 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 def dump_train_config(cfg: TrainConfig, path: str) -> None:
     """Write the resolved config as YAML (atomically), e.g. RUN/train_config.yaml."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(draccus.encode(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    from craftvla.files import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(draccus.encode(cfg), sort_keys=False))
 
 
 def flat_train_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -8,8 +8,9 @@ On a machine without GPUs, `accelerate launch --num_processes 2` without `--mult
 process (Accelerate's simple launcher); the "processes:" line at start-up says what ran.
 
 Writes RUN/train_config.yaml, RUN/metrics.jsonl, RUN/checkpoints/<step>/ + last (see state.py)
-and RUN/plots/*.png. Plug-ins attach here: a *gradient plug-in* (CRaFT) takes over the backward
-pass and the final gradient; *loss plug-ins* (e.g. L2-to-init) add a term to the loss.
+and RUN/plots/*.png. Plug-ins attach here: a *gradient plug-in* (CRaFT and its retention baselines,
+L2-to-init included: --craft.mode) takes over the backward pass and the final gradient; *auxiliary
+losses* (e.g. `craftvla prune train`'s merge sparsity) add a term to the policy's own loss.
 """
 
 from __future__ import annotations

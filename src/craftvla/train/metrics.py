@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import torch
 
+from craftvla.files import write_text_atomic
+
 log = logging.getLogger("craftvla.train")
 
 # --log.trackers name -> the package it needs.
@@ -44,14 +46,12 @@ def start_trackers(accelerator, project: str, run_dir: Path, config: dict[str, A
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop lines logged after `last_step` (written after the checkpoint a resume starts from).
 
-    Rewritten through a temp file + os.replace, so a crash here cannot lose the earlier lines.
+    Rewritten atomically (files.atomic_path), so a crash here cannot lose the earlier lines.
     """
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

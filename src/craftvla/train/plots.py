@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from craftvla.files import atomic_path
 from craftvla.train.metrics import read_metrics
 
 # Curves drawn on a log y-axis (losses and norms span decades over a run).
@@ -30,7 +31,8 @@ def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 OVERVIEW_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "craft/lambda", "craft/retention_loss")
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg back-end."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
@@ -41,7 +43,7 @@ def _pyplot():
 
 def plot_metrics(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
     """One PNG per metric (loss.png, lr.png, craft_lambda.png, ...) plus overview.png; returns the paths."""
-    plt = _pyplot()
+    plt = pyplot()
     curves = series(read_metrics(metrics_path))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,8 +51,7 @@ def plot_metrics(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) ->
     for key, (steps, values) in curves.items():
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
         _draw(ax, key, steps, values)
-        written.append(_save(fig, out / f"{key.replace('/', '_')}.png"))
-        plt.close(fig)
+        written.append(save_figure(fig, out / f"{key.replace('/', '_')}.png"))
     overview = _overview(plt, curves, out)
     return written + ([overview] if overview else [])
 
@@ -59,7 +60,7 @@ def plot_overview(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -
     """overview.png alone (the cheap refresh while training); None while there is nothing to draw."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return _overview(_pyplot(), series(read_metrics(metrics_path)), out)
+    return _overview(pyplot(), series(read_metrics(metrics_path)), out)
 
 
 def overview_keys(curves: dict) -> list[str]:
@@ -74,9 +75,7 @@ def _overview(plt, curves: dict, out: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), dpi=100, squeeze=False)
     for ax, key in zip(axes[0], keys):
         _draw(ax, key, *curves[key])
-    path = _save(fig, out / "overview.png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "overview.png")
 
 
 def _draw(ax, key: str, steps: list[int], values: list[float]) -> None:
@@ -88,9 +87,12 @@ def _draw(ax, key: str, steps: list[int], values: list[float]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write atomically (files.atomic_path) and close a figure; returns `path`."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
     return path
