@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,6 +56,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename inside it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Flush every file and directory under `root` to disk (before the rename that publishes it)."""
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(dirpath)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """The one way a directory (a checkpoint) is published: a finished, fsynced `tmp` is renamed onto
+    `final`; a previous `final` is first moved aside to `.trash-<name>` and removed last, so at every
+    moment `final` is either the old directory or the new one, whole."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    trash = final.with_name(f".trash-{final.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(final, trash)
+    os.replace(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

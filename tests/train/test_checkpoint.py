@@ -13,14 +13,14 @@ from tests.train.conftest import train_config
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     flags = ["--steps", "3", "--batch_size", "2", "--checkpoint.save_freq", "1", "--checkpoint.keep_last", "5"]
-    real_fsync_tree = state._fsync_tree
+    real_fsync_tree = state.fsync_tree
 
     def die_on_step_2(root):  # every file of checkpoint 2 is written; the process "dies" before the rename
         real_fsync_tree(root)
         if root.name == ".tmp-000002":
             raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(state, "_fsync_tree", die_on_step_2)
+    monkeypatch.setattr(state, "fsync_tree", die_on_step_2)
     with pytest.raises(KeyboardInterrupt):
         train(train_config(run, *flags))
     ckpts = run / "checkpoints"
@@ -30,7 +30,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert policy.config.chunk_size == 4
     assert state.read_training_state(ckpts / "last", rank=0)["state"]["step"] == 1
 
-    monkeypatch.setattr(state, "_fsync_tree", real_fsync_tree)
+    monkeypatch.setattr(state, "fsync_tree", real_fsync_tree)
     train(train_config(run, *flags, "--resume", "true"))  # resumes from 1, cleans the leftover
     assert sorted(p.name for p in ckpts.iterdir()) == ["000001", "000002", "000003", "last"]
     assert (ckpts / "last").resolve().name == "000003"

@@ -26,7 +26,6 @@ Any weight file may also be `.pt`/`.pth`/`.bin`, read with `torch.load(weights_o
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,7 +36,7 @@ from safetensors.torch import save_file
 from craftvla.config import VLAConfig
 from craftvla.data.stats import from_jsonable, to_jsonable
 from craftvla.errors import CraftVLAError
-from craftvla.files import read_json, read_safetensors, read_torch
+from craftvla.files import fsync_tree, publish_dir, read_json, read_safetensors, read_torch
 from craftvla.model.processor import PROCESSOR_FILE
 from craftvla.model.released import load_release
 
@@ -148,7 +147,8 @@ def save_policy(policy, directory) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         _write_files(policy, tmp)
-        _swap_in(tmp, final)
+        fsync_tree(tmp)  # the bytes are durable before the rename publishes them
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -175,21 +175,6 @@ def _write_files(policy, out: Path) -> None:
     if policy.processor.stats is not None:
         (out / "stats.json").write_text(json.dumps(to_jsonable(policy.processor.stats), indent=2))
     (out / PROCESSOR_FILE).write_text(json.dumps(policy.processor.metadata(), indent=2))
-    for path in out.rglob("*"):  # make the bytes durable before the rename publishes them
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace `final` by `tmp` with renames only; the old directory is removed last."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_policy(cls, directory, map_location="cpu"):

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from craftvla.errors import CraftVLAError
-from craftvla.files import read_json, read_safetensors, read_torch
+from craftvla.files import fsync_dir, fsync_tree, publish_dir, read_json, read_safetensors, read_torch
 
 TRAINING_STATE = "training_state"
 LAST = "last"
@@ -82,35 +82,6 @@ def set_rng_state(state: dict) -> None:
 # ----- files ----------------------------------------------------------------------------------------
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under root to disk before the rename that publishes it."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished tmp dir onto `final` (replacing a stale one left by an earlier attempt)."""
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, final)
-
-
 def _point_last(ckpt_root: Path, name: str) -> None:
     """Atomically re-point `last` (a relative symlink) at checkpoint `name`."""
     tmp_link = ckpt_root / ".last.tmp"
@@ -118,7 +89,7 @@ def _point_last(ckpt_root: Path, name: str) -> None:
         tmp_link.unlink()
     os.symlink(name, tmp_link)
     os.replace(tmp_link, ckpt_root / LAST)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
 
 
 def numbered_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -186,8 +157,8 @@ def save_checkpoint(run_dir: Path, step: int, accelerator, export: nn.Module, wr
     final = ckpt_root / step_dir_name(step)
     if accelerator.is_main_process:
         write_main(tmp / TRAINING_STATE)
-        _fsync_tree(tmp)
-        _publish(tmp, final)
+        fsync_tree(tmp)
+        publish_dir(tmp, final)
         _point_last(ckpt_root, final.name)
         _prune(ckpt_root, keep_last)
     accelerator.wait_for_everyone()
