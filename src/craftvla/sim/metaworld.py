@@ -272,19 +272,17 @@ class MetaWorldEnv:
 
     def render(self) -> dict[str, np.ndarray]:
         """Upright RGB images of every camera: {"observation.images.<cam>": (H, W, 3) uint8}."""
-        images = {}
-        for cam in self.cameras:
-            self.renderer.update_scene(self.env.data, camera=cam)
-            img = self.renderer.render()  # (H, W, 3) uint8, a fresh array per call
-            images[IMAGE_PREFIX + cam] = np.ascontiguousarray(img[::-1, ::-1]) if self._flip[cam] else img
-        return images
+        return {IMAGE_PREFIX + cam: self._frame(self.renderer, cam) for cam in self.cameras}
 
     def render_camera(self, camera: str, size: int) -> np.ndarray:
         """One upright RGB frame (size, size, 3) uint8 of `camera`, at a size other than the
         observations' (e.g. a video of a 64 px policy at 128 px); its renderer is made once."""
         if size not in self._sized_renderers:
             self._sized_renderers[size] = make_renderer(self.env.model, size, self._fast_render)
-        renderer = self._sized_renderers[size]
+        return self._frame(self._sized_renderers[size], camera)
+
+    def _frame(self, renderer: mujoco.Renderer, camera: str) -> np.ndarray:
+        """`camera`'s current view through `renderer`, upright: (H, W, 3) uint8, a fresh array per call."""
         renderer.update_scene(self.env.data, camera=camera)
         img = renderer.render()
         if camera not in self._flip:

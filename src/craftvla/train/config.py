@@ -262,7 +262,8 @@ class TrainConfig:
     resume: bool = False
     # End this invocation after this step (a job time limit); the schedule still spans `steps`.
     stop_at_step: Optional[int] = None
-    # End this invocation (with a checkpoint) once this many minutes of training have passed.
+    # End this invocation (with a checkpoint) once this many minutes of training have passed (checked
+    # every step in one process, every log.log_freq steps across several).
     max_minutes: Optional[float] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -440,7 +440,7 @@ def fit(run: Run) -> dict[str, Any]:
             epoch = {"epoch": step * cfg.batch_size / run.num_samples} if run.num_samples else {}
             if run.mixture is not None:  # samples drawn per source so far (replay runs)
                 epoch.update(run.mixture.update(step))
-            run.stopped_by = stop_reason(acc, t0, cfg.max_minutes, signals) if step < end else None
+            run.stopped_by = stop_reason(acc, t0, cfg.max_minutes, signals, step, cfg.log.log_freq) if step < end else None
             final = step == end or run.stopped_by is not None
             if final and hasattr(run.grad_plugin, "flush_metrics"):  # a run shorter than its interval
                 last.update(run.grad_plugin.flush_metrics())

@@ -3,7 +3,8 @@
 The first signal asks the loop to stop after the step in progress; the loop then writes a checkpoint
 of that step and the plots, as at a normal end, and `craftvla train` says how to resume. A second
 Ctrl-C stops at once, without them (an interrupted save leaves the previous checkpoint intact: saves
-are atomic). Every rank stops at the same step: the decision is reduced across processes.
+are atomic). Every rank stops at the same step: the decision is reduced across processes at the
+logging interval.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ class StopSignals:
                     "(Ctrl-C again to stop at once, without them)", self.received)
 
 
-def stop_reason(accelerator, t0: float, max_minutes: Optional[float], signals: StopSignals) -> Optional[str]:
+def stop_reason(accelerator, t0: float, max_minutes: Optional[float], signals: StopSignals, step: int,
+                every: int) -> Optional[str]:
     """Why the run stops after this step ("SIGINT", "SIGTERM", "max_minutes"), or None; the same
-    answer on every rank (a signal or the clock on any rank stops them all)."""
+    answer on every rank (a signal or the clock on any rank stops them all). With several processes
+    that takes an all-reduce and a host sync, so they decide only every `every` steps (the logging
+    interval, where the metrics reduction syncs anyway); a single process decides every step."""
+    if accelerator.num_processes > 1 and step % every:
+        return None
     late = max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes
     signalled = {"SIGINT": 1.0, "SIGTERM": 2.0}.get(signals.received or "", 0.0)
     if accelerator.num_processes > 1:
