@@ -12,7 +12,7 @@ HELP = {
     ("collect",): ("--episodes", "episodes to keep per task"),
     ("train",): ("--craft.retention_budget", "retention budget"),
     ("eval",): ("--checkpoint", "checkpoint"),
-    ("cache", "build"): ("--pooling", "Token set pooled"),
+    ("cache", "build"): ("--anchor_type", "the token set"),
     ("demo",): ("--steps", "steps"),
     ("serve",): ("--api_key", "Api-Key"),
     ("convert", "rlds"): ("--map", "RLDS=LeRobot pairs"),

@@ -1,11 +1,12 @@
 """Anchor-cache size and build throughput (issue 6).
 
-1. Bytes per sample for the three cache types, inputs and targets separately, for the tiny and the
-   real-shaped preset, computed from the model's own shapes (built on the meta device: no weights)
-   at the builder's defaults (float16 targets and images, --layer -2, mean_image_tokens). For the
-   tiny preset the arithmetic is checked against the tensors of a cache actually built here.
-2. Build throughput (samples/s) of `build_cache` on this CPU for the tiny preset, the three types
-   built one after the other in one run on the same synthetic anchor dataset.
+1. Bytes per sample for the three cache targets (pooled, tokens, actions), inputs and targets
+   separately, for the tiny and the real-shaped preset, computed from the model's own shapes
+   (built on the meta device: no weights) at the builder's defaults (float16 targets and images,
+   the middle layer, vision tokens, mean pooling). For the tiny preset the arithmetic is checked
+   against the tensors of a cache actually built here.
+2. Build throughput (samples/s) of `build_cache` on this CPU for the tiny preset, the three
+   targets built one after the other in one run on the same synthetic anchor dataset.
 
     .venv/bin/python benchmarks/anchor_cache/bench.py [--samples 64]
 """
@@ -24,6 +25,8 @@ import torch
 
 from craftvla.config import VLAConfig
 from craftvla.craft import cache as C
+from craftvla.craft.cache_build import CacheBuildConfig, build_cache
+from craftvla.craft.targets import TARGETS
 
 HERE = Path(__file__).parent
 
@@ -37,16 +40,17 @@ def shapes(cfg: VLAConfig) -> dict:
     n_vis = policy.vision.num_patches * len(cfg.camera_keys)
     t_max, q = cfg.llm.max_text_tokens, cfg.num_action_queries
     return {"cams": len(cfg.camera_keys), "size": cfg.vision.image_size, "state": cfg.state_dim,
-            "n_vis": n_vis, "t_max": t_max, "l_max": 1 + n_vis + t_max + q + 1, "width": policy.llm.hidden_size}
+            "n_vis": n_vis, "t_max": t_max, "l_max": 1 + n_vis + t_max + q + 1, "width": policy.llm.hidden_size,
+            "chunk": cfg.chunk_size, "action_dim": cfg.action_dim}
 
 
 def bytes_per_sample(s: dict, target_bytes: int = 2, image_bytes: int = 2) -> dict:
-    """Inputs (images, float32 state, int64 ids, bool mask) and each type's target, in bytes."""
+    """Inputs (images, float32 state, int64 ids, bool mask) and each target, in bytes."""
     inputs = s["cams"] * 3 * s["size"] ** 2 * image_bytes + 4 * s["state"] + 8 * s["t_max"] + s["t_max"]
     return {"inputs": inputs,
-            "token_level": 8 * s["l_max"],  # labels int64 (L_max,)
-            "hidden_state": target_bytes * s["n_vis"] * s["width"] + s["n_vis"],  # (1, N_vis, D) + token_mask
-            "hidden_feature": target_bytes * s["width"]}  # (D,)
+            "pooled": target_bytes * s["width"],  # (D,)
+            "tokens": target_bytes * s["n_vis"] * s["width"] + s["n_vis"],  # (1, N_vis, D) + its mask (N_vis,)
+            "actions": target_bytes * s["chunk"] * s["action_dim"]}  # (H, A)
 
 
 def synth_dataset(root: Path, cfg: VLAConfig, frames: int) -> Path:
@@ -72,12 +76,12 @@ def measured_bytes(path: Path) -> dict:
     """Per-sample bytes of the tensors actually stored (shard headers excluded)."""
     cache = C.AnchorCache(path)
     batch = cache.samples([0])
-    target = C.TARGET_KEYS[cache.cache_type]
+    target = C.target_key(cache.target)
     stored = {k: v for k, v in batch.items() if torch.is_tensor(v)}
     images = [k for k in stored if k.startswith("observation.images.")]
     inputs = sum(stored[k].numel() * 2 for k in images)  # the loader hands images out as float32; stored f16
     inputs += sum(stored[k].nbytes for k in ("observation.state", "input_ids", "attention_mask"))
-    extra = stored["token_mask"].nbytes if "token_mask" in stored else 0
+    extra = stored[C.TOKEN_MASK_KEY].nbytes if C.TOKEN_MASK_KEY in stored else 0
     files = sum(f.stat().st_size for f in cache.files) / len(cache)
     return {"inputs": inputs, "target": stored[target].nbytes + extra, "file_bytes_per_sample": files}
 
@@ -100,11 +104,11 @@ def main() -> int:
         torch.manual_seed(0)
         VLAPolicy(cfg).save_pretrained(tmp / "ckpt")
         data = synth_dataset(tmp / "ds", cfg, args.samples)
-        for kind in C.CACHE_TYPES:
-            build = C.CacheBuildConfig(checkpoint=str(tmp / "ckpt"), dataset=str(data), out=str(tmp / kind),
-                                       type=kind, num_samples=args.samples, shard_size=32, batch_size=16, device="cpu")
+        for kind in TARGETS:
+            build = CacheBuildConfig(checkpoint=str(tmp / "ckpt"), dataset=str(data), out=str(tmp / kind),
+                                     target=kind, num_samples=args.samples, shard_size=32, batch_size=16, device="cpu")
             start = time.perf_counter()
-            C.build_cache(build)  # includes loading the checkpoint and opening the dataset
+            build_cache(build)  # includes loading the checkpoint and opening the dataset
             seconds = time.perf_counter() - start
             results["build"][kind] = {"samples": args.samples, "seconds": seconds, "samples_per_s": args.samples / seconds}
             results["measured_tiny"][kind] = measured_bytes(tmp / kind)
@@ -114,16 +118,16 @@ def main() -> int:
 
 
 def print_table(results: dict) -> None:
-    print("| preset | N_vis | L_max | D | inputs B | token_level B | hidden_state B | hidden_feature B |")
+    print("| preset | N_vis | L_max | D | inputs B | pooled B | tokens B | actions B |")
     print("|---|---|---|---|---|---|---|---|")
     for preset, r in results["bytes"].items():
         s = r["shapes"]
-        print(f"| {preset} | {s['n_vis']} | {s['l_max']} | {s['width']} | {r['inputs']:,} | {r['token_level']:,} "
-              f"| {r['hidden_state']:,} | {r['hidden_feature']:,} |")
+        print(f"| {preset} | {s['n_vis']} | {s['l_max']} | {s['width']} | {r['inputs']:,} | {r['pooled']:,} "
+              f"| {r['tokens']:,} | {r['actions']:,} |")
     print("\ntiny, measured from built caches (tensor bytes per sample; file = shard files / samples):")
     for kind, m in results["measured_tiny"].items():
         b = results["build"][kind]
-        print(f"  {kind:<15} inputs {m['inputs']:,} B  target {m['target']:,} B  file {m['file_bytes_per_sample']:,.0f} B"
+        print(f"  {kind:<8} inputs {m['inputs']:,} B  target {m['target']:,} B  file {m['file_bytes_per_sample']:,.0f} B"
               f"  build {b['samples_per_s']:.1f} samples/s ({b['samples']} in {b['seconds']:.2f} s)")
 
 

@@ -5,9 +5,9 @@ straightforward reference (reference.py: CPU weight swap + per-tensor surgery lo
 
 Times: every variant steps once per round, in a shuffled order, on its own copy of the same
 initial policy (AdamW, full fine-tuning of the trainable parts); medians over the rounds after
-two warm-up rounds. The cache variant reads a hidden_feature cache built (once per config, by
-`craft.cache.build_cache`) from the same initial policy on a small synthetic LeRobot dataset; it
-keeps the vision bridge feature only (the one a cache can hold), one anchor batch of `--batch`
+two warm-up rounds. The cache variant reads a pooled-features cache built (once per config, by
+`craft.cache_build.build_cache`) from the same initial policy on a small synthetic LeRobot dataset; it
+keeps the vision bridge feature only (C_R: `--craft.anchor_type vision`), one anchor batch of `--batch`
 samples per step. The FLOP-model floor of exact online CRaFT = plain step + one no-grad
 encoder forward (the anchor) + one backward of L_ret alone (the second backward through the
 retention subgraph), each component timed in the same rounds. Peak memory: on CUDA
@@ -70,8 +70,8 @@ def initial_policy(cfg: VLAConfig) -> VLAPolicy:
 
 
 def build_anchor_cache(cfg: VLAConfig, work: Path, samples: int = 32) -> Path:
-    """A hidden_feature cache of the initial policy on a synthetic dataset of random frames."""
-    from craftvla.craft.cache import CacheBuildConfig, build_cache
+    """A pooled-features cache (C_R, mean) of the initial policy on a synthetic dataset of random frames."""
+    from craftvla.craft.cache_build import CacheBuildConfig, build_cache
     from craftvla.data import LeRobotDatasetWriter
 
     initial_policy(cfg).save_pretrained(work / "ckpt")
@@ -88,7 +88,7 @@ def build_anchor_cache(cfg: VLAConfig, work: Path, samples: int = 32) -> Path:
         if f % 8 == 7:
             writer.save_episode()
     build_cache(CacheBuildConfig(checkpoint=str(work / "ckpt"), dataset=str(writer.finalize()), out=str(work / "cache"),
-                                 layer=cfg.llm.num_layers // 2, dtype="float32", image_dtype="float32", device="cpu"))
+                                 target="pooled", layer=cfg.llm.num_layers // 2, dtype="float32", image_dtype="float32", device="cpu"))
     return work / "cache"
 
 

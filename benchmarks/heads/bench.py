@@ -97,7 +97,7 @@ def sampled_l1(ckpt: Path) -> float:
     """Mean L1 between `predict_action_chunk` and the demonstrations' chunks (normalised units)."""
     import torch
 
-    from craftvla.craft.anchors import calibration_batches, open_anchor_dataset
+    from craftvla.craft.data import calibration_batches, open_anchor_dataset
     from craftvla.keys import ACTION_KEY, ACTION_PAD_KEY
     from craftvla.model.heads.l1_bridge import l1_loss
     from craftvla.model.policy import VLAPolicy

@@ -254,7 +254,7 @@ def unpruned_row() -> Path:
 def _l1(checkpoint: Path) -> float:
     import torch
 
-    from craftvla.craft.anchors import calibration_batches, open_anchor_dataset
+    from craftvla.craft.data import calibration_batches, open_anchor_dataset
     from craftvla.model.policy import VLAPolicy
 
     policy = VLAPolicy.from_pretrained(checkpoint).eval()

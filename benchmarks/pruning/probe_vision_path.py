@@ -25,7 +25,7 @@ KEEPS = ([0.5, 0.25], [0.1, 0.02], [0.01, 0.004])
 
 def probe(checkpoint: str, heldout: str, samples: int) -> dict:
     from craftvla.config import PruningConfig
-    from craftvla.craft.anchors import calibration_batches, open_anchor_dataset
+    from craftvla.craft.data import calibration_batches, open_anchor_dataset
     from craftvla.model.policy import VLAPolicy
     from craftvla.prune.module import apply_pruning
 

@@ -92,7 +92,7 @@ def prepare() -> None:
     cache = WORK / "cache_A_actions"
     if not (cache / "meta.json").is_file():
         sh([BIN / "craftvla", "cache", "build", "--checkpoint", GENERALIST, "--dataset", DATA_A, "--out", cache,
-            "--type", "action_chunk", "--dtype", "float32", "--num_samples", "1024"], log)
+            "--target", "actions", "--dtype", "float32", "--num_samples", "1024"], log)
 
 
 def fill(flags: list[str]) -> list[str]:
@@ -135,7 +135,7 @@ def drift_on_A(checkpoint: Path, samples: int = 256) -> dict:
     """Scale-free drift of pooled bridge features and action chunks on A's data, vs the generalist."""
     import torch
 
-    from craftvla.craft.anchors import calibration_batches, open_anchor_dataset
+    from craftvla.craft.data import calibration_batches, open_anchor_dataset
     from craftvla.craft.config import CraftConfig
     from craftvla.craft.functional import retention_loss
     from craftvla.craft.targets import compute_targets, feature_variance
@@ -174,7 +174,7 @@ def l1_on_A(checkpoint: Path, samples: int = 512) -> float:
     """Mean L1 (normalised actions) on a fixed subset of A's frames."""
     import torch
 
-    from craftvla.craft.anchors import calibration_batches, open_anchor_dataset
+    from craftvla.craft.data import calibration_batches, open_anchor_dataset
 
     policy = _policy(checkpoint)
     data = open_anchor_dataset(str(DATA_A), policy)

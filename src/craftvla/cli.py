@@ -18,7 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("craftvla.data.convert", "convert a dataset to LeRobot v3.0: convert rlds (TFDS/RLDS shards)"),
     "train": ("craftvla.train.loop", "train / fine-tune a policy (CRaFT, LoRA, DDP via accelerate)"),
     "eval": ("craftvla.sim.evaluate", "closed-loop evaluation in the simulator"),
-    "cache": ("craftvla.craft.cache", "build an offline anchor cache"),
+    "cache": ("craftvla.craft.cache_build", "build an offline anchor cache"),
     "prune": ("craftvla.prune.commands", "vision-token pruning: prune train --stage 1|2, prune eval"),
     "serve": ("craftvla.serve.server", "serve a checkpoint over a websocket (openpi's protocol)"),
     "demo": ("craftvla.demo", "the whole story on a CPU with a built-in default"),

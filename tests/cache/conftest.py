@@ -68,7 +68,7 @@ def anchor_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def build(checkpoint, anchor_dataset, tmp_path_factory):
     """build(**flags) -> cache dir; identical flags reuse one build for the whole session."""
-    from craftvla.craft.cache import CacheBuildConfig, build_cache
+    from craftvla.craft.cache_build import CacheBuildConfig, build_cache
 
     made: dict = {}
 

@@ -35,8 +35,8 @@ def test_online_anchors_equal_frozen_copy(anchor_type):
 
 
 def test_online_anchors_under_lora_exact_and_only_adapters_change():
-    from craftvla.train.config import LoraConfig
-    from craftvla.train.peft import apply_lora, is_lora_param
+    from craftvla.model.peft import LoraConfig
+    from craftvla.model.peft import apply_lora, is_lora_param
 
     policy = small_policy()
     base = copy.deepcopy(policy)  # the initial model, before any adapter exists

@@ -12,7 +12,7 @@ from craftvla import VLAPolicy
 from craftvla.errors import CraftVLAError
 from craftvla.keys import TOKENS_KEY, TOKENS_MASK_KEY
 from craftvla.model.processor import crop_text_padding
-from craftvla.train.batches import collate
+from craftvla.data.loading import collate
 
 from .conftest import micro_config
 from tests.launch import CHILD_TIMEOUT_S

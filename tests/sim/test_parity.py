@@ -10,7 +10,7 @@ from craftvla.data import LeRobotDataset
 from craftvla.keys import STATE_KEY, TASK_KEY, TOKENS_KEY, TOKENS_MASK_KEY
 from craftvla.sim.collect import CollectConfig, collect
 from craftvla.sim.metaworld import COLLECT_STREAM, MetaWorldEnv, episode_seed
-from craftvla.train.batches import collate
+from craftvla.data.loading import collate
 from tests.model.conftest import micro_config
 
 TASK = "drawer-close-v3"

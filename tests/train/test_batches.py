@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from craftvla.train.batches import StepSampler
+from craftvla.data.loading import StepSampler
 
 
 def _take(sampler, n):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from craftvla.train.peft import train_mode
+from craftvla.model.peft import train_mode
 from tests.train.conftest import CAM, train_config
 
 

@@ -7,7 +7,7 @@ import torch
 from craftvla.model.policy import VLAPolicy
 from craftvla.train import state
 from craftvla.train.loop import build_policy, fit, setup
-from craftvla.train.peft import is_lora_param
+from craftvla.model.peft import is_lora_param
 from tests.train.conftest import train_config
 
 

@@ -10,7 +10,7 @@ import pytest
 from craftvla.data.mixture import MixedDataset, MixtureIndex, mixture_bounds, source_counts, source_of
 from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.keys import SOURCE_KEY
-from craftvla.train.batches import StepSampler
+from craftvla.data.loading import StepSampler
 
 from .conftest import train_config, write_tiny_dataset
 

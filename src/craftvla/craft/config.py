@@ -47,8 +47,7 @@ class CraftConfig:
     # only) or "action_query" (C_AQ only). Keep "both" when the starting checkpoint trained its
     # action queries (a VLA checkpoint); use "vision" when it did not (a plain VLM start, where
     # the queries are zero-initialised and their "initial features" carry no knowledge to keep).
-    # None = "both", or, with an anchor cache, what the cache holds ("vision": a cache stores
-    # pooled vision-side features).
+    # None = "both", or, with an anchor cache, the cache's token set (its anchor_type).
     anchor_type: Optional[str] = None
     # Token pooling for the bridge features: "mean" or "max"; None = "mean", or, with an anchor
     # cache, the cache's pooling.

@@ -1,4 +1,5 @@
-"""`CraftPlugin`: where CRaFT plugs into the training loop's `train_step`.
+"""`CraftPlugin`: where CRaFT plugs into the training loop's `train_step`; `build_craft_plugin`
+makes one from a run's settings.
 
 The loop (train/loop.py) calls, with the *unwrapped* policy and no DDP gradient sync:
 
@@ -24,8 +25,9 @@ import torch.distributed as dist
 from torch import nn
 
 from craftvla.craft import functional as CF
-from craftvla.craft.anchors import BatchStream, make_anchor_provider
+from craftvla.craft.data import BatchStream, anchor_batch_stream, calibration_batches, open_anchor_dataset
 from craftvla.craft.config import CraftConfig
+from craftvla.craft.providers import make_anchor_provider
 from craftvla.craft.targets import combined_retention_loss, compute_targets, feature_variance
 from craftvla.errors import CraftVLAError
 from craftvla.model.context import VLMContext
@@ -204,3 +206,25 @@ class CraftPlugin:
             if name in self.scales:
                 self.scales[name] = torch.tensor(float(value), device=self.lam.device)
 
+
+
+def build_craft_plugin(policy: nn.Module, cfg: CraftConfig, *, seed: int, log_freq: int, micro_per_step: int = 1,
+                       rank: int = 0, world_size: int = 1, num_workers: int = 0, task_dataset=None) -> CraftPlugin:
+    """The plug-in of one training process (rank `rank` of `world_size`) with its anchor data
+    wired up and its loss scale measured. Online anchors read --craft.anchor_dataset's batches
+    when given (`micro_per_step` micro-batches per optimizer step, positioned by the step), else
+    the training batch; the scale-free loss's spread is measured on the anchor data (else
+    `task_dataset`, else fake batches) with the initial weights, so call this before a resumed
+    training state is loaded."""
+    if cfg.mode in ("craft", "dual_only") and cfg.source == "online" and not cfg.anchor_dataset:
+        log.warning("CRaFT anchors on the training batch: in the retention study (benchmarks/retention) "
+                    "that kept little of the old tasks (pooled features) or stopped the new one being learned "
+                    "(actions); give the old tasks' data with --craft.anchor_dataset DIR")
+    anchor_data = open_anchor_dataset(cfg.anchor_dataset, policy) if cfg.anchor_dataset else None
+    stream = None if anchor_data is None else anchor_batch_stream(
+        anchor_data, cfg.anchor_batch_size, micro_per_step, seed + 1, rank, world_size, num_workers)
+    plugin = CraftPlugin(policy, cfg, seed=seed + rank, log_freq=log_freq, anchor_batches=stream)
+    if cfg.uses_features and cfg.scale_free:
+        data = anchor_data if anchor_data is not None else task_dataset
+        plugin.calibrate(calibration_batches(data, cfg.scale_samples, seed + 2, policy.config))
+    return plugin

@@ -80,7 +80,7 @@ def configured(cfg: PruneEvalConfig, current: PruningConfig) -> PruningConfig:
 
 def task_losses(policy, dataset_root: str, samples: int, seed: int) -> dict[str, float]:
     """Mean task loss on the same frames: unpruned, soft (no noise) and hard."""
-    from craftvla.craft.anchors import calibration_batches, open_anchor_dataset
+    from craftvla.craft.data import calibration_batches, open_anchor_dataset
 
     data = open_anchor_dataset(dataset_root, policy)
     batches = list(calibration_batches(data, samples, seed=seed))

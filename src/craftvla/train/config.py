@@ -19,6 +19,7 @@ import yaml
 
 from craftvla.config import HeadConfig, VLAConfig, number_list, parse_config
 from craftvla.craft.config import CraftConfig
+from craftvla.model.peft import FreezeConfig, LoraConfig
 from craftvla.errors import ConfigError, require
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -99,36 +100,6 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         require(self.warmup_steps is None or self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
         require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-
-
-@dataclass
-class LoraConfig:
-    # LoRA rank on the LLM; 0 = no LoRA (full fine-tuning of whatever is not frozen).
-    rank: int = 0
-    # LoRA scaling numerator (the update is scaled by alpha / rank).
-    alpha: float = 16.0
-    # Dropout on the LoRA branch input.
-    dropout: float = 0.0
-    # LLM module names to adapt (e.g. [q_proj, v_proj]); None = policy.lora_target_modules().
-    target_modules: Optional[list[str]] = None
-
-    def __post_init__(self) -> None:
-        require(self.rank >= 0, "lora.rank", self.rank, "must be >= 0 (0 disables LoRA)")
-        require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
-
-
-@dataclass
-class FreezeConfig:
-    # Freeze the vision backbone (policy.vision).
-    vision: bool = False
-    # Freeze the vision-to-LLM projector (policy.projector).
-    projector: bool = False
-    # Freeze the LLM (policy.llm); with LoRA the LLM's base weights are frozen regardless.
-    llm: bool = False
-    # Freeze the learnable action queries (policy.action_queries).
-    action_queries: bool = False
-    # Freeze the action head (policy.action_head); only useful for probing experiments.
-    action_head: bool = False
 
 
 @dataclass

@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from craftvla.train import state as ckpt
-from craftvla.train.batches import StepSampler, data_loader, fake_micro_batches, to_device
+from craftvla.data.loading import StepSampler, data_loader, fake_micro_batches, to_device
 from craftvla.train.config import (TrainConfig, apply_fine_tune_fields, check_init_policy, dump_train_config,
                                    flat_train_config, init_policy_config, parse_train_config)
 from craftvla.train.metrics import MetricsLogger, start_trackers, tracker_settings, truncate_metrics
-from craftvla.train.peft import train_mode
+from craftvla.model.peft import train_mode
 from craftvla.train.stop import EXIT_CODES, StopSignals, stop_reason
 
 if TYPE_CHECKING:
@@ -145,29 +145,15 @@ def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False):
 
 
 def make_craft_plugin(policy: nn.Module, cfg: TrainConfig, accelerator, dataset=None) -> Optional[GradPlugin]:
-    """CRaFT (or a retention baseline) when `--craft.enabled true`, else None (plain fine-tuning).
-    Online anchors read --craft.anchor_dataset's batches when given, else the training batch; the
-    scale-free loss's spread is measured here, on the anchor data, with the initial weights."""
+    """CRaFT (or a retention baseline) when `--craft.enabled true`, else None (plain fine-tuning)."""
     if not cfg.craft.enabled:
         return None
-    from craftvla.craft import anchors
-    from craftvla.craft.plugin import CraftPlugin
+    from craftvla.craft.plugin import build_craft_plugin
 
-    c = cfg.craft
-    if c.mode in ("craft", "dual_only") and c.source == "online" and not c.anchor_dataset:
-        log.warning("CRaFT anchors on the training batch: in the retention study (benchmarks/retention) "
-                    "that kept little of the old tasks (pooled features) or stopped the new one being learned "
-                    "(actions); give the old tasks' data with --craft.anchor_dataset DIR")
-    anchor_data = anchors.open_anchor_dataset(c.anchor_dataset, policy) if c.anchor_dataset else None
-    stream = None if anchor_data is None else anchors.anchor_batch_stream(
-        anchor_data, c.anchor_batch_size, cfg.grad_accum_steps, cfg.seed + 1, accelerator.process_index,
-        accelerator.num_processes, cfg.dataset.num_workers)
-    plugin = CraftPlugin(policy, c, seed=cfg.seed + accelerator.process_index, log_freq=cfg.log.log_freq,
-                         anchor_batches=stream)
-    if c.uses_features and c.scale_free:
-        data = anchor_data if anchor_data is not None else dataset
-        plugin.calibrate(anchors.calibration_batches(data, c.scale_samples, cfg.seed + 2, policy.config))
-    return plugin
+    return build_craft_plugin(policy, cfg.craft, seed=cfg.seed, log_freq=cfg.log.log_freq,
+                              micro_per_step=cfg.grad_accum_steps, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes, num_workers=cfg.dataset.num_workers,
+                              task_dataset=dataset)
 
 
 def unused_trainable_parameters(policy: nn.Module) -> list[str]:
@@ -188,7 +174,7 @@ def build_policy(cfg: TrainConfig, dataset) -> nn.Module:
     """The policy to train: from `init_from` or fresh from `cfg.policy` sized by the dataset,
     then freezing and LoRA (imported only when enabled)."""
     from craftvla.model.policy import VLAPolicy
-    from craftvla.train.peft import apply_freeze
+    from craftvla.model.peft import apply_freeze
 
     policy_cfg = cfg.policy
     if dataset is not None:
@@ -206,7 +192,7 @@ def build_policy(cfg: TrainConfig, dataset) -> nn.Module:
         dataset.transform = policy.processor.transform  # normalise + tokenise in the DataLoader workers
     frozen = apply_freeze(policy, cfg.freeze)
     if cfg.lora.rank > 0:
-        from craftvla.train.peft import apply_lora
+        from craftvla.model.peft import apply_lora
 
         apply_lora(policy, cfg.lora)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -370,14 +356,14 @@ def resume(run: Run) -> int:
 
 def export_model(policy: nn.Module) -> nn.Module:
     """The inference model of a checkpoint: LoRA merged into a copy, else the policy itself."""
-    from craftvla.train.peft import has_lora, merged_copy
+    from craftvla.model.peft import has_lora, merged_copy
 
     return merged_copy(policy) if has_lora(policy) else policy
 
 
 def save(run: Run, step: int) -> Path:
     """Write checkpoint `step` (all ranks participate)."""
-    from craftvla.train.peft import has_lora
+    from craftvla.model.peft import has_lora
 
     cfg = run.cfg
     state = {"step": step, "samples_seen": step * cfg.batch_size, "batch_size": cfg.batch_size,

@@ -1,4 +1,5 @@
-"""Partial and parameter-efficient training: freezing components, LoRA on the LLM through PEFT.
+"""Partial and parameter-efficient training of a policy: which components train (`FreezeConfig`),
+LoRA on the LLM through PEFT (`LoraConfig`), and the adapters' bookkeeping.
 
 `apply_lora` injects PEFT LoRA layers into `policy.llm` in place (`peft.inject_adapter_in_model`),
 so the policy's forward and module tree are unchanged except that each targeted Linear becomes
@@ -10,14 +11,44 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 from torch import nn
 
-from craftvla.errors import CraftVLAError
-from craftvla.train.config import FreezeConfig, LoraConfig
+from craftvla.errors import CraftVLAError, require
 
 COMPONENTS = ("vision", "projector", "llm", "action_queries", "action_head")
+
+
+@dataclass
+class LoraConfig:
+    # LoRA rank on the LLM; 0 = no LoRA (full fine-tuning of whatever is not frozen).
+    rank: int = 0
+    # LoRA scaling numerator (the update is scaled by alpha / rank).
+    alpha: float = 16.0
+    # Dropout on the LoRA branch input.
+    dropout: float = 0.0
+    # LLM module names to adapt (e.g. [q_proj, v_proj]); None = policy.lora_target_modules().
+    target_modules: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        require(self.rank >= 0, "lora.rank", self.rank, "must be >= 0 (0 disables LoRA)")
+        require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class FreezeConfig:
+    # Freeze the vision backbone (policy.vision).
+    vision: bool = False
+    # Freeze the vision-to-LLM projector (policy.projector).
+    projector: bool = False
+    # Freeze the LLM (policy.llm); with LoRA the LLM's base weights are frozen regardless.
+    llm: bool = False
+    # Freeze the learnable action queries (policy.action_queries).
+    action_queries: bool = False
+    # Freeze the action head (policy.action_head); only useful for probing experiments.
+    action_head: bool = False
 
 
 def apply_freeze(policy: nn.Module, cfg: FreezeConfig) -> list[str]:

@@ -2,7 +2,8 @@
 
 Each provider answers `retention_pairs(policy, batch, context) -> {target: (f_theta, f_anchor)}`
 (targets as in craft/targets.py, first axis the sample), `f_theta` carrying gradient, `f_anchor`
-not:
+not, and `measure_targets(policy, batches) -> {target: (N, ...)}`, the initial model's targets the
+loss scale is measured on:
 
 - `OnlineAnchors` (default): the initial weights, without moving any weight, on the training
   batch (free: its forward is already done) or on batches of a separate anchor dataset
@@ -13,25 +14,30 @@ not:
   covers every trainable tensor that feeds the targets. The copies kept are only those the target
   graph actually reaches (found once, from the first step's graph). Exact: equal to a frozen copy
   of the initial model.
-- `craft.cache.CacheAnchorProvider`: targets from an offline anchor cache (craft/cache.py), on anchor
-  batches drawn from the cache alongside the task data.
+- `CacheAnchors`: the teacher's targets stored in an offline anchor cache (craft/cache.py), on
+  anchor batches drawn from the cache alongside the task data. The cache fixes what is retained:
+  each `--craft.*` extraction flag left unset adopts the cache's value, one that is set must match.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from craftvla.craft.cache import AnchorCache, model_fingerprint, target_key
 from craftvla.craft.config import CraftConfig
+from craftvla.craft.data import BatchStream
+from craftvla.craft.targets import Extraction, absolute_layer
+from craftvla.data.loading import to_device
 from craftvla.model.context import VLMContext
+from craftvla.model.peft import has_lora, is_lora_param, lora_disabled
 
 log = logging.getLogger(__name__)
 FeatureFn = Callable[[VLMContext], dict[str, torch.Tensor]]  # a VLM context -> {target: (B, ...)}
-BatchStream = Callable[[int], Iterator[dict]]  # optimizer step -> anchor micro-batches from that step on
 
 
 class _TargetCall(nn.Module):
@@ -48,8 +54,6 @@ class _TargetCall(nn.Module):
 
 def _lora_context(policy: nn.Module):
     """Adapters bypassed if the policy has PEFT LoRA layers, else a no-op context."""
-    from craftvla.train.peft import has_lora, lora_disabled
-
     return (lora_disabled(policy), True) if has_lora(policy) else (contextlib.nullcontext(), False)
 
 
@@ -82,8 +86,6 @@ class OnlineAnchors:
     (optional) gives the anchor dataset's micro-batches; without it the training batch is used."""
 
     def __init__(self, policy: nn.Module, feature_fn: FeatureFn, anchor_batches: Optional[BatchStream] = None):
-        from craftvla.train.peft import is_lora_param
-
         self.feature_fn = feature_fn
         self.lora = _lora_context(policy)[1]
         self.initial = {n: p.detach().clone() for n, p in policy.named_parameters()
@@ -137,8 +139,6 @@ class OnlineAnchors:
             return batch, context
         if self._stream is None:
             self.start(0)
-        from craftvla.train.batches import to_device
-
         anchor = to_device(next(self._stream), policy.action_queries.weight.device)
         return anchor, policy.encode(anchor)
 
@@ -156,8 +156,6 @@ class OnlineAnchors:
     @torch.no_grad()
     def measure_targets(self, policy: nn.Module, batches) -> dict[str, torch.Tensor]:
         """{target: (N, ...)}: the initial model's targets over `batches` (for the loss scale)."""
-        from craftvla.train.batches import to_device
-
         parts: dict[str, list[torch.Tensor]] = {}
         device = policy.action_queries.weight.device
         for batch in batches:
@@ -166,61 +164,71 @@ class OnlineAnchors:
         return {name: torch.cat(fs) for name, fs in parts.items()}
 
 
+def cache_extraction(policy: nn.Module, cfg: CraftConfig, cached: Extraction) -> tuple[Extraction, dict]:
+    """What CRaFT's config makes the student extract against a cache holding `cached`, and what it
+    adopted from the cache: each of targets / anchor_layer_idx / anchor_type / pooling left unset
+    takes the cache's value; one that is set must match (`AnchorCache.check` refuses it otherwise).
+    A set anchor_layer_idx matches a tokens cache of several layers on its first one."""
+    adopted: dict = {}
+    target = cached.target if cfg.targets is None else ",".join(cfg.target_names)
+    if cfg.targets is None:
+        adopted["targets"] = target
+    if cached.target != "actions":
+        layers = cached.layers
+        if cfg.anchor_layer_idx is None:
+            adopted["anchor_layer_idx"] = cached.layers[0]
+        else:
+            layer = absolute_layer(policy.anchor_layer(cfg.anchor_layer_idx), policy.llm.num_layers)
+            layers = cached.layers if layer == cached.layers[0] else (layer,)
+        for name in ("anchor_type", "pooling"):
+            if getattr(cfg, name) is None and getattr(cached, name) is not None:
+                adopted[name] = getattr(cached, name)
+        anchor_type, pooling = cfg.anchor_type or cached.anchor_type, cfg.pooling or cached.pooling
+        return Extraction(target, layers, anchor_type, pooling if cached.target == "pooled" else None), adopted
+    return Extraction(target), adopted
+
+
+def open_checked_cache(path, policy: nn.Module, cfg: CraftConfig) -> AnchorCache:
+    """The cache at `path`, refused unless the student extracts what it holds from the same
+    initial model; logs what was adopted from it."""
+    cache = AnchorCache(path)
+    student, adopted = cache_extraction(policy, cfg, cache.extraction)
+    cache.check(student, policy.llm.hidden_size, model_fingerprint(policy))
+    if adopted:
+        log.info("CRaFT: adopted from anchor cache %s (flags left unset): %s", cache.path,
+                 ", ".join(f"craft.{k}={v}" for k, v in adopted.items()))
+    return cache
+
+
+class CacheAnchors:
+    """Targets from an anchor cache: each call draws one anchor batch from the cache, runs the
+    student on the cache's own inputs (with gradient) and returns {target: (student, cached)}
+    (tokens: padded tokens are zero on both sides)."""
+
+    def __init__(self, policy: nn.Module, cfg: CraftConfig, batch_size: int = 8, seed: int = 0):
+        self.cache = open_checked_cache(cfg.anchor_cache, policy, cfg)
+        self.target = self.cache.target
+        self.scale_samples = cfg.scale_samples
+        self.device = policy.action_queries.weight.device
+        self.stream = self.cache.batches(batch_size, seed=seed, device=self.device)
+        self.description = f"offline {self.target} cache {self.cache.path} ({len(self.cache)} samples)"
+
+    def retention_pairs(self, policy, batch: dict, context: VLMContext) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        anchor = next(self.stream)
+        target = anchor.pop(target_key(self.target))
+        student, _ = self.cache.extraction(policy, policy.encode(anchor), self.cache.meta["max_text_tokens"])
+        return {self.target: (student, target.to(student.dtype))}
+
+    def measure_targets(self, policy, batches=None) -> dict[str, torch.Tensor]:
+        """{target: (N, ...)}: the cached (teacher's) targets of the first `craft.scale_samples`
+        samples; `batches` is not read: the cache is the anchor data."""
+        count = min(self.scale_samples, len(self.cache))
+        return {self.target: self.cache.samples(list(range(count)))[target_key(self.target)].float()}
+
+
 def make_anchor_provider(policy: nn.Module, cfg: CraftConfig, feature_fn: FeatureFn, seed: int = 0,
                          anchor_batches: Optional[BatchStream] = None):
     """The provider named by `cfg.source` (`seed` orders the cache's anchor batches)."""
     if cfg.source == "online":
         return OnlineAnchors(policy, feature_fn, anchor_batches)
-    from craftvla.craft.cache import CacheAnchorProvider
-
-    return CacheAnchorProvider(policy, cfg, batch_size=cfg.anchor_batch_size, seed=seed)
-
-
-# ----- anchor data ---------------------------------------------------------------------------------
-
-
-def open_anchor_dataset(root: str, policy: nn.Module):
-    """An anchor dataset converted by the policy's processor (its statistics, else the dataset's)."""
-    from craftvla.data import LeRobotDataset
-    from craftvla.errors import CraftVLAError
-
-    dataset = LeRobotDataset(root, chunk_size=policy.config.chunk_size)
-    missing = [k for k in policy.config.camera_keys if k not in dataset.meta.camera_keys]
-    if missing:
-        raise CraftVLAError(f"dataset {root}: cameras {dataset.meta.camera_keys} lack the policy's {missing}")
-    if policy.processor.stats is None:
-        policy.set_stats(dataset.stats, f"anchor dataset {root}")
-    dataset.transform = policy.processor.transform
-    return dataset
-
-
-def anchor_batch_stream(dataset, batch_size: int, micro_per_step: int, seed: int, rank: int = 0,
-                        world_size: int = 1, num_workers: int = 0) -> BatchStream:
-    """step -> endless anchor micro-batches of `batch_size` from that optimizer step on; each step
-    takes `micro_per_step` of them per rank, ranks take disjoint samples (as the task data does),
-    and the position is a function of the step, so a resumed run draws what it would have drawn."""
-    from craftvla.train.batches import StepSampler, data_loader
-
-    def stream(step: int) -> Iterator[dict]:
-        sampler = StepSampler(len(dataset), seed, batch_size * world_size * micro_per_step, batch_size,
-                              rank, world_size, step)
-        return iter(data_loader(dataset, sampler, num_workers, seed + rank))
-
-    return stream
-
-
-def calibration_batches(dataset, num_samples: int, seed: int, fake_config=None, batch_size: int = 32
-                        ) -> Iterator[dict]:
-    """`num_samples` anchor samples (a seeded random subset of `dataset`, or fake batches of
-    `fake_config` without one) in micro-batches, for measuring the retention targets' spread."""
-    if dataset is None:
-        for first in range(0, num_samples, batch_size):
-            yield fake_config.fake_batch(min(batch_size, num_samples - first), seed=seed * 1_000_003 + first)
-        return
-    from torch.utils.data import DataLoader, Subset
-
-    from craftvla.train.batches import collate
-
-    gen = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(len(dataset), generator=gen)[:num_samples].tolist()
-    yield from DataLoader(Subset(dataset, picked), batch_size=batch_size, collate_fn=collate)
+    return CacheAnchors(policy, cfg, batch_size=cfg.anchor_batch_size, seed=seed)
