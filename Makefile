@@ -30,7 +30,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	MUJOCO_GL=egl $(BIN)/craftvla demo
 
+LINTED := src tests benchmarks examples
+
 test: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	MUJOCO_GL=egl $(BIN)/python -m pytest -q -n 2 tests
 
 clean:

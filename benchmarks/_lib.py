@@ -15,8 +15,9 @@ def sh(args: list, log: Path) -> None:
     with open(log, "a") as f:
         f.write(f"$ {' '.join(map(str, args))}\n")
         f.flush()
-        code = subprocess.call([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT,
-                               env={**os.environ, "MUJOCO_GL": "egl"})
+        code = subprocess.call(
+            [str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "MUJOCO_GL": "egl"}
+        )
     if code:
         raise SystemExit(f"failed ({code}): {' '.join(map(str, args))}\n{log.read_text()[-3000:]}")
 

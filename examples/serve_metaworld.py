@@ -14,8 +14,9 @@ from craftvla.serve.client import PolicyClient
 from craftvla.sim.metaworld import EVAL_STREAM, MetaWorldEnv, episode_seed
 
 
-def run_episode(url: str, task: str, seed: int = 0, max_steps: int = 200, execute_steps: int = 4,
-                api_key: str | None = None) -> tuple[bool, int]:
+def run_episode(
+    url: str, task: str, seed: int = 0, max_steps: int = 200, execute_steps: int = 4, api_key: str | None = None
+) -> tuple[bool, int]:
     """(success, steps) of one episode whose every action came from the server."""
     with PolicyClient(url, api_key=api_key) as client:
         meta = client.metadata  # camera keys, image size, chunk size: what to render and send

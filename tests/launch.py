@@ -23,21 +23,51 @@ def free_port() -> int:
 
 def run_child(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
     """Run `cmd` from the repository root with one intra-op thread; fail the test with its stderr."""
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    done = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
     """`python -m torch.distributed.run` on localhost with a fresh port."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
 
 
 def accelerate_launch(nproc: int, *args: str) -> list[str]:
     """`accelerate launch` of `nproc` processes (--multi_gpu: the multi-process launcher; on a CPU
     machine it runs them under torchrun with gloo) on a fresh port."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]

@@ -11,5 +11,5 @@ def test_wilson_interval_against_hand_computed_values():
     low, high = wilson_interval(0.75, 60)
     assert low == pytest.approx(0.62768, abs=1e-4) and high == pytest.approx(0.84224, abs=1e-4)
     low, high = wilson_interval(1.0, 60)  # all successes: the low end is n / (n + z^2)
-    assert high == pytest.approx(1.0) and low == pytest.approx(60 / (60 + 1.96 ** 2), abs=1e-9)
+    assert high == pytest.approx(1.0) and low == pytest.approx(60 / (60 + 1.96**2), abs=1e-9)
     assert wilson_interval(0.0, 0) == (0.0, 1.0)

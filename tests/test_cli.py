@@ -47,9 +47,18 @@ def test_cache_without_sub_verb_lists_build(capsys):
     assert "craftvla cache build" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["train", "--steps", "x"], ["collect", "--nope", "1"], ["eval", "--episodes"],
-                                  ["cache", "build", "--layer", "two"], ["info", "--preset", "huge"],
-                                  ["prune", "train", "--stage", "3"], ["prune", "eval", "--keep", "half"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--steps", "x"],
+        ["collect", "--nope", "1"],
+        ["eval", "--episodes"],
+        ["cache", "build", "--layer", "two"],
+        ["info", "--preset", "huge"],
+        ["prune", "train", "--stage", "3"],
+        ["prune", "eval", "--keep", "half"],
+    ],
+)
 def test_bad_flags_are_one_line_errors(argv, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
@@ -98,7 +107,9 @@ def _one_line_naming(capsys, path, words):
 
 
 def test_train_on_a_broken_dataset_is_one_line(broken_dataset, tmp_path, capsys):
-    assert main(["train", "--steps", "1", "--dataset.root", str(broken_dataset), "--output_dir", str(tmp_path / "r")]) == 1
+    assert (
+        main(["train", "--steps", "1", "--dataset.root", str(broken_dataset), "--output_dir", str(tmp_path / "r")]) == 1
+    )
     _one_line_naming(capsys, broken_dataset / "meta/info.json", "fps=0")
 
 
@@ -109,8 +120,23 @@ def test_cache_build_on_a_broken_dataset_is_one_line(broken_dataset, tmp_path, c
     cfg = VLAConfig.preset("tiny")
     cfg.vision.depth, cfg.llm.num_layers = 1, 2
     VLAPolicy(cfg).save_pretrained(tmp_path / "ckpt")
-    assert main(["cache", "build", "--checkpoint", str(tmp_path / "ckpt"), "--dataset", str(broken_dataset),
-                 "--out", str(tmp_path / "c"), "--device", "cpu"]) == 1
+    assert (
+        main(
+            [
+                "cache",
+                "build",
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--dataset",
+                str(broken_dataset),
+                "--out",
+                str(tmp_path / "c"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 1
+    )
     _one_line_naming(capsys, broken_dataset / "meta/info.json", "fps=0")
     assert not (tmp_path / "c").exists()
 
@@ -158,8 +184,11 @@ def test_every_flag_has_a_help_text_and_no_section_file_flags(argv, capsys):
     assert "Config file for" not in text
     options = _options(text)
     assert len(options) > 3
-    missing = [flag for flag, words in options if not words.replace("(default:", "").strip(" )").split(" ", 1)[0]
-               or words.startswith("(default:")]
+    missing = [
+        flag
+        for flag, words in options
+        if not words.replace("(default:", "").strip(" )").split(" ", 1)[0] or words.startswith("(default:")
+    ]
     assert not missing, f"flags without a help text: {missing}"
 
 

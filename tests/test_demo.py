@@ -16,8 +16,23 @@ def test_demo_end_to_end_at_a_reduced_size(tmp_path, capsys):
 
     assert (SHIPPED / "model.safetensors").is_file(), "the generalist must ship with the repository"
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--steps", "2", "--episodes", "1", "--anchor_episodes", "1",
-            "--eval_episodes", "1", "--old_tasks", "drawer-close-v3,door-open-v3", "--batch_size", "4"]
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--episodes",
+        "1",
+        "--anchor_episodes",
+        "1",
+        "--eval_episodes",
+        "1",
+        "--old_tasks",
+        "drawer-close-v3,door-open-v3",
+        "--batch_size",
+        "4",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     reports = sorted(out.glob("report-*"))
@@ -32,7 +47,9 @@ def test_demo_end_to_end_at_a_reduced_size(tmp_path, capsys):
     for rows in summary.values():  # success rates as evaluated: one episode per task -> 0 or 1
         assert set(rows[0]["tasks"]) == {"window-open-v3", "drawer-close-v3", "door-open-v3"}
         assert all(v in (0.0, 1.0) for v in rows[0]["tasks"].values())
-        assert rows[0]["old"] == pytest.approx((rows[0]["tasks"]["drawer-close-v3"] + rows[0]["tasks"]["door-open-v3"]) / 2)
+        assert rows[0]["old"] == pytest.approx(
+            (rows[0]["tasks"]["drawer-close-v3"] + rows[0]["tasks"]["door-open-v3"]) / 2
+        )
     assert (report / "table.txt").read_text() in printed
     metrics = [json.loads(x) for x in (out / "craft-s0" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "craft/lambda" in m] == [1, 2]  # CRaFT ran and logged every step

@@ -39,18 +39,28 @@ def shapes(cfg: VLAConfig) -> dict:
         policy = VLAPolicy(cfg, load_weights=False)
     n_vis = policy.vision.num_patches * len(cfg.camera_keys)
     t_max, q = cfg.llm.max_text_tokens, cfg.num_action_queries
-    return {"cams": len(cfg.camera_keys), "size": cfg.vision.image_size, "state": cfg.state_dim,
-            "n_vis": n_vis, "t_max": t_max, "l_max": 1 + n_vis + t_max + q + 1, "width": policy.llm.hidden_size,
-            "chunk": cfg.chunk_size, "action_dim": cfg.action_dim}
+    return {
+        "cams": len(cfg.camera_keys),
+        "size": cfg.vision.image_size,
+        "state": cfg.state_dim,
+        "n_vis": n_vis,
+        "t_max": t_max,
+        "l_max": 1 + n_vis + t_max + q + 1,
+        "width": policy.llm.hidden_size,
+        "chunk": cfg.chunk_size,
+        "action_dim": cfg.action_dim,
+    }
 
 
 def bytes_per_sample(s: dict, target_bytes: int = 2, image_bytes: int = 2) -> dict:
     """Inputs (images, float32 state, int64 ids, bool mask) and each target, in bytes."""
     inputs = s["cams"] * 3 * s["size"] ** 2 * image_bytes + 4 * s["state"] + 8 * s["t_max"] + s["t_max"]
-    return {"inputs": inputs,
-            "pooled": target_bytes * s["width"],  # (D,)
-            "tokens": target_bytes * s["n_vis"] * s["width"] + s["n_vis"],  # (1, N_vis, D) + its mask (N_vis,)
-            "actions": target_bytes * s["chunk"] * s["action_dim"]}  # (H, A)
+    return {
+        "inputs": inputs,
+        "pooled": target_bytes * s["width"],  # (D,)
+        "tokens": target_bytes * s["n_vis"] * s["width"] + s["n_vis"],  # (1, N_vis, D) + its mask (N_vis,)
+        "actions": target_bytes * s["chunk"] * s["action_dim"],
+    }  # (H, A)
 
 
 def synth_dataset(root: Path, cfg: VLAConfig, frames: int) -> Path:
@@ -58,16 +68,22 @@ def synth_dataset(root: Path, cfg: VLAConfig, frames: int) -> Path:
 
     rng = np.random.default_rng(0)
     size = cfg.vision.image_size
-    features = {cfg.camera_keys[0]: {"dtype": "video", "shape": (size, size, 3), "names": None},
-                "observation.state": {"dtype": "float32", "shape": (cfg.state_dim,), "names": None},
-                "action": {"dtype": "float32", "shape": (cfg.action_dim,), "names": None}}
+    features = {
+        cfg.camera_keys[0]: {"dtype": "video", "shape": (size, size, 3), "names": None},
+        "observation.state": {"dtype": "float32", "shape": (cfg.state_dim,), "names": None},
+        "action": {"dtype": "float32", "shape": (cfg.action_dim,), "names": None},
+    }
     writer = LeRobotDatasetWriter(root, fps=10, features=features)
     for ep in range(frames // 16):
         for _ in range(16):
-            writer.add_frame({cfg.camera_keys[0]: rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-                              "observation.state": rng.normal(size=cfg.state_dim).astype(np.float32),
-                              "action": rng.normal(size=cfg.action_dim).astype(np.float32)},
-                             task=["open the drawer", "press the button from the top"][ep % 2])
+            writer.add_frame(
+                {
+                    cfg.camera_keys[0]: rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+                    "observation.state": rng.normal(size=cfg.state_dim).astype(np.float32),
+                    "action": rng.normal(size=cfg.action_dim).astype(np.float32),
+                },
+                task=["open the drawer", "press the button from the top"][ep % 2],
+            )
         writer.save_episode()
     return writer.finalize()
 
@@ -105,12 +121,24 @@ def main() -> int:
         VLAPolicy(cfg).save_pretrained(tmp / "ckpt")
         data = synth_dataset(tmp / "ds", cfg, args.samples)
         for kind in TARGETS:
-            build = CacheBuildConfig(checkpoint=str(tmp / "ckpt"), dataset=str(data), out=str(tmp / kind),
-                                     target=kind, num_samples=args.samples, shard_size=32, batch_size=16, device="cpu")
+            build = CacheBuildConfig(
+                checkpoint=str(tmp / "ckpt"),
+                dataset=str(data),
+                out=str(tmp / kind),
+                target=kind,
+                num_samples=args.samples,
+                shard_size=32,
+                batch_size=16,
+                device="cpu",
+            )
             start = time.perf_counter()
             build_cache(build)  # includes loading the checkpoint and opening the dataset
             seconds = time.perf_counter() - start
-            results["build"][kind] = {"samples": args.samples, "seconds": seconds, "samples_per_s": args.samples / seconds}
+            results["build"][kind] = {
+                "samples": args.samples,
+                "seconds": seconds,
+                "samples_per_s": args.samples / seconds,
+            }
             results["measured_tiny"][kind] = measured_bytes(tmp / kind)
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     print_table(results)
@@ -122,13 +150,17 @@ def print_table(results: dict) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for preset, r in results["bytes"].items():
         s = r["shapes"]
-        print(f"| {preset} | {s['n_vis']} | {s['l_max']} | {s['width']} | {r['inputs']:,} | {r['pooled']:,} "
-              f"| {r['tokens']:,} | {r['actions']:,} |")
+        print(
+            f"| {preset} | {s['n_vis']} | {s['l_max']} | {s['width']} | {r['inputs']:,} | {r['pooled']:,} "
+            f"| {r['tokens']:,} | {r['actions']:,} |"
+        )
     print("\ntiny, measured from built caches (tensor bytes per sample; file = shard files / samples):")
     for kind, m in results["measured_tiny"].items():
         b = results["build"][kind]
-        print(f"  {kind:<8} inputs {m['inputs']:,} B  target {m['target']:,} B  file {m['file_bytes_per_sample']:,.0f} B"
-              f"  build {b['samples_per_s']:.1f} samples/s ({b['samples']} in {b['seconds']:.2f} s)")
+        print(
+            f"  {kind:<8} inputs {m['inputs']:,} B  target {m['target']:,} B  file {m['file_bytes_per_sample']:,.0f} B"
+            f"  build {b['samples_per_s']:.1f} samples/s ({b['samples']} in {b['seconds']:.2f} s)"
+        )
 
 
 if __name__ == "__main__":

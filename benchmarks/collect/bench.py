@@ -48,8 +48,13 @@ def render_speed(task: str, size: int, fast: bool, steps: int) -> dict:
             total = time.perf_counter() - t0
         finally:
             renderer.close()
-    return {"size": size, "settings": "fast" if fast else "default", "steps": steps,
-            "frames_per_s": steps / total, "render_only_per_s": steps / render_s}
+    return {
+        "size": size,
+        "settings": "fast" if fast else "default",
+        "steps": steps,
+        "frames_per_s": steps / total,
+        "render_only_per_s": steps / render_s,
+    }
 
 
 def expert_success(tasks: list[str], episodes: int, max_steps: int) -> dict:
@@ -58,8 +63,11 @@ def expert_success(tasks: list[str], episodes: int, max_steps: int) -> dict:
     spec = RolloutSpec(seed=0, stream=COLLECT_STREAM, max_steps=max_steps)
     for task in tasks:
         eps = list(run_episodes(ExpertPolicy(), task, episodes, spec))
-        rows[task] = {"success": int(sum(e.success for e in eps)), "episodes": episodes,
-                      "mean_length": float(np.mean([e.length for e in eps]))}
+        rows[task] = {
+            "success": int(sum(e.success for e in eps)),
+            "episodes": episodes,
+            "mean_length": float(np.mean([e.length for e in eps])),
+        }
     return rows
 
 
@@ -70,28 +78,50 @@ def collect_speed(task: str, episodes: int) -> dict:
         summary = collect(CollectConfig(out=f"{tmp}/ds", tasks=task, episodes=episodes))
         seconds = time.perf_counter() - t0
         frames = json.loads(Path(f"{tmp}/ds/meta/info.json").read_text())["total_frames"]
-    return {"task": task, "episodes": summary[task]["kept"], "frames": frames, "seconds": seconds,
-            "frames_per_s": frames / seconds}
+    return {
+        "task": task,
+        "episodes": summary[task]["kept"],
+        "frames": frames,
+        "seconds": seconds,
+        "frames_per_s": frames / seconds,
+    }
 
 
 def to_markdown(res: dict, command: str) -> str:
-    lines = ["# Meta-World collection speed and expert success", "", f"Command: `{command}`", "",
-             f"Machine: {res['machine']}. One process; other jobs may share the 2 cores.", "",
-             "## Expert step + render of one camera (drawer-close-v3), frames/s", "",
-             "| size | default settings | fast settings | speed-up | render only: default | fast |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# Meta-World collection speed and expert success",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {res['machine']}. One process; other jobs may share the 2 cores.",
+        "",
+        "## Expert step + render of one camera (drawer-close-v3), frames/s",
+        "",
+        "| size | default settings | fast settings | speed-up | render only: default | fast |",
+        "|---|---|---|---|---|---|",
+    ]
     for size in res["sizes"]:
         d, f = (next(r for r in res["render"] if r["size"] == size and r["settings"] == s) for s in ("default", "fast"))
-        lines.append(f"| {size} px | {d['frames_per_s']:.1f} | {f['frames_per_s']:.1f} | "
-                     f"{f['frames_per_s'] / d['frames_per_s']:.1f}x | {d['render_only_per_s']:.1f} | "
-                     f"{f['render_only_per_s']:.1f} |")
+        lines.append(
+            f"| {size} px | {d['frames_per_s']:.1f} | {f['frames_per_s']:.1f} | "
+            f"{f['frames_per_s'] / d['frames_per_s']:.1f}x | {d['render_only_per_s']:.1f} | "
+            f"{f['render_only_per_s']:.1f} |"
+        )
     c = res["collect"]
-    lines += ["", "Fast = shadows and reflections off, `model.vis.quality.offsamples = 0` (what `collect` uses).", "",
-              f"Whole `collect` ({c['task']}, {c['episodes']} episodes, 64 px, H.264 + parquet): "
-              f"{c['frames']} frames in {c['seconds']:.1f} s = **{c['frames_per_s']:.1f} frames/s** "
-              "(includes env construction and encoding).", "",
-              f"## Scripted-expert success ({res['expert_episodes']} episodes per task, max {res['max_steps']} steps, "
-              "collection-stream positions, no rendering)", "", "| task | solved | mean length (steps) |", "|---|---|---|"]
+    lines += [
+        "",
+        "Fast = shadows and reflections off, `model.vis.quality.offsamples = 0` (what `collect` uses).",
+        "",
+        f"Whole `collect` ({c['task']}, {c['episodes']} episodes, 64 px, H.264 + parquet): "
+        f"{c['frames']} frames in {c['seconds']:.1f} s = **{c['frames_per_s']:.1f} frames/s** "
+        "(includes env construction and encoding).",
+        "",
+        f"## Scripted-expert success ({res['expert_episodes']} episodes per task, max {res['max_steps']} steps, "
+        "collection-stream positions, no rendering)",
+        "",
+        "| task | solved | mean length (steps) |",
+        "|---|---|---|",
+    ]
     for task, row in res["experts"].items():
         lines.append(f"| {task} | {row['success']}/{row['episodes']} | {row['mean_length']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -105,14 +135,31 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=200)
     args = parser.parse_args()
     sizes = [64, 128]
-    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                      f"load average {os.getloadavg()[0]:.1f} at start", "sizes": sizes,
-           "render": [render_speed("drawer-close-v3", s, fast, args.fast_steps if fast else args.default_steps)
-                      for s in sizes for fast in (False, True)],
-           "collect": collect_speed("drawer-close-v3", 5),
-           "expert_episodes": args.expert_episodes, "max_steps": args.max_steps,
-           "experts": expert_success(["drawer-close-v3", "button-press-topdown-v3", "door-open-v3", "window-open-v3",
-                                      "handle-press-v3", "plate-slide-v3"], args.expert_episodes, args.max_steps)}
+    res = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at start",
+        "sizes": sizes,
+        "render": [
+            render_speed("drawer-close-v3", s, fast, args.fast_steps if fast else args.default_steps)
+            for s in sizes
+            for fast in (False, True)
+        ],
+        "collect": collect_speed("drawer-close-v3", 5),
+        "expert_episodes": args.expert_episodes,
+        "max_steps": args.max_steps,
+        "experts": expert_success(
+            [
+                "drawer-close-v3",
+                "button-press-topdown-v3",
+                "door-open-v3",
+                "window-open-v3",
+                "handle-press-v3",
+                "plate-slide-v3",
+            ],
+            args.expert_episodes,
+            args.max_steps,
+        ),
+    }
     (HERE / "results.json").write_text(json.dumps(res, indent=2))
     command = "MUJOCO_GL=egl .venv/bin/python benchmarks/collect/bench.py"
     (HERE / "results.md").write_text(to_markdown(res, command))

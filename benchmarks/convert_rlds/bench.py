@@ -65,8 +65,9 @@ def scaled_copy(episodes: int, out: Path) -> Path:
                 f.write(_frame(records[(s * PER_SHARD + i) % len(records)]))
         lengths.append(str(count))
     info = json.loads((FIXTURE / "dataset_info.json").read_text())
-    info["splits"] = [{"name": "train", "shardLengths": lengths,
-                       "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"}]
+    info["splits"] = [
+        {"name": "train", "shardLengths": lengths, "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"}
+    ]
     (out / "dataset_info.json").write_text(json.dumps(info))
     return out
 
@@ -109,7 +110,9 @@ def run(args) -> None:
             src = work / "src2000"
             if not src.exists():
                 scaled_copy(2000, src)
-            done = subprocess.run([args.tfds_python, "-c", TFDS_READ, str(src)], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [args.tfds_python, "-c", TFDS_READ, str(src)], capture_output=True, text=True, check=True
+            )
             n, steps, seconds = done.stdout.strip().splitlines()[-1].split()
             write_json(out, {"kind": "tfds_read", "episodes": int(n), "frames": int(steps), "seconds": float(seconds)})
             print(out.name, seconds, flush=True)
@@ -119,21 +122,33 @@ def run(args) -> None:
 
 def report() -> None:
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
-    lines = ["# `craftvla convert rlds`: throughput and peak memory", "",
-             "Command: `.venv/bin/python benchmarks/convert_rlds/bench.py run --tfds_python /tmp/tfenv/bin/python` "
-             "then `... report`. Source: the TFDS-written fixture's 4 episodes (two 32 px cameras, JPEG + PNG, "
-             "6-12 steps) copied N times, 50 episodes per shard. Each row is its own process.", "",
-             "| what | episodes | frames | seconds | episodes/s | frames/s | peak RSS MB |", "|---|---|---|---|---|---|---|"]
-    labels = {"convert__200": "convert to LeRobot v3.0 (h264)", "convert__2000": "convert to LeRobot v3.0 (h264)",
-              "read__2000": "craftvla reader only (CRC + parse + decode)", "tfds_read__2000": "TFDS as_dataset (TensorFlow)"}
+    lines = [
+        "# `craftvla convert rlds`: throughput and peak memory",
+        "",
+        "Command: `.venv/bin/python benchmarks/convert_rlds/bench.py run --tfds_python /tmp/tfenv/bin/python` "
+        "then `... report`. Source: the TFDS-written fixture's 4 episodes (two 32 px cameras, JPEG + PNG, "
+        "6-12 steps) copied N times, 50 episodes per shard. Each row is its own process.",
+        "",
+        "| what | episodes | frames | seconds | episodes/s | frames/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    labels = {
+        "convert__200": "convert to LeRobot v3.0 (h264)",
+        "convert__2000": "convert to LeRobot v3.0 (h264)",
+        "read__2000": "craftvla reader only (CRC + parse + decode)",
+        "tfds_read__2000": "TFDS as_dataset (TensorFlow)",
+    }
     for key, label in labels.items():
         r = rows.get(key)
         if r:
-            lines.append(f"| {label} | {r['episodes']} | {r['frames']} | {r['seconds']:.2f} | "
-                         f"{r['episodes'] / r['seconds']:.0f} | {r['frames'] / r['seconds']:.0f} | "
-                         f"{r['peak_rss_mb']:.0f} |" if "peak_rss_mb" in r else
-                         f"| {label} | {r['episodes']} | {r['frames']} | {r['seconds']:.2f} | "
-                         f"{r['episodes'] / r['seconds']:.0f} | {r['frames'] / r['seconds']:.0f} | - |")
+            lines.append(
+                f"| {label} | {r['episodes']} | {r['frames']} | {r['seconds']:.2f} | "
+                f"{r['episodes'] / r['seconds']:.0f} | {r['frames'] / r['seconds']:.0f} | "
+                f"{r['peak_rss_mb']:.0f} |"
+                if "peak_rss_mb" in r
+                else f"| {label} | {r['episodes']} | {r['frames']} | {r['seconds']:.2f} | "
+                f"{r['episodes'] / r['seconds']:.0f} | {r['frames'] / r['seconds']:.0f} | - |"
+            )
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import random
 import shutil
@@ -32,8 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import torch
+from reference import ReferenceCraftPlugin
 
 from craftvla.config import LLMConfig, VLAConfig
 from craftvla.craft.config import CraftConfig
@@ -41,15 +42,19 @@ from craftvla.craft.functional import retention_loss
 from craftvla.craft.plugin import CraftPlugin
 from craftvla.model.context import bridge_features
 from craftvla.model.policy import VLAPolicy
-from reference import ReferenceCraftPlugin
 
 VARIANTS = ("plain", "craft_online", "craft_cache", "craft_swap")
 
 
 def configs() -> dict[str, VLAConfig]:
     tiny = VLAConfig.preset("tiny")
-    larger = dataclasses.replace(tiny, llm=LLMConfig(family="qwen2", hidden_size=512, num_layers=8, num_heads=8,
-                                                     num_kv_heads=2, intermediate_size=1408), preset_name="larger-cpu")
+    larger = dataclasses.replace(
+        tiny,
+        llm=LLMConfig(
+            family="qwen2", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408
+        ),
+        preset_name="larger-cpu",
+    )
     return {"tiny": tiny, "larger-cpu (LLM 512 wide, 8 layers)": larger}
 
 
@@ -57,8 +62,13 @@ def craft_cfg(variant: str, cache: Path | None, batch_size: int) -> CraftConfig 
     if variant == "craft_online":
         return CraftConfig(enabled=True)
     if variant == "craft_cache":  # a cache holds the vision feature (C_R) of the middle layer
-        return CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(cache), anchor_type="vision",
-                           anchor_batch_size=batch_size)
+        return CraftConfig(
+            enabled=True,
+            anchor_source="cache",
+            anchor_cache=str(cache),
+            anchor_type="vision",
+            anchor_batch_size=batch_size,
+        )
     if variant == "craft_swap":  # reference.py: CPU weight swap + per-tensor loop
         return CraftConfig(enabled=True, projection_scope="per_tensor")
     return None
@@ -76,19 +86,40 @@ def build_anchor_cache(cfg: VLAConfig, work: Path, samples: int = 32) -> Path:
 
     initial_policy(cfg).save_pretrained(work / "ckpt")
     size, rng = cfg.vision.image_size, np.random.default_rng(0)
-    features = {k: {"dtype": "video", "shape": (size, size, 3), "names": ["height", "width", "channels"]}
-                for k in cfg.camera_keys}
-    features.update({"observation.state": {"dtype": "float32", "shape": (cfg.state_dim,), "names": None},
-                     "action": {"dtype": "float32", "shape": (cfg.action_dim,), "names": None}})
+    features = {
+        k: {"dtype": "video", "shape": (size, size, 3), "names": ["height", "width", "channels"]}
+        for k in cfg.camera_keys
+    }
+    features.update(
+        {
+            "observation.state": {"dtype": "float32", "shape": (cfg.state_dim,), "names": None},
+            "action": {"dtype": "float32", "shape": (cfg.action_dim,), "names": None},
+        }
+    )
     writer = LeRobotDatasetWriter(work / "data", fps=10, features=features)
     for f in range(samples):
-        writer.add_frame({**{k: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for k in cfg.camera_keys},
-                          "observation.state": rng.normal(size=cfg.state_dim).astype(np.float32),
-                          "action": rng.normal(size=cfg.action_dim).astype(np.float32)}, task="close the drawer")
+        writer.add_frame(
+            {
+                **{k: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for k in cfg.camera_keys},
+                "observation.state": rng.normal(size=cfg.state_dim).astype(np.float32),
+                "action": rng.normal(size=cfg.action_dim).astype(np.float32),
+            },
+            task="close the drawer",
+        )
         if f % 8 == 7:
             writer.save_episode()
-    build_cache(CacheBuildConfig(checkpoint=str(work / "ckpt"), dataset=str(writer.finalize()), out=str(work / "cache"),
-                                 target="pooled", layer=cfg.llm.num_layers // 2, dtype="float32", image_dtype="float32", device="cpu"))
+    build_cache(
+        CacheBuildConfig(
+            checkpoint=str(work / "ckpt"),
+            dataset=str(writer.finalize()),
+            out=str(work / "cache"),
+            target="pooled",
+            layer=cfg.llm.num_layers // 2,
+            dtype="float32",
+            image_dtype="float32",
+            device="cpu",
+        )
+    )
     return work / "cache"
 
 
@@ -154,7 +185,7 @@ def time_config(cfg: VLAConfig, rounds: int, batch_size: int, device, cache: Pat
             if name == "floor":
                 parts = floor_components(probe, batch, device)
             else:
-                parts = {name: timed(lambda: runners[name].step(batch), device)}
+                parts = {name: timed(functools.partial(runners[name].step, batch), device)}
             if r >= 2:  # two warm-up rounds
                 for k, v in parts.items():
                     times[k].append(v)
@@ -212,23 +243,45 @@ def memory_child(cfg_name: str, variant: str, cache: str, batch_size: int) -> No
 
 
 def table(results: dict, memory: dict, device) -> str:
-    lines = [f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}", "",
-             "| config | trainable | plain s/step | CRaFT online | floor (exact CRaFT) | CRaFT cache | swap (seed) "
-             "| online/floor | online/swap | online/plain | cache/plain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}",
+        "",
+        "| config | trainable | plain s/step | CRaFT online | floor (exact CRaFT) | CRaFT cache | swap (seed) "
+        "| online/floor | online/swap | online/plain | cache/plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in results.items():
-        lines.append(f"| {name} | {m['trainable']:,} | {m['plain']:.3f} | {m['craft_online']:.3f} | {m['floor']:.3f} | "
-                     f"{m['craft_cache']:.3f} | {m['craft_swap']:.3f} | {m['craft_online'] / m['floor']:.3f} | "
-                     f"{m['craft_online'] / m['craft_swap']:.3f} | {m['craft_online'] / m['plain']:.3f} | "
-                     f"{m['craft_cache'] / m['plain']:.3f} |")
-    lines += ["", "floor components (medians, s): " + "; ".join(
-        f"{n}: anchor forward {m['anchor_forward']:.3f}, retention backward {m['retention_backward']:.3f}"
-        for n, m in results.items()), "", "online anchors: " + "; ".join(f"{n}: {m['anchors']}" for n, m in results.items())]
-    lines += ["", "held between steps by the plug-in (gradient buffer + initial-weight copies), MiB: " + "; ".join(
-        f"{n}: online {m['extra_mib']['craft_online']:.0f}, cache {m['extra_mib']['craft_cache']:.0f}, "
-        f"swap {m['extra_mib']['craft_swap']:.0f} (host)" for n, m in results.items())]
+        lines.append(
+            f"| {name} | {m['trainable']:,} | {m['plain']:.3f} | {m['craft_online']:.3f} | {m['floor']:.3f} | "
+            f"{m['craft_cache']:.3f} | {m['craft_swap']:.3f} | {m['craft_online'] / m['floor']:.3f} | "
+            f"{m['craft_online'] / m['craft_swap']:.3f} | {m['craft_online'] / m['plain']:.3f} | "
+            f"{m['craft_cache'] / m['plain']:.3f} |"
+        )
+    lines += [
+        "",
+        "floor components (medians, s): "
+        + "; ".join(
+            f"{n}: anchor forward {m['anchor_forward']:.3f}, retention backward {m['retention_backward']:.3f}"
+            for n, m in results.items()
+        ),
+        "",
+        "online anchors: " + "; ".join(f"{n}: {m['anchors']}" for n, m in results.items()),
+    ]
+    lines += [
+        "",
+        "held between steps by the plug-in (gradient buffer + initial-weight copies), MiB: "
+        + "; ".join(
+            f"{n}: online {m['extra_mib']['craft_online']:.0f}, cache {m['extra_mib']['craft_cache']:.0f}, "
+            f"swap {m['extra_mib']['craft_swap']:.0f} (host)"
+            for n, m in results.items()
+        ),
+    ]
     if memory:
-        lines += ["", "| config | " + " | ".join(f"{v} peak MiB" for v in VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
+        lines += [
+            "",
+            "| config | " + " | ".join(f"{v} peak MiB" for v in VARIANTS) + " |",
+            "|---|" + "---|" * len(VARIANTS),
+        ]
         for name, row in memory.items():
             lines.append(f"| {name} | " + " | ".join(f"{row[v]:.0f}" for v in VARIANTS) + " |")
     return "\n".join(lines)
@@ -248,8 +301,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="craft_step_"))
     caches = {name: build_anchor_cache(cfg, work / str(i)) for i, (name, cfg) in enumerate(configs().items())}
     results = {name: time_config(cfg, args.rounds, args.batch, device, caches[name]) for name, cfg in configs().items()}
-    memory = {} if args.skip_memory or device.type == "cuda" else {
-        name: {v: peak_memory_cpu(name, v, args.batch, caches[name]) for v in VARIANTS} for name in configs()}
+    memory = (
+        {}
+        if args.skip_memory or device.type == "cuda"
+        else {name: {v: peak_memory_cpu(name, v, args.batch, caches[name]) for v in VARIANTS} for name in configs()}
+    )
     shutil.rmtree(work)
     text = table(results, memory, device)
     print(text)

@@ -47,8 +47,12 @@ class SwapAnchors:
 
 
 def project_gradients_reference(
-    g_act: Sequence[torch.Tensor], g_ret: Sequence[torch.Tensor], lam: float, eps: float = 1e-8,
-    scope: str = "per_tensor", enable_projection: bool = True,
+    g_act: Sequence[torch.Tensor],
+    g_ret: Sequence[torch.Tensor],
+    lam: float,
+    eps: float = 1e-8,
+    scope: str = "per_tensor",
+    enable_projection: bool = True,
 ) -> list[torch.Tensor]:
     """Project g_act if it conflicts with g_ret, then add lam * g_ret; returns new tensors."""
     if scope == "global":
@@ -75,8 +79,14 @@ class ReferenceCraftPlugin(CraftPlugin):
 
     def _combine(self) -> dict[str, torch.Tensor]:
         lam = float(self.lam)
-        out = project_gradients_reference(self._act_views, self._ret_views, lam, self.cfg.projection_eps,
-                                          self.cfg.projection_scope, self.cfg.projection_on)
+        out = project_gradients_reference(
+            self._act_views,
+            self._ret_views,
+            lam,
+            self.cfg.projection_eps,
+            self.cfg.projection_scope,
+            self.cfg.projection_on,
+        )
         for view, value in zip(self._act_views, out):
             view.copy_(value)
         zero = torch.zeros((), device=self.lam.device)

@@ -80,11 +80,17 @@ def main() -> None:
         (fps,) = measure(WholeFileDecode(args.root, video_cache_mb=0), workers, args.naive_batches, passes=1)
         rows.append({"variant": "whole-file decode (naive)", "workers": workers, "cold": fps, "warm": None})
     meta = LeRobotDataset(args.root).meta
-    header = (f"dataset: {args.root} ({meta.total_episodes} episodes, {meta.total_frames} frames, cameras "
-              f"{meta.camera_keys}); batch 32, shuffled; {os.cpu_count()} CPUs, load average "
-              f"{os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}")
-    lines = [header, "", "| reader | workers | frames/s, first pass (cold) | frames/s, second pass (warm) |",
-             "|---|---|---|---|"]
+    header = (
+        f"dataset: {args.root} ({meta.total_episodes} episodes, {meta.total_frames} frames, cameras "
+        f"{meta.camera_keys}); batch 32, shuffled; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}"
+    )
+    lines = [
+        header,
+        "",
+        "| reader | workers | frames/s, first pass (cold) | frames/s, second pass (warm) |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         warm = "-" if r["warm"] is None else f"{r['warm']:.0f}"
         lines.append(f"| {r['variant']} | {r['workers']} | {r['cold']:.0f} | {warm} |")

@@ -50,12 +50,53 @@ def checkpoint(head: str, log: Path) -> Path:
     run = WORK / head
     if not (run / "done").is_file():
         if not (DATA / "meta" / "info.json").is_file():
-            sh([BIN / "craftvla", "collect", "--out", DATA, "--tasks", TASKS, "--episodes", "50", "--image_size", "64",
-                "--seed", "0"], log)
+            sh(
+                [
+                    BIN / "craftvla",
+                    "collect",
+                    "--out",
+                    DATA,
+                    "--tasks",
+                    TASKS,
+                    "--episodes",
+                    "50",
+                    "--image_size",
+                    "64",
+                    "--seed",
+                    "0",
+                ],
+                log,
+            )
         resume = ["--resume", "true"] if (run / "checkpoints" / "last").exists() else []
-        sh([BIN / "craftvla", "train", "--preset", "tiny", *HEADS[head], "--dataset.root", DATA, "--output_dir", run,
-            "--steps", STEPS, "--batch_size", "32", "--optim.lr", "1e-3", "--dataset.num_workers", "1",
-            "--checkpoint.save_freq", "200", "--log.log_freq", "10", "--seed", "0", *resume], log)
+        sh(
+            [
+                BIN / "craftvla",
+                "train",
+                "--preset",
+                "tiny",
+                *HEADS[head],
+                "--dataset.root",
+                DATA,
+                "--output_dir",
+                run,
+                "--steps",
+                STEPS,
+                "--batch_size",
+                "32",
+                "--optim.lr",
+                "1e-3",
+                "--dataset.num_workers",
+                "1",
+                "--checkpoint.save_freq",
+                "200",
+                "--log.log_freq",
+                "10",
+                "--seed",
+                "0",
+                *resume,
+            ],
+            log,
+        )
         (run / "done").write_text("trained\n")
     return run / "checkpoints" / "last"
 
@@ -68,14 +109,45 @@ def run_head(head: str) -> None:
     ckpt = checkpoint(head, log)
     out = WORK / head / "eval"
     if not (out / "results.json").is_file():
-        sh([BIN / "craftvla", "eval", "--checkpoint", ckpt, "--tasks", TASKS, "--episodes", EPISODES, "--seed", "0",
-            "--num_videos", "1", "--out", out, "--overwrite", "true"], log)
+        sh(
+            [
+                BIN / "craftvla",
+                "eval",
+                "--checkpoint",
+                ckpt,
+                "--tasks",
+                TASKS,
+                "--episodes",
+                EPISODES,
+                "--seed",
+                "0",
+                "--num_videos",
+                "1",
+                "--out",
+                out,
+                "--overwrite",
+                "true",
+            ],
+            log,
+        )
     ev = json.loads((out / "results.json").read_text())
-    train = REPO / "assets" / "generalist" / "train_metrics.jsonl" if HEADS[head] is None else WORK / head / "metrics.jsonl"
-    train_s = max((json.loads(x).get("elapsed_s", 0) for x in train.read_text().splitlines()), default=None) \
-        if train.is_file() else None
-    write_json(result, {"head": head, "success": ev["mean_success_rate"], "train_s": train_s,
-                        "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()}})
+    train = (
+        REPO / "assets" / "generalist" / "train_metrics.jsonl" if HEADS[head] is None else WORK / head / "metrics.jsonl"
+    )
+    train_s = (
+        max((json.loads(x).get("elapsed_s", 0) for x in train.read_text().splitlines()), default=None)
+        if train.is_file()
+        else None
+    )
+    write_json(
+        result,
+        {
+            "head": head,
+            "success": ev["mean_success_rate"],
+            "train_s": train_s,
+            "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()},
+        },
+    )
     print(f"{head}: {ev['mean_success_rate']:.2f}", flush=True)
 
 
@@ -86,8 +158,23 @@ def add_heldout_l1(head: str) -> None:
     if record is None or "heldout_l1" in record:
         return
     if not (HELD / "meta" / "info.json").is_file():
-        sh([BIN / "craftvla", "collect", "--out", HELD, "--tasks", TASKS, "--episodes", "10", "--image_size", "64",
-            "--seed", "500"], WORK / "heldout.log")
+        sh(
+            [
+                BIN / "craftvla",
+                "collect",
+                "--out",
+                HELD,
+                "--tasks",
+                TASKS,
+                "--episodes",
+                "10",
+                "--image_size",
+                "64",
+                "--seed",
+                "500",
+            ],
+            WORK / "heldout.log",
+        )
     l1 = sampled_l1(checkpoint(head, WORK / f"{head}.log"))
     write_json(result, {**record, "heldout_l1": l1})
     print(f"{head}: held-out L1 {l1:.4f}", flush=True)
@@ -114,17 +201,24 @@ def sampled_l1(ckpt: Path) -> float:
 def report() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     tasks = TASKS.split(",")
-    lines = ["# Closed-loop success per action head (same data and budget)", "",
-             "Command: `.venv/bin/python benchmarks/heads/bench.py run` then `... report`. Success: 20 unseen positions",
-             "per task. Held-out L1: sampled chunks against 10 held-out demonstrations per task (512 frames, normalised",
-             "units). Training minutes: wall clock on this 2-core machine (not side by side; see README).", "",
-             "| head | mean | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " | held-out L1 | training min |",
-             "|---" * (len(tasks) + 4) + "|"]
+    lines = [
+        "# Closed-loop success per action head (same data and budget)",
+        "",
+        "Command: `.venv/bin/python benchmarks/heads/bench.py run` then `... report`. Success: 20 unseen positions",
+        "per task. Held-out L1: sampled chunks against 10 held-out demonstrations per task (512 frames, normalised",
+        "units). Training minutes: wall clock on this 2-core machine (not side by side; see README).",
+        "",
+        "| head | mean | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " | held-out L1 | training min |",
+        "|---" * (len(tasks) + 4) + "|",
+    ]
     for r in rows:
         minutes = f"{r['train_s'] / 60:.0f}" if r.get("train_s") else "-"
         l1 = f"{r['heldout_l1']:.4f}" if "heldout_l1" in r else "-"
-        lines.append(f"| {r['head']} | {r['success']:.2f} | " + " | ".join(f"{r['per_task'].get(t, float('nan')):.2f}"
-                                                                      for t in tasks) + f" | {l1} | {minutes} |")
+        lines.append(
+            f"| {r['head']} | {r['success']:.2f} | "
+            + " | ".join(f"{r['per_task'].get(t, float('nan')):.2f}" for t in tasks)
+            + f" | {l1} | {minutes} |"
+        )
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -51,8 +51,9 @@ def policy_config(preset: str, head: str):
     return cfg
 
 
-def measure(preset: str, head: str, batch: int, mode: str, threads: int, warmup: int, repeats: int,
-            device: str = "cpu") -> dict:
+def measure(
+    preset: str, head: str, batch: int, mode: str, threads: int, warmup: int, repeats: int, device: str = "cpu"
+) -> dict:
     import torch
 
     from craftvla.model.policy import VLAPolicy
@@ -65,9 +66,16 @@ def measure(preset: str, head: str, batch: int, mode: str, threads: int, warmup:
     inputs = cfg.fake_batch(batch, seed=0)
     inputs.pop("action")  # an observation: no answer in it
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    record = {"preset": preset, "head": head, "batch": batch, "mode": mode, "llm_attention": cfg.llm.attention,
-              "params_m": sum(p.numel() for p in policy.parameters()) / 1e6, "device": device,
-              "dtype": str(policy.inference_dtype or torch.float32).removeprefix("torch.")}
+    record = {
+        "preset": preset,
+        "head": head,
+        "batch": batch,
+        "mode": mode,
+        "llm_attention": cfg.llm.attention,
+        "params_m": sum(p.numel() for p in policy.parameters()) / 1e6,
+        "device": device,
+        "dtype": str(policy.inference_dtype or torch.float32).removeprefix("torch."),
+    }
     if mode == "compiled":
         policy.compile_inference()
         start = time.perf_counter()
@@ -91,8 +99,23 @@ def run(args) -> None:
         out = RESULTS / f"{preset}__{head}__b{batch}__{mode}{'' if args.device == 'cpu' else '__' + args.device}.json"
         if out.is_file():
             continue
-        cmd = [sys.executable, __file__, "cell", preset, head, str(batch), mode, "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "cell",
+            preset,
+            head,
+            str(batch),
+            mode,
+            "--threads",
+            str(args.threads),
+            "--warmup",
+            str(args.warmup),
+            "--repeats",
+            str(args.repeats),
+            "--device",
+            args.device,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             print(f"{out.name}: FAILED\n{done.stderr[-2000:]}", flush=True)
@@ -103,23 +126,29 @@ def run(args) -> None:
 
 def report() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
-    lines = ["# predict_action_chunk latency per head", "",
-             "Command: `.venv/bin/python benchmarks/inference/bench.py run` then `... report`; median ms "
-             "(10th-90th percentile) of the timed calls; CPU rows in fp32 at the torch threads listed, CUDA "
-             "rows under bf16 autocast.", "",
-             "| preset | device | head | batch | eager ms | compiled ms | compiled speed-up | compile s | threads |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# predict_action_chunk latency per head",
+        "",
+        "Command: `.venv/bin/python benchmarks/inference/bench.py run` then `... report`; median ms "
+        "(10th-90th percentile) of the timed calls; CPU rows in fp32 at the torch threads listed, CUDA "
+        "rows under bf16 autocast.",
+        "",
+        "| preset | device | head | batch | eager ms | compiled ms | compiled speed-up | compile s | threads |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     table = {}
     for r in rows:
         device = f"{r.get('device', 'cpu')} {r.get('dtype', 'float32')}"
         table.setdefault((r["preset"], device, r["head"], r["batch"]), {})[r["mode"]] = r
     for (preset, device, head, batch), modes in sorted(table.items()):
         e, c = modes.get("eager"), modes.get("compiled")
-        fmt = (lambda r: f"{r['median_ms']:.1f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f})" if r else "-")
+        fmt = lambda r: f"{r['median_ms']:.1f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f})" if r else "-"
         speed = f"{e['median_ms'] / c['median_ms']:.2f}x" if e and c else "-"
         compile_s = f"{c['compile_s']:.0f}" if c else "-"
-        lines.append(f"| {preset} | {device} | {head} | {batch} | {fmt(e)} | {fmt(c)} | {speed} | {compile_s} | "
-                     f"{(e or c)['threads']} |")
+        lines.append(
+            f"| {preset} | {device} | {head} | {batch} | {fmt(e)} | {fmt(c)} | {speed} | {compile_s} | "
+            f"{(e or c)['threads']} |"
+        )
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -138,8 +167,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.verb == "cell":
         preset, head, batch, mode = args.cell
-        print(json.dumps(measure(preset, head, int(batch), mode, args.threads, args.warmup, args.repeats,
-                                 args.device)))
+        print(json.dumps(measure(preset, head, int(batch), mode, args.threads, args.warmup, args.repeats, args.device)))
     elif args.verb == "run":
         run(args)
     else:

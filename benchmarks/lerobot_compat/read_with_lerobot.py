@@ -12,10 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
+import lerobot
 import numpy as np
 import torch
-import lerobot
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+
 
 def compare(root: Path, ours: dict) -> dict:
     meta = LeRobotDatasetMetadata("craftvla/compat", root=root)
@@ -26,7 +27,9 @@ def compare(root: Path, ours: dict) -> dict:
     for f in ours["frames"]:
         item = ds[f["index"]]
         task_mismatch += item["task"] != f["task"]
-        worst["state"] = max(worst["state"], float(np.abs(item["observation.state"].numpy() - f["observation.state"]).max()))
+        worst["state"] = max(
+            worst["state"], float(np.abs(item["observation.state"].numpy() - f["observation.state"]).max())
+        )
         worst["action"] = max(worst["action"], float(np.abs(item["action"].numpy() - f["action"]).max()))
         mean = item[cam].mean(dim=(1, 2)).numpy()
         worst["image_mean"] = max(worst["image_mean"], float(np.abs(mean - f["image_mean"]).max()))
@@ -35,10 +38,17 @@ def compare(root: Path, ours: dict) -> dict:
     chunked = LeRobotDataset("craftvla/compat", root=root, delta_timestamps={"action": steps})
     batches = list(torch.utils.data.DataLoader(chunked, batch_size=8))
     return {
-        "lerobot_tasks": meta.tasks.index.tolist(), "ours_tasks": ours["tasks"],
-        "frames": len(ds), "episodes": ds.num_episodes, "camera": cam, "fps": meta.fps, "codec": meta.features[cam]["info"]["video.codec"],
-        "task_mismatches": int(task_mismatch), "max_abs_diff": worst,
-        "dataloader_batches": len(batches), "action_chunk_shape": list(batches[0]["action"].shape),
+        "lerobot_tasks": meta.tasks.index.tolist(),
+        "ours_tasks": ours["tasks"],
+        "frames": len(ds),
+        "episodes": ds.num_episodes,
+        "camera": cam,
+        "fps": meta.fps,
+        "codec": meta.features[cam]["info"]["video.codec"],
+        "task_mismatches": int(task_mismatch),
+        "max_abs_diff": worst,
+        "dataloader_batches": len(batches),
+        "action_chunk_shape": list(batches[0]["action"].shape),
     }
 
 

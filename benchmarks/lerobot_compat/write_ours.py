@@ -16,8 +16,11 @@ from craftvla import cli
 from craftvla.data import LeRobotDataset, LeRobotDatasetWriter
 
 CAM = "observation.images.front"
-EPISODES = [(12, ["close the drawer"] * 12), (9, ["press the button"] * 9),
-            (14, ["open the door"] * 7 + ["close the drawer"] * 7)]
+EPISODES = [
+    (12, ["close the drawer"] * 12),
+    (9, ["press the button"] * 9),
+    (14, ["open the door"] * 7 + ["close the drawer"] * 7),
+]
 
 
 def features() -> dict:
@@ -39,8 +42,14 @@ def write(root: Path, codec: str) -> None:
     with LeRobotDatasetWriter(root, fps=10, features=features(), robot_type="sawyer", video_codec=codec) as w:
         for ep, (length, tasks) in enumerate(EPISODES):
             for f in range(length):
-                w.add_frame({CAM: image(ep, f), "observation.state": rng.normal(size=4).astype(np.float32),
-                             "action": rng.normal(size=4).astype(np.float32)}, task=tasks[f])
+                w.add_frame(
+                    {
+                        CAM: image(ep, f),
+                        "observation.state": rng.normal(size=4).astype(np.float32),
+                        "action": rng.normal(size=4).astype(np.float32),
+                    },
+                    task=tasks[f],
+                )
             w.save_episode()
         w.finalize()
 
@@ -51,10 +60,16 @@ def read_ours(root: Path) -> dict:
     frames = []
     for i in range(len(ds)):
         item = ds[i]
-        frames.append({"index": i, "task": item["task"], "episode_index": item["episode_index"],
-                       "observation.state": item["observation.state"].tolist(),
-                       "action": item["action"][0].tolist(),
-                       "image_mean": item[cam].mean(dim=(1, 2)).tolist()})
+        frames.append(
+            {
+                "index": i,
+                "task": item["task"],
+                "episode_index": item["episode_index"],
+                "observation.state": item["observation.state"].tolist(),
+                "action": item["action"][0].tolist(),
+                "image_mean": item[cam].mean(dim=(1, 2)).tolist(),
+            }
+        )
     return {"camera": cam, "tasks": ds.meta.tasks, "frames": frames}
 
 
@@ -68,8 +83,17 @@ def main() -> None:
         if not root.exists():
             write(root, codec)
     if not (out / "craftvla_collect").exists():  # a real `craftvla collect` dataset (Meta-World experts)
-        cli.main(["collect", "--out", str(out / "craftvla_collect"), "--tasks", "drawer-close-v3,door-open-v3",
-                  "--episodes", "2"])
+        cli.main(
+            [
+                "collect",
+                "--out",
+                str(out / "craftvla_collect"),
+                "--tasks",
+                "drawer-close-v3,door-open-v3",
+                "--episodes",
+                "2",
+            ]
+        )
     for name in ("craftvla_h264", "craftvla_av1", "craftvla_collect"):
         (out / f"{name}.ours.json").write_text(json.dumps(read_ours(out / name)))
         print(f"read {out / name}")

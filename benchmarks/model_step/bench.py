@@ -57,12 +57,18 @@ def main() -> None:
         fwd.append(timed(forward))
         step.append(timed(train_step))
     row = {
-        "preset": args.preset, "batch": args.batch, "repeats": args.repeats,
+        "preset": args.preset,
+        "batch": args.batch,
+        "repeats": args.repeats,
         "params_M": round(sum(p.numel() for p in policy.parameters()) / 1e6, 3),
-        "forward_ms_median": round(1e3 * statistics.median(fwd), 1), "forward_ms_min": round(1e3 * min(fwd), 1),
-        "train_step_ms_median": round(1e3 * statistics.median(step), 1), "train_step_ms_min": round(1e3 * min(step), 1),
+        "forward_ms_median": round(1e3 * statistics.median(fwd), 1),
+        "forward_ms_min": round(1e3 * min(fwd), 1),
+        "train_step_ms_median": round(1e3 * statistics.median(step), 1),
+        "train_step_ms_min": round(1e3 * min(step), 1),
         "train_samples_per_s": round(args.batch / statistics.median(step), 1),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
         "load_avg_1m_at_start": os.getloadavg()[0],
     }
     print(json.dumps(row, indent=2))

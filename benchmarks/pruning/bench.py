@@ -41,10 +41,27 @@ EPISODES = int(os.environ.get("BENCH_EPISODES", 20))
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", 512))
 PRESET = os.environ.get("BENCH_PRESET", "tiny-256")
 IMAGE = int(os.environ.get("BENCH_IMAGE", 128))
-SETUP = {"preset": PRESET, "image": IMAGE, "demos": DEMOS, "base_steps": BASE_STEPS, "stage_steps": STAGE_STEPS,
-         "episodes": EPISODES, "samples": SAMPLES}
-SMOKE = any(k in os.environ for k in ("BENCH_DEMOS", "BENCH_BASE_STEPS", "BENCH_STAGE_STEPS", "BENCH_EPISODES",
-                                      "BENCH_SAMPLES", "BENCH_PRESET", "BENCH_IMAGE"))
+SETUP = {
+    "preset": PRESET,
+    "image": IMAGE,
+    "demos": DEMOS,
+    "base_steps": BASE_STEPS,
+    "stage_steps": STAGE_STEPS,
+    "episodes": EPISODES,
+    "samples": SAMPLES,
+}
+SMOKE = any(
+    k in os.environ
+    for k in (
+        "BENCH_DEMOS",
+        "BENCH_BASE_STEPS",
+        "BENCH_STAGE_STEPS",
+        "BENCH_EPISODES",
+        "BENCH_SAMPLES",
+        "BENCH_PRESET",
+        "BENCH_IMAGE",
+    )
+)
 WORK = Path(os.environ.get("BENCH_WORK", REPO / "runs" / ("pruning-smoke" if SMOKE else "pruning")))
 RESULTS = Path(os.environ.get("BENCH_RESULTS", WORK / "results" if SMOKE else HERE / "results"))
 BUDGETS = (0.5, 0.25, 0.125)
@@ -89,8 +106,11 @@ METHODS = {
     "learned": learned(),
 }
 # Ablations at b = 0.25 only: the objective, and the pruners without the merger.
-ABLATIONS = {"learned_distill": learned("distill"), "learned_task": learned("task"),
-             "pruners_only": learned(merger=False)}
+ABLATIONS = {
+    "learned_distill": learned("distill"),
+    "learned_task": learned("task"),
+    "pruners_only": learned(merger=False),
+}
 
 
 def cells() -> list[tuple[str, float]]:
@@ -106,18 +126,73 @@ def prepare() -> None:
     """Training and held-out demonstrations at the preset's resolution, and the unpruned base policy."""
     log = WORK / "prepare.log"
     if not (DATA / "meta" / "info.json").is_file():
-        sh([BIN / "craftvla", "collect", "--out", DATA, "--tasks", TASKS, "--episodes", DEMOS, "--image_size", IMAGE,
-            "--seed", "0"], log)
+        sh(
+            [
+                BIN / "craftvla",
+                "collect",
+                "--out",
+                DATA,
+                "--tasks",
+                TASKS,
+                "--episodes",
+                DEMOS,
+                "--image_size",
+                IMAGE,
+                "--seed",
+                "0",
+            ],
+            log,
+        )
     if not (HELD / "meta" / "info.json").is_file():
-        sh([BIN / "craftvla", "collect", "--out", HELD, "--tasks", TASKS, "--episodes", max(2, DEMOS // 5),
-            "--image_size", IMAGE, "--seed", "500"], log)
+        sh(
+            [
+                BIN / "craftvla",
+                "collect",
+                "--out",
+                HELD,
+                "--tasks",
+                TASKS,
+                "--episodes",
+                max(2, DEMOS // 5),
+                "--image_size",
+                IMAGE,
+                "--seed",
+                "500",
+            ],
+            log,
+        )
     if not SMOKE and published():
         return
     if not (BASE / "done").is_file():
         resume = ["--resume", "true"] if (BASE / "checkpoints" / "last").exists() else []
-        sh([BIN / "craftvla", "train", "--preset", PRESET, "--dataset.root", DATA, "--output_dir", BASE,
-            "--steps", BASE_STEPS, "--batch_size", "32", "--optim.lr", "1e-3", "--dataset.num_workers", "1",
-            "--checkpoint.save_freq", "200", "--log.log_freq", "10", "--seed", "0", *resume], log)
+        sh(
+            [
+                BIN / "craftvla",
+                "train",
+                "--preset",
+                PRESET,
+                "--dataset.root",
+                DATA,
+                "--output_dir",
+                BASE,
+                "--steps",
+                BASE_STEPS,
+                "--batch_size",
+                "32",
+                "--optim.lr",
+                "1e-3",
+                "--dataset.num_workers",
+                "1",
+                "--checkpoint.save_freq",
+                "200",
+                "--log.log_freq",
+                "10",
+                "--seed",
+                "0",
+                *resume,
+            ],
+            log,
+        )
         (BASE / "done").write_text("trained\n")
     if not SMOKE:
         publish(BASE / "checkpoints" / "last", BASE / "metrics.jsonl")
@@ -134,7 +209,9 @@ def published() -> bool:
         return False
     setup = json.loads((PUBLISHED / "setup.json").read_text())
     if setup != BASE_SETUP:
-        raise SystemExit(f"{PUBLISHED}: trained with set-up {setup}, this run's is {BASE_SETUP}; move it away to redo it")
+        raise SystemExit(
+            f"{PUBLISHED}: trained with set-up {setup}, this run's is {BASE_SETUP}; move it away to redo it"
+        )
     return True
 
 
@@ -153,8 +230,28 @@ def _stage(name: str, args: list, log: Path) -> Path:
     out = WORK / name
     if not (out / "done").is_file():
         resume = ["--resume", "true"] if (out / "checkpoints" / "last").exists() else []
-        sh([BIN / "craftvla", "prune", "train", "--dataset", DATA, "--output_dir", out, "--steps", STAGE_STEPS,
-            "--batch_size", "32", "--num_workers", "1", "--save_freq", "100", *args, *resume], log)
+        sh(
+            [
+                BIN / "craftvla",
+                "prune",
+                "train",
+                "--dataset",
+                DATA,
+                "--output_dir",
+                out,
+                "--steps",
+                STAGE_STEPS,
+                "--batch_size",
+                "32",
+                "--num_workers",
+                "1",
+                "--save_freq",
+                "100",
+                *args,
+                *resume,
+            ],
+            log,
+        )
         (out / "done").write_text("trained\n")
     return out / "checkpoints" / "last"
 
@@ -167,22 +264,47 @@ def checkpoint_for(method: str, budget: float, log: Path) -> tuple[Path, list]:
         return base, plan["apply"]
     ckpt = base
     if plan.get("stage1"):
-        ckpt = _stage(f"stage1_r{plan['stage1']:g}", ["--stage", "1", "--checkpoint", base,
-                                                       "--merge_ratio", f"{plan['stage1']:g}"], log)
+        ckpt = _stage(
+            f"stage1_r{plan['stage1']:g}",
+            ["--stage", "1", "--checkpoint", base, "--merge_ratio", f"{plan['stage1']:g}"],
+            log,
+        )
     if plan.get("stage2"):
         s2 = plan["stage2"]
         keep = ",".join(f"{k:g}" for k in s2["keep"])
         name = f"stage2_{'m' if plan.get('stage1') else 'nom'}_{s2['objective']}_k{keep.replace(',', '_')}"
-        ckpt = _stage(name, ["--stage", "2", "--checkpoint", ckpt, "--objective", s2["objective"],
-                             "--layers", "1,2", "--keep", keep], log)
+        ckpt = _stage(
+            name,
+            ["--stage", "2", "--checkpoint", ckpt, "--objective", s2["objective"], "--layers", "1,2", "--keep", keep],
+            log,
+        )
     return ckpt, []
 
 
 def closed_loop(checkpoint: Path, cell: Path) -> dict:
     """`craftvla eval` on every task (EPISODES unseen positions each, evaluation seed 0), once per cell."""
     if not (cell / "eval" / "results.json").is_file():
-        sh([BIN / "craftvla", "eval", "--checkpoint", checkpoint, "--tasks", TASKS, "--episodes", EPISODES,
-            "--seed", "0", "--num_videos", "1", "--out", cell / "eval", "--overwrite", "true"], cell / "cell.log")
+        sh(
+            [
+                BIN / "craftvla",
+                "eval",
+                "--checkpoint",
+                checkpoint,
+                "--tasks",
+                TASKS,
+                "--episodes",
+                EPISODES,
+                "--seed",
+                "0",
+                "--num_videos",
+                "1",
+                "--out",
+                cell / "eval",
+                "--overwrite",
+                "true",
+            ],
+            cell / "cell.log",
+        )
     return json.loads((cell / "eval" / "results.json").read_text())
 
 
@@ -200,8 +322,11 @@ def twin_of(method: str, budget: float) -> str | None:
     """A finished cell of another method with the very same recipe at this budget (learned at 0.5
     is the merger alone), so the same policy is not evaluated twice."""
     for other in METHODS:
-        if other != method and recipe(other, budget) == recipe(method, budget) and finished(
-                RESULTS / f"{other}__b{budget:g}.json"):
+        if (
+            other != method
+            and recipe(other, budget) == recipe(method, budget)
+            and finished(RESULTS / f"{other}__b{budget:g}.json")
+        ):
             return f"{other}__b{budget:g}"
     return None
 
@@ -220,25 +345,62 @@ def run_cell(method: str, budget: float) -> Path:
     pruned = cell / "policy"
     report = cell / "prune_eval.json"
     if not report.is_file():  # L1 unpruned/soft/hard, tokens, FLOPs; saves the configured pruned policy
-        sh([BIN / "craftvla", "prune", "eval", "--checkpoint", ckpt, *flags, "--dataset", HELD, "--samples", SAMPLES,
-            "--batch_sizes", "1", "--repeats", "3", "--warmup", "1", "--out", report, "--save", pruned], log)
+        sh(
+            [
+                BIN / "craftvla",
+                "prune",
+                "eval",
+                "--checkpoint",
+                ckpt,
+                *flags,
+                "--dataset",
+                HELD,
+                "--samples",
+                SAMPLES,
+                "--batch_sizes",
+                "1",
+                "--repeats",
+                "3",
+                "--warmup",
+                "1",
+                "--out",
+                report,
+                "--save",
+                pruned,
+            ],
+            log,
+        )
     ev, pe = closed_loop(pruned, cell), json.loads(report.read_text())
-    record = {"method": method, "budget": budget, "setup": SETUP, "recipe": recipe(method, budget),
-              **success_of(ev), "l1": pe["task_l1"]["hard"],
-              "l1_soft": pe["task_l1"]["soft"], "l1_unpruned": pe["task_l1"]["unpruned"],
-              "vision_tokens_per_layer": pe["tokens"]["vision_tokens_per_layer"],
-              "flops": pe["speed"]["batch_1"]["hard"]["flops"], "flops_unpruned": pe["speed"]["batch_1"]["unpruned"]["flops"],
-              "pruning": json.loads((pruned / "config.json").read_text())["pruning"]}  # rebuilds it for `latency`
+    record = {
+        "method": method,
+        "budget": budget,
+        "setup": SETUP,
+        "recipe": recipe(method, budget),
+        **success_of(ev),
+        "l1": pe["task_l1"]["hard"],
+        "l1_soft": pe["task_l1"]["soft"],
+        "l1_unpruned": pe["task_l1"]["unpruned"],
+        "vision_tokens_per_layer": pe["tokens"]["vision_tokens_per_layer"],
+        "flops": pe["speed"]["batch_1"]["hard"]["flops"],
+        "flops_unpruned": pe["speed"]["batch_1"]["unpruned"]["flops"],
+        "pruning": json.loads((pruned / "config.json").read_text())["pruning"],
+    }  # rebuilds it for `latency`
     write_json(result, record)
-    print(f"{method} @ {budget:g}: success {record['success']:.2f}  L1 {record['l1']:.4f}  "
-          f"FLOPs x{record['flops'] / record['flops_unpruned']:.2f}", flush=True)
+    print(
+        f"{method} @ {budget:g}: success {record['success']:.2f}  L1 {record['l1']:.4f}  "
+        f"FLOPs x{record['flops'] / record['flops_unpruned']:.2f}",
+        flush=True,
+    )
     return result
 
 
 def success_of(ev: dict) -> dict:
     """Mean success, per task, and the number of episodes behind them, from `craftvla eval`'s results."""
-    return {"success": ev["mean_success_rate"], "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()},
-            "episodes": sum(r["episodes"] for r in ev["tasks"].values())}
+    return {
+        "success": ev["mean_success_rate"],
+        "per_task": {t: r["success_rate"] for t, r in ev["tasks"].items()},
+        "episodes": sum(r["episodes"] for r in ev["tasks"].values()),
+    }
 
 
 def unpruned_row() -> Path:
@@ -308,16 +470,29 @@ def latency(threads: int = 2, repeats: int = 20, warmup: int = 5, rounds: int = 
     names = list(configs)
     for r in range(len(done), rounds):
         table = {}
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            table[name] = {f"batch_{size}": chunk_latency(policies[name], batches[size], warmup, repeats)
-                           for size in batches}
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            table[name] = {
+                f"batch_{size}": chunk_latency(policies[name], batches[size], warmup, repeats) for size in batches
+            }
         done.append(table)
         write_json(partial, done)
-        print(f"round {r + 1}/{rounds}:", {n: round(t["batch_1"]["median_ms"], 1) for n, t in table.items()}, flush=True)
-    summary = {name: {key: {"median_ms": statistics.median(d[name][key]["median_ms"] for d in done),
-                            "round_medians_ms": [d[name][key]["median_ms"] for d in done],
-                            "repeats": repeats, "warmup": warmup, "rounds": rounds, "threads": threads}
-                      for key in done[0][name]} for name in names}
+        print(
+            f"round {r + 1}/{rounds}:", {n: round(t["batch_1"]["median_ms"], 1) for n, t in table.items()}, flush=True
+        )
+    summary = {
+        name: {
+            key: {
+                "median_ms": statistics.median(d[name][key]["median_ms"] for d in done),
+                "round_medians_ms": [d[name][key]["median_ms"] for d in done],
+                "repeats": repeats,
+                "warmup": warmup,
+                "rounds": rounds,
+                "threads": threads,
+            }
+            for key in done[0][name]
+        }
+        for name in names
+    }
     write_json(out, summary)
     return out
 
@@ -325,7 +500,9 @@ def latency(threads: int = 2, repeats: int = 20, warmup: int = 5, rounds: int = 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("verb", choices=("run", "latency", "report"))
-    parser.add_argument("--methods", default="all", help=f"comma-separated, or all: {', '.join([*METHODS, *ABLATIONS])}")
+    parser.add_argument(
+        "--methods", default="all", help=f"comma-separated, or all: {', '.join([*METHODS, *ABLATIONS])}"
+    )
     args = parser.parse_args(argv)
     if args.verb == "report":
         from report import write_report

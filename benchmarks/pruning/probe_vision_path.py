@@ -43,15 +43,25 @@ def probe(checkpoint: str, heldout: str, samples: int) -> dict:
         return float(policy(batch)[0]), policy.action_head(policy.encode(batch))
 
     l1, actions = run(base)
-    out = {"checkpoint": checkpoint, "samples": samples, "l1_unpruned": l1,
-           "gates": [float(torch.tanh(b.gate.detach())) for b in getattr(base.action_head, "blocks", [])],
-           "random_keep": []}
+    out = {
+        "checkpoint": checkpoint,
+        "samples": samples,
+        "l1_unpruned": l1,
+        "gates": [float(torch.tanh(b.gate.detach())) for b in getattr(base.action_head, "blocks", [])],
+        "random_keep": [],
+    }
     for keep in KEEPS:
         torch.manual_seed(0)
         l1_k, actions_k = run(load(PruningConfig(scorer="random", layers=[1, 2], keep=list(keep))))
         change = (actions_k - actions).abs()
-        out["random_keep"].append({"keep": list(keep), "l1": l1_k, "max_action_change": float(change.max()),
-                                   "mean_action_change": float(change.mean())})
+        out["random_keep"].append(
+            {
+                "keep": list(keep),
+                "l1": l1_k,
+                "max_action_change": float(change.max()),
+                "mean_action_change": float(change.mean()),
+            }
+        )
     flat = getattr(base.action_head, "flat", None)
     if flat is not None:  # the read-out replaced by its mean over the frames
         read = flat.forward

@@ -38,24 +38,40 @@ def _ms(latency: dict, name: str, size: int) -> float | None:
 def write_report(results: Path, directory: Path) -> None:
     unpruned, rows, latency = load(results)
     base1, base8 = _ms(latency, "unpruned", 1), _ms(latency, "unpruned", 8)
-    lines = ["# Vision-token pruning: learned two-stage pruner vs baselines", "",
-             "Command: `.venv/bin/python benchmarks/pruning/bench.py run`, then `... latency` on an idle machine, "
-             "then `... report`. Budget = fraction of the 256 vision tokens left after the last selection.", ""]
+    lines = [
+        "# Vision-token pruning: learned two-stage pruner vs baselines",
+        "",
+        "Command: `.venv/bin/python benchmarks/pruning/bench.py run`, then `... latency` on an idle machine, "
+        "then `... report`. Budget = fraction of the 256 vision tokens left after the last selection.",
+        "",
+    ]
     if unpruned:
-        lines.append(f"Unpruned: success {_success(unpruned)}, held-out L1 {unpruned['l1']:.4f}"
-                     + (f", {base1:.2f} ms (batch 1) / {base8:.2f} ms (batch 8)" if base1 else "") + ".")
+        lines.append(
+            f"Unpruned: success {_success(unpruned)}, held-out L1 {unpruned['l1']:.4f}"
+            + (f", {base1:.2f} ms (batch 1) / {base8:.2f} ms (batch 8)" if base1 else "")
+            + "."
+        )
         lines.append("")
-    lines += ["Success: closed-loop rate over all episodes of the cell, with its 95% Wilson interval.", "",
-              "| budget | method | success | L1 (hard) | vision tokens per layer | FLOPs | ms b1 | speed-up b1 | ms b8 | speed-up b8 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "Success: closed-loop rate over all episodes of the cell, with its 95% Wilson interval.",
+        "",
+        "| budget | method | success | L1 (hard) | vision tokens per layer | FLOPs | ms b1 | speed-up b1 | ms b8 | speed-up b8 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in sorted(rows, key=lambda r: (-r["budget"], r["method"])):
         name = _timed_as(row)
         b1, b8 = _ms(latency, name, 1), _ms(latency, name, 8)
         method = row["method"] + (f" (= {row['same_as']})" if "same_as" in row else "")
-        speed = [f"{x:.2f}" if x else "-" for x in (b1, base1 / b1 if b1 and base1 else None,
-                                                      b8, base8 / b8 if b8 and base8 else None)]
-        lines.append(f"| {row['budget']:g} | {method} | {_success(row)} | {row['l1']:.4f} | "
-                     f"{row['vision_tokens_per_layer']} | x{row['flops'] / row['flops_unpruned']:.2f} | " + " | ".join(speed) + " |")
+        speed = [
+            f"{x:.2f}" if x else "-"
+            for x in (b1, base1 / b1 if b1 and base1 else None, b8, base8 / b8 if b8 and base8 else None)
+        ]
+        lines.append(
+            f"| {row['budget']:g} | {method} | {_success(row)} | {row['l1']:.4f} | "
+            f"{row['vision_tokens_per_layer']} | x{row['flops'] / row['flops_unpruned']:.2f} | "
+            + " | ".join(speed)
+            + " |"
+        )
     (directory / "results.md").write_text("\n".join(lines) + "\n")
     plot(unpruned, rows, latency, directory / "success_vs_latency.png")
 
@@ -83,15 +99,34 @@ def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path, size: int 
         for row in (r for r in rows if r["method"] == method):
             x = x_of(_timed_as(row), row)
             low, high = wilson_interval(row["success"], row["episodes"]) if "episodes" in row else (row["success"],) * 2
-            ax_s.errorbar([x], [row["success"]], yerr=[[row["success"] - low], [high - row["success"]]],
-                          color=cmap(i % 10), alpha=0.35, capsize=2, fmt="none")
+            ax_s.errorbar(
+                [x],
+                [row["success"]],
+                yerr=[[row["success"] - low], [high - row["success"]]],
+                color=cmap(i % 10),
+                alpha=0.35,
+                capsize=2,
+                fmt="none",
+            )
             for ax, y in ((ax_s, row["success"]), (ax_l, row["l1"])):
-                ax.scatter([x], [y], color=cmap(i % 10), marker=markers.get(row["budget"], "x"), s=50,
-                           label=method if row["budget"] == 0.25 and ax is ax_s else None)
+                ax.scatter(
+                    [x],
+                    [y],
+                    color=cmap(i % 10),
+                    marker=markers.get(row["budget"], "x"),
+                    s=50,
+                    label=method if row["budget"] == 0.25 and ax is ax_s else None,
+                )
     if unpruned and _ms(latency, "unpruned", size):
         for ax, y in ((ax_s, unpruned["success"]), (ax_l, unpruned["l1"])):
-            ax.scatter([_ms(latency, "unpruned", size)], [y], color="black", marker="*", s=120,
-                       label="unpruned" if ax is ax_s else None)
+            ax.scatter(
+                [_ms(latency, "unpruned", size)],
+                [y],
+                color="black",
+                marker="*",
+                s=120,
+                label="unpruned" if ax is ax_s else None,
+            )
     xlabel = f"predict_action_chunk latency, batch {size} (ms)" if latency else "MFLOPs per chunk"
     for ax, ylabel in ((ax_s, "closed-loop success (bars: 95% CI)"), (ax_l, "held-out action L1 (lower is better)")):
         ax.set_xlabel(xlabel)

@@ -39,13 +39,29 @@ TASKS_B = "window-open-v3"
 DATA_A, DATA_B = WORK / "data_A", WORK / "data_B"
 RESULTS = Path(os.environ.get("STUDY_RESULTS", HERE / "results"))
 # STUDY_* environment variables shrink a cell for a smoke run of the harness (never for results).
-EVAL_EPISODES = {"B": int(os.environ.get("STUDY_EPISODES", 20)),  # unseen positions per task
-                 "A": int(os.environ.get("STUDY_EPISODES", 10))}  # x 5 tasks: 50 per cell
+EVAL_EPISODES = {
+    "B": int(os.environ.get("STUDY_EPISODES", 20)),  # unseen positions per task
+    "A": int(os.environ.get("STUDY_EPISODES", 10)),
+}  # x 5 tasks: 50 per cell
 STEPS = int(os.environ.get("STUDY_STEPS", 300))
 PROBE_STEPS = int(os.environ.get("STUDY_PROBE_STEPS", 100))
 
-BASE = ["--steps", str(STEPS), "--batch_size", "32", "--optim.lr", "3e-4", "--checkpoint.save_freq", "0",
-        "--log.log_freq", "10", "--dataset.num_workers", "1", "--log.plots", "false"]
+BASE = [
+    "--steps",
+    str(STEPS),
+    "--batch_size",
+    "32",
+    "--optim.lr",
+    "3e-4",
+    "--checkpoint.save_freq",
+    "0",
+    "--log.log_freq",
+    "10",
+    "--dataset.num_workers",
+    "1",
+    "--log.plots",
+    "false",
+]
 CRAFT = ["--craft.enabled", "true", "--craft.log_freq", "1"]
 ON_A = ["--craft.anchor_dataset", "{A}", "--craft.anchor_batch_size", "16"]
 
@@ -57,12 +73,29 @@ def craft(targets: str, eps: float = 0.1, dual_lr: float = 0.1) -> list[str]:
 # name -> extra `craftvla train` flags ({A} / {B} / {CACHE_A} are filled in).
 METHODS: dict[str, list[str]] = {
     "plain": [],
-    "frozen_vlm": ["--freeze.vision", "true", "--freeze.projector", "true", "--freeze.llm", "true",
-                   "--freeze.action_queries", "true"],
+    "frozen_vlm": [
+        "--freeze.vision",
+        "true",
+        "--freeze.projector",
+        "true",
+        "--freeze.llm",
+        "true",
+        "--freeze.action_queries",
+        "true",
+    ],
     "lora": ["--lora.rank", "16", "--freeze.vision", "true"],
     "l2_init": ["--craft.enabled", "true", "--craft.mode", "l2_init", "--craft.retention_weight", "0.1"],
-    "distill_fixed": ["--craft.enabled", "true", "--craft.mode", "distill_fixed", "--craft.targets", "actions",
-                      "--craft.retention_weight", "1.0", *ON_A],
+    "distill_fixed": [
+        "--craft.enabled",
+        "true",
+        "--craft.mode",
+        "distill_fixed",
+        "--craft.targets",
+        "actions",
+        "--craft.retention_weight",
+        "1.0",
+        *ON_A,
+    ],
     "replay2": ["--dataset.roots", "{B},{A}", "--dataset.weights", "0.98,0.02"],
     "replay10": ["--dataset.roots", "{B},{A}", "--dataset.weights", "0.9,0.1"],
     "replay50": ["--dataset.roots", "{B},{A}", "--dataset.weights", "0.5,0.5"],
@@ -76,7 +109,14 @@ METHODS: dict[str, list[str]] = {
     "craft_demo": [*craft("actions", 0.1, 0.01), *ON_A],
     "craft_all_A": [*craft("pooled,tokens,actions"), *ON_A],
     "craft_actions_cacheA": [*craft("actions"), "--craft.anchor_cache", "{CACHE_A}", "--craft.anchor_batch_size", "16"],
-    "craft_actions_A_replay2": [*craft("actions"), *ON_A, "--dataset.roots", "{B},{A}", "--dataset.weights", "0.98,0.02"],
+    "craft_actions_A_replay2": [
+        *craft("actions"),
+        *ON_A,
+        "--dataset.roots",
+        "{B},{A}",
+        "--dataset.weights",
+        "0.98,0.02",
+    ],
     **{f"craft_actions_A_eps{eps:g}": [*craft("actions", eps), *ON_A] for eps in (0.01, 0.03, 0.3, 1.0)},
 }
 
@@ -88,11 +128,32 @@ def prepare() -> None:
     if not (DATA_A / "meta" / "info.json").is_file():
         sh([BIN / "craftvla", "collect", "--out", DATA_A, "--tasks", TASKS_A, "--episodes", "50", "--seed", "0"], log)
     if not (DATA_B / "meta" / "info.json").is_file():
-        sh([BIN / "craftvla", "collect", "--out", DATA_B, "--tasks", TASKS_B, "--episodes", "50", "--seed", "1000"], log)
+        sh(
+            [BIN / "craftvla", "collect", "--out", DATA_B, "--tasks", TASKS_B, "--episodes", "50", "--seed", "1000"],
+            log,
+        )
     cache = WORK / "cache_A_actions"
     if not (cache / "meta.json").is_file():
-        sh([BIN / "craftvla", "cache", "build", "--checkpoint", GENERALIST, "--dataset", DATA_A, "--out", cache,
-            "--target", "actions", "--dtype", "float32", "--num_samples", "1024"], log)
+        sh(
+            [
+                BIN / "craftvla",
+                "cache",
+                "build",
+                "--checkpoint",
+                GENERALIST,
+                "--dataset",
+                DATA_A,
+                "--out",
+                cache,
+                "--target",
+                "actions",
+                "--dtype",
+                "float32",
+                "--num_samples",
+                "1024",
+            ],
+            log,
+        )
 
 
 def fill(flags: list[str]) -> list[str]:
@@ -112,16 +173,49 @@ def train_cell(method: str, seed: int, cell: Path) -> Path:
         shutil.rmtree(run, ignore_errors=True)
         flags = fill(METHODS[method])
         data = [] if "--dataset.roots" in flags else ["--dataset.root", str(DATA_B)]
-        sh([BIN / "craftvla", "train", "--init_from", GENERALIST, *data, "--output_dir", run, *BASE,
-            "--seed", str(seed), *flags], cell / "cell.log")
+        sh(
+            [
+                BIN / "craftvla",
+                "train",
+                "--init_from",
+                GENERALIST,
+                *data,
+                "--output_dir",
+                run,
+                *BASE,
+                "--seed",
+                str(seed),
+                *flags,
+            ],
+            cell / "cell.log",
+        )
     return last
 
 
 def eval_cell(checkpoint: Path, cell: Path, tasks: str, name: str) -> dict:
     out = cell / f"eval_{name}"
     if not (out / "results.json").is_file():
-        sh([BIN / "craftvla", "eval", "--checkpoint", checkpoint, "--tasks", tasks, "--episodes", str(EVAL_EPISODES[name]),
-            "--seed", "0", "--num_videos", "1", "--out", out, "--overwrite", "true"], cell / "cell.log")
+        sh(
+            [
+                BIN / "craftvla",
+                "eval",
+                "--checkpoint",
+                checkpoint,
+                "--tasks",
+                tasks,
+                "--episodes",
+                str(EVAL_EPISODES[name]),
+                "--seed",
+                "0",
+                "--num_videos",
+                "1",
+                "--out",
+                out,
+                "--overwrite",
+                "true",
+            ],
+            cell / "cell.log",
+        )
     return json.loads((out / "results.json").read_text())
 
 
@@ -135,8 +229,8 @@ def drift_on_A(checkpoint: Path, samples: int = 256) -> dict:
     """Scale-free drift of pooled bridge features and action chunks on A's data, vs the generalist."""
     import torch
 
-    from craftvla.craft.data import calibration_batches, open_anchor_dataset
     from craftvla.craft.config import CraftConfig
+    from craftvla.craft.data import calibration_batches, open_anchor_dataset
     from craftvla.craft.functional import retention_loss
     from craftvla.craft.targets import compute_targets, feature_variance
 
@@ -161,13 +255,46 @@ def head_probe(checkpoint: Path, cell: Path) -> dict:
     out = cell / "probe"
     if not (out / "checkpoints" / "last").exists():
         shutil.rmtree(out, ignore_errors=True)
-        sh([BIN / "craftvla", "train", "--init_from", checkpoint, "--dataset.root", DATA_A, "--output_dir", out,
-            "--steps", str(PROBE_STEPS), "--batch_size", "32", "--optim.lr", "1e-3", "--checkpoint.save_freq", "0",
-            "--log.log_freq", "10", "--log.plots", "false", "--freeze.vision", "true", "--freeze.projector", "true",
-            "--freeze.llm", "true", "--freeze.action_queries", "true"], cell / "cell.log")
+        sh(
+            [
+                BIN / "craftvla",
+                "train",
+                "--init_from",
+                checkpoint,
+                "--dataset.root",
+                DATA_A,
+                "--output_dir",
+                out,
+                "--steps",
+                str(PROBE_STEPS),
+                "--batch_size",
+                "32",
+                "--optim.lr",
+                "1e-3",
+                "--checkpoint.save_freq",
+                "0",
+                "--log.log_freq",
+                "10",
+                "--log.plots",
+                "false",
+                "--freeze.vision",
+                "true",
+                "--freeze.projector",
+                "true",
+                "--freeze.llm",
+                "true",
+                "--freeze.action_queries",
+                "true",
+            ],
+            cell / "cell.log",
+        )
     curve = [r["l1_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "l1_loss" in r]
-    return {"l1_A_tuned": l1_on_A(checkpoint), "l1_A_refit": l1_on_A(out / "checkpoints" / "last"),
-            "l1_A_generalist": l1_on_A(GENERALIST), "refit_l1_curve": curve}  # training L1, every 10 steps
+    return {
+        "l1_A_tuned": l1_on_A(checkpoint),
+        "l1_A_refit": l1_on_A(out / "checkpoints" / "last"),
+        "l1_A_generalist": l1_on_A(GENERALIST),
+        "refit_l1_curve": curve,
+    }  # training L1, every 10 steps
 
 
 def l1_on_A(checkpoint: Path, samples: int = 512) -> float:
@@ -196,8 +323,11 @@ def craft_log(run: Path) -> dict:
     cfg = yaml.safe_load((run / "train_config.yaml").read_text())
     if ret and cfg["craft"]["mode"] in ("craft", "dual_only"):
         eps = cfg["craft"]["retention_budget"]
-        out.update(within_budget=sum(x <= eps for x in ret) / len(ret), final_retention_loss=ret[-1],
-                   final_lambda=[r["craft/lambda"] for r in lines if "craft/lambda" in r][-1])
+        out.update(
+            within_budget=sum(x <= eps for x in ret) / len(ret),
+            final_retention_loss=ret[-1],
+            final_lambda=[r["craft/lambda"] for r in lines if "craft/lambda" in r][-1],
+        )
     return out
 
 
@@ -248,16 +378,26 @@ def _run_cell(method: str, seed: int, cell: Path, result: Path) -> Path:
     t0 = time.time()
     last = train_cell(method, seed, cell)
     ev_b, ev_a = eval_cell(last, cell, TASKS_B, "B"), eval_cell(last, cell, TASKS_A, "A")
-    record = {"method": method, "seed": seed, "flags": METHODS[method], "steps": STEPS,
-              "success_B": ev_b["mean_success_rate"], "success_A": ev_a["mean_success_rate"],
-              "per_task": {t: r["success_rate"] for ev in (ev_b, ev_a) for t, r in ev["tasks"].items()},
-              **drift_on_A(last), **head_probe(last, cell), **craft_log(cell / "run"),
-              "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
-              "study_processes": int(os.environ.get("STUDY_PROCESSES", "1")),
-              "cell_s": time.time() - t0}
+    record = {
+        "method": method,
+        "seed": seed,
+        "flags": METHODS[method],
+        "steps": STEPS,
+        "success_B": ev_b["mean_success_rate"],
+        "success_A": ev_a["mean_success_rate"],
+        "per_task": {t: r["success_rate"] for ev in (ev_b, ev_a) for t, r in ev["tasks"].items()},
+        **drift_on_A(last),
+        **head_probe(last, cell),
+        **craft_log(cell / "run"),
+        "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+        "study_processes": int(os.environ.get("STUDY_PROCESSES", "1")),
+        "cell_s": time.time() - t0,
+    }
     write_json(result, record)
-    print(f"{method} seed {seed}: B {record['success_B']:.2f}  A {record['success_A']:.2f}  "
-          f"({record['cell_s']:.0f} s)", flush=True)
+    print(
+        f"{method} seed {seed}: B {record['success_B']:.2f}  A {record['success_A']:.2f}  ({record['cell_s']:.0f} s)",
+        flush=True,
+    )
     return result
 
 
@@ -268,9 +408,16 @@ def generalist_row() -> Path:
         cell = WORK / "generalist"
         cell.mkdir(parents=True, exist_ok=True)
         ev_b, ev_a = eval_cell(GENERALIST, cell, TASKS_B, "B"), eval_cell(GENERALIST, cell, TASKS_A, "A")
-        write_json(result, {"method": "generalist", "seed": 0, "success_B": ev_b["mean_success_rate"],
-                            "success_A": ev_a["mean_success_rate"],
-                            "per_task": {t: r["success_rate"] for ev in (ev_b, ev_a) for t, r in ev["tasks"].items()}})
+        write_json(
+            result,
+            {
+                "method": "generalist",
+                "seed": 0,
+                "success_B": ev_b["mean_success_rate"],
+                "success_A": ev_a["mean_success_rate"],
+                "per_task": {t: r["success_rate"] for ev in (ev_b, ev_a) for t, r in ev["tasks"].items()},
+            },
+        )
     return result
 
 
@@ -288,8 +435,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("verb", choices=("run", "report"))
     parser.add_argument("--methods", default="all", help=f"comma-separated, or all: {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="study processes sharing the cells, one torch thread each (2 on a 2-core machine)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="study processes sharing the cells, one torch thread each (2 on a 2-core machine)",
+    )
     args = parser.parse_args(argv)
     if args.verb == "report":
         from report import write_report

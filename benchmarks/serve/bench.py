@@ -45,8 +45,13 @@ def observation() -> dict:
 
 def summarise(latencies_ms: list[float], wall_s: float) -> dict:
     lat = np.asarray(latencies_ms)
-    return {"requests": len(lat), "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
-            "p99_ms": float(np.percentile(lat, 99)), "requests_per_s": len(lat) / wall_s}
+    return {
+        "requests": len(lat),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "requests_per_s": len(lat) / wall_s,
+    }
 
 
 def in_process(requests: int, warmup: int) -> dict:
@@ -72,9 +77,23 @@ def over_server(clients: int, max_batch: int, requests: int, warmup: int) -> dic
     from tests.launch import free_port
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "craftvla", "serve", "--checkpoint", str(CHECKPOINT),
-                               "--port", str(port), "--max_batch", str(max_batch)],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "craftvla",
+            "serve",
+            "--checkpoint",
+            str(CHECKPOINT),
+            "--port",
+            str(port),
+            "--max_batch",
+            str(max_batch),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_healthy(port)
         url, obs = f"ws://127.0.0.1:{port}", observation()
@@ -139,18 +158,24 @@ def run(args) -> None:
 def report() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     base = next((r for r in rows if r["kind"] == "inprocess"), None)
-    lines = ["# `craftvla serve` under load (loopback) vs in-process `infer`", "",
-             "Command: `.venv/bin/python benchmarks/serve/bench.py run` then `... report`. The shipped generalist "
-             "(tiny preset, 64 px), one drawer-close observation; each client waits for its answer before the "
-             "next request. Server in its own process. Latency is what the caller sees.", "",
-             "| where | clients | --max_batch | requests | p50 ms | p95 ms | p99 ms | requests/s | vs in-process req/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# `craftvla serve` under load (loopback) vs in-process `infer`",
+        "",
+        "Command: `.venv/bin/python benchmarks/serve/bench.py run` then `... report`. The shipped generalist "
+        "(tiny preset, 64 px), one drawer-close observation; each client waits for its answer before the "
+        "next request. Server in its own process. Latency is what the caller sees.",
+        "",
+        "| where | clients | --max_batch | requests | p50 ms | p95 ms | p99 ms | requests/s | vs in-process req/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     order = {("inprocess", 1, 1): 0, **{cell: i + 1 for i, cell in enumerate(CELLS[1:])}}
     for r in sorted(rows, key=lambda r: order.get((r["kind"], r["clients"], r["max_batch"]), 99)):
         ratio = f"{r['requests_per_s'] / base['requests_per_s']:.2f}x" if base else "-"
-        lines.append(f"| {'in-process infer' if r['kind'] == 'inprocess' else 'server'} | {r['clients']} | "
-                     f"{r['max_batch'] if r['kind'] == 'server' else '-'} | {r['requests']} | {r['p50_ms']:.1f} | "
-                     f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['requests_per_s']:.1f} | {ratio} |")
+        lines.append(
+            f"| {'in-process infer' if r['kind'] == 'inprocess' else 'server'} | {r['clients']} | "
+            f"{r['max_batch'] if r['kind'] == 'server' else '-'} | {r['requests']} | {r['p50_ms']:.1f} | "
+            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['requests_per_s']:.1f} | {ratio} |"
+        )
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -21,23 +21,45 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TASKS = "drawer-close-v3,button-press-topdown-v3,door-open-v3"
-BASE = ["--preset", "tiny", "--batch_size", "32", "--optim.lr", "1e-3", "--checkpoint.save_freq", "0",
-        "--log.log_freq", "20", "--log.progress", "false", "--seed", "0"]
+BASE = [
+    "--preset",
+    "tiny",
+    "--batch_size",
+    "32",
+    "--optim.lr",
+    "1e-3",
+    "--checkpoint.save_freq",
+    "0",
+    "--log.log_freq",
+    "20",
+    "--log.progress",
+    "false",
+    "--seed",
+    "0",
+]
 # name -> (extra train flags, what the variant tests)
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "base": ([], "the tiny preset as committed"),
     "gate1": (["--policy.head.gate_init", "1.0"], "the head's vision gate open from the start"),
-    "head_reads_projector": (["--policy.head.vision_source", "projector"],
-                             "every bridge block reads the vision tokens entering the LLM, not LLM layer l's"),
-    "head_reads_projector_gate1": (["--policy.head.vision_source", "projector", "--policy.head.gate_init", "1.0"],
-                                   "both of the above"),
+    "head_reads_projector": (
+        ["--policy.head.vision_source", "projector"],
+        "every bridge block reads the vision tokens entering the LLM, not LLM layer l's",
+    ),
+    "head_reads_projector_gate1": (
+        ["--policy.head.vision_source", "projector", "--policy.head.gate_init", "1.0"],
+        "both of the above",
+    ),
     "lr3e-3": (["--optim.lr", "3e-3"], "3x the learning rate"),
-    "action_min_max": (["--policy.normalization", "{observation.state: mean_std, action: min_max}"],
-                       "actions scaled to [-1, 1] by min/max instead of mean/std"),
+    "action_min_max": (
+        ["--policy.normalization", "{observation.state: mean_std, action: min_max}"],
+        "actions scaled to [-1, 1] by min/max instead of mean/std",
+    ),
     "causal": (["--policy.llm.attention", "causal"], "causal LLM attention (what released VLA-Adapter runs)"),
     "patch16": (["--policy.vision.patch_size", "16"], "a 4x4 patch grid (16 vision tokens) instead of 8x8"),
-    "flat_readout8": (["--policy.head.flat_readout", "8"],
-                      "a position-preserving vision token (8 channels per patch, flattened) beside proprio"),
+    "flat_readout8": (
+        ["--policy.head.flat_readout", "8"],
+        "a position-preserving vision token (8 channels per patch, flattened) beside proprio",
+    ),
 }
 
 
@@ -51,8 +73,25 @@ def run(cmd: list[str], log: Path) -> None:
 def collect(work: Path, bin_dir: Path) -> Path:
     data = work / "data"
     if not (data / "meta/info.json").is_file():
-        run([str(bin_dir / "craftvla"), "collect", "--out", str(data), "--tasks", TASKS, "--episodes", "50",
-             "--image_size", "64", "--cameras", "corner", "--seed", "0"], work / "collect.log")
+        run(
+            [
+                str(bin_dir / "craftvla"),
+                "collect",
+                "--out",
+                str(data),
+                "--tasks",
+                TASKS,
+                "--episodes",
+                "50",
+                "--image_size",
+                "64",
+                "--cameras",
+                "corner",
+                "--seed",
+                "0",
+            ],
+            work / "collect.log",
+        )
     return data
 
 
@@ -65,30 +104,73 @@ def variant(name: str, work: Path, data: Path, steps: int, episodes: int, bin_di
         shutil.rmtree(out)  # an unfinished earlier attempt (finished ones have a results file)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
-    run([str(bin_dir / "craftvla"), "train", *BASE, "--dataset.root", str(data), "--output_dir", str(out / "run"),
-         "--steps", str(steps), *flags], out / "log.txt")
+    run(
+        [
+            str(bin_dir / "craftvla"),
+            "train",
+            *BASE,
+            "--dataset.root",
+            str(data),
+            "--output_dir",
+            str(out / "run"),
+            "--steps",
+            str(steps),
+            *flags,
+        ],
+        out / "log.txt",
+    )
     train_s = time.perf_counter() - t0
-    run([str(bin_dir / "craftvla"), "eval", "--checkpoint", str(out / "run/checkpoints/last"), "--tasks", TASKS,
-         "--episodes", str(episodes), "--seed", "0", "--num_videos", "0", "--out", str(out / "eval")], out / "log.txt")
+    run(
+        [
+            str(bin_dir / "craftvla"),
+            "eval",
+            "--checkpoint",
+            str(out / "run/checkpoints/last"),
+            "--tasks",
+            TASKS,
+            "--episodes",
+            str(episodes),
+            "--seed",
+            "0",
+            "--num_videos",
+            "0",
+            "--out",
+            str(out / "eval"),
+        ],
+        out / "log.txt",
+    )
     results = json.loads((out / "eval/results.json").read_text())
     metrics = [json.loads(line) for line in (out / "run/metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"name": name, "why": why, "flags": flags, "steps": steps, "train_s": round(train_s, 1),
-            "final_l1": metrics[-1].get("l1_loss"), "episodes": episodes,
-            "torch_threads": os.environ.get("OMP_NUM_THREADS", "all cores"),
-            "success": {t: r["success_rate"] for t, r in results["tasks"].items()},
-            "mean_success": results["mean_success_rate"]}
+    return {
+        "name": name,
+        "why": why,
+        "flags": flags,
+        "steps": steps,
+        "train_s": round(train_s, 1),
+        "final_l1": metrics[-1].get("l1_loss"),
+        "episodes": episodes,
+        "torch_threads": os.environ.get("OMP_NUM_THREADS", "all cores"),
+        "success": {t: r["success_rate"] for t, r in results["tasks"].items()},
+        "mean_success": results["mean_success_rate"],
+    }
 
 
 def write_table(results_dir: Path) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     tasks = TASKS.split(",")
-    lines = ["# Tiny-preset ablations (written by ablate.py; one row per results/*.json)", "",
-             "| variant | what it tests | steps | train s | final L1 | " + " | ".join(tasks) + " | mean |",
-             "|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
+    lines = [
+        "# Tiny-preset ablations (written by ablate.py; one row per results/*.json)",
+        "",
+        "| variant | what it tests | steps | train s | final L1 | " + " | ".join(tasks) + " | mean |",
+        "|---|---|---|---|---|" + "---|" * len(tasks) + "---|",
+    ]
     for r in sorted(rows, key=lambda r: list(VARIANTS).index(r["name"]) if r["name"] in VARIANTS else 99):
         cells = [f"{round(r['success'][t] * r['episodes'])}/{r['episodes']}" for t in tasks]
-        lines.append(f"| {r['name']} | {r['why']} | {r['steps']} | {r['train_s']:.0f} | {r['final_l1']:.3f} | "
-                     + " | ".join(cells) + f" | {r['mean_success']:.0%} |")
+        lines.append(
+            f"| {r['name']} | {r['why']} | {r['steps']} | {r['train_s']:.0f} | {r['final_l1']:.3f} | "
+            + " | ".join(cells)
+            + f" | {r['mean_success']:.0%} |"
+        )
     (results_dir.parent / "ablations.md").write_text("\n".join(lines) + "\n")
 
 

@@ -61,8 +61,12 @@ def main() -> int:
     results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     for path in args.checkpoints.split(","):
         xs, ours, expert = first_chunks(CheckpointPolicy.from_pretrained(path), args.task, args.positions)
-        results[path] = {"task": args.task, "positions": args.positions, "policy": summarise(xs, ours),
-                         "expert": summarise(xs, expert)}
+        results[path] = {
+            "task": args.task,
+            "positions": args.positions,
+            "policy": summarise(xs, ours),
+            "expert": summarise(xs, expert),
+        }
         print(path, json.dumps(results[path]))
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0

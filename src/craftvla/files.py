@@ -112,8 +112,9 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CraftVLAError(f"{path}: not a readable safetensors file, truncated or corrupt? "
-                            f"({_one_line(err)})") from None
+        raise CraftVLAError(
+            f"{path}: not a readable safetensors file, truncated or corrupt? ({_one_line(err)})"
+        ) from None
 
 
 def safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
@@ -127,8 +128,9 @@ def safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, st
         with safe_open(str(path), framework="pt") as handle:
             return list(handle.keys()), dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CraftVLAError(f"{path}: not a readable safetensors file, truncated or corrupt? "
-                            f"({_one_line(err)})") from None
+        raise CraftVLAError(
+            f"{path}: not a readable safetensors file, truncated or corrupt? ({_one_line(err)})"
+        ) from None
 
 
 def read_torch(path: str | os.PathLike) -> Any:
@@ -139,5 +141,7 @@ def read_torch(path: str | os.PathLike) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise CraftVLAError(f"{path}: cannot load with torch.load(weights_only=True), truncated or not a "
-                            f"tensor file? ({_one_line(err)})") from None
+        raise CraftVLAError(
+            f"{path}: cannot load with torch.load(weights_only=True), truncated or not a "
+            f"tensor file? ({_one_line(err)})"
+        ) from None

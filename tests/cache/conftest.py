@@ -21,8 +21,15 @@ def small_config() -> VLAConfig:
     return dataclasses.replace(
         VLAConfig.preset("tiny"),
         vision=VisionConfig(backbone_id="tiny-vit", image_size=SIZE, patch_size=8, width=32, depth=2, num_heads=2),
-        llm=LLMConfig(family="qwen2", hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
-                      intermediate_size=128, max_text_tokens=40),
+        llm=LLMConfig(
+            family="qwen2",
+            hidden_size=64,
+            num_layers=3,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            max_text_tokens=40,
+        ),
         head=L1BridgeHeadConfig(hidden_dim=32, num_heads=2),
         num_action_queries=4,
         chunk_size=4,
@@ -57,9 +64,11 @@ def anchor_dataset(tmp_path_factory) -> Path:
     writer = LeRobotDatasetWriter(root, fps=10, features=features)
     for ep in range(3):
         for _ in range(4):
-            frame = {CAM: rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
-                     "observation.state": rng.normal(size=4).astype(np.float32),
-                     "action": rng.normal(size=4).astype(np.float32)}
+            frame = {
+                CAM: rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
+                "observation.state": rng.normal(size=4).astype(np.float32),
+                "action": rng.normal(size=4).astype(np.float32),
+            }
             writer.add_frame(frame, task=TASKS[ep])
         writer.save_episode()
     return writer.finalize()
@@ -76,8 +85,14 @@ def build(checkpoint, anchor_dataset, tmp_path_factory):
         key = tuple(sorted((k, str(v)) for k, v in flags.items()))
         if key not in made:
             out = tmp_path_factory.mktemp("cache") / "c"
-            cfg = CacheBuildConfig(checkpoint=str(checkpoint), dataset=str(anchor_dataset), out=str(out),
-                                   batch_size=4, device="cpu", **flags)
+            cfg = CacheBuildConfig(
+                checkpoint=str(checkpoint),
+                dataset=str(anchor_dataset),
+                out=str(out),
+                batch_size=4,
+                device="cpu",
+                **flags,
+            )
             made[key] = build_cache(cfg)
         return made[key]
 

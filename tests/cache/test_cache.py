@@ -25,9 +25,11 @@ L_MAX = 1 + N_VIS + T_MAX + N_QUERY + 1
 N_VECS = {"vision": N_VIS, "all": L_MAX, "text": T_MAX, "last": 1}
 # Every token set and every dtype on both hidden-state targets (max pooling once); actions reads neither.
 ROUND_TRIPS = [("actions", None, None, "float16")] + [
-    (target, anchor_type, pooling, dtype) for target in ("tokens", "pooled")
+    (target, anchor_type, pooling, dtype)
+    for target in ("tokens", "pooled")
     for anchor_type, dtype in zip(N_VECS, ("float16", "bfloat16", "float32", "bfloat16"))
-    for pooling in ((None,) if target == "tokens" else ("mean", "max") if anchor_type == "text" else ("mean",))]
+    for pooling in ((None,) if target == "tokens" else ("mean", "max") if anchor_type == "text" else ("mean",))
+]
 
 
 def _policy(checkpoint):
@@ -75,32 +77,43 @@ def test_target_comes_from_the_shard_keys(build, tmp_path):
     copy = shutil.copytree(path, tmp_path / "c")
     assert C.AnchorCache(copy).target == "tokens"
     _edit_meta(copy, lambda m: m.update(target="pooled"))
-    with pytest.raises(CraftVLAError, match="target is 'pooled' in the cache but the student extracts 'tokens'.*"
-                                            "meta.json vs the shard's keys"):
+    with pytest.raises(
+        CraftVLAError,
+        match="target is 'pooled' in the cache but the student extracts 'tokens'.*meta.json vs the shard's keys",
+    ):
         C.AnchorCache(copy)
 
 
 def test_format_1_caches_are_refused_with_a_rebuild_request(build, tmp_path):
     copy = shutil.copytree(build(target="pooled", dtype="float16", num_samples=5, shard_size=2), tmp_path / "c")
     _edit_meta(copy, lambda m: m.update(format=1, cache_type="hidden_feature"))
-    with pytest.raises(CraftVLAError, match=r"meta.json: anchor-cache format 1; this craftvla reads format 2 "
-                                            r"\(built by an older craftvla: rebuild it with `craftvla cache build`\)"):
+    with pytest.raises(
+        CraftVLAError,
+        match=r"meta.json: anchor-cache format 1; this craftvla reads format 2 "
+        r"\(built by an older craftvla: rebuild it with `craftvla cache build`\)",
+    ):
         C.AnchorCache(copy)
 
 
-@pytest.mark.parametrize("field,change,message", [
-    ("layers", (2,), r"layers is \(1,\) in the cache but the student extracts \(2,\).*craft.anchor_layer_idx"),
-    ("anchor_type", "all", "anchor type is 'vision' in the cache but the student extracts 'all'"),
-    ("pooling", "max", "pooling is 'mean' in the cache but the student extracts 'max'.*leave craft.pooling unset"),
-    ("target", "tokens", "target is 'pooled' in the cache but the student extracts 'tokens'"),
-    ("width", 128, "feature width is 64 in the cache but the student extracts 128"),
-    ("fingerprint", "f" * 64, "model fingerprint is '[0-9a-f]{64}' in the cache but the student extracts 'f{64}'"),
-])
+@pytest.mark.parametrize(
+    "field,change,message",
+    [
+        ("layers", (2,), r"layers is \(1,\) in the cache but the student extracts \(2,\).*craft.anchor_layer_idx"),
+        ("anchor_type", "all", "anchor type is 'vision' in the cache but the student extracts 'all'"),
+        ("pooling", "max", "pooling is 'mean' in the cache but the student extracts 'max'.*leave craft.pooling unset"),
+        ("target", "tokens", "target is 'pooled' in the cache but the student extracts 'tokens'"),
+        ("width", 128, "feature width is 64 in the cache but the student extracts 128"),
+        ("fingerprint", "f" * 64, "model fingerprint is '[0-9a-f]{64}' in the cache but the student extracts 'f{64}'"),
+    ],
+)
 def test_mismatch_refused(build, checkpoint, field, change, message):
     path = build(target="pooled", dtype="float16", num_samples=5, shard_size=2)
     cache = C.AnchorCache(path)
-    good = dict(student=Extraction("pooled", (1,), "vision", "mean"), width=WIDTH,
-                fingerprint=C.model_fingerprint(_policy(checkpoint)))
+    good = dict(
+        student=Extraction("pooled", (1,), "vision", "mean"),
+        width=WIDTH,
+        fingerprint=C.model_fingerprint(_policy(checkpoint)),
+    )
     cache.check(**good)  # the matching student passes
     if field in ("width", "fingerprint"):
         bad = {**good, field: change}
@@ -113,28 +126,34 @@ def test_mismatch_refused(build, checkpoint, field, change, message):
 def test_craft_adopts_the_cache_settings_left_unset(build, checkpoint, caplog):
     """`cache build` defaults + `--craft.anchor_cache DIR` alone: layer, pooling and feature type
     come from the cache (and are logged); the provider reproduces the cached targets."""
-    path = build(target="pooled", anchor_type="text", pooling="max", dtype="float32", layer=2, num_samples=4,
-                 shard_size=2)
+    path = build(
+        target="pooled", anchor_type="text", pooling="max", dtype="float32", layer=2, num_samples=4, shard_size=2
+    )
     policy = _policy(checkpoint)
     cfg = CraftConfig(enabled=True, anchor_cache=str(path), anchor_batch_size=4)
     assert cfg.source == "cache" and cfg.anchor_type is None and cfg.pooling is None
     with caplog.at_level("INFO", logger="craftvla.craft.providers"):
         provider = CacheAnchors(policy, cfg, batch_size=cfg.anchor_batch_size)
-    assert ("craft.targets=pooled, craft.anchor_layer_idx=2, craft.anchor_type=text, craft.pooling=max"
-            in caplog.text)
+    assert "craft.targets=pooled, craft.anchor_layer_idx=2, craft.anchor_type=text, craft.pooling=max" in caplog.text
     with torch.no_grad():
-        (student, target), = provider.retention_pairs(policy, None, None).values()
+        ((student, target),) = provider.retention_pairs(policy, None, None).values()
     assert student.shape == target.shape == (4, WIDTH)
     torch.testing.assert_close(student, target, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (dict(anchor_layer_idx=2), r"layers is \(1,\) in the cache but the student extracts \(2,\).*leave "
-                               r"craft.anchor_layer_idx unset"),
-    (dict(pooling="max"), "pooling is 'mean' in the cache but the student extracts 'max'"),
-    (dict(anchor_type="both"), "anchor type is 'vision' in the cache but the student extracts 'both'"),
-    (dict(targets="pooled,actions"), "target is 'pooled' in the cache but the student extracts 'pooled,actions'"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            dict(anchor_layer_idx=2),
+            r"layers is \(1,\) in the cache but the student extracts \(2,\).*leave "
+            r"craft.anchor_layer_idx unset",
+        ),
+        (dict(pooling="max"), "pooling is 'mean' in the cache but the student extracts 'max'"),
+        (dict(anchor_type="both"), "anchor type is 'vision' in the cache but the student extracts 'both'"),
+        (dict(targets="pooled,actions"), "target is 'pooled' in the cache but the student extracts 'pooled,actions'"),
+    ],
+)
 def test_craft_flags_set_against_the_cache_are_refused(build, checkpoint, flags, message):
     path = build(target="pooled", dtype="float16", num_samples=5, shard_size=2)
     with pytest.raises(CraftVLAError, match=message):
@@ -158,8 +177,14 @@ def _shards(path) -> dict:
 
 def test_interrupted_build_resumes_to_the_same_cache(build, checkpoint, anchor_dataset, tmp_path, monkeypatch):
     flags = dict(target="pooled", anchor_type="text", dtype="float32", num_samples=9, shard_size=4)
-    cfg = B.CacheBuildConfig(checkpoint=str(checkpoint), dataset=str(anchor_dataset), out=str(tmp_path / "c"),
-                             batch_size=4, device="cpu", **flags)
+    cfg = B.CacheBuildConfig(
+        checkpoint=str(checkpoint),
+        dataset=str(anchor_dataset),
+        out=str(tmp_path / "c"),
+        batch_size=4,
+        device="cpu",
+        **flags,
+    )
     real_save = B.save_file
     calls = []
 
@@ -185,7 +210,8 @@ def test_interrupted_build_resumes_to_the_same_cache(build, checkpoint, anchor_d
     assert not list(out.glob(".*.tmp*"))
     reference = build(**flags)
     assert json.loads((out / "meta.json").read_text()) | {"out": 0} == json.loads(
-        (reference / "meta.json").read_text()) | {"out": 0}
+        (reference / "meta.json").read_text()
+    ) | {"out": 0}
     got, want = _shards(out), _shards(reference)
     assert got.keys() == want.keys() and len(got) == 3
     for name in want:
@@ -193,8 +219,15 @@ def test_interrupted_build_resumes_to_the_same_cache(build, checkpoint, anchor_d
 
 
 def test_interrupted_build_before_any_shard(checkpoint, anchor_dataset, tmp_path, monkeypatch):
-    cfg = B.CacheBuildConfig(checkpoint=str(checkpoint), dataset=str(anchor_dataset), out=str(tmp_path / "c"),
-                             target="pooled", num_samples=4, shard_size=2, device="cpu")
+    cfg = B.CacheBuildConfig(
+        checkpoint=str(checkpoint),
+        dataset=str(anchor_dataset),
+        out=str(tmp_path / "c"),
+        target="pooled",
+        num_samples=4,
+        shard_size=2,
+        device="cpu",
+    )
     real_write = B._write_shard
 
     def die_after_one(path, tensors, tasks):
@@ -243,8 +276,11 @@ def _dataset_batch(checkpoint, anchor_dataset, cache):
     dataset = open_anchor_dataset(str(anchor_dataset), policy)
     indices = json.loads((cache.path / "build.json").read_text())["indices"]
     items = [dataset[i] for i in indices]
-    return policy, {CAM: torch.stack([it[CAM] for it in items]), "task": [it["task"] for it in items],
-                    "observation.state": torch.stack([it["observation.state"] for it in items])}
+    return policy, {
+        CAM: torch.stack([it[CAM] for it in items]),
+        "task": [it["task"] for it in items],
+        "observation.state": torch.stack([it["observation.state"] for it in items]),
+    }
 
 
 @pytest.mark.parametrize("dtype,image_dtype,rtol", [("float32", "float32", 1e-5), ("float16", "float16", 2e-3)])
@@ -259,17 +295,18 @@ def test_cache_targets_equal_online_anchors(build, checkpoint, anchor_dataset, d
 
 def test_padded_token_sets_match_per_sample_forward(build, checkpoint):
     """tokens targets over every real token do not depend on the other instructions of the batch."""
-    cache = C.AnchorCache(build(target="tokens", anchor_type="all", dtype="float32", image_dtype="float32",
-                                num_samples=12, shard_size=12))
+    cache = C.AnchorCache(
+        build(target="tokens", anchor_type="all", dtype="float32", image_dtype="float32", num_samples=12, shard_size=12)
+    )
     policy, batch = _policy(checkpoint), _all_samples(cache)
     assert len({int(m.sum()) for m in batch["attention_mask"]}) == 3  # three instruction lengths
     with torch.no_grad():
         for i in range(0, 12, 5):
-            one = {k: (v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1]) for k, v in batch.items()}
+            one = {k: (v[i : i + 1] if torch.is_tensor(v) else v[i : i + 1]) for k, v in batch.items()}
             context = policy.encode(one)  # batch of one: no text padding at all
             states, mask = cache.extraction(policy, context, cache.meta["max_text_tokens"])
-            assert torch.equal(mask, batch[C.TOKEN_MASK_KEY][i:i + 1])
-            torch.testing.assert_close(states, batch["target.tokens"][i:i + 1], rtol=1e-5, atol=1e-5)
+            assert torch.equal(mask, batch[C.TOKEN_MASK_KEY][i : i + 1])
+            torch.testing.assert_close(states, batch["target.tokens"][i : i + 1], rtol=1e-5, atol=1e-5)
 
 
 def _perturb(policy, seed=1):
@@ -286,9 +323,14 @@ def test_training_on_the_cache_lowers_the_retention_loss(build, checkpoint, targ
 
     path = build(target=target, dtype="float32", num_samples=8, shard_size=4)
     policy = _policy(checkpoint).train()
-    cfg = CraftConfig(enabled=True, anchor_source="cache", anchor_cache=str(path),
-                      anchor_type=None if target == "actions" else "vision", anchor_batch_size=4,
-                      anchor_layer_idx=None if target == "actions" else 1)
+    cfg = CraftConfig(
+        enabled=True,
+        anchor_source="cache",
+        anchor_cache=str(path),
+        anchor_type=None if target == "actions" else "vision",
+        anchor_batch_size=4,
+        anchor_layer_idx=None if target == "actions" else 1,
+    )
     feature_fn = lambda context: {"pooled": bridge_features(context, 1, pooling="mean", anchor_type="vision")}
     # pooled: MSE of the pooled feature; tokens: per-token MSE over the cached states
     provider = make_anchor_provider(policy, cfg, feature_fn)
@@ -311,19 +353,45 @@ def test_training_on_the_cache_lowers_the_retention_loss(build, checkpoint, targ
 
 def test_craft_train_run_reads_the_cache(build, checkpoint, anchor_dataset, tmp_path):
     """`craftvla train --craft.anchor_source cache`: the student starts as the cache's teacher."""
+    from craftvla.train.config import parse_train_config
     from craftvla.train.loop import train
     from craftvla.train.metrics import read_metrics
-    from craftvla.train.config import parse_train_config
 
     path = build(dtype="float32", image_dtype="float32", num_samples=8, shard_size=4)  # the build defaults
     assert json.loads((path / "meta.json").read_text())["target"] == "actions"  # the target that retains
     run = tmp_path / "run"
     # no --craft.anchor_source / anchor_type / pooling / anchor_layer_idx: adopted from the cache
     # the policy is the checkpoint's (no architecture flags: they would be refused)
-    result = train(parse_train_config(["--output_dir", str(run), "--log.progress", "false", "--log.plots", "false",
-                       "--init_from", str(checkpoint), "--dataset.root", str(anchor_dataset), "--steps", "5",
-                       "--batch_size", "4", "--optim.lr", "1e-2", "--log.log_freq", "1", "--craft.enabled", "true",
-                       "--craft.anchor_cache", str(path), "--craft.anchor_batch_size", "4"]))
+    result = train(
+        parse_train_config(
+            [
+                "--output_dir",
+                str(run),
+                "--log.progress",
+                "false",
+                "--log.plots",
+                "false",
+                "--init_from",
+                str(checkpoint),
+                "--dataset.root",
+                str(anchor_dataset),
+                "--steps",
+                "5",
+                "--batch_size",
+                "4",
+                "--optim.lr",
+                "1e-2",
+                "--log.log_freq",
+                "1",
+                "--craft.enabled",
+                "true",
+                "--craft.anchor_cache",
+                str(path),
+                "--craft.anchor_batch_size",
+                "4",
+            ]
+        )
+    )
     records = read_metrics(run / "metrics.jsonl")
     assert result.grad_plugin.targets == ["actions"]  # adopted from the default cache
     assert records[0]["craft/retention_loss"] < 1e-10  # the cache's targets are the initial model's own
@@ -334,16 +402,54 @@ def test_cli_build_and_errors(checkpoint, anchor_dataset, tmp_path, capsys):
     from craftvla.cli import main
 
     out = tmp_path / "c"
-    args = ["cache", "build", "--checkpoint", str(checkpoint), "--dataset", str(anchor_dataset), "--out", str(out),
-            "--target", "pooled", "--layer", "-1", "--dtype", "bfloat16", "--num_samples", "3",
-            "--shard_size", "2", "--device", "cpu"]
+    args = [
+        "cache",
+        "build",
+        "--checkpoint",
+        str(checkpoint),
+        "--dataset",
+        str(anchor_dataset),
+        "--out",
+        str(out),
+        "--target",
+        "pooled",
+        "--layer",
+        "-1",
+        "--dtype",
+        "bfloat16",
+        "--num_samples",
+        "3",
+        "--shard_size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     assert C.AnchorCache(out).meta["layers"] == [3]
     assert main(args) == 1 and "already a complete cache" in capsys.readouterr().err
     assert main(["cache", "build", "--target", "logits"]) == 1
-    assert main(["cache", "bulid"]) == 2 and "unknown sub-verb 'bulid'" in capsys.readouterr().err  # a usage error, as an unknown verb
-    assert main(["cache", "build", "--checkpoint", str(checkpoint), "--dataset", str(anchor_dataset),
-                 "--out", str(tmp_path / "d"), "--target", "pooled", "--layer", "7"]) == 1
+    assert (
+        main(["cache", "bulid"]) == 2 and "unknown sub-verb 'bulid'" in capsys.readouterr().err
+    )  # a usage error, as an unknown verb
+    assert (
+        main(
+            [
+                "cache",
+                "build",
+                "--checkpoint",
+                str(checkpoint),
+                "--dataset",
+                str(anchor_dataset),
+                "--out",
+                str(tmp_path / "d"),
+                "--target",
+                "pooled",
+                "--layer",
+                "7",
+            ]
+        )
+        == 1
+    )
     assert "layer=7: the model has hidden_states[0..3]" in capsys.readouterr().err
     assert main(["cache", "build", "--layer", "2"]) == 1  # the default target, actions, reads no layer
     assert "layer=2: a cache of the actions target does not read it (drop the flag)" in capsys.readouterr().err
@@ -352,8 +458,14 @@ def test_cli_build_and_errors(checkpoint, anchor_dataset, tmp_path, capsys):
 def test_overwrite_never_deletes_a_foreign_directory(checkpoint, anchor_dataset, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    cfg = B.CacheBuildConfig(checkpoint=str(checkpoint), dataset=str(anchor_dataset), out=str(tmp_path / "mine"),
-                             num_samples=2, device="cpu", overwrite=True)
+    cfg = B.CacheBuildConfig(
+        checkpoint=str(checkpoint),
+        dataset=str(anchor_dataset),
+        out=str(tmp_path / "mine"),
+        num_samples=2,
+        device="cpu",
+        overwrite=True,
+    )
     with pytest.raises(CraftVLAError, match="is not an anchor cache"):
         B.build_cache(cfg)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
@@ -374,10 +486,16 @@ BROKEN = {  # corruption, file named in the message, words; all refused when the
     "meta not an object": (lambda c: (c / "meta.json").write_text("3"), "meta.json", "expected a JSON dict"),
     "meta lacks keys": (lambda c: _edit_meta(c, lambda m: m.pop("pooling")), "meta.json", "missing keys ['pooling']"),
     "meta newer format": (lambda c: _edit_meta(c, lambda m: m.update(format=7)), "meta.json", "upgrade craftvla"),
-    "first shard truncated": (lambda c: _truncate(c / "shard-00000.safetensors"), "shard-00000.safetensors",
-                              "not a readable safetensors"),
-    "first shard not safetensors": (lambda c: (c / "shard-00000.safetensors").write_text("x" * 64),
-                                    "shard-00000.safetensors", "not a readable safetensors"),
+    "first shard truncated": (
+        lambda c: _truncate(c / "shard-00000.safetensors"),
+        "shard-00000.safetensors",
+        "not a readable safetensors",
+    ),
+    "first shard not safetensors": (
+        lambda c: (c / "shard-00000.safetensors").write_text("x" * 64),
+        "shard-00000.safetensors",
+        "not a readable safetensors",
+    ),
 }
 
 

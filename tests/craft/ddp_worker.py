@@ -39,8 +39,12 @@ def main(out_path: str) -> None:
     mine = split(full, 4 * rank, 4 * rank + 4)
     grads, log = one_step(policy, CraftPlugin(policy, cfg), [split(mine, 0, 2), split(mine, 2, 4)])
     if rank == 0:
-        result = {"max_abs_diff": (grads - ref_grads).abs().max().item(), "grad_scale": ref_grads.abs().max().item(),
-                  "log": log, "ref_log": ref_log}
+        result = {
+            "max_abs_diff": (grads - ref_grads).abs().max().item(),
+            "grad_scale": ref_grads.abs().max().item(),
+            "log": log,
+            "ref_log": ref_log,
+        }
         with open(out_path, "w") as fh:
             json.dump(result, fh)
     dist.destroy_process_group()

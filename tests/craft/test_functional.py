@@ -48,8 +48,8 @@ def test_projection_off_is_plain_weighted_sum():
 def test_per_tensor_vs_global_hand_case():
     # tensor 1 conflicts (dot -1), tensor 2 agrees (dot 2); globally the dot is +1.
     def grads():
-        return ([torch.tensor([1.0, 0.0]), torch.tensor([2.0])],
-                [torch.tensor([-1.0, 1.0]), torch.tensor([1.0])])
+        return ([torch.tensor([1.0, 0.0]), torch.tensor([2.0])], [torch.tensor([-1.0, 1.0]), torch.tensor([1.0])])
+
     a, r = grads()
     st = CF.project_gradients(a, r, lam=1.0, eps=0.0, scope="per_tensor")
     assert torch.equal(a[0], torch.tensor([-0.5, 1.5])) and torch.equal(a[1], torch.tensor([3.0]))

@@ -13,9 +13,11 @@ from craftvla.model.policy import VLAPolicy
 
 from ._common import batch, small_config, train_steps
 
-HEADS = {"l1_bridge": L1BridgeHeadConfig(hidden_dim=32, num_heads=2),
-         "flow_matching": FlowMatchingHeadConfig(hidden_dim=32, num_heads=2, num_steps=4),
-         "discrete": DiscreteHeadConfig(num_bins=32)}  # actions target: the expected bin centre
+HEADS = {
+    "l1_bridge": L1BridgeHeadConfig(hidden_dim=32, num_heads=2),
+    "flow_matching": FlowMatchingHeadConfig(hidden_dim=32, num_heads=2, num_steps=4),
+    "discrete": DiscreteHeadConfig(num_bins=32),
+}  # actions target: the expected bin centre
 
 
 @pytest.mark.parametrize("head", list(HEADS))

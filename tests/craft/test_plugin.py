@@ -35,8 +35,7 @@ def test_online_anchors_equal_frozen_copy(anchor_type):
 
 
 def test_online_anchors_under_lora_exact_and_only_adapters_change():
-    from craftvla.model.peft import LoraConfig
-    from craftvla.model.peft import apply_lora, is_lora_param
+    from craftvla.model.peft import LoraConfig, apply_lora, is_lora_param
 
     policy = small_policy()
     base = copy.deepcopy(policy)  # the initial model, before any adapter exists
@@ -88,8 +87,10 @@ def test_surgery_result_matches_explicit_reference():
     train_steps(policy, plugin, [[batch(2, seed=1)]], lr=0.05)
     b = batch(2, seed=2)
     out = policy.compute_loss(b)
-    (f_theta, f_anchor), = plugin.anchors.retention_pairs(policy, b, out.context).values()
-    g_ret = torch.autograd.grad(CF.retention_loss(f_theta, f_anchor), plugin.params, retain_graph=True, allow_unused=True)
+    ((f_theta, f_anchor),) = plugin.anchors.retention_pairs(policy, b, out.context).values()
+    g_ret = torch.autograd.grad(
+        CF.retention_loss(f_theta, f_anchor), plugin.params, retain_graph=True, allow_unused=True
+    )
     g_act = torch.autograd.grad(out.loss, plugin.params, allow_unused=True)
     zero = lambda gs: [torch.zeros_like(p) if g is None else g for g, p in zip(gs, plugin.params)]  # noqa: E731
     lam = float(plugin.lam)
@@ -112,8 +113,11 @@ def test_lambda_follows_dual_rule_and_survives_resume():
 
     restored = CraftPlugin(copy.deepcopy(policy), cfg)
     restored.load_state_dict(plugin.state_dict())
-    assert restored.state_dict() == plugin.state_dict() == {"lambda": pytest.approx(lam), "step": 4,
-                                                            "scales": {"pooled": 1.0}}
+    assert (
+        restored.state_dict()
+        == plugin.state_dict()
+        == {"lambda": pytest.approx(lam), "step": 4, "scales": {"pooled": 1.0}}
+    )
     with pytest.raises(CraftVLAError, match="lambda"):
         restored.load_state_dict({"step": 1})
 
@@ -122,8 +126,11 @@ def test_log_freq_averages_and_baselines():
     policy = small_policy()
     plugin = CraftPlugin(policy, CraftConfig(enabled=True, mode="distill_fixed", log_freq=2))
     logs = train_steps(policy, plugin, [[batch(2, seed=s)] for s in range(4)], lr=0.05)
-    assert logs[0] == {} and logs[2] == {} and set(logs[1]) == {
-        "craft/retention_loss", "craft/lambda", "craft/conflict", "craft/cos", "craft/beta"}
+    assert (
+        logs[0] == {}
+        and logs[2] == {}
+        and set(logs[1]) == {"craft/retention_loss", "craft/lambda", "craft/conflict", "craft/cos", "craft/beta"}
+    )
     assert logs[3]["craft/lambda"] == 1.0 and logs[3]["craft/beta"] == pytest.approx(1.0)  # fixed, no projection
 
     policy = small_policy()
@@ -136,8 +143,10 @@ def test_log_freq_averages_and_baselines():
     g_act = torch.autograd.grad(out.loss, plugin.params, allow_unused=True)
     plugin.backward(policy, b, 1.0)
     plugin.before_optimizer_step()
-    expected = [(torch.zeros_like(p) if g is None else g) + 3.0 * (p.detach() - p0)
-                for g, p, p0 in zip(g_act, plugin.params, init)]
+    expected = [
+        (torch.zeros_like(p) if g is None else g) + 3.0 * (p.detach() - p0)
+        for g, p, p0 in zip(g_act, plugin.params, init)
+    ]
     torch.testing.assert_close(_grads(plugin), torch.cat([e.flatten() for e in expected]), rtol=1e-5, atol=1e-7)
     penalty = 1.5 * sum(((p.detach() - p0) ** 2).sum() for p, p0 in zip(plugin.params, init))
     assert plugin.after_optimizer_step()["craft/retention_loss"] == pytest.approx(float(penalty), rel=1e-4)

@@ -43,8 +43,16 @@ def _by_hand(context, anchor_type="both", pooling="mean", layer=None):
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_option_against_an_independent_computation(name):
     fields, combine, dual = OPTIONS[name]
-    cfg = CraftConfig(enabled=True, retention_weight=W0, dual_lr=DUAL_LR, retention_budget=BUDGET,
-                      scale_free=False, targets="pooled", log_freq=1, **fields)
+    cfg = CraftConfig(
+        enabled=True,
+        retention_weight=W0,
+        dual_lr=DUAL_LR,
+        retention_budget=BUDGET,
+        scale_free=False,
+        targets="pooled",
+        log_freq=1,
+        **fields,
+    )
     policy = small_policy()
     initial = copy.deepcopy(policy).eval()
     plugin = CraftPlugin(policy, cfg)

@@ -117,7 +117,7 @@ def test_anchor_dataset_batches_replace_the_training_batch():
     b = batch(2, seed=1)
     out = policy.compute_loss(b)
     plugin.anchors.start(plugin.step)
-    (f, f0), = plugin.anchors.retention_pairs(policy, b, out.context).values()
+    ((f, f0),) = plugin.anchors.retention_pairs(policy, b, out.context).values()
     assert f.shape[0] == f0.shape[0] == 5 and started == [1]
     with torch.no_grad():
         expected = policy.action_head.sample(policy.encode(anchor_batches[1]))

@@ -12,4 +12,3 @@ from lerobot_synth import write_dataset
 def dataset_root(tmp_path_factory) -> Path:
     """Four episodes (lengths 12, 9, 15, 6) sharing one parquet file and one mp4."""
     return write_dataset(tmp_path_factory.mktemp("ds") / "shared", [12, 9, 15, 6])
-

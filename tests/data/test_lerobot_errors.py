@@ -72,6 +72,7 @@ def _set_column(name: str, row: int, value):
         values = table[name].to_pylist()
         values[row] = value
         return table.set_column(table.column_names.index(name), name, pa.array(values, table.schema.field(name).type))
+
     return fn
 
 
@@ -82,28 +83,53 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
 
 CASES = {
     "missing info.json": (lambda r: (r / "meta/info.json").unlink(), "meta/info.json", "not found"),
-    "v2.1": (lambda r: _edit_info(r, lambda i: i.update(codebase_version="v2.1")), "meta/info.json", "old LeRobot layout"),
-    "unknown version": (lambda r: _edit_info(r, lambda i: i.update(codebase_version="v9.9")), "meta/info.json", "unknown codebase_version"),
+    "v2.1": (
+        lambda r: _edit_info(r, lambda i: i.update(codebase_version="v2.1")),
+        "meta/info.json",
+        "old LeRobot layout",
+    ),
+    "unknown version": (
+        lambda r: _edit_info(r, lambda i: i.update(codebase_version="v9.9")),
+        "meta/info.json",
+        "unknown codebase_version",
+    ),
     "missing video": (lambda r: (r / VIDEO).unlink(), VIDEO, "video file not found"),
     "missing parquet": (lambda r: (r / DATA).unlink(), DATA, "not found"),
-    "state shape": (lambda r: _edit_info(r, lambda i: i["features"]["observation.state"].update(shape=[5])), DATA, "shape (5,)"),
+    "state shape": (
+        lambda r: _edit_info(r, lambda i: i["features"]["observation.state"].update(shape=[5])),
+        DATA,
+        "shape (5,)",
+    ),
     "image shape": (lambda r: _edit_info(r, lambda i: i["features"][CAM].update(shape=[64, 64, 3])), VIDEO, "says"),
     "nan action": (lambda r: _edit_data(r, _nan_action), DATA, "NaN/inf"),
     "inf state": (lambda r: _edit_data(r, _inf_state), DATA, "NaN/inf"),
     "missing tasks": (lambda r: (r / "meta/tasks.parquet").unlink(), "meta/tasks.parquet", "not found"),
     # meta files missing, unreadable or out of range
     "info not JSON": (lambda r: (r / "meta/info.json").write_text("{'fps': 10"), "meta/info.json", "not valid JSON"),
-    "info not an object": (lambda r: (r / "meta/info.json").write_text("[1, 2]"), "meta/info.json", "expected a JSON object"),
+    "info not an object": (
+        lambda r: (r / "meta/info.json").write_text("[1, 2]"),
+        "meta/info.json",
+        "expected a JSON object",
+    ),
     "stats not JSON": (lambda r: (r / "meta/stats.json").write_text("nan nan"), "meta/stats.json", "not valid JSON"),
     "fps 0": (lambda r: _edit_info(r, lambda i: i.update(fps=0)), "meta/info.json", "fps=0; expected a positive"),
     "fps negative": (lambda r: _edit_info(r, lambda i: i.update(fps=-30)), "meta/info.json", "fps=-30"),
     "fps not a number": (lambda r: _edit_info(r, lambda i: i.update(fps="10")), "meta/info.json", "fps='10'"),
-    "no action feature": (lambda r: _edit_info(r, lambda i: i["features"].pop("action")), "meta/info.json",
-                          "features has no 'action' entry"),
-    "bad feature shape": (lambda r: _edit_info(r, lambda i: i["features"]["observation.state"].update(shape="4")),
-                          "meta/info.json", "features['observation.state']"),
-    "video shape 2-D": (lambda r: _edit_info(r, lambda i: i["features"][CAM].update(shape=[48, 64])), "meta/info.json",
-                        "expected [height, width, 3]"),
+    "no action feature": (
+        lambda r: _edit_info(r, lambda i: i["features"].pop("action")),
+        "meta/info.json",
+        "features has no 'action' entry",
+    ),
+    "bad feature shape": (
+        lambda r: _edit_info(r, lambda i: i["features"]["observation.state"].update(shape="4")),
+        "meta/info.json",
+        "features['observation.state']",
+    ),
+    "video shape 2-D": (
+        lambda r: _edit_info(r, lambda i: i["features"][CAM].update(shape=[48, 64])),
+        "meta/info.json",
+        "expected [height, width, 3]",
+    ),
     "total_frames 0": (lambda r: _edit_info(r, lambda i: i.update(total_frames=0)), "meta/info.json", "total_frames=0"),
     "missing episodes": (lambda r: shutil.rmtree(r / "meta/episodes"), "meta/episodes", "no episode metadata files"),
     "truncated episodes": (lambda r: _truncate(r / EPISODES), EPISODES, "cannot read parquet"),
@@ -112,14 +138,26 @@ CASES = {
     "truncated parquet": (lambda r: _truncate(r / DATA), DATA, "cannot read parquet"),
     "truncated video": (lambda r: _truncate(r / VIDEO), VIDEO, "not a readable video"),
     "not a video": (lambda r: (r / VIDEO).write_text("hello, I am text"), VIDEO, "not a readable video"),
-    "slice past the video end": (lambda r: _edit_episodes(r, lambda t: _shift_last_slice(t, 1.0)), VIDEO,
-                                 "but the video lasts"),
-    "slice of the wrong length": (lambda r: _edit_episodes(r, _set_column(f"videos/{CAM}/to_timestamp", 0, 0.5)),
-                                  "meta/episodes", "does not hold its 12 frames"),
-    "image features": (lambda r: _edit_info(r, lambda i: i["features"][CAM].update(dtype="image")), "meta/info.json",
-                       "stored as per-frame images"),
-    "timestamp off its frame": (lambda r: _edit_data(r, _set_column("timestamp", 3, 7.0)), "data",
-                                "timestamps must be frame_index / fps"),
+    "slice past the video end": (
+        lambda r: _edit_episodes(r, lambda t: _shift_last_slice(t, 1.0)),
+        VIDEO,
+        "but the video lasts",
+    ),
+    "slice of the wrong length": (
+        lambda r: _edit_episodes(r, _set_column(f"videos/{CAM}/to_timestamp", 0, 0.5)),
+        "meta/episodes",
+        "does not hold its 12 frames",
+    ),
+    "image features": (
+        lambda r: _edit_info(r, lambda i: i["features"][CAM].update(dtype="image")),
+        "meta/info.json",
+        "stored as per-frame images",
+    ),
+    "timestamp off its frame": (
+        lambda r: _edit_data(r, _set_column("timestamp", 3, 7.0)),
+        "data",
+        "timestamps must be frame_index / fps",
+    ),
 }
 
 
@@ -185,7 +223,9 @@ def test_writer_shape_and_key_checks(tmp_path):
     with pytest.raises(CraftVLAError, match="observation.state"):
         w.add_frame({CAM: image(0, 0), "observation.state": np.zeros(3, np.float32), "action": action(0, 0)}, task="t")
     with pytest.raises(CraftVLAError, match="uint8"):
-        w.add_frame({CAM: image(0, 0).astype(np.float32), "observation.state": state(0, 0), "action": action(0, 0)}, task="t")
+        w.add_frame(
+            {CAM: image(0, 0).astype(np.float32), "observation.state": state(0, 0), "action": action(0, 0)}, task="t"
+        )
     with pytest.raises(CraftVLAError, match="missing"):
         w.add_frame({CAM: image(0, 0), "action": action(0, 0)}, task="t")
     w.abort()

@@ -31,5 +31,7 @@ def test_transform_is_applied_per_item(dataset_root):
     assert item[CAM].shape == (3, 32, 32)
     assert item["action"].min() >= -1.0 - 1e-6 and item["action"].max() <= 1.0 + 1e-6
     raw = ds[3]["observation.state"]
-    expected = (raw - torch.tensor(ds.stats["observation.state"]["mean"])) / (torch.tensor(ds.stats["observation.state"]["std"]) + 1e-8)
+    expected = (raw - torch.tensor(ds.stats["observation.state"]["mean"])) / (
+        torch.tensor(ds.stats["observation.state"]["std"]) + 1e-8
+    )
     torch.testing.assert_close(item["observation.state"], expected)

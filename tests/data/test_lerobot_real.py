@@ -81,8 +81,10 @@ def test_list_encodings_read_the_same(tmp_path):
     pq.write_table(table, data)
     episodes = root / "meta/episodes/chunk-000/file-000.parquet"
     ep = pq.read_table(episodes)
-    pq.write_table(ep.set_column(ep.column_names.index("tasks"), "tasks", ep["tasks"].cast(pa.large_list(pa.large_string()))),
-                   episodes)
+    pq.write_table(
+        ep.set_column(ep.column_names.index("tasks"), "tasks", ep["tasks"].cast(pa.large_list(pa.large_string()))),
+        episodes,
+    )
     ds = LeRobotDataset(root, chunk_size=1)
     for frame in EXPECTED["frames"][::7]:
         item = ds[frame["index"]]

@@ -25,7 +25,9 @@ def _has(codec: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("codec", ["h264", pytest.param("av1", marks=pytest.mark.skipif(not _has("av1"), reason="no AV1 encoder"))])
+@pytest.mark.parametrize(
+    "codec", ["h264", pytest.param("av1", marks=pytest.mark.skipif(not _has("av1"), reason="no AV1 encoder"))]
+)
 def test_round_trip_exact_vectors_and_close_images(tmp_path, codec):
     root = write_dataset(tmp_path / "ds", [7, 5], codec=codec)
     ds = LeRobotDataset(root, chunk_size=3)
@@ -107,10 +109,14 @@ def test_file_size_limits_roll_files_and_chunks(tmp_path):
     # tiny limits: every episode gets its own data file and mp4; chunks_size=2 -> chunk-001 too.
     # Episodes are longer than the encoders' lookahead (packets lag the frames by up to ~20).
     lengths = [30, 25, 28]
-    root = write_dataset(tmp_path / "ds", lengths, data_files_size_in_mb=1e-4,
-                         video_files_size_in_mb=1e-6, chunks_size=2)
+    root = write_dataset(
+        tmp_path / "ds", lengths, data_files_size_in_mb=1e-4, video_files_size_in_mb=1e-6, chunks_size=2
+    )
     assert sorted(p.relative_to(root).as_posix() for p in root.glob("data/*/*.parquet")) == [
-        "data/chunk-000/file-000.parquet", "data/chunk-000/file-001.parquet", "data/chunk-001/file-000.parquet"]
+        "data/chunk-000/file-000.parquet",
+        "data/chunk-000/file-001.parquet",
+        "data/chunk-001/file-000.parquet",
+    ]
     assert len(list(root.glob(f"videos/{CAM}/*/*.mp4"))) == 3
     ds = LeRobotDataset(root, chunk_size=2)
     for i, (ep, f) in enumerate([(e, f) for e, n in enumerate(lengths) for f in range(n)]):

@@ -37,9 +37,14 @@ def test_reader_equals_what_tfds_read_back():
         seen.append(i)
         assert episode["episode_metadata/file_path"] == [meta["file_path"]]
         assert sorted(set(episode["steps/language_instruction"])) == meta["instructions"]
-        for key, name in (("steps/action", "action"), ("steps/observation/state", "state"),
-                          ("steps/is_first", "is_first"), ("steps/is_last", "is_last"),
-                          ("steps/is_terminal", "is_terminal"), ("steps/observation/wrist_image", "wrist_image")):
+        for key, name in (
+            ("steps/action", "action"),
+            ("steps/observation/state", "state"),
+            ("steps/is_first", "is_first"),
+            ("steps/is_last", "is_last"),
+            ("steps/is_terminal", "is_terminal"),
+            ("steps/observation/wrist_image", "wrist_image"),
+        ):
             np.testing.assert_array_equal(episode[key], READBACK[f"ep{i}_{name}"], err_msg=key)  # exact (PNG: lossless)
         jpeg = np.abs(episode["steps/observation/image"].astype(int) - READBACK[f"ep{i}_image"])
         # TF decodes JPEG with its fast integer IDCT, Pillow with the accurate one: measured mean 0.37-0.48, max 9
@@ -64,7 +69,9 @@ def test_converted_dataset_carries_tfds_values(converted):
         i, meta = _tfds_episode(end - start)
         items = [ds[j] for j in range(start, end)]
         np.testing.assert_array_equal(np.stack([it["action"][0].numpy() for it in items]), READBACK[f"ep{i}_action"])
-        np.testing.assert_array_equal(np.stack([it["observation.state"].numpy() for it in items]), READBACK[f"ep{i}_state"])
+        np.testing.assert_array_equal(
+            np.stack([it["observation.state"].numpy() for it in items]), READBACK[f"ep{i}_state"]
+        )
         assert sorted({it["task"] for it in items}) == meta["instructions"]
         for key, name in (("observation.images.image", "image"), ("observation.images.wrist_image", "wrist_image")):
             ours = np.stack([it[key].permute(1, 2, 0).numpy() for it in items]) * 255  # (T, H, W, 3)
@@ -81,8 +88,13 @@ def test_mapping_defaults_and_overrides():
     assert feature_mapping(features) == {
         "steps/observation/image": "observation.images.image",
         "steps/observation/wrist_image": "observation.images.wrist_image",
-        "steps/observation/state": "observation.state", "steps/action": "action", "steps/language_instruction": "task"}
-    custom = feature_mapping(features, "observation.image=observation.images.main,observation/wrist_image=observation.images.wrist")
+        "steps/observation/state": "observation.state",
+        "steps/action": "action",
+        "steps/language_instruction": "task",
+    }
+    custom = feature_mapping(
+        features, "observation.image=observation.images.main,observation/wrist_image=observation.images.wrist"
+    )
     assert custom["steps/observation/image"] == "observation.images.main"
     assert custom["steps/observation/wrist_image"] == "observation.images.wrist"
     with pytest.raises(CraftVLAError, match="'observation.depth' not found.*steps/observation/image"):
@@ -127,23 +139,46 @@ def test_cli_errors_exit_nonzero_and_leave_nothing(tmp_path, capsys):
     (out / "keep").mkdir(parents=True)
     assert cli(["convert", "rlds", "--src", str(SRC), "--out", str(out), "--progress", "false"]) == 1
     assert "not empty" in capsys.readouterr().err and [p.name for p in out.iterdir()] == ["keep"]
-    assert cli(["convert", "rlds", "--src", str(SRC), "--out", str(tmp_path / "ok"), "--map",
-                "observation/nothing=action", "--progress", "false"]) == 1
+    assert (
+        cli(
+            [
+                "convert",
+                "rlds",
+                "--src",
+                str(SRC),
+                "--out",
+                str(tmp_path / "ok"),
+                "--map",
+                "observation/nothing=action",
+                "--progress",
+                "false",
+            ]
+        )
+        == 1
+    )
     assert "not found" in capsys.readouterr().err and not (tmp_path / "ok").exists()
-    assert main(["rlds", "--src", str(SRC), "--out", str(tmp_path / "two"), "--max_episodes", "2",
-                 "--progress", "false"]) == 0
+    assert (
+        main(["rlds", "--src", str(SRC), "--out", str(tmp_path / "two"), "--max_episodes", "2", "--progress", "false"])
+        == 0
+    )
     assert LeRobotDataset(tmp_path / "two", chunk_size=1).meta.total_episodes == 2
 
 
 def test_a_feature_the_records_lack_names_the_shard(tmp_path):
     src = _copy(tmp_path)
     tree = json.loads((src / "features.json").read_text())
-    observation = tree["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"]["features"]["observation"]
+    observation = tree["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"]["features"][
+        "observation"
+    ]
     observation["featuresDict"]["features"]["depth"] = {
         "pythonClassName": "tensorflow_datasets.core.features.tensor_feature.Tensor",
-        "tensor": {"dtype": "float32", "encoding": "none", "shape": {"dimensions": ["4"]}}}
+        "tensor": {"dtype": "float32", "encoding": "none", "shape": {"dimensions": ["4"]}},
+    }
     (src / "features.json").write_text(json.dumps(tree))
     with pytest.raises(CraftVLAError, match="00000-of-00002: record lacks feature 'steps/observation/depth'"):
-        convert_rlds(RldsConvertConfig(src=str(src), out=str(tmp_path / "out"), progress=False,
-                                       map="observation/depth=observation.depth"))
+        convert_rlds(
+            RldsConvertConfig(
+                src=str(src), out=str(tmp_path / "out"), progress=False, map="observation/depth=observation.depth"
+            )
+        )
     assert not (tmp_path / "out").exists()

@@ -10,10 +10,18 @@ from craftvla.data import ColorJitter, Compose, Normalize, RandomCropResize, Res
 from craftvla.errors import ConfigError, CraftVLAError
 
 STATS = {
-    "observation.state": {"mean": np.array([1.0, -2.0]), "std": np.array([2.0, 0.5]),
-                          "min": np.array([0.0, 0.0]), "max": np.array([1.0, 1.0])},
-    "action": {"min": np.array([-1.0, 0.0, 2.0]), "max": np.array([3.0, 10.0, 2.0]),
-               "mean": np.zeros(3), "std": np.ones(3)},
+    "observation.state": {
+        "mean": np.array([1.0, -2.0]),
+        "std": np.array([2.0, 0.5]),
+        "min": np.array([0.0, 0.0]),
+        "max": np.array([1.0, 1.0]),
+    },
+    "action": {
+        "min": np.array([-1.0, 0.0, 2.0]),
+        "max": np.array([3.0, 10.0, 2.0]),
+        "mean": np.zeros(3),
+        "std": np.ones(3),
+    },
     "observation.images.cam": {"mean": np.full((3, 1, 1), 0.5), "std": np.full((3, 1, 1), 0.25)},
 }
 MAPPING = {"observation.state": "mean_std", "action": "min_max", "observation.images.cam": "identity"}
@@ -31,8 +39,11 @@ def test_normalize_hand_computed_values():
 
 def test_round_trip_any_leading_dims():
     norm, unnorm = Normalize(STATS, MAPPING), Unnormalize(STATS, MAPPING)
-    batch = {"observation.state": torch.randn(4, 2), "action": torch.randn(4, 8, 3) * 3,
-             "observation.images.cam": torch.rand(4, 3, 8, 8)}
+    batch = {
+        "observation.state": torch.randn(4, 2),
+        "action": torch.randn(4, 8, 3) * 3,
+        "observation.images.cam": torch.rand(4, 3, 8, 8),
+    }
     back = unnorm(norm(batch))
     for k in batch:
         torch.testing.assert_close(back[k], batch[k], rtol=1e-5, atol=1e-5)
@@ -41,7 +52,9 @@ def test_round_trip_any_leading_dims():
 
 def test_normalize_image_stats_broadcast_per_channel():
     st = {"observation.images.cam": STATS["observation.images.cam"]}
-    out = Normalize(st, {"observation.images.cam": "mean_std"})({"observation.images.cam": torch.full((2, 3, 4, 4), 0.75)})
+    out = Normalize(st, {"observation.images.cam": "mean_std"})(
+        {"observation.images.cam": torch.full((2, 3, 4, 4), 0.75)}
+    )
     torch.testing.assert_close(out["observation.images.cam"], torch.ones(2, 3, 4, 4))
 
 

@@ -13,8 +13,15 @@ from .conftest import micro_config
 @pytest.mark.parametrize("attention", ["bidirectional", "causal"])
 def test_later_token_reaches_earlier_states_only_when_bidirectional(family, attention):
     torch.manual_seed(0)
-    llm = LLMConfig(family=family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=128, attention=attention)
+    llm = LLMConfig(
+        family=family,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        attention=attention,
+    )
     policy = VLAPolicy(micro_config(llm=llm)).eval()
     batch = policy.config.fake_batch(1)
     context = policy.encode(batch)

@@ -19,8 +19,15 @@ def write_vla_adapter_dir(root, seed=1):
     from craftvla.model.vision import _tiny_vit
 
     torch.manual_seed(seed)
-    llm_cfg = Qwen2Config(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False)
+    llm_cfg = Qwen2Config(
+        vocab_size=260,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        tie_word_embeddings=False,
+    )
     Qwen2ForCausalLM(llm_cfg).save_pretrained(root / "llm")
     byte_tokenizer().save_pretrained(root / "llm")
     # full, unpruned timm ViTs as Prismatic stores them (all blocks, final norm)
@@ -30,23 +37,33 @@ def write_vla_adapter_dir(root, seed=1):
     save_file(vision[0].state_dict(), root / "vision" / "featurizer.safetensors")
     torch.save(vision[1].state_dict(), root / "vision" / "fused_featurizer.pt")  # .pt works too
     fused_dim = 64
-    projector = {"projector.0.weight": torch.randn(4 * fused_dim, fused_dim), "projector.0.bias": torch.randn(4 * fused_dim),
-                 "projector.2.weight": torch.randn(64, 4 * fused_dim), "projector.2.bias": torch.randn(64),
-                 "projector.4.weight": torch.randn(64, 64), "projector.4.bias": torch.randn(64)}
+    projector = {
+        "projector.0.weight": torch.randn(4 * fused_dim, fused_dim),
+        "projector.0.bias": torch.randn(4 * fused_dim),
+        "projector.2.weight": torch.randn(64, 4 * fused_dim),
+        "projector.2.bias": torch.randn(64),
+        "projector.4.weight": torch.randn(64, 64),
+        "projector.4.bias": torch.randn(64),
+    }
     save_file(projector, root / "projector.safetensors")
     return vision, projector
 
 
 def real_layout_config(root):
-    return VLAConfig(vision=VisionConfig(backbone_id="tiny-dinosiglip", image_size=32, patch_size=8, width=32, depth=2, num_heads=2),
-                     llm=LLMConfig(family="qwen2", attention="causal"), weights_dir=str(root))
+    return VLAConfig(
+        vision=VisionConfig(backbone_id="tiny-dinosiglip", image_size=32, patch_size=8, width=32, depth=2, num_heads=2),
+        llm=LLMConfig(family="qwen2", attention="causal"),
+        weights_dir=str(root),
+    )
 
 
 def test_loads_every_part_of_a_vla_adapter_directory(tmp_path):
     vision, projector = write_vla_adapter_dir(tmp_path)
     policy = VLAPolicy(real_layout_config(tmp_path))
     llm_file = load_file(tmp_path / "llm" / "model.safetensors")
-    assert torch.equal(policy.llm.model.layers[1].self_attn.q_proj.weight, llm_file["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(
+        policy.llm.model.layers[1].self_attn.q_proj.weight, llm_file["model.layers.1.self_attn.q_proj.weight"]
+    )
     for ours, theirs in zip(policy.vision.towers, vision):
         assert len(ours.model.blocks) == 1  # the last block is pruned (features come from the penultimate)
         full = theirs.state_dict()

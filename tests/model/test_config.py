@@ -11,23 +11,29 @@ from craftvla.config import L1BridgeHeadConfig, LLMConfig, VisionConfig
 from craftvla.errors import ConfigError
 
 
-@pytest.mark.parametrize("make, field", [
-    (lambda: VisionConfig(image_size=60, patch_size=8), "vision.image_size"),
-    (lambda: VisionConfig(backbone_id="resnet"), "vision.backbone_id"),
-    (lambda: VisionConfig(backbone_id="tiny-vit", use_fused_vision_backbone=True), "vision.use_fused_vision_backbone"),
-    (lambda: LLMConfig(attention="sideways"), "llm.attention"),
-    (lambda: LLMConfig(family="bert", attention="causal"), "llm.attention"),
-    (lambda: LLMConfig(hidden_size=100, num_heads=3), "llm.hidden_size"),
-    (lambda: LLMConfig(num_heads=4, num_kv_heads=3), "llm.num_kv_heads"),
-    (lambda: L1BridgeHeadConfig(vision_source="camera"), "head.vision_source"),
-    (lambda: L1BridgeHeadConfig(hidden_dim=30, num_heads=4), "head.hidden_dim"),
-    (lambda: VLAConfig(camera_keys=["image"]), "camera_keys"),
-    (lambda: VLAConfig(camera_keys=[f"observation.images.c{i}" for i in range(4)]), "camera_keys"),
-    (lambda: VLAConfig(chunk_size=0), "chunk_size"),
-    (lambda: VLAConfig(normalization={"action": "zscore"}), "normalization"),
-    (lambda: VLAConfig(weights_dir="/nonexistent/dir"), "weights_dir"),
-    (lambda: VLAConfig.preset("huge"), "preset"),
-])
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: VisionConfig(image_size=60, patch_size=8), "vision.image_size"),
+        (lambda: VisionConfig(backbone_id="resnet"), "vision.backbone_id"),
+        (
+            lambda: VisionConfig(backbone_id="tiny-vit", use_fused_vision_backbone=True),
+            "vision.use_fused_vision_backbone",
+        ),
+        (lambda: LLMConfig(attention="sideways"), "llm.attention"),
+        (lambda: LLMConfig(family="bert", attention="causal"), "llm.attention"),
+        (lambda: LLMConfig(hidden_size=100, num_heads=3), "llm.hidden_size"),
+        (lambda: LLMConfig(num_heads=4, num_kv_heads=3), "llm.num_kv_heads"),
+        (lambda: L1BridgeHeadConfig(vision_source="camera"), "head.vision_source"),
+        (lambda: L1BridgeHeadConfig(hidden_dim=30, num_heads=4), "head.hidden_dim"),
+        (lambda: VLAConfig(camera_keys=["image"]), "camera_keys"),
+        (lambda: VLAConfig(camera_keys=[f"observation.images.c{i}" for i in range(4)]), "camera_keys"),
+        (lambda: VLAConfig(chunk_size=0), "chunk_size"),
+        (lambda: VLAConfig(normalization={"action": "zscore"}), "normalization"),
+        (lambda: VLAConfig(weights_dir="/nonexistent/dir"), "weights_dir"),
+        (lambda: VLAConfig.preset("huge"), "preset"),
+    ],
+)
 def test_invalid_configs_name_the_field(make, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("[", r"\[")):
         make()
@@ -43,7 +49,13 @@ def test_yaml_with_overrides_and_unknown_keys(tmp_path):
     path = tmp_path / "policy.yaml"
     path.write_text("chunk_size: 4\nllm:\n  num_layers: 2\nvision:\n  image_size: 96\n")
     cfg = VLAConfig.from_yaml(path, args=["--llm.attention", "causal", "--action_dim", "7"])
-    assert (cfg.chunk_size, cfg.llm.num_layers, cfg.vision.image_size, cfg.llm.attention, cfg.action_dim) == (4, 2, 96, "causal", 7)
+    assert (cfg.chunk_size, cfg.llm.num_layers, cfg.vision.image_size, cfg.llm.attention, cfg.action_dim) == (
+        4,
+        2,
+        96,
+        "causal",
+        7,
+    )
     path.write_text("chunk_sise: 4\n")
     with pytest.raises(ConfigError, match="chunk_sise"):
         VLAConfig.from_yaml(path)

@@ -24,10 +24,16 @@ def test_pool_tokens_hand_case():
 
 def _layout(vision: list[int], query: list[int], length: int, vision_mask=None) -> TokenLayout:
     row = lambda values: torch.tensor([values])  # noqa: E731  (B = 1)
-    return TokenLayout(vision_index=row(vision), text_index=row([]).long(), text_mask=row([]).bool(),
-                       query_index=row(query), attention_mask=torch.ones(1, length, dtype=torch.long),
-                       position_ids=row(list(range(length))), token_index=row(list(range(length))),
-                       vision_mask=vision_mask)
+    return TokenLayout(
+        vision_index=row(vision),
+        text_index=row([]).long(),
+        text_mask=row([]).bool(),
+        query_index=row(query),
+        attention_mask=torch.ones(1, length, dtype=torch.long),
+        position_ids=row(list(range(length))),
+        token_index=row(list(range(length))),
+        vision_mask=vision_mask,
+    )
 
 
 def test_bridge_features_reads_the_anchor_layer_vision_and_last_layer_queries():

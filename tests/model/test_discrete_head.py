@@ -77,8 +77,10 @@ def test_loss_is_cross_entropy_over_real_steps():
 
 def test_set_stats_spans_the_bins_over_the_normalised_range():
     policy, cfg = discrete_policy()
-    stats = {"observation.state": {k: np.zeros(4) for k in ("mean", "std", "min", "max")},
-             "action": {"mean": np.full(4, 1.0), "std": np.full(4, 2.0), "min": np.full(4, -3.0), "max": np.full(4, 7.0)}}
+    stats = {
+        "observation.state": {k: np.zeros(4) for k in ("mean", "std", "min", "max")},
+        "action": {"mean": np.full(4, 1.0), "std": np.full(4, 2.0), "min": np.full(4, -3.0), "max": np.full(4, 7.0)},
+    }
     stats["observation.state"]["std"] = np.ones(4)
     policy.set_stats(stats, "hand")
     torch.testing.assert_close(policy.action_head.low, torch.full((4,), -2.0), atol=1e-5, rtol=0)  # (-3 - 1) / 2
@@ -92,15 +94,29 @@ def test_output_layer_starts_from_the_lm_head_rows(tmp_path, tied):
     from craftvla.model.language import byte_tokenizer
 
     vocab = len(byte_tokenizer())
-    hf = Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     intermediate_size=128, tie_word_embeddings=tied)
+    hf = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(0)
     lm = Qwen2ForCausalLM(hf)
     lm.save_pretrained(tmp_path / "llm")
-    llm = LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                    weights_dir=str(tmp_path / "llm"), tokenizer="bytes")
+    llm = LLMConfig(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        weights_dir=str(tmp_path / "llm"),
+        tokenizer="bytes",
+    )
     policy = VLAPolicy(micro_config(llm=llm, head=DiscreteHeadConfig(num_bins=256)))
-    expected = (lm.get_input_embeddings() if tied else lm.lm_head).weight[vocab - 256:]
+    expected = (lm.get_input_embeddings() if tied else lm.lm_head).weight[vocab - 256 :]
     assert torch.equal(policy.action_head.out.weight, expected.detach())
 
 
@@ -127,7 +143,9 @@ def test_target_actions_are_the_expected_bin_centre():
 
 def causal_discrete_policy(num_bins: int = 16):
     torch.manual_seed(0)
-    llm = LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, attention="causal")
+    llm = LLMConfig(
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, attention="causal"
+    )
     cfg = micro_config(head=DiscreteHeadConfig(num_bins=num_bins), llm=llm)
     return VLAPolicy(cfg).eval(), cfg
 

@@ -100,7 +100,9 @@ def test_context_last_reads_only_the_last_layer(flow):
     policy = VLAPolicy(cfg).eval()
     seen = []
     for block in policy.action_head.blocks:
-        block.condition = (lambda orig: lambda vision, queries, *rest: (seen.append(queries), orig(vision, queries, *rest))[1])(block.condition)
+        block.condition = (
+            lambda orig: lambda vision, queries, *rest: (seen.append(queries), orig(vision, queries, *rest))[1]
+        )(block.condition)
     context = policy.encode(cfg.fake_batch(2))
     policy.action_head.conditions(context)
     assert all(torch.equal(q, context.queries(cfg.llm.num_layers)) for q in seen) and len(seen) == cfg.llm.num_layers

@@ -22,8 +22,15 @@ def test_l1_bridge_head_gives_the_same_loss_and_actions_as_before_the_rebuild(ca
     same seed, same micro config, same batch -> the same loss and actions."""
     family, attention = case.split("-")
     torch.manual_seed(0)
-    llm = LLMConfig(family=family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4 if family == "bert" else 2,
-                    intermediate_size=128, attention=attention)
+    llm = LLMConfig(
+        family=family,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4 if family == "bert" else 2,
+        intermediate_size=128,
+        attention=attention,
+    )
     cfg = micro_config(llm=llm, head=L1BridgeHeadConfig(hidden_dim=32))  # no flat read-out: the head as it was
     policy = VLAPolicy(cfg).eval()
     batch = cfg.fake_batch(3, seed=1)
@@ -56,7 +63,9 @@ def test_encode_once_then_loss_and_sample(micro):
     assert sampled.shape == (2, micro.chunk_size, micro.action_dim)
     assert torch.equal(loss, full_loss)
     assert torch.equal(sampled, policy.predict_action_chunk(batch))
-    assert len(context.hidden_states) == micro.llm.num_layers + 1 and torch.equal(context.state, batch["observation.state"])
+    assert len(context.hidden_states) == micro.llm.num_layers + 1 and torch.equal(
+        context.state, batch["observation.state"]
+    )
 
 
 def test_head_reads_per_layer_vision_subsets_and_masks(micro):
@@ -94,8 +103,9 @@ def test_head_type_is_a_draccus_choice():
 def test_flat_readout_sees_where_a_patch_is(flat):
     """Attention pooling is blind to the order of the vision tokens; the flat read-out is not."""
     torch.manual_seed(0)
-    cfg = micro_config(head=L1BridgeHeadConfig(hidden_dim=32, gate_init=1.0, vision_source="projector",
-                                               flat_readout=flat))
+    cfg = micro_config(
+        head=L1BridgeHeadConfig(hidden_dim=32, gate_init=1.0, vision_source="projector", flat_readout=flat)
+    )
     policy = VLAPolicy(cfg).eval()
     with torch.no_grad():
         context = policy.encode(cfg.fake_batch(2))

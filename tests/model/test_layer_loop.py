@@ -14,8 +14,15 @@ ATOL = 1e-5
 
 def backbone(family: str, attention: str, attn_impl: str = "sdpa") -> LanguageBackbone:
     torch.manual_seed(0)
-    cfg = LLMConfig(family=family, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=4 if family == "bert" else 2,
-                    intermediate_size=128, attention=attention)
+    cfg = LLMConfig(
+        family=family,
+        hidden_size=64,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=4 if family == "bert" else 2,
+        intermediate_size=128,
+        attention=attention,
+    )
     config = hf_config(cfg, len(byte_tokenizer()))
     config._attn_implementation = attn_impl
     return LanguageBackbone(cfg, config, load_weights=False).eval()
@@ -27,21 +34,37 @@ def sequence(n_vis: int = 6, batch: int = 3, dim: int = 64, padded: bool = True)
     text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)[:batch]
     if not padded:  # no padding anywhere: transformers' mask functions return None (kernel flags decide)
         text_mask = torch.ones_like(text_mask)
-    return build_sequence(torch.randn(dim, generator=gen), torch.randn(batch, n_vis, dim, generator=gen),
-                          torch.randn(batch, 5, dim, generator=gen), text_mask, torch.randn(4, dim, generator=gen),
-                          torch.randn(dim, generator=gen))
+    return build_sequence(
+        torch.randn(dim, generator=gen),
+        torch.randn(batch, n_vis, dim, generator=gen),
+        torch.randn(batch, 5, dim, generator=gen),
+        text_mask,
+        torch.randn(4, dim, generator=gen),
+        torch.randn(dim, generator=gen),
+    )
 
 
 def reference(llm: LanguageBackbone, embeds, attention_mask, position_ids) -> tuple[torch.Tensor, ...]:
-    kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                  output_hidden_states=True, return_dict=True)
+    kwargs = dict(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+        return_dict=True,
+    )
     if not llm.is_encoder:
         kwargs["use_cache"] = False
     return llm.model(**kwargs).hidden_states
 
 
-CASES = [("qwen2", "causal"), ("qwen2", "bidirectional"), ("llama", "causal"), ("llama", "bidirectional"),
-         ("mistral", "causal"), ("bert", "bidirectional")]
+CASES = [
+    ("qwen2", "causal"),
+    ("qwen2", "bidirectional"),
+    ("llama", "causal"),
+    ("llama", "bidirectional"),
+    ("mistral", "causal"),
+    ("bert", "bidirectional"),
+]
 
 
 @pytest.mark.parametrize("padded", [True, False])
@@ -77,8 +100,10 @@ def test_keep_vision_by_hand():
     # full sequence: BOS 0 | vision 1-4 | text 5-9 | queries 10-13 | STOP 14; sample 1's text is 2 real + 3 pads
     assert layout.position_ids[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 6, 6, 6, 7, 8, 9, 10, 11]
     order, kept = layout.keep_vision(torch.tensor([[2, 0], [3, 1]]))  # any order in, ascending out
-    assert order.tolist() == [[0, 1, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
-                              [0, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
+    assert order.tolist() == [
+        [0, 1, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+        [0, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+    ]
     assert kept.vision_index.tolist() == [[1, 2], [1, 2]]
     assert kept.text_index.tolist() == [[3, 4, 5, 6, 7]] * 2
     assert kept.query_index.tolist() == [[8, 9, 10, 11]] * 2
@@ -127,7 +152,8 @@ def test_removal_between_layers_shortens_later_layers_only():
     embeds, layout = sequence()
     budgets = {1: 4, 2: 2}  # keep 4 of 6 after layer 1, then 2 of those 4 after layer 2
     select = lambda layer, hidden, lay: (  # noqa: E731
-        torch.arange(budgets[layer]).expand(hidden.shape[0], -1) if layer in budgets else None)
+        torch.arange(budgets[layer]).expand(hidden.shape[0], -1) if layer in budgets else None
+    )
     out = llm(embeds, layout, select=select)
     assert [h.shape[1] for h in out.hidden_states] == [layout.seq_len] * 2 + [layout.seq_len - 2, layout.seq_len - 4]
     assert [lay.num_vision for lay in out.layouts] == [6, 6, 4, 2]
@@ -140,9 +166,14 @@ def test_sequence_with_more_queries_than_vision_tokens():
     ids and index tensors still cover every token."""
     gen = torch.Generator().manual_seed(0)
     text_mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
-    embeds, layout = build_sequence(torch.randn(8, generator=gen), torch.randn(1, 2, 8, generator=gen),
-                                    torch.randn(1, 3, 8, generator=gen), text_mask, torch.randn(6, 8, generator=gen),
-                                    torch.randn(8, generator=gen))
+    embeds, layout = build_sequence(
+        torch.randn(8, generator=gen),
+        torch.randn(1, 2, 8, generator=gen),
+        torch.randn(1, 3, 8, generator=gen),
+        text_mask,
+        torch.randn(6, 8, generator=gen),
+        torch.randn(8, generator=gen),
+    )
     assert embeds.shape[1] == layout.seq_len == 1 + 2 + 3 + 6 + 1
     assert layout.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0] + [1] * 7]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10, 11]]

@@ -7,8 +7,8 @@ import torch
 
 from craftvla import VLAConfig, VLAPolicy
 from craftvla.config import LLMConfig, ProjectorConfig, VisionConfig
-from craftvla.keys import IMAGE_PREFIX
 from craftvla.errors import CraftVLAError
+from craftvla.keys import IMAGE_PREFIX
 from craftvla.model.context import bridge_features
 
 from .conftest import micro_config
@@ -22,7 +22,9 @@ CAMERAS = [IMAGE_PREFIX + name for name in ("corner", "wrist", "top")]
 @pytest.mark.parametrize("n_cams", [1, 3])
 def test_shapes_for_every_combination(backbone, projector, attention, n_cams):
     vision = VisionConfig(backbone_id=backbone, image_size=32, patch_size=8, width=32, depth=2, num_heads=2)
-    llm = LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, attention=attention)
+    llm = LLMConfig(
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, attention=attention
+    )
     cfg = micro_config(vision=vision, llm=llm, projector=ProjectorConfig(type=projector), camera_keys=CAMERAS[:n_cams])
     policy = VLAPolicy(cfg)
     batch = cfg.fake_batch(batch_size=3)
@@ -42,8 +44,14 @@ def test_shapes_for_every_combination(backbone, projector, attention, n_cams):
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "bert"])
 def test_other_llm_families(family):
-    llm = LLMConfig(family=family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4 if family == "bert" else 2,
-                    intermediate_size=128)
+    llm = LLMConfig(
+        family=family,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4 if family == "bert" else 2,
+        intermediate_size=128,
+    )
     cfg = micro_config(llm=llm)
     policy = VLAPolicy(cfg)
     loss, metrics = policy(cfg.fake_batch(2))
@@ -89,7 +97,13 @@ def test_save_load_round_trip_gives_identical_outputs(micro, tmp_path):
     assert torch.equal(loaded.predict_action_chunk(batch), policy.predict_action_chunk(batch))
     assert np.allclose(loaded.processor.stats["action"]["mean"], [0.1, 0.2, 0.3, 0.4])
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "config.json", "llm_config.json", "model.safetensors", "processor.json", "stats.json", "tokenizer"]
+        "config.json",
+        "llm_config.json",
+        "model.safetensors",
+        "processor.json",
+        "stats.json",
+        "tokenizer",
+    ]
     assert loaded.processor.stats_source == "test"
 
 
@@ -126,7 +140,7 @@ def test_tiny_preset_overfits_one_batch():
     batch = cfg.fake_batch(batch_size=4)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
     first = None
-    for step in range(200):
+    for step in range(200):  # noqa: B007 (the message reports it)
         loss, _ = policy(batch)
         first = first if first is not None else loss.item()
         opt.zero_grad()
@@ -162,11 +176,12 @@ def test_head_vision_source(source):
     policy = VLAPolicy(cfg).eval()
     seen = {}
     for block in policy.action_head.blocks:  # record the vision states each block's condition() reads
-        block.condition = (lambda orig: lambda vision, *rest: (seen.setdefault("vision", []).append(vision),
-                                                               orig(vision, *rest))[1])(block.condition)
+        block.condition = (
+            lambda orig: lambda vision, *rest: (seen.setdefault("vision", []).append(vision), orig(vision, *rest))[1]
+        )(block.condition)
     context = policy.compute_loss(cfg.fake_batch(2)).context
     layers = range(1, cfg.llm.num_layers + 1)
-    expected = [context.vision(0 if source == "projector" else l) for l in layers]
+    expected = [context.vision(0 if source == "projector" else layer) for layer in layers]
     assert len(seen["vision"]) == cfg.llm.num_layers
     assert all(torch.equal(a, b) for a, b in zip(seen["vision"], expected))
 
@@ -191,12 +206,17 @@ def test_inference_path_is_one_graph_without_host_syncs(head):
     from craftvla.config import DiscreteHeadConfig, FlowMatchingHeadConfig
     from craftvla.keys import TOKENS_KEY, TOKENS_MASK_KEY
 
-    heads = {"l1_bridge": None, "flow_matching": FlowMatchingHeadConfig(hidden_dim=32, num_steps=3),
-             "discrete": DiscreteHeadConfig(num_bins=16), "discrete_ar": DiscreteHeadConfig(num_bins=16)}
+    heads = {
+        "l1_bridge": None,
+        "flow_matching": FlowMatchingHeadConfig(hidden_dim=32, num_steps=3),
+        "discrete": DiscreteHeadConfig(num_bins=16),
+        "discrete_ar": DiscreteHeadConfig(num_bins=16),
+    }
     overrides = {} if heads[head] is None else {"head": heads[head]}
     if head == "discrete_ar":
-        overrides["llm"] = LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                                     attention="causal")
+        overrides["llm"] = LLMConfig(
+            hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, attention="causal"
+        )
     torch.manual_seed(0)
     cfg = micro_config(**overrides)
     policy = VLAPolicy(cfg).eval()

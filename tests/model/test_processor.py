@@ -9,24 +9,33 @@ import pytest
 import torch
 
 from craftvla import VLAPolicy
+from craftvla.data.loading import collate
 from craftvla.errors import CraftVLAError
 from craftvla.keys import TOKENS_KEY, TOKENS_MASK_KEY
 from craftvla.model.processor import crop_text_padding
-from craftvla.data.loading import collate
-
-from .conftest import micro_config
 from tests.launch import CHILD_TIMEOUT_S
 
+from .conftest import micro_config
+
 CAM = "observation.images.corner"
-STATS = {"observation.state": {"mean": np.array([1.0, 2.0, 3.0, 4.0]), "std": np.array([2.0, 2.0, 2.0, 2.0])},
-         "action": {"mean": np.array([0.5, 0.0, 0.0, 0.0]), "std": np.array([2.0, 1.0, 1.0, 1.0]),
-                    "min": np.array([-1.0, -1.0, -1.0, -0.5]), "max": np.array([1.0, 1.0, 1.0, 0.5])}}
+STATS = {
+    "observation.state": {"mean": np.array([1.0, 2.0, 3.0, 4.0]), "std": np.array([2.0, 2.0, 2.0, 2.0])},
+    "action": {
+        "mean": np.array([0.5, 0.0, 0.0, 0.0]),
+        "std": np.array([2.0, 1.0, 1.0, 1.0]),
+        "min": np.array([-1.0, -1.0, -1.0, -0.5]),
+        "max": np.array([1.0, 1.0, 1.0, 0.5]),
+    },
+}
 
 
 def observation(size: int = 32, task: str = "close the drawer") -> dict:
     rng = np.random.default_rng(0)
-    return {CAM: rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-            "observation.state": np.array([3.0, 2.0, 1.0, 0.0], np.float32), "task": task}
+    return {
+        CAM: rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        "observation.state": np.array([3.0, 2.0, 1.0, 0.0], np.float32),
+        "task": task,
+    }
 
 
 @pytest.fixture
@@ -73,11 +82,14 @@ def test_infer_equals_the_batched_path(policy):
     np.testing.assert_array_equal(both, manual)
 
 
-@pytest.mark.parametrize("broken,words", [
-    (lambda o: o.pop("task"), "lacks ['task']"),
-    (lambda o: o.update({CAM: o[CAM].astype(np.float32)}), "expected (H, W, 3) uint8"),
-    (lambda o: o.update({"observation.state": np.zeros(3)}), "expects (4,)"),
-])
+@pytest.mark.parametrize(
+    "broken,words",
+    [
+        (lambda o: o.pop("task"), "lacks ['task']"),
+        (lambda o: o.update({CAM: o[CAM].astype(np.float32)}), "expected (H, W, 3) uint8"),
+        (lambda o: o.update({"observation.state": np.zeros(3)}), "expects (4,)"),
+    ],
+)
 def test_bad_observations_are_clear_errors(policy, broken, words):
     obs = observation()
     broken(obs)
@@ -98,8 +110,13 @@ def test_worker_tokens_cropped_equal_batch_tokenisation(policy):
     tasks = ["open", "press the button from the top", "close the drawer"]
     items = []
     for task in tasks:
-        item = {CAM: torch.rand(3, 32, 32), "observation.state": torch.zeros(4), "task": task,
-                "action": torch.zeros(8, 4), "action_is_pad": torch.zeros(8, dtype=torch.bool)}
+        item = {
+            CAM: torch.rand(3, 32, 32),
+            "observation.state": torch.zeros(4),
+            "task": task,
+            "action": torch.zeros(8, 4),
+            "action_is_pad": torch.zeros(8, dtype=torch.bool),
+        }
         items.append(policy.processor.transform(item))
     assert items[0][TOKENS_KEY].shape == (policy.config.llm.max_text_tokens,)
     batch = collate(items)
@@ -107,7 +124,9 @@ def test_worker_tokens_cropped_equal_batch_tokenisation(policy):
     assert torch.equal(batch[TOKENS_KEY], ids) and torch.equal(batch[TOKENS_MASK_KEY], mask)
     with torch.no_grad():
         with_tokens = policy.predict_action_chunk(batch)
-        without = policy.predict_action_chunk({k: v for k, v in batch.items() if k not in (TOKENS_KEY, TOKENS_MASK_KEY)})
+        without = policy.predict_action_chunk(
+            {k: v for k, v in batch.items() if k not in (TOKENS_KEY, TOKENS_MASK_KEY)}
+        )
     assert torch.equal(with_tokens, without)
     assert crop_text_padding({"task": tasks}) == {"task": tasks}  # nothing to crop without tokens
 
@@ -118,7 +137,7 @@ def test_infer_does_not_import_the_simulator(tmp_path, policy):
         import sys
         import numpy as np
         from craftvla import VLAPolicy
-        policy = VLAPolicy.from_pretrained({str(tmp_path / 'ckpt')!r})
+        policy = VLAPolicy.from_pretrained({str(tmp_path / "ckpt")!r})
         obs = {{"{CAM}": np.zeros((32, 32, 3), np.uint8), "observation.state": np.zeros(4, np.float32),
                "task": "close the drawer"}}
         actions = policy.infer(obs)

@@ -41,12 +41,29 @@ def test_the_key_list_is_what_timm_and_transformers_build():
 
     qwen = dict(FIXTURE["qwen2.5-0.5b"])
     with torch.device("meta"):
-        towers = [timm.create_model(name, pretrained=False, num_classes=0, img_size=224)
-                  for name in ("vit_large_patch14_reg4_dinov2", "vit_so400m_patch14_siglip_224")]
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(qwen.pop("model_type"), **{
-            k: v for k, v in qwen.items() if k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                   "num_key_value_heads", "intermediate_size", "vocab_size",
-                                                   "tie_word_embeddings")}))
+        towers = [
+            timm.create_model(name, pretrained=False, num_classes=0, img_size=224)
+            for name in ("vit_large_patch14_reg4_dinov2", "vit_so400m_patch14_siglip_224")
+        ]
+        llm = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(
+                qwen.pop("model_type"),
+                **{
+                    k: v
+                    for k, v in qwen.items()
+                    if k
+                    in (
+                        "hidden_size",
+                        "num_hidden_layers",
+                        "num_attention_heads",
+                        "num_key_value_heads",
+                        "intermediate_size",
+                        "vocab_size",
+                        "tie_word_embeddings",
+                    )
+                },
+            )
+        )
     expected = {}
     for prefix, tower in zip(("vision_backbone.featurizer.", "vision_backbone.fused_featurizer."), towers):
         expected |= {prefix + k.replace(".gamma", ".scale_factor"): s for k, s in _shapes(tower.state_dict()).items()}
@@ -55,8 +72,10 @@ def test_the_key_list_is_what_timm_and_transformers_build():
     assert ours == expected
     prismatic = FILES["checkpoints/latest-checkpoint.pt"]["model"]
     assert prismatic["vision_backbone"] == {
-        f"{p}.{k}": s for p, tower in zip(("dino_featurizer", "siglip_featurizer"), towers)
-        for k, s in _shapes(tower.state_dict()).items()}
+        f"{p}.{k}": s
+        for p, tower in zip(("dino_featurizer", "siglip_featurizer"), towers)
+        for k, s in _shapes(tower.state_dict()).items()
+    }
     assert prismatic["llm_backbone"] == {"llm." + k: s for k, s in _shapes(llm.state_dict()).items()}
 
 
@@ -73,8 +92,12 @@ def _release(root="release", drop=(), extra=()):
     state |= {k: torch.empty(1, device="meta") for k in extra}
     proprio = {k.removeprefix("module."): v for k, v in _meta(FILES["proprio_projector--checkpoint.pt"]).items()}
     head = {k.removeprefix("module."): v for k, v in _meta(FILES["action_head--checkpoint.pt"]).items()}
-    return split_vla_adapter(Path(root), state, (Path("proprio_projector--checkpoint.pt"), proprio),
-                             (Path("action_head--checkpoint.pt"), head))
+    return split_vla_adapter(
+        Path(root),
+        state,
+        (Path("proprio_projector--checkpoint.pt"), proprio),
+        (Path("action_head--checkpoint.pt"), head),
+    )
 
 
 def test_every_released_tensor_fits_the_real_shaped_preset(real_shaped_policy):
@@ -88,20 +111,25 @@ def test_every_released_tensor_fits_the_real_shaped_preset(real_shaped_policy):
 
 
 def test_a_prismatic_checkpoint_fits_the_real_shaped_preset(real_shaped_policy):
-    nested = {"model": {m: _meta(t) for m, t in FILES["checkpoints/latest-checkpoint.pt"]["model"].items()},
-              "optimizer": {}}
+    nested = {
+        "model": {m: _meta(t) for m, t in FILES["checkpoints/latest-checkpoint.pt"]["model"].items()},
+        "optimizer": {},
+    }
     release = split_prismatic(Path("run"), Path("run/checkpoints/latest-checkpoint.pt"), nested)
     assert release.queries is None and len(release.towers) == 2
     load_llm(real_shaped_policy.llm, release)
     load_release(real_shaped_policy, release, load_head=True)
 
 
-@pytest.mark.parametrize("drop,extra,words", [
-    (("language_model.model.layers.3.mlp.up_proj.weight",), (), "1 missing.*layers.3.mlp.up_proj.weight"),
-    (("vision_backbone.featurizer.blocks.5.ls1.scale_factor",), (), "1 missing.*blocks.5.ls1.gamma"),
-    ((), ("vision_backbone.featurizer.blocks.99.attn.qkv.weight",), "1 unexpected.*blocks.99.attn.qkv.weight"),
-    ((), ("lm_head.weight",), "model.safetensors: 1 unexpected keys.*lm_head.weight"),
-])
+@pytest.mark.parametrize(
+    "drop,extra,words",
+    [
+        (("language_model.model.layers.3.mlp.up_proj.weight",), (), "1 missing.*layers.3.mlp.up_proj.weight"),
+        (("vision_backbone.featurizer.blocks.5.ls1.scale_factor",), (), "1 missing.*blocks.5.ls1.gamma"),
+        ((), ("vision_backbone.featurizer.blocks.99.attn.qkv.weight",), "1 unexpected.*blocks.99.attn.qkv.weight"),
+        ((), ("lm_head.weight",), "model.safetensors: 1 unexpected keys.*lm_head.weight"),
+    ],
+)
 def test_errors_name_the_missing_and_unexpected_keys(real_shaped_policy, drop, extra, words):
     with pytest.raises(CraftVLAError, match=words):
         release = _release(drop=drop, extra=extra)
@@ -111,8 +139,18 @@ def test_errors_name_the_missing_and_unexpected_keys(real_shaped_policy, drop, e
 
 # ----- small directories in the released layouts, read from disk ----------------------------------------
 
-TEXT = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=260, tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+TEXT = dict(
+    model_type="qwen2",
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=260,
+    tie_word_embeddings=True,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+)
 VISION = VisionConfig(backbone_id="tiny-dinosiglip", image_size=32, patch_size=8, width=32, depth=2, num_heads=2)
 
 
@@ -127,16 +165,32 @@ def _small_parts(seed=0):
     llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(text.pop("model_type"), **text))
     towers = [_tiny_vit(VISION, reg_tokens=4), _tiny_vit(VISION, class_token=False)]
     fused, dim = 64, 64
-    projector = {"fc1.weight": torch.randn(4 * fused, fused), "fc1.bias": torch.randn(4 * fused),
-                 "fc2.weight": torch.randn(dim, 4 * fused), "fc2.bias": torch.randn(dim),
-                 "fc3.weight": torch.randn(dim, dim), "fc3.bias": torch.randn(dim)}
+    projector = {
+        "fc1.weight": torch.randn(4 * fused, fused),
+        "fc1.bias": torch.randn(4 * fused),
+        "fc2.weight": torch.randn(dim, 4 * fused),
+        "fc2.bias": torch.randn(dim),
+        "fc3.weight": torch.randn(dim, dim),
+        "fc3.bias": torch.randn(dim),
+    }
     return llm, towers, projector
 
 
 def _small_config(root, **kw):
-    return VLAConfig(vision=VISION, llm=LLMConfig(family="qwen2", hidden_size=64, num_layers=2, num_heads=4,
-                                                 num_kv_heads=2, intermediate_size=128, attention="causal"),
-                     weights_dir=str(root), **kw)
+    return VLAConfig(
+        vision=VISION,
+        llm=LLMConfig(
+            family="qwen2",
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            attention="causal",
+        ),
+        weights_dir=str(root),
+        **kw,
+    )
 
 
 def write_vla_adapter_release(root: Path):
@@ -152,13 +206,26 @@ def write_vla_adapter_release(root: Path):
     state |= {"language_model." + k: v for k, v in llm.state_dict().items() if k != "lm_head.weight"}
     state["action_queries.weight"] = torch.randn(8, 64)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, root / "model.safetensors")
-    (root / "config.json").write_text(json.dumps({"model_type": "openvla", "text_config": TEXT,
-                                                  "timm_model_ids": ["tiny", "tiny"], "image_sizes": [32, 32]}))
-    proprio = OrderedDict({"module.fc1.weight": torch.randn(64, 4), "module.fc1.bias": torch.randn(64),
-                           "module.fc2.weight": torch.randn(64, 64), "module.fc2.bias": torch.randn(64)})
+    (root / "config.json").write_text(
+        json.dumps(
+            {"model_type": "openvla", "text_config": TEXT, "timm_model_ids": ["tiny", "tiny"], "image_sizes": [32, 32]}
+        )
+    )
+    proprio = OrderedDict(
+        {
+            "module.fc1.weight": torch.randn(64, 4),
+            "module.fc1.bias": torch.randn(64),
+            "module.fc2.weight": torch.randn(64, 64),
+            "module.fc2.bias": torch.randn(64),
+        }
+    )
     torch.save(OrderedDict((k, v.bfloat16()) for k, v in proprio.items()), root / "proprio_projector--checkpoint.pt")
-    head = OrderedDict({"module.model.fc1.weight": torch.randn(64, 64 * 4).bfloat16(),
-                        "module.model.mlp_resnet_blocks.0.k_task.weight": torch.randn(64, 64).bfloat16()})
+    head = OrderedDict(
+        {
+            "module.model.fc1.weight": torch.randn(64, 64 * 4).bfloat16(),
+            "module.model.mlp_resnet_blocks.0.k_task.weight": torch.randn(64, 64).bfloat16(),
+        }
+    )
     torch.save(head, root / "action_head--checkpoint.pt")
     byte_tokenizer().save_pretrained(root)
     return {k: v.to(torch.bfloat16).float() for k, v in state.items()}, proprio
@@ -173,11 +240,14 @@ def test_a_vla_adapter_release_directory_loads_every_value(tmp_path):
     assert policy.llm.model.config.rope_parameters["rope_theta"] == 1_000_000.0  # not the shape fields' default
     assert policy.llm.model.config.tie_word_embeddings
     ours = policy.state_dict()
-    pairs = {"llm.model.layers.1.self_attn.k_proj.bias": "language_model.model.layers.1.self_attn.k_proj.bias",
-             "llm.model.embed_tokens.weight": "language_model.model.embed_tokens.weight",
-             "vision.towers.0.model.reg_token": "vision_backbone.featurizer.reg_token",
-             "vision.towers.1.model.blocks.0.attn.qkv.weight": "vision_backbone.fused_featurizer.blocks.0.attn.qkv.weight",
-             "projector.fc2.weight": "projector.fc2.weight", "action_queries.weight": "action_queries.weight"}
+    pairs = {
+        "llm.model.layers.1.self_attn.k_proj.bias": "language_model.model.layers.1.self_attn.k_proj.bias",
+        "llm.model.embed_tokens.weight": "language_model.model.embed_tokens.weight",
+        "vision.towers.0.model.reg_token": "vision_backbone.featurizer.reg_token",
+        "vision.towers.1.model.blocks.0.attn.qkv.weight": "vision_backbone.fused_featurizer.blocks.0.attn.qkv.weight",
+        "projector.fc2.weight": "projector.fc2.weight",
+        "action_queries.weight": "action_queries.weight",
+    }
     for mine, theirs in pairs.items():
         assert torch.equal(ours[mine], state[theirs]), mine
     assert "vision.towers.0.model.blocks.1.attn.qkv.weight" not in ours  # the last block is pruned
@@ -190,16 +260,27 @@ def write_prismatic_run(root: Path, with_vision: bool = True):
     """A Prismatic training run directory: config.json and checkpoints/latest-checkpoint.pt, nested by module."""
     llm, towers, projector = _small_parts(seed=1)
     (root / "checkpoints").mkdir(parents=True)
-    (root / "config.json").write_text(json.dumps({"model": {"llm_backbone_id": "tiny-qwen2",
-                                                            "vision_backbone_id": "tiny-dinosiglip"}}))
-    modules = {"projector": {f"projector.{i}.{p}": projector[f"fc{j}.{p}"] for i, j in ((0, 1), (2, 2), (4, 3))
-                             for p in ("weight", "bias")},
-               "llm_backbone": {"llm." + k: v for k, v in llm.state_dict().items()}}
+    (root / "config.json").write_text(
+        json.dumps({"model": {"llm_backbone_id": "tiny-qwen2", "vision_backbone_id": "tiny-dinosiglip"}})
+    )
+    modules = {
+        "projector": {
+            f"projector.{i}.{p}": projector[f"fc{j}.{p}"]
+            for i, j in ((0, 1), (2, 2), (4, 3))
+            for p in ("weight", "bias")
+        },
+        "llm_backbone": {"llm." + k: v for k, v in llm.state_dict().items()},
+    }
     if with_vision:
-        modules["vision_backbone"] = {f"{name}.{k}": v for name, tower in zip(("dino_featurizer", "siglip_featurizer"), towers)
-                                      for k, v in tower.state_dict().items()}
-    torch.save({"model": modules, "optimizer": {"state": {}, "param_groups": []}},
-               root / "checkpoints" / "step-000010-epoch-00-loss=0.5000.pt")
+        modules["vision_backbone"] = {
+            f"{name}.{k}": v
+            for name, tower in zip(("dino_featurizer", "siglip_featurizer"), towers)
+            for k, v in tower.state_dict().items()
+        }
+    torch.save(
+        {"model": modules, "optimizer": {"state": {}, "param_groups": []}},
+        root / "checkpoints" / "step-000010-epoch-00-loss=0.5000.pt",
+    )
     torch.save({"model": modules}, root / "checkpoints" / "latest-checkpoint.pt")
     return modules
 
@@ -211,7 +292,9 @@ def test_a_prismatic_run_directory_loads_every_value(tmp_path, monkeypatch):
     ours = policy.state_dict()
     assert torch.equal(ours["projector.fc1.weight"], modules["projector"]["projector.0.weight"])
     assert torch.equal(ours["llm.model.norm.weight"], modules["llm_backbone"]["llm.model.norm.weight"])
-    assert torch.equal(ours["vision.towers.1.model.pos_embed"], modules["vision_backbone"]["siglip_featurizer.pos_embed"])
+    assert torch.equal(
+        ours["vision.towers.1.model.pos_embed"], modules["vision_backbone"]["siglip_featurizer.pos_embed"]
+    )
     assert policy.llm.model.config.rope_parameters["rope_theta"] == 1_000_000.0
 
 

@@ -59,6 +59,10 @@ def test_dropped_tokens_stay_dropped_and_budget_holds():
 
 def test_noise_changes_the_choice_only_in_training_draws():
     scores = torch.zeros(1, 50)
-    draws = {tuple(straight_through_keep(scores, 5, 1.0, generator=torch.Generator().manual_seed(s)).nonzero()[:, 1].tolist())
-             for s in range(5)}
+    draws = {
+        tuple(
+            straight_through_keep(scores, 5, 1.0, generator=torch.Generator().manual_seed(s)).nonzero()[:, 1].tolist()
+        )
+        for s in range(5)
+    }
     assert len(draws) > 1  # equal scores: the Gumbel noise decides

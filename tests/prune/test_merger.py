@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from craftvla.errors import ConfigError
-from craftvla.prune.merger import (LearnableTokenMerger, LearnableTokenMergerV2, PoolMerger, ToMeMerger, group_matrix,
-                                   normalised_entropy, patch_groups)
+from craftvla.prune.merger import (
+    LearnableTokenMerger,
+    LearnableTokenMergerV2,
+    PoolMerger,
+    ToMeMerger,
+    group_matrix,
+    normalised_entropy,
+    patch_groups,
+)
 
 
 def test_patch_groups_by_hand():

@@ -29,9 +29,20 @@ def _weights(path):
 
 
 def _train(root, data, stage, **kw):
-    cfg = PruneTrainConfig(checkpoint=str(root / ("policy" if stage == 1 else "s1/checkpoints/last")),
-                           dataset=str(data), stage=stage, output_dir=str(root / f"s{stage}"), steps=4, batch_size=4,
-                           num_workers=0, log_freq=1, progress=False, plots=False, hidden_dim=16, **kw)
+    cfg = PruneTrainConfig(
+        checkpoint=str(root / ("policy" if stage == 1 else "s1/checkpoints/last")),
+        dataset=str(data),
+        stage=stage,
+        output_dir=str(root / f"s{stage}"),
+        steps=4,
+        batch_size=4,
+        num_workers=0,
+        log_freq=1,
+        progress=False,
+        plots=False,
+        hidden_dim=16,
+        **kw,
+    )
     run(cfg)
     return root / f"s{stage}"
 
@@ -59,8 +70,26 @@ def test_stages_train_only_their_parts_and_eval_reports(setup, capsys):
     from craftvla.cli import main
 
     out = root / "eval.json"
-    code = main(["prune", "eval", "--checkpoint", str(s2 / "checkpoints" / "last"), "--dataset", str(data),
-                 "--samples", "8", "--repeats", "3", "--warmup", "1", "--batch_sizes", "1", "--out", str(out)])
+    code = main(
+        [
+            "prune",
+            "eval",
+            "--checkpoint",
+            str(s2 / "checkpoints" / "last"),
+            "--dataset",
+            str(data),
+            "--samples",
+            "8",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+            "--batch_sizes",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert set(report["task_l1"]) == {"unpruned", "soft", "hard"}
@@ -80,8 +109,17 @@ def test_three_optimizers_each_with_its_own_lr(setup):
     root, data = setup
     if not (root / "s1" / "checkpoints" / "last").exists():
         _train(root, data, 1)
-    cfg = PruneTrainConfig(checkpoint=str(root / "s1/checkpoints/last"), dataset=str(data), stage=2, steps=10,
-                           train_merger=True, merger_lr=1e-3, pruner_lr=3e-3, disc_lr=5e-4, hidden_dim=16)
+    cfg = PruneTrainConfig(
+        checkpoint=str(root / "s1/checkpoints/last"),
+        dataset=str(data),
+        stage=2,
+        steps=10,
+        train_merger=True,
+        merger_lr=1e-3,
+        pruner_lr=3e-3,
+        disc_lr=5e-4,
+        hidden_dim=16,
+    )
     torch.manual_seed(0)
     policy = VLAPolicy.from_pretrained(cfg.checkpoint)
     lrs = prepare_policy(cfg)(policy)
@@ -91,12 +129,18 @@ def test_three_optimizers_each_with_its_own_lr(setup):
     plugin = StagePlugin(policy, cfg, accelerator)
     policy.train()
     frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
-    parts = {"merger": (policy.pruning.merger, 1e-3), "pruner": (policy.pruning.pruner, 3e-3), "disc": (plugin.disc, 5e-4)}
+    parts = {
+        "merger": (policy.pruning.merger, 1e-3),
+        "pruner": (policy.pruning.pruner, 3e-3),
+        "disc": (plugin.disc, 5e-4),
+    }
     start = {name: [p.detach().clone() for p in mod.parameters()] for name, (mod, _) in parts.items()}
     batch = micro_policy_config().for_dataset(["observation.images.corner"], 4, 4).fake_batch(4)
     train_step(policy, [batch], optimizer, scheduler, accelerator, 0.0, plugin)
     for name, (module, lr) in parts.items():
-        steps = torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(module.parameters(), start[name]) if p.ndim < 2])
+        steps = torch.cat(
+            [(p.detach() - p0).flatten() for p, p0 in zip(module.parameters(), start[name]) if p.ndim < 2]
+        )
         moved = steps[steps != 0].abs()  # |grad| >> eps: exactly lr; tiny gradients move less, never more
         assert len(moved) > 0 and float(moved.max()) == pytest.approx(lr, rel=1e-3), name
         assert float(moved.median()) == pytest.approx(lr, rel=1e-2), name

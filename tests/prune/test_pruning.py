@@ -42,7 +42,10 @@ def test_hard_removes_tokens_and_keeps_position_ids(tiny):
     assert [lay.num_vision for lay in ctx.layouts] == [64, 64, 32, 32, 16]
     for lay in ctx.layouts[2:]:
         # survivors keep their original positions: position id = original index = token_index here (no padding before them)
-        assert torch.equal(lay.position_ids.gather(1, lay.vision_index), full.position_ids.gather(1, lay.token_index.gather(1, lay.vision_index)))
+        assert torch.equal(
+            lay.position_ids.gather(1, lay.vision_index),
+            full.position_ids.gather(1, lay.token_index.gather(1, lay.vision_index)),
+        )
         assert torch.equal(lay.token_index.gather(1, lay.query_index), full.query_index)
         assert (lay.token_index.diff(dim=1) > 0).all()  # original order kept
     later = set(ctx.layouts[4].token_index.gather(1, ctx.layouts[4].vision_index)[0].tolist())
@@ -120,24 +123,26 @@ def test_keep_attention_zero_weight_equals_removing_the_key():
     q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)  # 4 heads, 2 kv heads
     keep = torch.ones(2, 7)
     keep[:, [2, 5]] = 0.0
-    out, _ = keep_attention(module, q, k, v, None, scaling=8 ** -0.5, key_keep=keep, is_causal=False)
+    out, _ = keep_attention(module, q, k, v, None, scaling=8**-0.5, key_keep=keep, is_causal=False)
     rest = [0, 1, 3, 4, 6]
     kr, vr = k[:, :, rest].repeat_interleave(2, 1), v[:, :, rest].repeat_interleave(2, 1)
     ref = F.scaled_dot_product_attention(q[:, :, rest], kr, vr).transpose(1, 2)
     assert torch.allclose(out[:, rest], ref, atol=1e-6)
     # relaxed weights: the forward value is the hard mask's, the weights' gradient that of the relaxed softmax
     soft = torch.rand(2, 7, requires_grad=True)
-    mixed, _ = keep_attention(module, q, k, v, None, scaling=8 ** -0.5, key_keep=keep, key_keep_soft=soft, is_causal=False)
+    mixed, _ = keep_attention(
+        module, q, k, v, None, scaling=8**-0.5, key_keep=keep, key_keep_soft=soft, is_causal=False
+    )
     assert torch.allclose(mixed, out, atol=1e-6)
     mixed.pow(2).sum().backward()
     soft_ref = soft.detach().clone().requires_grad_(True)
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     weight = torch.where(torch.eye(7, dtype=torch.bool), 1.0, soft_ref[:, None, None, :])  # by hand: w_j exp(s_ij)
-    p = (q @ kk.transpose(2, 3) * 8 ** -0.5).exp() * weight
+    p = (q @ kk.transpose(2, 3) * 8**-0.5).exp() * weight
     relaxed = ((p / p.sum(-1, keepdim=True)) @ vv).transpose(1, 2)
     (relaxed * 2 * out.detach()).sum().backward()  # d(sum y^2)/dy taken at the forward (hard) value
     assert torch.allclose(soft.grad, soft_ref.grad, atol=1e-5)
-    ones, _ = keep_attention(module, q, k, v, None, scaling=8 ** -0.5, key_keep=torch.ones(2, 7), is_causal=True)
+    ones, _ = keep_attention(module, q, k, v, None, scaling=8**-0.5, key_keep=torch.ones(2, 7), is_causal=True)
     causal = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     assert torch.allclose(ones, causal.transpose(1, 2), atol=1e-6)
 
@@ -155,8 +160,11 @@ def test_fastv_scores_are_the_attention_transformers_computes(tiny):
     llm.config._attn_implementation = "eager"
     try:
         mask = policy.llm._mask(hidden, layout)
-        _, weights = attn(llm.layers[layer].input_layernorm(hidden), position_embeddings=policy.llm._rope(hidden, layout),
-                          attention_mask=mask)
+        _, weights = attn(
+            llm.layers[layer].input_layernorm(hidden),
+            position_embeddings=policy.llm._rope(hidden, layout),
+            attention_mask=mask,
+        )
     finally:
         llm.config._attn_implementation = saved
     last = layout.last_token_index()

@@ -50,12 +50,20 @@ def policy():
     torch.manual_seed(0)
     policy = VLAPolicy(micro_config()).eval()
     ones = np.ones(4, np.float32)
-    policy.processor.set_stats({k: {"mean": ones * 0.1, "std": ones * 0.5, "min": -ones, "max": ones}
-                                for k in ("observation.state", "action")}, "test")
+    policy.processor.set_stats(
+        {
+            k: {"mean": ones * 0.1, "std": ones * 0.5, "min": -ones, "max": ones}
+            for k in ("observation.state", "action")
+        },
+        "test",
+    )
     return policy
 
 
 def observation(seed: int = 0, task: str = "close the drawer") -> dict:
     rng = np.random.default_rng(seed)
-    return {CAM: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-            "observation.state": rng.normal(size=4).astype(np.float32), "task": task}
+    return {
+        CAM: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+        "observation.state": rng.normal(size=4).astype(np.float32),
+        "task": task,
+    }

@@ -26,8 +26,12 @@ from .conftest import CAM, observation, running_server
 
 
 def test_wire_format_is_openpis_both_ways():
-    message = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.uint8(7), "c": [1, "x"],
-               "img": np.zeros((4, 4, 3), np.uint8)}
+    message = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.uint8(7),
+        "c": [1, "x"],
+        "img": np.zeros((4, 4, 3), np.uint8),
+    }
     for back in (msgpack_numpy.unpackb(protocol.pack(message)), protocol.unpack(msgpack_numpy.packb(message))):
         assert back.keys() == message.keys() and back["c"] == [1, "x"] and back["b"] == 7
         for key in ("a", "img"):
@@ -128,8 +132,13 @@ def test_requests_waiting_together_run_as_one_batch_with_the_same_actions(policy
 def test_serve_command_stops_gracefully_on_sigterm(policy, tmp_path):
     policy.save_pretrained(tmp_path / "ckpt")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "craftvla", "serve", "--checkpoint", str(tmp_path / "ckpt"),
-                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "craftvla", "serve", "--checkpoint", str(tmp_path / "ckpt"), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + CHILD_TIMEOUT_S
         while True:
@@ -138,7 +147,9 @@ def test_serve_command_stops_gracefully_on_sigterm(policy, tmp_path):
                     assert response.status == 200
                     break
             except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    proc.stdout.read() if proc.poll() else "timeout"
+                )
                 time.sleep(0.5)
         client = PolicyClient(f"ws://127.0.0.1:{port}")
         assert client.actions(observation()).shape == (policy.config.chunk_size, 4)
@@ -167,8 +178,9 @@ def test_a_metaworld_episode_over_the_socket_equals_the_in_process_one():
     generalist = VLAPolicy.from_pretrained(ROOT / "assets" / "generalist" / "checkpoint").eval()
     with running_server(generalist) as server:
         success, steps = run_episode(f"ws://127.0.0.1:{server.port}", "drawer-close-v3", seed=0, execute_steps=4)
-    spec = RolloutSpec(seed=0, stream=EVAL_STREAM, max_steps=200, execute_steps=4,
-                       image_size=generalist.config.vision.image_size)
+    spec = RolloutSpec(
+        seed=0, stream=EVAL_STREAM, max_steps=200, execute_steps=4, image_size=generalist.config.vision.image_size
+    )
     (local,) = run_episodes(CheckpointPolicy(generalist), "drawer-close-v3", 1, spec)
     assert success and local.success and steps == local.length
 
@@ -177,7 +189,27 @@ def test_eval_runs_against_a_server(policy, tmp_path):
     from craftvla.sim.evaluate import main
 
     with running_server(policy) as server:
-        assert main(["--policy", "server", "--server", f"ws://127.0.0.1:{server.port}", "--tasks", "drawer-close-v3",
-                     "--episodes", "2", "--max_steps", "6", "--num_envs", "2", "--num_videos", "0",
-                     "--out", str(tmp_path / "eval")]) == 0
+        assert (
+            main(
+                [
+                    "--policy",
+                    "server",
+                    "--server",
+                    f"ws://127.0.0.1:{server.port}",
+                    "--tasks",
+                    "drawer-close-v3",
+                    "--episodes",
+                    "2",
+                    "--max_steps",
+                    "6",
+                    "--num_envs",
+                    "2",
+                    "--num_videos",
+                    "0",
+                    "--out",
+                    str(tmp_path / "eval"),
+                ]
+            )
+            == 0
+        )
     assert (tmp_path / "eval" / "results.json").is_file()

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from craftvla.errors import ConfigError
-from craftvla.sim.collect import CollectConfig, collect
 from craftvla.keys import STATE_KEY
+from craftvla.sim.collect import CollectConfig, collect
 from craftvla.sim.metaworld import COLLECT_STREAM
 from craftvla.sim.policies import ExpertPolicy
 from craftvla.sim.rollout import RolloutSpec, run_episodes

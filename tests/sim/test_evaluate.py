@@ -58,8 +58,10 @@ def test_checkpoint_policy_runs_end_to_end(tmp_path):
     cfg = VLAConfig.preset("tiny")
     model = VLAPolicy(cfg)
     ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
-    model.processor.set_stats({k: {"mean": zeros, "std": ones * 4.0, "min": -ones, "max": ones}
-                               for k in ("observation.state", "action")}, "test")
+    model.processor.set_stats(
+        {k: {"mean": zeros, "std": ones * 4.0, "min": -ones, "max": ones} for k in ("observation.state", "action")},
+        "test",
+    )
     model.save_pretrained(tmp_path / "ckpt")
     policy = CheckpointPolicy.from_pretrained(tmp_path / "ckpt")
     assert policy.cameras == ["corner"] and policy.chunk_size == cfg.chunk_size
@@ -71,15 +73,35 @@ def test_checkpoint_policy_runs_end_to_end(tmp_path):
     assert (np.abs(unclipped) > 1.0).any() and (np.abs(unclipped) < 1.0).any()  # std 4: both kinds
     np.testing.assert_allclose(chunk, np.clip(unclipped, -1.0, 1.0))  # clipped to the stats' min/max
     out = tmp_path / "eval"
-    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", TASK, "--episodes", "2",
-                 "--max_steps", "12", "--num_envs", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--tasks",
+                TASK,
+                "--episodes",
+                "2",
+                "--max_steps",
+                "12",
+                "--num_envs",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     _check_format(json.loads((out / "results.json").read_text()), [TASK], 2)
 
 
 def _fake_obs(size):
     rng = np.random.default_rng(0)
-    return {"observation.images.corner": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-            "observation.state": np.array([0.0, 0.6, 0.2, 1.0], np.float32), "task": "close the drawer"}
+    return {
+        "observation.images.corner": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+        "observation.state": np.array([0.0, 0.6, 0.2, 1.0], np.float32),
+        "task": "close the drawer",
+    }
 
 
 def test_defaults_compose_with_train(tmp_path, monkeypatch):
@@ -92,8 +114,9 @@ def test_defaults_compose_with_train(tmp_path, monkeypatch):
     cfg.vision.depth, cfg.llm.num_layers = 1, 2
     model = VLAPolicy(cfg)
     ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
-    model.processor.set_stats({k: {"mean": zeros, "std": ones, "min": -ones, "max": ones}
-                               for k in ("observation.state", "action")}, "test")
+    model.processor.set_stats(
+        {k: {"mean": zeros, "std": ones, "min": -ones, "max": ones} for k in ("observation.state", "action")}, "test"
+    )
     model.save_pretrained(tmp_path / "runs/train/checkpoints/last")
     assert main(["--tasks", TASK, "--episodes", "1", "--max_steps", "5", "--num_envs", "1", "--num_videos", "0"]) == 0
     assert (tmp_path / "runs/eval/runs-train-last/drawer-close/results.json").is_file()
@@ -105,7 +128,15 @@ def test_an_existing_result_is_refused_before_anything_loads(tmp_path, capsys):
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "results.json").write_text("{}")
-    argv = ["eval", "--checkpoint", str(tmp_path / "no-such-checkpoint"), "--tasks", TASK, "--out", str(tmp_path / "out")]
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "no-such-checkpoint"),
+        "--tasks",
+        TASK,
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert cli(argv) == 1  # the results are found before the (missing) checkpoint is opened
     assert "results.json: already exists; choose another --out" in capsys.readouterr().err
 
@@ -127,14 +158,36 @@ def test_results_record_the_policy_and_which_tasks_it_was_trained_on(tmp_path):
 
     out = tmp_path / "eval"
     generalist = Path(__file__).resolve().parents[2] / "assets" / "generalist" / "checkpoint"
-    assert cli(["eval", "--checkpoint", str(generalist), "--tasks", f"{TASK},window-open-v3",
-                "--episodes", "1", "--max_steps", "10", "--num_envs", "1", "--num_videos", "0",
-                "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "eval",
+                "--checkpoint",
+                str(generalist),
+                "--tasks",
+                f"{TASK},window-open-v3",
+                "--episodes",
+                "1",
+                "--max_steps",
+                "10",
+                "--num_envs",
+                "1",
+                "--num_videos",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     _check_format(results, [TASK, "window-open-v3"], 1)
     rows = results["tasks"]
     assert (rows[TASK]["instruction"], rows[TASK]["seen_in_training"]) == ("close the drawer", True)
-    assert (rows["window-open-v3"]["instruction"], rows["window-open-v3"]["seen_in_training"]) == ("open the window", False)
+    assert (rows["window-open-v3"]["instruction"], rows["window-open-v3"]["seen_in_training"]) == (
+        "open the window",
+        False,
+    )
     assert results["seen"] == {"tasks": [TASK], "mean_success_rate": rows[TASK]["success_rate"]}
     assert results["unseen"]["tasks"] == ["window-open-v3"]
     assert results["policy"]["checkpoint"].endswith("assets/generalist/checkpoint")

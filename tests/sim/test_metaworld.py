@@ -10,8 +10,15 @@ import pytest
 from craftvla.errors import CraftVLAError
 from craftvla.keys import IMAGE_PREFIX, RAW_OBS_KEY, STATE_KEY
 from craftvla.sim.metaworld import (
-    COLLECT_STREAM, EVAL_STREAM, MetaWorldEnv, camera_is_upside_down,
-    camera_names, episode_seed, instruction, make_renderer, parse_tasks,
+    COLLECT_STREAM,
+    EVAL_STREAM,
+    MetaWorldEnv,
+    camera_is_upside_down,
+    camera_names,
+    episode_seed,
+    instruction,
+    make_renderer,
+    parse_tasks,
 )
 from tests.launch import CHILD_TIMEOUT_S
 
@@ -65,7 +72,9 @@ def test_corner2_is_rotated_upright_and_every_offered_camera_points_up():
         finally:
             raw_renderer.close()
         np.testing.assert_array_equal(obs[IMAGE_PREFIX + "corner2"], raw[::-1, ::-1])  # rotated 180 degrees
-        assert obs[IMAGE_PREFIX + "corner2"].shape == (size, size, 3) and obs[IMAGE_PREFIX + "corner2"].dtype == np.uint8
+        assert (
+            obs[IMAGE_PREFIX + "corner2"].shape == (size, size, 3) and obs[IMAGE_PREFIX + "corner2"].dtype == np.uint8
+        )
         model, data = env.env.model, env.env.data
         hand = env.env.get_endeff_pos().copy()
         for cam in camera_names():

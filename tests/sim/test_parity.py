@@ -7,10 +7,10 @@ import torch
 
 from craftvla import VLAPolicy
 from craftvla.data import LeRobotDataset
+from craftvla.data.loading import collate
 from craftvla.keys import STATE_KEY, TASK_KEY, TOKENS_KEY, TOKENS_MASK_KEY
 from craftvla.sim.collect import CollectConfig, collect
 from craftvla.sim.metaworld import COLLECT_STREAM, MetaWorldEnv, episode_seed
-from craftvla.data.loading import collate
 from tests.model.conftest import micro_config
 
 TASK = "drawer-close-v3"
@@ -51,17 +51,26 @@ def test_image_has_the_same_orientation_and_scale(frame_both_ways):
         assert (a - flipped).abs().mean().item() > 5 * err
 
 
-@pytest.mark.parametrize("mode,normalised,expected", [
-    ("mean_std", [1.0, -0.5], [0.5 + 2.0 * 1.0, 1.0 - 0.5 * 4.0]),  # x * std + mean
-    ("min_max", [1.0, -0.5], [3.0, 0.0 + 0.25 * 8.0]),  # (x + 1) / 2 * (max - min) + min
-    ("identity", [1.0, -0.5], [1.0, -0.5]),
-])
+@pytest.mark.parametrize(
+    "mode,normalised,expected",
+    [
+        ("mean_std", [1.0, -0.5], [0.5 + 2.0 * 1.0, 1.0 - 0.5 * 4.0]),  # x * std + mean
+        ("min_max", [1.0, -0.5], [3.0, 0.0 + 0.25 * 8.0]),  # (x + 1) / 2 * (max - min) + min
+        ("identity", [1.0, -0.5], [1.0, -0.5]),
+    ],
+)
 def test_unnormalisation_by_hand_for_every_mode(mode, normalised, expected):
     cfg = micro_config(action_dim=2, action_clip="none", normalization={STATE_KEY: "identity", "action": mode})
     policy = VLAPolicy(cfg)
-    stats = {"action": {"mean": np.array([0.5, 1.0]), "std": np.array([2.0, 4.0]),
-                        "min": np.array([-1.0, 0.0]), "max": np.array([3.0, 8.0])},
-             STATE_KEY: {"mean": np.zeros(4), "std": np.ones(4)}}
+    stats = {
+        "action": {
+            "mean": np.array([0.5, 1.0]),
+            "std": np.array([2.0, 4.0]),
+            "min": np.array([-1.0, 0.0]),
+            "max": np.array([3.0, 8.0]),
+        },
+        STATE_KEY: {"mean": np.zeros(4), "std": np.ones(4)},
+    }
     policy.processor.set_stats(stats, "test")
     chunk = torch.tensor([[normalised]])  # (B=1, H=1, A=2)
     np.testing.assert_allclose(policy.processor.actions(chunk)[0, 0], expected, rtol=1e-6)

@@ -44,14 +44,16 @@ def test_random_row_is_deterministic_and_its_positions_independent_of_batching()
     spec = RolloutSpec(seed=5, stream=EVAL_STREAM, max_steps=15, record=True)
     runs = [list(run_episodes(RandomPolicy(seed=1), "door-open-v3", 2, spec)) for _ in range(2)]
     for a, b in zip(*runs):
-        np.testing.assert_array_equal(np.stack([f[STATE_KEY] for f in a.frames]),
-                                      np.stack([f[STATE_KEY] for f in b.frames]))
+        np.testing.assert_array_equal(
+            np.stack([f[STATE_KEY] for f in a.frames]), np.stack([f[STATE_KEY] for f in b.frames])
+        )
     # Batched, the random stream is shared between envs (so later states differ), but each
     # episode starts from the same object position: its first rendered frame is the same.
     first = {}
     for num_envs in (1, 2):
-        spec = RolloutSpec(seed=5, stream=EVAL_STREAM, max_steps=2, num_envs=num_envs, record=True,
-                           cameras=("corner",), image_size=32)
+        spec = RolloutSpec(
+            seed=5, stream=EVAL_STREAM, max_steps=2, num_envs=num_envs, record=True, cameras=("corner",), image_size=32
+        )
         episodes = run_episodes(RandomPolicy(seed=1), "door-open-v3", 2, spec)
         first[num_envs] = {e.index: e.frames[0][IMAGE_PREFIX + "corner"] for e in episodes}
     assert sorted(first[1]) == sorted(first[2]) == [0, 1]

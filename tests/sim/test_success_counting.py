@@ -35,8 +35,9 @@ def _expert_lengths(episodes, max_steps=200):
 def test_results_equal_episode_flags_and_the_last_allowed_step_counts(tmp_path):
     lengths = _expert_lengths(5)
     cut = sorted(lengths)[2]  # the median episode succeeds exactly on its last allowed step
-    results = evaluate(ExpertPolicy(), TASK, episodes=5, seed=0, max_steps=cut, out_dir=tmp_path,
-                       num_videos=0, progress=False)
+    results = evaluate(
+        ExpertPolicy(), TASK, episodes=5, seed=0, max_steps=cut, out_dir=tmp_path, num_videos=0, progress=False
+    )
     rows = json.loads((tmp_path / "episodes.json").read_text())
     flags = [r["success"] for r in sorted(rows, key=lambda r: r["episode"])]
     assert flags == [n <= cut for n in lengths]  # success at step == max_steps counts; one more does not
@@ -48,10 +49,16 @@ def test_results_equal_episode_flags_and_the_last_allowed_step_counts(tmp_path):
 
 
 def test_a_policy_that_never_succeeds_scores_zero(tmp_path):
-    results = evaluate(StillPolicy(), TASK, episodes=3, seed=0, max_steps=30, out_dir=tmp_path,
-                       num_videos=0, progress=False)
-    assert results["tasks"][TASK] == {"success_rate": 0.0, "episodes": 3, "mean_length": 30.0,
-                                      "instruction": "close the drawer", "seen_in_training": None}
+    results = evaluate(
+        StillPolicy(), TASK, episodes=3, seed=0, max_steps=30, out_dir=tmp_path, num_videos=0, progress=False
+    )
+    assert results["tasks"][TASK] == {
+        "success_rate": 0.0,
+        "episodes": 3,
+        "mean_length": 30.0,
+        "instruction": "close the drawer",
+        "seen_in_training": None,
+    }
     assert results["mean_success_rate"] == 0.0
     rows = json.loads((tmp_path / "episodes.json").read_text())
     assert [(r["success"], r["length"]) for r in rows] == [(False, 30)] * 3
@@ -67,7 +74,9 @@ def test_lockstep_envs_give_the_same_episodes_state_by_state():
     for i in range(4):
         one, three = runs[1][i], runs[3][i]
         assert (one.seed, one.success, one.length) == (three.seed, three.success, three.length)
-        np.testing.assert_array_equal(np.stack([f[STATE_KEY] for f in one.frames]),
-                                      np.stack([f[STATE_KEY] for f in three.frames]))
-        np.testing.assert_array_equal(np.stack([f["action"] for f in one.frames]),
-                                      np.stack([f["action"] for f in three.frames]))
+        np.testing.assert_array_equal(
+            np.stack([f[STATE_KEY] for f in one.frames]), np.stack([f[STATE_KEY] for f in three.frames])
+        )
+        np.testing.assert_array_equal(
+            np.stack([f["action"] for f in one.frames]), np.stack([f["action"] for f in three.frames])
+        )

@@ -15,10 +15,30 @@ CAM = "observation.images.corner"
 
 # The tiny preset shrunk so that a training step takes milliseconds (shapes, not quality).
 MICRO_ARGS = [
-    "--policy.vision.image_size", "32", "--policy.vision.width", "32", "--policy.vision.depth", "2",
-    "--policy.vision.num_heads", "2", "--policy.llm.hidden_size", "64", "--policy.llm.num_layers", "2",
-    "--policy.llm.intermediate_size", "128", "--policy.head.hidden_dim", "32", "--policy.chunk_size", "4",
-    "--policy.num_action_queries", "4", "--log.progress", "false", "--log.plots", "false",
+    "--policy.vision.image_size",
+    "32",
+    "--policy.vision.width",
+    "32",
+    "--policy.vision.depth",
+    "2",
+    "--policy.vision.num_heads",
+    "2",
+    "--policy.llm.hidden_size",
+    "64",
+    "--policy.llm.num_layers",
+    "2",
+    "--policy.llm.intermediate_size",
+    "128",
+    "--policy.head.hidden_dim",
+    "32",
+    "--policy.chunk_size",
+    "4",
+    "--policy.num_action_queries",
+    "4",
+    "--log.progress",
+    "false",
+    "--log.plots",
+    "false",
 ]
 
 
@@ -51,8 +71,10 @@ def write_tiny_dataset(root: Path, episodes: int = 3, length: int = 12, size: in
             img = np.full((size, size, 3), 30 + 60 * ep, np.uint8)
             img[:, : 2 + 2 * f] = 200
             st = rng.normal(size=4).astype(np.float32)
-            writer.add_frame({CAM: img, "observation.state": st, "action": np.tanh(st + 0.1 * f)},
-                             task=["close the drawer", "open the door"][ep % 2])
+            writer.add_frame(
+                {CAM: img, "observation.state": st, "action": np.tanh(st + 0.1 * f)},
+                task=["close the drawer", "open the door"][ep % 2],
+            )
         writer.save_episode()
     return writer.finalize()
 

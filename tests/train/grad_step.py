@@ -57,8 +57,16 @@ def main(out: str, accum: int, craft: bool = False, clip: float = 0.0) -> None:
     if acc.is_main_process:
         grads = {n: (before[n] - after[n].detach()) / LR for n in before}
         craft_log = {k: torch.tensor(v) for k, v in metrics.items() if k.startswith("craft/")}
-        torch.save({"grads": grads, "loss": metrics["loss"], "world": acc.num_processes, "craft": craft_log,
-                    "grad_norm": torch.as_tensor(metrics["grad_norm"]).float()}, out)
+        torch.save(
+            {
+                "grads": grads,
+                "loss": metrics["loss"],
+                "world": acc.num_processes,
+                "craft": craft_log,
+                "grad_norm": torch.as_tensor(metrics["grad_norm"]).float(),
+            },
+            out,
+        )
     acc.wait_for_everyone()
 
 

@@ -13,14 +13,44 @@ from craftvla.train.loop import train
 from craftvla.train.metrics import read_metrics
 from tests.train.conftest import train_config
 
-CRAFT = ["--craft.enabled", "true", "--craft.log_freq", "1", "--craft.dual_lr", "2.0",
-         "--craft.retention_budget", "0.001", "--craft.retention_weight", "0.5"]
+CRAFT = [
+    "--craft.enabled",
+    "true",
+    "--craft.log_freq",
+    "1",
+    "--craft.dual_lr",
+    "2.0",
+    "--craft.retention_budget",
+    "0.001",
+    "--craft.retention_weight",
+    "0.5",
+]
 
 
 def _flags(data, out, *extra):
-    return train_config(out, "--dataset.root", str(data), "--steps", "6", "--batch_size", "4",
-                        "--grad_accum_steps", "2", "--log.log_freq", "1", "--checkpoint.save_freq", "3",
-                        "--optim.lr", "3e-3", "--schedule.warmup_steps", "0", "--seed", "1", *CRAFT, *extra)
+    return train_config(
+        out,
+        "--dataset.root",
+        str(data),
+        "--steps",
+        "6",
+        "--batch_size",
+        "4",
+        "--grad_accum_steps",
+        "2",
+        "--log.log_freq",
+        "1",
+        "--checkpoint.save_freq",
+        "3",
+        "--optim.lr",
+        "3e-3",
+        "--schedule.warmup_steps",
+        "0",
+        "--seed",
+        "1",
+        *CRAFT,
+        *extra,
+    )
 
 
 def test_lambda_follows_the_dual_rule_from_logged_losses_and_survives_resume(tiny_dataset, tmp_path):
@@ -57,33 +87,77 @@ def test_resume_with_craft_switched_off_is_refused(tiny_dataset, tmp_path):
 
     run = tmp_path / "run"
     train(_flags(tiny_dataset, run, "--stop_at_step", "1", "--checkpoint.save_freq", "1"))
-    plain = train_config(run, "--dataset.root", str(tiny_dataset), "--steps", "6", "--batch_size", "4",
-                         "--grad_accum_steps", "2", "--log.log_freq", "1", "--checkpoint.save_freq", "3",
-                         "--optim.lr", "3e-3", "--schedule.warmup_steps", "0", "--seed", "1", "--resume", "true")
+    plain = train_config(
+        run,
+        "--dataset.root",
+        str(tiny_dataset),
+        "--steps",
+        "6",
+        "--batch_size",
+        "4",
+        "--grad_accum_steps",
+        "2",
+        "--log.log_freq",
+        "1",
+        "--checkpoint.save_freq",
+        "3",
+        "--optim.lr",
+        "3e-3",
+        "--schedule.warmup_steps",
+        "0",
+        "--seed",
+        "1",
+        "--resume",
+        "true",
+    )
     with pytest.raises(CraftVLAError, match="grad_plugin"):  # the saved lambda would be dropped silently
         train(plain)
 
 
-@pytest.mark.parametrize("flags, field", [
-    (["--craft.mode", "ewc"], "craft.mode"),
-    (["--craft.enabled", "true", "--accel.strategy", "fsdp"], "accel.strategy"),
-    (["--craft.anchor_source", "cache"], "craft.anchor_cache"),
-    (["--craft.retention_budget", "-1"], "craft.retention_budget"),
-])
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--craft.mode", "ewc"], "craft.mode"),
+        (["--craft.enabled", "true", "--accel.strategy", "fsdp"], "accel.strategy"),
+        (["--craft.anchor_source", "cache"], "craft.anchor_cache"),
+        (["--craft.retention_budget", "-1"], "craft.retention_budget"),
+    ],
+)
 def test_bad_craft_flags_name_the_field(tmp_path, flags, field):
     with pytest.raises(ConfigError, match=field):
         train_config(tmp_path / "run", *flags)
 
 
-@pytest.mark.parametrize("log_flags, craft_steps, all_steps", [
-    ([], [3, 6, 7], [3, 6, 7]),  # default: the run's log frequency, and the run's last step (7)
-    (["--craft.log_freq", "1"], [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]),  # finer than the run's: lines at each
-    (["--craft.log_freq", "5"], [5, 7], [3, 5, 6, 7]),  # coarser: craft/* only every 5 (and at the end)
-])
+@pytest.mark.parametrize(
+    "log_flags, craft_steps, all_steps",
+    [
+        ([], [3, 6, 7], [3, 6, 7]),  # default: the run's log frequency, and the run's last step (7)
+        (
+            ["--craft.log_freq", "1"],
+            [1, 2, 3, 4, 5, 6, 7],
+            [1, 2, 3, 4, 5, 6, 7],
+        ),  # finer than the run's: lines at each
+        (["--craft.log_freq", "5"], [5, 7], [3, 5, 6, 7]),  # coarser: craft/* only every 5 (and at the end)
+    ],
+)
 def test_craft_metrics_follow_one_logging_knob(tmp_path, log_flags, craft_steps, all_steps):
     run = tmp_path / "run"
-    train(train_config(run, "--steps", "7", "--batch_size", "2", "--log.log_freq", "3", "--checkpoint.save_freq",
-                       "0", "--craft.enabled", "true", *log_flags))
+    train(
+        train_config(
+            run,
+            "--steps",
+            "7",
+            "--batch_size",
+            "2",
+            "--log.log_freq",
+            "3",
+            "--checkpoint.save_freq",
+            "0",
+            "--craft.enabled",
+            "true",
+            *log_flags,
+        )
+    )
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == all_steps
     assert [r["step"] for r in records if "craft/lambda" in r] == craft_steps
@@ -102,8 +176,16 @@ def test_anchor_dataset_with_combined_targets_resumes_exactly(tiny_dataset, tmp_
     from tests.train.conftest import write_tiny_dataset
 
     anchors = write_tiny_dataset(tmp_path / "old", episodes=2, length=9)
-    extra = ("--craft.anchor_dataset", str(anchors), "--craft.targets", "pooled,actions",
-             "--craft.anchor_batch_size", "3", "--craft.scale_samples", "12")
+    extra = (
+        "--craft.anchor_dataset",
+        str(anchors),
+        "--craft.targets",
+        "pooled,actions",
+        "--craft.anchor_batch_size",
+        "3",
+        "--craft.scale_samples",
+        "12",
+    )
     full, part = tmp_path / "full", tmp_path / "part"
     train(_flags(tiny_dataset, full, *extra))
     train(_flags(tiny_dataset, part, *extra, "--stop_at_step", "3"))

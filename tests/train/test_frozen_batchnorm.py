@@ -8,8 +8,9 @@ from tests.train.conftest import CAM, train_config
 
 
 def test_train_mode_keeps_only_frozen_batchnorm_in_eval():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.1), nn.BatchNorm2d(4),
-                          nn.BatchNorm2d(4, affine=False))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.1), nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False)
+    )
     model[1].requires_grad_(False)  # frozen BN: must keep its statistics
     train_mode(model.eval())
     assert [m.training for m in model] == [True, False, True, True, True]  # dropout and trainable BN train
@@ -27,13 +28,38 @@ def test_training_with_a_frozen_batchnorm_vision_tower_leaves_its_statistics(tmp
     from craftvla.model.policy import VLAPolicy
     from craftvla.train.loop import train
 
-    vision = ["--policy.vision.backbone_id", "mobilenet_v2", "--policy.vision.patch_size", "32",
-              "--policy.vision.feature_layer", "-2"]
+    vision = [
+        "--policy.vision.backbone_id",
+        "mobilenet_v2",
+        "--policy.vision.patch_size",
+        "32",
+        "--policy.vision.feature_layer",
+        "-2",
+    ]
     torch.manual_seed(0)
     VLAPolicy(train_config(tmp_path, *vision).policy.for_dataset([CAM], 4, 4)).save_pretrained(tmp_path / "init")
-    train(train_config(tmp_path / "run", *vision, "--init_from", str(tmp_path / "init"), "--dataset.root",
-                       str(tiny_dataset), "--freeze.vision", "true", "--steps", "2", "--batch_size", "4",
-                       "--dataset.num_workers", "0", "--checkpoint.save_freq", "2", "--optim.lr", "1e-2"))
+    train(
+        train_config(
+            tmp_path / "run",
+            *vision,
+            "--init_from",
+            str(tmp_path / "init"),
+            "--dataset.root",
+            str(tiny_dataset),
+            "--freeze.vision",
+            "true",
+            "--steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--dataset.num_workers",
+            "0",
+            "--checkpoint.save_freq",
+            "2",
+            "--optim.lr",
+            "1e-2",
+        )
+    )
     init = load_file(str(tmp_path / "init" / "model.safetensors"))
     saved = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors"))
     stats = [k for k in saved if k.startswith("vision.") and ("running_mean" in k or "running_var" in k)]

@@ -56,9 +56,11 @@ def test_clipping_sees_the_whole_batch_after_the_surgery(tmp_path):
     free = _run(tmp_path / "free.pt", "--craft")  # 1 x 8, no clipping: the post-surgery gradient
     norm = float(sum(g.pow(2).sum() for g in free["grads"].values()).sqrt())
     clip = 0.25 * norm
-    runs = [_run(tmp_path / "big.pt", "--craft", "--clip", str(clip)),
-            _run(tmp_path / "accum.pt", "--craft", "--clip", str(clip), "--accum", "2"),
-            _run(tmp_path / "ddp.pt", "--craft", "--clip", str(clip), procs=2)]
+    runs = [
+        _run(tmp_path / "big.pt", "--craft", "--clip", str(clip)),
+        _run(tmp_path / "accum.pt", "--craft", "--clip", str(clip), "--accum", "2"),
+        _run(tmp_path / "ddp.pt", "--craft", "--clip", str(clip), procs=2),
+    ]
     for run in runs:
         assert float(run["grad_norm"]) == pytest.approx(norm, rel=1e-5)  # logged: the pre-clip norm
         applied = float(sum(g.pow(2).sum() for g in run["grads"].values()).sqrt())

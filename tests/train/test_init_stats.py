@@ -57,7 +57,9 @@ def test_aggregate_weights_by_frame_count(tmp_path, generalist, new_task):
     n_old, n_new = int(old["count"][0]), int(new["count"][0])
     assert (n_old, n_new) == (36, 14)  # 3 x 12 and 2 x 7 frames
     mean = (n_old * old["mean"] + n_new * new["mean"]) / (n_old + n_new)
-    var = (n_old * (old["std"] ** 2 + (old["mean"] - mean) ** 2) + n_new * (new["std"] ** 2 + (new["mean"] - mean) ** 2)) / 50
+    var = (
+        n_old * (old["std"] ** 2 + (old["mean"] - mean) ** 2) + n_new * (new["std"] ** 2 + (new["mean"] - mean) ** 2)
+    ) / 50
     got = processor.stats["action"]
     np.testing.assert_allclose(got["mean"], mean, rtol=1e-5)
     np.testing.assert_allclose(got["std"], np.sqrt(var), rtol=1e-5)

@@ -14,10 +14,25 @@ from tests.train.conftest import MICRO_ARGS
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
-    args = [*MICRO_ARGS, "--log.plots", "true", "--output_dir", str(out), "--steps", "100000", "--batch_size", "2",
-            "--log.log_freq", "1", "--checkpoint.save_freq", "0", *extra]  # no checkpoint before the end
-    return subprocess.Popen([sys.executable, "-m", "craftvla", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        *MICRO_ARGS,
+        "--log.plots",
+        "true",
+        "--output_dir",
+        str(out),
+        "--steps",
+        "100000",
+        "--batch_size",
+        "2",
+        "--log.log_freq",
+        "1",
+        "--checkpoint.save_freq",
+        "0",
+        *extra,
+    ]  # no checkpoint before the end
+    return subprocess.Popen(
+        [sys.executable, "-m", "craftvla", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for_lines(path: Path, proc: subprocess.Popen, n: int, timeout: float = 120.0) -> None:
@@ -47,10 +62,31 @@ def test_a_signal_writes_a_checkpoint_and_the_plots_then_resume_continues(tmp_pa
     assert f"stopped at step {step} of 100000" in stdout and "--resume" in stdout
     assert (out / "plots" / "overview.png").is_file() and (out / "plots" / "loss.png").is_file()
 
-    resumed = subprocess.run([sys.executable, "-m", "craftvla", "train", *MICRO_ARGS, "--output_dir", str(out),
-                              "--steps", "100000", "--batch_size", "2", "--log.log_freq", "1",
-                              "--checkpoint.save_freq", "0", "--resume", "--stop_at_step", str(step + 2)],
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "craftvla",
+            "train",
+            *MICRO_ARGS,
+            "--output_dir",
+            str(out),
+            "--steps",
+            "100000",
+            "--batch_size",
+            "2",
+            "--log.log_freq",
+            "1",
+            "--checkpoint.save_freq",
+            "0",
+            "--resume",
+            "--stop_at_step",
+            str(step + 2),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-3:] == [step, step + 1, step + 2]  # continued from the interrupted step

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from craftvla.data.loading import StepSampler
 from craftvla.data.mixture import MixedDataset, MixtureIndex, mixture_bounds, source_counts, source_of
 from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.keys import SOURCE_KEY
-from craftvla.data.loading import StepSampler
 
 from .conftest import train_config, write_tiny_dataset
 
@@ -22,7 +22,7 @@ def test_sources_fill_the_stream_in_proportion_in_every_window():
     gaps = np.diff(np.flatnonzero(src == 1))  # three-distance theorem: only a few distinct gaps
     assert set(gaps.tolist()) <= {21, 34, 55, 89} and gaps.min() >= 21  # never two replays close together
     for first in range(0, 100_000, 500):  # every 500-sample window holds 10 +- 1 replay samples
-        assert abs((src[first:first + 500] == 1).sum() - 10) <= 1
+        assert abs((src[first : first + 500] == 1).sum() - 10) <= 1
     counts = source_counts(12_345, mixture_bounds([1, 2, 1]))
     assert counts.sum() == 12_345
     np.testing.assert_allclose(counts / 12_345, [0.25, 0.5, 0.25], atol=3e-4)
@@ -34,7 +34,7 @@ def test_each_source_is_cycled_through_its_own_permutations():
     small = drawn[drawn < 5]
     assert len(small) == source_counts(40, mixture_bounds([0.5, 0.5]))[0] and abs(len(small) - 20) <= 1
     for epoch in range(3):  # full passes over the 5-frame source, each a permutation
-        assert sorted(small[5 * epoch:5 * epoch + 5].tolist()) == [0, 1, 2, 3, 4]
+        assert sorted(small[5 * epoch : 5 * epoch + 5].tolist()) == [0, 1, 2, 3, 4]
     big = drawn[drawn >= 5] - 5
     assert len(set(big.tolist())) == len(big) >= 19  # no repeats within the large source's first epoch
 
@@ -47,8 +47,10 @@ def test_index_is_a_function_of_the_position():
     assert [jumped(p) for p in range(100, 150)] == order[100:150]  # and going back recounts
     # two ranks splitting each step's positions see exactly the samples one rank sees
     one = StepSampler(100, 0, 8, 8, index=MixtureIndex([30, 70], [0.9, 0.1], seed=1))
-    ranks = [StepSampler(100, 0, 8, 4, rank=r, world_size=2, index=MixtureIndex([30, 70], [0.9, 0.1], seed=1))
-             for r in range(2)]
+    ranks = [
+        StepSampler(100, 0, 8, 4, rank=r, world_size=2, index=MixtureIndex([30, 70], [0.9, 0.1], seed=1))
+        for r in range(2)
+    ]
     it1, its = iter(one), [iter(s) for s in ranks]
     for _ in range(20):  # step by step: rank 0 takes the first 4 of the 8, rank 1 the rest
         assert [next(it1) for _ in range(8)] == [next(its[0]) for _ in range(4)] + [next(its[1]) for _ in range(4)]
@@ -99,8 +101,19 @@ def test_training_on_a_mixture_logs_per_source_counts(two_datasets, tmp_path):
     from craftvla.train.loop import setup
 
     old, new = two_datasets
-    cfg = train_config(tmp_path / "run", "--dataset.roots", f"{new},{old}", "--dataset.weights", "0.75,0.25",
-                       "--steps", "6", "--batch_size", "8", "--log.log_freq", "3")
+    cfg = train_config(
+        tmp_path / "run",
+        "--dataset.roots",
+        f"{new},{old}",
+        "--dataset.weights",
+        "0.75,0.25",
+        "--steps",
+        "6",
+        "--batch_size",
+        "8",
+        "--log.log_freq",
+        "3",
+    )
     run = setup(cfg)
     seen = np.concatenate([next(run.batches)[SOURCE_KEY].numpy() for _ in range(6)])  # 6 steps x 8
     np.testing.assert_array_equal(np.bincount(seen, minlength=2), source_counts(48, mixture_bounds([0.75, 0.25])))
@@ -118,5 +131,8 @@ def test_training_on_a_mixture_logs_per_source_counts(two_datasets, tmp_path):
 def test_source_names_are_short_and_unique(tmp_path):
     from craftvla.data.mixture import source_names
 
-    assert source_names([str(tmp_path / "a" / "data"), str(tmp_path / "b" / "data"), str(tmp_path / "old")]) == \
-        ["data_0", "data_1", "old"]
+    assert source_names([str(tmp_path / "a" / "data"), str(tmp_path / "b" / "data"), str(tmp_path / "old")]) == [
+        "data_0",
+        "data_1",
+        "old",
+    ]

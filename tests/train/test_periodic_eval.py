@@ -23,8 +23,22 @@ def rng_loss(context, batch):
 
 
 def _run(data, out, *extra):
-    cfg = train_config(out, "--dataset.root", str(data), "--steps", "4", "--batch_size", "4",
-                       "--log.log_freq", "1", "--checkpoint.save_freq", "0", "--seed", "5", *extra)
+    cfg = train_config(
+        out,
+        "--dataset.root",
+        str(data),
+        "--steps",
+        "4",
+        "--batch_size",
+        "4",
+        "--log.log_freq",
+        "1",
+        "--checkpoint.save_freq",
+        "0",
+        "--seed",
+        "5",
+        *extra,
+    )
     train(cfg, aux_losses={"rng": rng_loss})
     return read_metrics(out / "metrics.jsonl")
 
@@ -32,8 +46,18 @@ def _run(data, out, *extra):
 @pytest.mark.parametrize("head", ["l1_bridge", "flow_matching"])  # flow sampling draws torch noise
 def test_periodic_eval_logs_success_and_leaves_training_unchanged(tiny_dataset, tmp_path, head):
     plain = _run(tiny_dataset, tmp_path / "plain", "--policy.head.type", head)
-    evaluated = _run(tiny_dataset, tmp_path / "eval", "--policy.head.type", head, "--eval.freq", "2",
-                     "--eval.tasks", "drawer-close-v3", "--eval.episodes", "1")
+    evaluated = _run(
+        tiny_dataset,
+        tmp_path / "eval",
+        "--policy.head.type",
+        head,
+        "--eval.freq",
+        "2",
+        "--eval.tasks",
+        "drawer-close-v3",
+        "--eval.episodes",
+        "1",
+    )
     train_rows = [r for r in evaluated if "loss" in r]
     eval_rows = [r for r in evaluated if "eval/mean_success_rate" in r]
     assert [r["step"] for r in eval_rows] == [2, 4]

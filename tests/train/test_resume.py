@@ -20,9 +20,28 @@ def noisy_loss(context, batch):
 
 
 def _flags(data, out, *extra):
-    return train_config(out, "--dataset.root", str(data), "--steps", "6", "--batch_size", "4",
-                        "--grad_accum_steps", "2", "--log.log_freq", "1", "--checkpoint.save_freq", "3",
-                        "--checkpoint.keep_last", "2", "--schedule.warmup_steps", "2", "--seed", "3", *extra)
+    return train_config(
+        out,
+        "--dataset.root",
+        str(data),
+        "--steps",
+        "6",
+        "--batch_size",
+        "4",
+        "--grad_accum_steps",
+        "2",
+        "--log.log_freq",
+        "1",
+        "--checkpoint.save_freq",
+        "3",
+        "--checkpoint.keep_last",
+        "2",
+        "--schedule.warmup_steps",
+        "2",
+        "--seed",
+        "3",
+        *extra,
+    )
 
 
 def test_resume_reproduces_uninterrupted_losses(tiny_dataset, tmp_path):
@@ -49,8 +68,10 @@ def test_resume_reproduces_uninterrupted_losses(tiny_dataset, tmp_path):
     ckpts = sorted(p.name for p in (part / "checkpoints").iterdir())
     assert ckpts == ["000003", "000006", "last"]  # keep_last 2
     assert (part / "plots" / "loss.png").stat().st_size > 1000
-    fa, fb = (torch.load(p / "checkpoints" / "last" / "training_state" / "optimizer.pt", weights_only=True)
-              for p in (full, part))
+    fa, fb = (
+        torch.load(p / "checkpoints" / "last" / "training_state" / "optimizer.pt", weights_only=True)
+        for p in (full, part)
+    )
     assert all(torch.equal(fa["state"][i]["exp_avg"], fb["state"][i]["exp_avg"]) for i in fa["state"])
 
 
@@ -62,7 +83,20 @@ def test_resume_refuses_a_changed_batch_size(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     train(_flags(tiny_dataset, run, "--stop_at_step", "1"))
     with pytest.raises(CraftVLAError, match="batch_size=8"):
-        train(train_config(run, "--dataset.root", str(tiny_dataset), "--steps", "6", "--batch_size", "8",
-                           "--seed", "3", "--resume", "true"))
+        train(
+            train_config(
+                run,
+                "--dataset.root",
+                str(tiny_dataset),
+                "--steps",
+                "6",
+                "--batch_size",
+                "8",
+                "--seed",
+                "3",
+                "--resume",
+                "true",
+            )
+        )
     with pytest.raises(CraftVLAError, match="already holds a run"):
         train(_flags(tiny_dataset, run))

@@ -23,14 +23,41 @@ def _scalars(event_dir) -> dict[str, dict[int, float]]:
 def test_tensorboard_receives_every_metric_of_metrics_jsonl(tiny_dataset, tmp_path, caplog):
     out = tmp_path / "run"
     with caplog.at_level("INFO", logger="craftvla.train"):
-        train(train_config(out, "--dataset.root", str(tiny_dataset), "--steps", "4", "--batch_size", "4",
-                           "--log.log_freq", "1", "--checkpoint.save_freq", "0", "--log.trackers", "tensorboard",
-                           "--craft.enabled", "true", "--craft.log_freq", "1", "--eval.freq", "2",
-                           "--eval.tasks", "drawer-close-v3", "--eval.episodes", "1"))
+        train(
+            train_config(
+                out,
+                "--dataset.root",
+                str(tiny_dataset),
+                "--steps",
+                "4",
+                "--batch_size",
+                "4",
+                "--log.log_freq",
+                "1",
+                "--checkpoint.save_freq",
+                "0",
+                "--log.trackers",
+                "tensorboard",
+                "--craft.enabled",
+                "true",
+                "--craft.log_freq",
+                "1",
+                "--eval.freq",
+                "2",
+                "--eval.tasks",
+                "drawer-close-v3",
+                "--eval.episodes",
+                "1",
+            )
+        )
     records = read_metrics(out / "metrics.jsonl")
     scalars = _scalars(next((out / "tensorboard").glob("*/")))
-    numeric = {(k, r["step"]): v for r in records for k, v in r.items()
-               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {
+        (k, r["step"]): v
+        for r in records
+        for k, v in r.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     assert {"craft/lambda", "craft/retention_loss", "eval/mean_success_rate", "loss"} <= {k for k, _ in numeric}
     for (key, step), value in numeric.items():
         assert scalars[key][step] == pytest.approx(value, rel=1e-6, abs=1e-12), (key, step)
@@ -48,9 +75,27 @@ def test_overview_is_refreshed_at_log_lines_and_shows_lambda(tiny_dataset, tmp_p
     calls = []
     monkeypatch.setattr(plots, "plot_overview", lambda *args: calls.append(args))
     out = tmp_path / "run"
-    train(train_config(out, "--dataset.root", str(tiny_dataset), "--steps", "4", "--batch_size", "4",
-                       "--log.log_freq", "1", "--checkpoint.save_freq", "0", "--log.plots", "true",
-                       "--log.plot_interval_s", "0", "--craft.enabled", "true"))
+    train(
+        train_config(
+            out,
+            "--dataset.root",
+            str(tiny_dataset),
+            "--steps",
+            "4",
+            "--batch_size",
+            "4",
+            "--log.log_freq",
+            "1",
+            "--checkpoint.save_freq",
+            "0",
+            "--log.plots",
+            "true",
+            "--log.plot_interval_s",
+            "0",
+            "--craft.enabled",
+            "true",
+        )
+    )
     assert len(calls) == 3  # steps 1-3; step 4 draws every plot with the checkpoint
     assert (out / "plots" / "overview.png").is_file() and (out / "plots" / "craft_lambda.png").is_file()
     curves = plots.series(read_metrics(out / "metrics.jsonl"))
@@ -64,5 +109,7 @@ def test_a_tracker_without_its_package_is_one_clear_error(tmp_path, monkeypatch)
 
     real = importlib.util.find_spec
     monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
-    with pytest.raises(ConfigError, match=r"log.trackers='wandb': the 'wandb' package is not installed \(pip install wandb\)"):
+    with pytest.raises(
+        ConfigError, match=r"log.trackers='wandb': the 'wandb' package is not installed \(pip install wandb\)"
+    ):
         train(train_config(tmp_path / "run", "--log.trackers", "wandb", "--steps", "1", "--batch_size", "2"))

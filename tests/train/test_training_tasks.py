@@ -25,12 +25,27 @@ def test_training_tasks_are_the_datasets_then_accumulate_over_fine_tuning(tiny_d
     (start / "processor.json").write_text(json.dumps({**meta, "training_tasks": ["press the button"]}))
     tuned = tmp_path / "tuned"
     quiet = ["--log.progress", "false", "--log.plots", "false"]
-    train(parse_train_config(["--init_from", str(start), "--dataset.root", str(tiny_dataset), "--output_dir",
-                              str(tuned), *STEP, *quiet]))
+    train(
+        parse_train_config(
+            ["--init_from", str(start), "--dataset.root", str(tiny_dataset), "--output_dir", str(tuned), *STEP, *quiet]
+        )
+    )
     assert _tasks(tuned) == ["close the drawer", "open the door", "press the button"]
 
     (start / "processor.json").write_text(json.dumps({**meta, "training_tasks": None}))  # an older checkpoint
     unknown = tmp_path / "unknown"
-    train(parse_train_config(["--init_from", str(start), "--dataset.root", str(tiny_dataset), "--output_dir",
-                              str(unknown), *STEP, *quiet]))
+    train(
+        parse_train_config(
+            [
+                "--init_from",
+                str(start),
+                "--dataset.root",
+                str(tiny_dataset),
+                "--output_dir",
+                str(unknown),
+                *STEP,
+                *quiet,
+            ]
+        )
+    )
     assert _tasks(unknown) is None  # the start's tasks are unknown, so the fine-tune's are too

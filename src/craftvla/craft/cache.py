@@ -43,11 +43,26 @@ META_FILE, PLAN_FILE = "meta.json", "build.json"
 TARGET_PREFIX = "target."
 TOKEN_MASK_KEY = "target.tokens.mask"
 IDS_KEY, MASK_KEY = "input_ids", "attention_mask"
-META_KEYS = ("target", "layers", "anchor_type", "pooling", "feature_width", "max_text_tokens", "camera_keys",
-             "model_fingerprint", "num_samples", "shard_size", "num_shards")
+META_KEYS = (
+    "target",
+    "layers",
+    "anchor_type",
+    "pooling",
+    "feature_width",
+    "max_text_tokens",
+    "camera_keys",
+    "model_fingerprint",
+    "num_samples",
+    "shard_size",
+    "num_shards",
+)
 # The --craft.* flag that, left unset, adopts each extraction field from the cache.
-ADOPTING_FLAGS = {"target": "craft.targets", "layers": "craft.anchor_layer_idx", "anchor_type": "craft.anchor_type",
-                  "pooling": "craft.pooling"}
+ADOPTING_FLAGS = {
+    "target": "craft.targets",
+    "layers": "craft.anchor_layer_idx",
+    "anchor_type": "craft.anchor_type",
+    "pooling": "craft.pooling",
+}
 
 
 def target_key(target: str) -> str:
@@ -86,9 +101,15 @@ def read_meta(path: Path) -> dict:
     meta = read_json(path, expect=dict)
     if meta.get("format") != FORMAT_VERSION:
         newer = isinstance(meta.get("format"), int) and meta["format"] > FORMAT_VERSION
-        raise CraftVLAError(f"{path}: anchor-cache format {meta.get('format')!r}; this craftvla reads format "
-                            f"{FORMAT_VERSION}" + (" (upgrade craftvla)" if newer else
-                                                   " (built by an older craftvla: rebuild it with `craftvla cache build`)"))
+        raise CraftVLAError(
+            f"{path}: anchor-cache format {meta.get('format')!r}; this craftvla reads format "
+            f"{FORMAT_VERSION}"
+            + (
+                " (upgrade craftvla)"
+                if newer
+                else " (built by an older craftvla: rebuild it with `craftvla cache build`)"
+            )
+        )
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise CraftVLAError(f"{path}: missing keys {missing}")
@@ -97,8 +118,10 @@ def read_meta(path: Path) -> dict:
 
 def _check(name: str, cache_value, student_value, path: Path, hint: str = "") -> None:
     if cache_value != student_value:
-        raise CraftVLAError(f"anchor cache {path}: {name} is {cache_value!r} in the cache but the student "
-                            f"extracts {student_value!r}{hint}")
+        raise CraftVLAError(
+            f"anchor cache {path}: {name} is {cache_value!r} in the cache but the student "
+            f"extracts {student_value!r}{hint}"
+        )
 
 
 class AnchorCache:
@@ -108,26 +131,38 @@ class AnchorCache:
         self.path = Path(path)
         if not (self.path / META_FILE).is_file():
             partial = (self.path / PLAN_FILE).is_file()
-            raise CraftVLAError(f"anchor cache {self.path}: no {META_FILE} ("
-                                + ("an interrupted build: re-run `craftvla cache build` with the same flags "
-                                   "to resume it" if partial else "not an anchor cache") + ")")
+            raise CraftVLAError(
+                f"anchor cache {self.path}: no {META_FILE} ("
+                + (
+                    "an interrupted build: re-run `craftvla cache build` with the same flags to resume it"
+                    if partial
+                    else "not an anchor cache"
+                )
+                + ")"
+            )
         self.meta = read_meta(self.path / META_FILE)
         self.files = [self.path / shard_name(i) for i in range(self.meta["num_shards"])]
         absent = [f.name for f in self.files if not f.is_file()]
         if absent:
             raise CraftVLAError(f"anchor cache {self.path}: shard files missing: {absent[:3]}")
         self.target = self._detect_target()
-        self.extraction = Extraction(self.target, None if self.meta["layers"] is None else tuple(self.meta["layers"]),
-                                     self.meta["anchor_type"], self.meta["pooling"])
+        self.extraction = Extraction(
+            self.target,
+            None if self.meta["layers"] is None else tuple(self.meta["layers"]),
+            self.meta["anchor_type"],
+            self.meta["pooling"],
+        )
         self._loaded: tuple[int, dict, list[str]] | None = None  # the one shard held in memory
 
     def _detect_target(self) -> str:
         """The target whose key the first shard holds (meta.json's must agree)."""
         keys = set(safetensors_header(self.files[0])[0])
-        found = [k[len(TARGET_PREFIX):] for k in keys if k.startswith(TARGET_PREFIX) and k != TOKEN_MASK_KEY]
+        found = [k[len(TARGET_PREFIX) :] for k in keys if k.startswith(TARGET_PREFIX) and k != TOKEN_MASK_KEY]
         if len(found) != 1:
-            raise CraftVLAError(f"anchor cache {self.path}: expected one 'target.<name>' tensor in "
-                                f"{self.files[0].name}, found keys {sorted(keys)}")
+            raise CraftVLAError(
+                f"anchor cache {self.path}: expected one 'target.<name>' tensor in "
+                f"{self.files[0].name}, found keys {sorted(keys)}"
+            )
         _check("target", self.meta["target"], found[0], self.path, " (meta.json vs the shard's keys)")
         return found[0]
 
@@ -139,13 +174,23 @@ class AnchorCache:
         student extracts, or whose teacher is not the student's initial model (`fingerprint`;
         None = not checked)."""
         for name, flag in ADOPTING_FLAGS.items():
-            _check(name.replace("_", " "), getattr(self.extraction, name), getattr(student, name), self.path,
-                   f" (leave {flag} unset to adopt the cache's)")
+            _check(
+                name.replace("_", " "),
+                getattr(self.extraction, name),
+                getattr(student, name),
+                self.path,
+                f" (leave {flag} unset to adopt the cache's)",
+            )
         if self.target != "actions":
             _check("feature width", self.meta["feature_width"], width, self.path)
         if fingerprint is not None:
-            _check("model fingerprint", self.meta["model_fingerprint"], fingerprint, self.path,
-                   " (the cache was built from another initial model)")
+            _check(
+                "model fingerprint",
+                self.meta["model_fingerprint"],
+                fingerprint,
+                self.path,
+                " (the cache was built from another initial model)",
+            )
 
     def _shard(self, index: int) -> tuple[dict, list[str]]:
         if self._loaded is None or self._loaded[0] != index:

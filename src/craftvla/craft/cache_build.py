@@ -38,8 +38,17 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from craftvla.config import parse_config
-from craftvla.craft.cache import (FORMAT_VERSION, IDS_KEY, MASK_KEY, META_FILE, PLAN_FILE, TOKEN_MASK_KEY,
-                                  model_fingerprint, shard_name, target_key)
+from craftvla.craft.cache import (
+    FORMAT_VERSION,
+    IDS_KEY,
+    MASK_KEY,
+    META_FILE,
+    PLAN_FILE,
+    TOKEN_MASK_KEY,
+    model_fingerprint,
+    shard_name,
+    target_key,
+)
 from craftvla.craft.data import open_anchor_dataset
 from craftvla.craft.targets import CACHE_TOKEN_SETS, TARGETS, Extraction, absolute_layer
 from craftvla.errors import CraftVLAError, require
@@ -96,15 +105,28 @@ class CacheBuildConfig:
 
     def __post_init__(self) -> None:
         require(self.target in TARGETS, "target", self.target, f"choose one of {tuple(TARGETS)}")
-        require(self.anchor_type is None or self.anchor_type in CACHE_TOKEN_SETS, "anchor_type", self.anchor_type,
-                f"choose one of {CACHE_TOKEN_SETS}")
-        require(self.pooling is None or self.pooling in POOLING_MODES, "pooling", self.pooling,
-                f"choose one of {POOLING_MODES}")
+        require(
+            self.anchor_type is None or self.anchor_type in CACHE_TOKEN_SETS,
+            "anchor_type",
+            self.anchor_type,
+            f"choose one of {CACHE_TOKEN_SETS}",
+        )
+        require(
+            self.pooling is None or self.pooling in POOLING_MODES,
+            "pooling",
+            self.pooling,
+            f"choose one of {POOLING_MODES}",
+        )
         reads = {"actions": (), "tokens": ("anchor_type", "layer", "layers")}.get(
-            self.target, ("anchor_type", "pooling", "layer"))
+            self.target, ("anchor_type", "pooling", "layer")
+        )
         for name in ("anchor_type", "pooling", "layer", "layers"):
-            require(getattr(self, name) is None or name in reads, name, getattr(self, name),
-                    f"a cache of the {self.target} target does not read it (drop the flag)")
+            require(
+                getattr(self, name) is None or name in reads,
+                name,
+                getattr(self, name),
+                f"a cache of the {self.target} target does not read it (drop the flag)",
+            )
         require(self.layers is None or len(self.layers) >= 1, "layers", self.layers, "give at least one layer")
         require(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {tuple(DTYPES)}")
         require(self.image_dtype in IMAGE_DTYPES, "image_dtype", self.image_dtype, f"choose one of {IMAGE_DTYPES}")
@@ -138,14 +160,24 @@ def _plan(cfg: CacheBuildConfig, policy, num_frames: int) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     indices = torch.randperm(num_frames, generator=gen)[:count].sort().values.tolist()
     return {
-        "format": FORMAT_VERSION, "target": extraction.target,
+        "format": FORMAT_VERSION,
+        "target": extraction.target,
         "layers": None if extraction.layers is None else list(extraction.layers),
-        "anchor_type": extraction.anchor_type, "pooling": extraction.pooling, "dtype": cfg.dtype,
-        "image_dtype": cfg.image_dtype, "feature_width": None if cfg.target == "actions" else policy.llm.hidden_size,
-        "max_text_tokens": policy.config.llm.max_text_tokens, "camera_keys": list(policy.config.camera_keys),
-        "model_fingerprint": model_fingerprint(policy), "checkpoint": str(cfg.checkpoint),
-        "dataset": str(cfg.dataset), "num_samples": count, "shard_size": cfg.shard_size,
-        "num_shards": -(-count // cfg.shard_size), "seed": cfg.seed, "indices": indices,
+        "anchor_type": extraction.anchor_type,
+        "pooling": extraction.pooling,
+        "dtype": cfg.dtype,
+        "image_dtype": cfg.image_dtype,
+        "feature_width": None if cfg.target == "actions" else policy.llm.hidden_size,
+        "max_text_tokens": policy.config.llm.max_text_tokens,
+        "camera_keys": list(policy.config.camera_keys),
+        "model_fingerprint": model_fingerprint(policy),
+        "checkpoint": str(cfg.checkpoint),
+        "dataset": str(cfg.dataset),
+        "num_samples": count,
+        "shard_size": cfg.shard_size,
+        "num_shards": -(-count // cfg.shard_size),
+        "seed": cfg.seed,
+        "indices": indices,
     }
 
 
@@ -165,8 +197,9 @@ def _prepare_out(out: Path, plan: dict, overwrite: bool) -> set[int]:
         old = read_json(out / PLAN_FILE, expect=dict)
         diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
         if diff:
-            raise CraftVLAError(f"{out}: a partial build with other settings ({diff}) is there; "
-                                "pass --overwrite true to start clean")
+            raise CraftVLAError(
+                f"{out}: a partial build with other settings ({diff}) is there; pass --overwrite true to start clean"
+            )
         done = {i for i in range(plan["num_shards"]) if (out / shard_name(i)).is_file()}
         log.info("resuming %s: %d of %d shards complete", out, len(done), plan["num_shards"])
         return done
@@ -192,8 +225,12 @@ def teacher_batch(policy, batch: dict, plan: dict) -> dict[str, torch.Tensor]:
     ids, mask = policy.tokenize(model_batch[TASK_KEY])  # (B, T) as the model saw them
     pad = max_text - ids.shape[1]
     pad_id = policy.tokenizer.pad_token_id or 0
-    out = {**inputs, STATE_KEY: batch[STATE_KEY].float(), IDS_KEY: F.pad(ids, (0, pad), value=pad_id),
-           MASK_KEY: F.pad(mask.to(torch.uint8), (0, pad)).bool()}
+    out = {
+        **inputs,
+        STATE_KEY: batch[STATE_KEY].float(),
+        IDS_KEY: F.pad(ids, (0, pad), value=pad_id),
+        MASK_KEY: F.pad(mask.to(torch.uint8), (0, pad)).bool(),
+    }
     layers = None if plan["layers"] is None else tuple(plan["layers"])
     extraction = Extraction(plan["target"], layers, plan["anchor_type"], plan["pooling"])
     target, token_mask = extraction(policy, context, max_text)
@@ -208,8 +245,9 @@ def _shard_samples(policy, dataset, indices: list[int], batch_size: int, plan: d
     from torch.utils.data import DataLoader, Subset
 
     keep = [*plan["camera_keys"], STATE_KEY, TASK_KEY]
-    collate = lambda items: {k: ([it[k] for it in items] if k == TASK_KEY else torch.stack([it[k] for it in items]))
-                             for k in keep}
+    collate = lambda items: {
+        k: ([it[k] for it in items] if k == TASK_KEY else torch.stack([it[k] for it in items])) for k in keep
+    }
     parts, tasks = [], []
     for batch in DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=collate):
         parts.append(teacher_batch(policy, batch, plan))
@@ -234,11 +272,16 @@ def build_cache(cfg: CacheBuildConfig) -> Path:
     done = _prepare_out(out, plan, cfg.overwrite)
     size, indices = plan["shard_size"], plan["indices"]
     todo = [i for i in range(plan["num_shards"]) if i not in done]
-    with tqdm(total=plan["num_samples"], initial=plan["num_samples"] - sum(
-            len(indices[i * size:(i + 1) * size]) for i in todo), desc="anchor cache", unit="sample") as bar:
+    with tqdm(
+        total=plan["num_samples"],
+        initial=plan["num_samples"] - sum(len(indices[i * size : (i + 1) * size]) for i in todo),
+        desc="anchor cache",
+        unit="sample",
+    ) as bar:
         for shard in todo:
-            tensors, tasks = _shard_samples(policy, dataset, indices[shard * size:(shard + 1) * size],
-                                            cfg.batch_size, plan, bar)
+            tensors, tasks = _shard_samples(
+                policy, dataset, indices[shard * size : (shard + 1) * size], cfg.batch_size, plan, bar
+            )
             _write_shard(out / shard_name(shard), tensors, tasks)
     meta = {k: v for k, v in plan.items() if k != "indices"}
     write_json_atomic(out / META_FILE, meta, indent=1)  # last: publishes the cache
@@ -250,8 +293,9 @@ def main(argv: list[str]) -> int:
     """`craftvla cache build ...` (see the module docstring)."""
     from craftvla.cli import run_sub_verb
 
-    return run_sub_verb("cache", argv, {"build": (_build_main, "compute a frozen checkpoint's anchor targets over a "
-                                                              "LeRobot dataset")})
+    return run_sub_verb(
+        "cache", argv, {"build": (_build_main, "compute a frozen checkpoint's anchor targets over a LeRobot dataset")}
+    )
 
 
 def _build_main(argv: list[str]) -> int:

@@ -7,8 +7,8 @@ from typing import Optional
 
 from craftvla.craft.functional import PROJECTION_SCOPES
 from craftvla.craft.targets import TARGETS
-from craftvla.model.context import ANCHOR_TYPES, POOLING_MODES
 from craftvla.errors import require
+from craftvla.model.context import ANCHOR_TYPES, POOLING_MODES
 
 ANCHOR_SOURCES = ("online", "cache")
 # craft: projection + dual ascent (the method). The other three are the retention-study
@@ -16,7 +16,6 @@ ANCHOR_SOURCES = ("online", "cache")
 # distill_fixed = feature distillation with a fixed weight (no projection, no dual update);
 # dual_only = feature distillation with the dual update but no projection.
 MODES = ("craft", "l2_init", "distill_fixed", "dual_only")
-
 
 
 @dataclass
@@ -84,26 +83,62 @@ class CraftConfig:
         require(self.retention_budget >= 0, "craft.retention_budget", self.retention_budget, "must be >= 0")
         require(self.dual_lr >= 0, "craft.dual_lr", self.dual_lr, "must be >= 0")
         require(self.projection_eps >= 0, "craft.projection_eps", self.projection_eps, "must be >= 0")
-        require(self.projection_scope in PROJECTION_SCOPES, "craft.projection_scope", self.projection_scope,
-                 f"choose one of {PROJECTION_SCOPES}")
-        require(self.anchor_layer_idx is None or self.anchor_layer_idx >= 0, "craft.anchor_layer_idx",
-                 self.anchor_layer_idx, "must be >= 0 (a hidden_states index) or null for the middle layer")
-        require(self.anchor_type is None or self.anchor_type in ANCHOR_TYPES, "craft.anchor_type", self.anchor_type,
-                f"choose one of {ANCHOR_TYPES}")
-        require(self.pooling is None or self.pooling in POOLING_MODES, "craft.pooling", self.pooling,
-                f"choose one of {POOLING_MODES}")
-        require(self.anchor_source is None or self.anchor_source in ANCHOR_SOURCES, "craft.anchor_source",
-                self.anchor_source, f"choose one of {ANCHOR_SOURCES}")
-        require(self.source != "cache" or self.anchor_cache, "craft.anchor_cache", self.anchor_cache,
-                "craft.anchor_source='cache' needs the cache directory")
-        require(self.source == "cache" or not self.anchor_cache, "craft.anchor_source", self.anchor_source,
-                f"conflicts with craft.anchor_cache={self.anchor_cache!r} (drop one of the two flags)")
+        require(
+            self.projection_scope in PROJECTION_SCOPES,
+            "craft.projection_scope",
+            self.projection_scope,
+            f"choose one of {PROJECTION_SCOPES}",
+        )
+        require(
+            self.anchor_layer_idx is None or self.anchor_layer_idx >= 0,
+            "craft.anchor_layer_idx",
+            self.anchor_layer_idx,
+            "must be >= 0 (a hidden_states index) or null for the middle layer",
+        )
+        require(
+            self.anchor_type is None or self.anchor_type in ANCHOR_TYPES,
+            "craft.anchor_type",
+            self.anchor_type,
+            f"choose one of {ANCHOR_TYPES}",
+        )
+        require(
+            self.pooling is None or self.pooling in POOLING_MODES,
+            "craft.pooling",
+            self.pooling,
+            f"choose one of {POOLING_MODES}",
+        )
+        require(
+            self.anchor_source is None or self.anchor_source in ANCHOR_SOURCES,
+            "craft.anchor_source",
+            self.anchor_source,
+            f"choose one of {ANCHOR_SOURCES}",
+        )
+        require(
+            self.source != "cache" or self.anchor_cache,
+            "craft.anchor_cache",
+            self.anchor_cache,
+            "craft.anchor_source='cache' needs the cache directory",
+        )
+        require(
+            self.source == "cache" or not self.anchor_cache,
+            "craft.anchor_source",
+            self.anchor_source,
+            f"conflicts with craft.anchor_cache={self.anchor_cache!r} (drop one of the two flags)",
+        )
         require(self.anchor_batch_size >= 1, "craft.anchor_batch_size", self.anchor_batch_size, "must be >= 1")
-        require(not (self.anchor_dataset and self.source == "cache"), "craft.anchor_dataset", self.anchor_dataset,
-                "is for online anchors; a cache already holds its anchor data (drop one of the two)")
+        require(
+            not (self.anchor_dataset and self.source == "cache"),
+            "craft.anchor_dataset",
+            self.anchor_dataset,
+            "is for online anchors; a cache already holds its anchor data (drop one of the two)",
+        )
         unknown = [t for t in self.target_names if t not in TARGETS]
-        require(not unknown and len(set(self.target_names)) == len(self.target_names), "craft.targets",
-                self.targets, f"choose one or more of {tuple(TARGETS)}, comma-separated, each once")
+        require(
+            not unknown and len(set(self.target_names)) == len(self.target_names),
+            "craft.targets",
+            self.targets,
+            f"choose one or more of {tuple(TARGETS)}, comma-separated, each once",
+        )
         require(self.scale_samples >= 2, "craft.scale_samples", self.scale_samples, "must be >= 2")
         require(self.log_freq is None or self.log_freq >= 1, "craft.log_freq", self.log_freq, "must be >= 1")
 

@@ -17,6 +17,7 @@ from craftvla.errors import CraftVLAError
 
 BatchStream = Callable[[int], Iterator[dict]]  # optimizer step -> anchor micro-batches from that step on
 
+
 def open_anchor_dataset(root: str, policy: nn.Module):
     """An anchor dataset converted by the policy's processor (its statistics, else the dataset's)."""
     from craftvla.data import LeRobotDataset
@@ -31,22 +32,23 @@ def open_anchor_dataset(root: str, policy: nn.Module):
     return dataset
 
 
-def anchor_batch_stream(dataset, batch_size: int, micro_per_step: int, seed: int, rank: int = 0,
-                        world_size: int = 1, num_workers: int = 0) -> BatchStream:
+def anchor_batch_stream(
+    dataset, batch_size: int, micro_per_step: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0
+) -> BatchStream:
     """step -> endless anchor micro-batches of `batch_size` from that optimizer step on; each step
     takes `micro_per_step` of them per rank, ranks take disjoint samples (as the task data does),
     and the position is a function of the step, so a resumed run draws what it would have drawn."""
 
     def stream(step: int) -> Iterator[dict]:
-        sampler = StepSampler(len(dataset), seed, batch_size * world_size * micro_per_step, batch_size,
-                              rank, world_size, step)
+        sampler = StepSampler(
+            len(dataset), seed, batch_size * world_size * micro_per_step, batch_size, rank, world_size, step
+        )
         return iter(data_loader(dataset, sampler, num_workers, seed + rank))
 
     return stream
 
 
-def calibration_batches(dataset, num_samples: int, seed: int, fake_config=None, batch_size: int = 32
-                        ) -> Iterator[dict]:
+def calibration_batches(dataset, num_samples: int, seed: int, fake_config=None, batch_size: int = 32) -> Iterator[dict]:
     """`num_samples` anchor samples (a seeded random subset of `dataset`, or fake batches of
     `fake_config` without one) in micro-batches, for measuring the retention targets' spread."""
     if dataset is None:

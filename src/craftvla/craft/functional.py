@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from craftvla.errors import CraftVLAError, ConfigError
+from craftvla.errors import ConfigError, CraftVLAError
 
 PROJECTION_SCOPES = ("global", "per_tensor")
 
@@ -62,8 +62,7 @@ def _flat_reductions(a: torch.Tensor, r: torch.Tensor, lengths: torch.Tensor | N
     of the given ``lengths`` (K = 1 when lengths is None)."""
     a32, r32 = a.float(), r.float()  # no-op for float32 buffers
     if lengths is None:
-        return (torch.dot(a32, r32).reshape(1), torch.dot(a32, a32).reshape(1),
-                torch.dot(r32, r32).reshape(1))
+        return (torch.dot(a32, r32).reshape(1), torch.dot(a32, a32).reshape(1), torch.dot(r32, r32).reshape(1))
     seg = lambda x: torch.segment_reduce(x, "sum", lengths=lengths)  # noqa: E731  one kernel
     return seg(a32 * r32), seg(a32 * a32), seg(r32 * r32)
 

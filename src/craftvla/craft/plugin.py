@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from craftvla.craft import functional as CF
-from craftvla.craft.data import BatchStream, anchor_batch_stream, calibration_batches, open_anchor_dataset
 from craftvla.craft.config import CraftConfig
+from craftvla.craft.data import BatchStream, anchor_batch_stream, calibration_batches, open_anchor_dataset
 from craftvla.craft.providers import make_anchor_provider
 from craftvla.craft.targets import combined_retention_loss, compute_targets, feature_variance
 from craftvla.errors import CraftVLAError
@@ -46,8 +46,14 @@ class CraftPlugin:
     `calibrate` before training (the loop does); until then each target's scale is 1 (raw MSE).
     """
 
-    def __init__(self, policy: nn.Module, cfg: CraftConfig, seed: int = 0, log_freq: int = 1,
-                 anchor_batches: BatchStream | None = None):
+    def __init__(
+        self,
+        policy: nn.Module,
+        cfg: CraftConfig,
+        seed: int = 0,
+        log_freq: int = 1,
+        anchor_batches: BatchStream | None = None,
+    ):
         self.cfg = cfg
         self.log_freq = cfg.log_freq or log_freq  # craft/* metrics every this many optimizer steps
         self._policy = policy
@@ -58,8 +64,9 @@ class CraftPlugin:
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise CraftVLAError(f"CRaFT: trainable parameters mix dtypes {sorted(map(str, dtypes))}; use one")
-        self.anchors = (make_anchor_provider(policy, cfg, self._features, seed, anchor_batches)
-                        if cfg.uses_features else None)
+        self.anchors = (
+            make_anchor_provider(policy, cfg, self._features, seed, anchor_batches) if cfg.uses_features else None
+        )
         self.targets = self._target_names()
         self.metric_keys = METRIC_KEYS + tuple(f"craft/ret/{t}" for t in self.targets if len(self.targets) > 1)
         self._build_buffers()
@@ -70,8 +77,13 @@ class CraftPlugin:
         self._pending = None
         self._log_sum, self._log_n = torch.zeros(len(self.metric_keys), device=device), 0
         self.initial = [p.detach().clone() for p in self.params] if cfg.mode == "l2_init" else None
-        log.info("CRaFT mode=%s over %d trainable tensors (%s values); anchors: %s", cfg.mode,
-                 len(self.params), f"{self._numel:,}", getattr(self.anchors, "description", "none"))
+        log.info(
+            "CRaFT mode=%s over %d trainable tensors (%s values); anchors: %s",
+            cfg.mode,
+            len(self.params),
+            f"{self._numel:,}",
+            getattr(self.anchors, "description", "none"),
+        )
 
     def _build_buffers(self) -> None:
         """One flat buffer [g_act | g_ret | L_ret | per-target terms]: one all-reduce covers everything."""
@@ -105,8 +117,11 @@ class CraftPlugin:
         for name, f in measured.items():
             self.scales[name] = feature_variance(f).clamp_min(1e-12).to(self.scales[name].device)
         values = {t: float(v) for t, v in self.scales.items()}
-        log.info("CRaFT retention scale (variance across %d anchor samples): %s", len(next(iter(measured.values()))),
-                 ", ".join(f"{t}={v:.4g}" for t, v in values.items()))
+        log.info(
+            "CRaFT retention scale (variance across %d anchor samples): %s",
+            len(next(iter(measured.values()))),
+            ", ".join(f"{t}={v:.4g}" for t, v in values.items()),
+        )
         return values
 
     # ----- per micro-batch ----------------------------------------------------------------------
@@ -128,7 +143,9 @@ class CraftPlugin:
         self._policy = policy
         out = policy.compute_loss(batch)
         if self.anchors is not None:
-            l_ret, terms = combined_retention_loss(self.anchors.retention_pairs(policy, batch, out.context), self.scales)
+            l_ret, terms = combined_retention_loss(
+                self.anchors.retention_pairs(policy, batch, out.context), self.scales
+            )
             # the anchor forward is separate from the task forward when anchors come from other data
             self._accumulate(l_ret * scale, self._ret_views, retain_graph=True)
             self._l_ret += torch.stack([l_ret.detach(), *[terms[t].detach() for t in self.targets]])
@@ -160,8 +177,13 @@ class CraftPlugin:
             torch._foreach_add_(self._act_views, diff, alpha=cfg.retention_weight)
             penalty = 0.5 * cfg.retention_weight * torch.stack(torch._foreach_powsum(diff, 2)).sum()
             zero = torch.zeros((), device=penalty.device)
-            return {"l_ret": penalty, "terms": self._l_ret[1:].clone(), "cos": zero, "beta": zero + cfg.retention_weight,
-                    "conflict": zero}
+            return {
+                "l_ret": penalty,
+                "terms": self._l_ret[1:].clone(),
+                "cos": zero,
+                "beta": zero + cfg.retention_weight,
+                "conflict": zero,
+            }
         lengths = self._lengths if cfg.projection_scope == "per_tensor" else None
         stats = CF.project_flat(self.g_act, self.g_ret, self.lam, cfg.projection_eps, lengths, cfg.projection_on)
         return {"l_ret": self._l_ret[0].clone(), "terms": self._l_ret[1:].clone(), **stats}
@@ -207,9 +229,18 @@ class CraftPlugin:
                 self.scales[name] = torch.tensor(float(value), device=self.lam.device)
 
 
-
-def build_craft_plugin(policy: nn.Module, cfg: CraftConfig, *, seed: int, log_freq: int, micro_per_step: int = 1,
-                       rank: int = 0, world_size: int = 1, num_workers: int = 0, task_dataset=None) -> CraftPlugin:
+def build_craft_plugin(
+    policy: nn.Module,
+    cfg: CraftConfig,
+    *,
+    seed: int,
+    log_freq: int,
+    micro_per_step: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    task_dataset=None,
+) -> CraftPlugin:
     """The plug-in of one training process (rank `rank` of `world_size`) with its anchor data
     wired up and its loss scale measured. Online anchors read --craft.anchor_dataset's batches
     when given (`micro_per_step` micro-batches per optimizer step, positioned by the step), else
@@ -217,12 +248,19 @@ def build_craft_plugin(policy: nn.Module, cfg: CraftConfig, *, seed: int, log_fr
     `task_dataset`, else fake batches) with the initial weights, so call this before a resumed
     training state is loaded."""
     if cfg.mode in ("craft", "dual_only") and cfg.source == "online" and not cfg.anchor_dataset:
-        log.warning("CRaFT anchors on the training batch: in the retention study (benchmarks/retention) "
-                    "that kept little of the old tasks (pooled features) or stopped the new one being learned "
-                    "(actions); give the old tasks' data with --craft.anchor_dataset DIR")
+        log.warning(
+            "CRaFT anchors on the training batch: in the retention study (benchmarks/retention) "
+            "that kept little of the old tasks (pooled features) or stopped the new one being learned "
+            "(actions); give the old tasks' data with --craft.anchor_dataset DIR"
+        )
     anchor_data = open_anchor_dataset(cfg.anchor_dataset, policy) if cfg.anchor_dataset else None
-    stream = None if anchor_data is None else anchor_batch_stream(
-        anchor_data, cfg.anchor_batch_size, micro_per_step, seed + 1, rank, world_size, num_workers)
+    stream = (
+        None
+        if anchor_data is None
+        else anchor_batch_stream(
+            anchor_data, cfg.anchor_batch_size, micro_per_step, seed + 1, rank, world_size, num_workers
+        )
+    )
     plugin = CraftPlugin(policy, cfg, seed=seed + rank, log_freq=log_freq, anchor_batches=stream)
     if cfg.uses_features and cfg.scale_free:
         data = anchor_data if anchor_data is not None else task_dataset

@@ -88,8 +88,11 @@ class OnlineAnchors:
     def __init__(self, policy: nn.Module, feature_fn: FeatureFn, anchor_batches: Optional[BatchStream] = None):
         self.feature_fn = feature_fn
         self.lora = _lora_context(policy)[1]
-        self.initial = {n: p.detach().clone() for n, p in policy.named_parameters()
-                        if p.requires_grad and not (self.lora and is_lora_param(n))}
+        self.initial = {
+            n: p.detach().clone()
+            for n, p in policy.named_parameters()
+            if p.requires_grad and not (self.lora and is_lora_param(n))
+        }
         self.initial_buffers = _running_stat_buffers(policy)
         self._ids = {id(p): n for n, p in policy.named_parameters()}
         self._pruned = False
@@ -130,8 +133,9 @@ class OnlineAnchors:
             del self.initial[name]
         self._pruned = True
         self.description = self._describe()
-        log.info("CRaFT online anchors: dropped %d initial copies the targets never read; %s",
-                 len(dropped), self.description)
+        log.info(
+            "CRaFT online anchors: dropped %d initial copies the targets never read; %s", len(dropped), self.description
+        )
 
     def anchor_batch(self, policy: nn.Module, batch: dict, context: VLMContext) -> tuple[dict, VLMContext]:
         """The batch the targets are computed on, and the current model's context for it."""
@@ -142,8 +146,9 @@ class OnlineAnchors:
         anchor = to_device(next(self._stream), policy.action_queries.weight.device)
         return anchor, policy.encode(anchor)
 
-    def retention_pairs(self, policy: nn.Module, batch: dict, context: VLMContext
-                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def retention_pairs(
+        self, policy: nn.Module, batch: dict, context: VLMContext
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         batch, context = self.anchor_batch(policy, batch, context)
         f_theta = self.feature_fn(context)  # {target: (B, ...)}, with gradient
         if not self._pruned:
@@ -195,8 +200,11 @@ def open_checked_cache(path, policy: nn.Module, cfg: CraftConfig) -> AnchorCache
     student, adopted = cache_extraction(policy, cfg, cache.extraction)
     cache.check(student, policy.llm.hidden_size, model_fingerprint(policy))
     if adopted:
-        log.info("CRaFT: adopted from anchor cache %s (flags left unset): %s", cache.path,
-                 ", ".join(f"craft.{k}={v}" for k, v in adopted.items()))
+        log.info(
+            "CRaFT: adopted from anchor cache %s (flags left unset): %s",
+            cache.path,
+            ", ".join(f"craft.{k}={v}" for k, v in adopted.items()),
+        )
     return cache
 
 
@@ -226,8 +234,13 @@ class CacheAnchors:
         return {self.target: self.cache.samples(list(range(count)))[target_key(self.target)].float()}
 
 
-def make_anchor_provider(policy: nn.Module, cfg: CraftConfig, feature_fn: FeatureFn, seed: int = 0,
-                         anchor_batches: Optional[BatchStream] = None):
+def make_anchor_provider(
+    policy: nn.Module,
+    cfg: CraftConfig,
+    feature_fn: FeatureFn,
+    seed: int = 0,
+    anchor_batches: Optional[BatchStream] = None,
+):
     """The provider named by `cfg.source` (`seed` orders the cache's anchor batches)."""
     if cfg.source == "online":
         return OnlineAnchors(policy, feature_fn, anchor_batches)

@@ -41,8 +41,12 @@ TargetFn = Callable[[nn.Module, VLMContext, object], torch.Tensor]  # (policy, c
 
 def pooled_target(policy: nn.Module, context: VLMContext, cfg) -> torch.Tensor:
     """(B, F): pooled C_R and/or C_AQ (`bridge_features`, the configured layer/pooling/type)."""
-    return bridge_features(context, policy.anchor_layer(cfg.anchor_layer_idx), pooling=cfg.online_pooling,
-                           anchor_type=cfg.online_anchor_type)
+    return bridge_features(
+        context,
+        policy.anchor_layer(cfg.anchor_layer_idx),
+        pooling=cfg.online_pooling,
+        anchor_type=cfg.online_anchor_type,
+    )
 
 
 def token_target(policy: nn.Module, context: VLMContext, cfg) -> torch.Tensor:
@@ -83,8 +87,9 @@ def feature_variance(f: torch.Tensor) -> torch.Tensor:
     return f.float().var(dim=0, unbiased=False).mean()
 
 
-def combined_retention_loss(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], scales: dict[str, torch.Tensor]
-                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def combined_retention_loss(
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], scales: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_ret = the mean over targets of MSE / scale, and each target's term (for the log)."""
     terms = {name: retention_loss(f, f0, scales[name]) for name, (f, f0) in pairs.items()}
     return torch.stack(list(terms.values())).mean(), terms
@@ -149,8 +154,9 @@ class Extraction:
     anchor_type: Optional[str] = None  # one of CACHE_TOKEN_SETS
     pooling: Optional[str] = None  # mean or max (pooled only)
 
-    def __call__(self, policy: nn.Module, context: VLMContext, max_text: int
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def __call__(
+        self, policy: nn.Module, context: VLMContext, max_text: int
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """pooled -> (B, D); tokens -> (B, n_layers, n, D) and its (B, n) mask; actions -> (B, H, A)."""
         if self.target == "actions":
             return action_target(policy, context, None), None

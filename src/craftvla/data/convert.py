@@ -64,8 +64,11 @@ def _rlds_key(name: str, features: dict[str, Feature]) -> str:
 
 def feature_mapping(features: dict[str, Feature], overrides: str = "") -> dict[str, str]:
     """{RLDS key: LeRobot key} (TASK_KEY for the instruction): the defaults, then --map."""
-    mapping = {k: IMAGE_PREFIX + k.rsplit("/", 1)[1] for k, f in features.items()
-               if f.kind == "image" and k.startswith("steps/observation/")}
+    mapping = {
+        k: IMAGE_PREFIX + k.rsplit("/", 1)[1]
+        for k, f in features.items()
+        if f.kind == "image" and k.startswith("steps/observation/")
+    }
     state = next((k for k in STATE_NAMES if k in features), None)
     if state:
         mapping[state] = STATE_KEY
@@ -120,8 +123,9 @@ def convert_rlds(cfg: RldsConvertConfig) -> dict:
     total = dataset.num_episodes(cfg.split) if cfg.split in dataset.splits else None
     if cfg.max_episodes:
         total = min(total or cfg.max_episodes, cfg.max_episodes)
-    writer = LeRobotDatasetWriter(cfg.out, fps=cfg.fps, features=columns, robot_type=cfg.robot_type,
-                                  video_codec=cfg.video_codec)
+    writer = LeRobotDatasetWriter(
+        cfg.out, fps=cfg.fps, features=columns, robot_type=cfg.robot_type, video_codec=cfg.video_codec
+    )
     episodes = frames = 0
     with writer, tqdm(total=total, unit="ep", desc="convert", disable=not cfg.progress) as bar:
         for episode in dataset.episodes(cfg.split, keys=list(mapping)):
@@ -148,8 +152,11 @@ def _write_episode(writer, episode: dict, mapping: dict[str, str], columns: dict
             if target == TASK_KEY:
                 continue
             value = episode[key][t]
-            frame[target] = value if columns[target]["dtype"] == "video" else \
-                np.asarray(value, dtype=columns[target]["dtype"]).reshape(columns[target]["shape"])
+            frame[target] = (
+                value
+                if columns[target]["dtype"] == "video"
+                else np.asarray(value, dtype=columns[target]["dtype"]).reshape(columns[target]["shape"])
+            )
         writer.add_frame(frame, task=tasks[t])
     writer.save_episode()
     return n
@@ -159,7 +166,9 @@ def main(argv: list[str]) -> int:
     """CLI entry: `craftvla convert rlds --src DIR --out DIR [...]`."""
     from craftvla.cli import run_sub_verb
 
-    return run_sub_verb("convert", argv, {"rlds": (_rlds_main, "a TFDS/RLDS dataset (TFRecord shards) -> LeRobot v3.0")})
+    return run_sub_verb(
+        "convert", argv, {"rlds": (_rlds_main, "a TFDS/RLDS dataset (TFRecord shards) -> LeRobot v3.0")}
+    )
 
 
 def _rlds_main(argv: list[str]) -> int:

@@ -22,7 +22,6 @@ import torch
 from torch.utils.data import Dataset
 
 from craftvla.errors import CraftVLAError
-
 from craftvla.keys import ACTION_KEY
 
 from .lerobot_meta import DEFAULT_FEATURES, STATS_PATH, DatasetMeta, load_meta, read_parquet
@@ -36,8 +35,11 @@ def _column_to_numpy(column: pa.ChunkedArray, width: int, path: Path, key: str) 
     """A scalar, list or fixed-size-list parquet column -> (N, width) float32."""
     col = column.combine_chunks()
     if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
-        lengths = col.value_lengths().to_numpy(zero_copy_only=False) if not pa.types.is_fixed_size_list(col.type) \
+        lengths = (
+            col.value_lengths().to_numpy(zero_copy_only=False)
+            if not pa.types.is_fixed_size_list(col.type)
             else np.full(len(col), col.type.list_size)
+        )
         if len(col) and (lengths != width).any():
             bad = int(lengths[lengths != width][0])
             raise CraftVLAError(f"{path}: feature {key!r} has length {bad} but info.json says shape ({width},)")
@@ -75,9 +77,11 @@ class LeRobotDataset(Dataset):
         self.meta: DatasetMeta = load_meta(self.root)
         images = [k for k, ft in self.meta.features.items() if ft["dtype"] == "image"]
         if images:  # LeRobot's use_videos=False layout: PNG bytes inside the parquet rows
-            raise CraftVLAError(f"{self.root / 'meta/info.json'}: features {images} are stored as per-frame images "
-                                "(dtype 'image'); craftvla reads camera streams stored as video (dtype 'video', "
-                                "LeRobot's default): re-record with use_videos=True or encode them to mp4")
+            raise CraftVLAError(
+                f"{self.root / 'meta/info.json'}: features {images} are stored as per-frame images "
+                "(dtype 'image'); craftvla reads camera streams stored as video (dtype 'video', "
+                "LeRobot's default): re-record with use_videos=True or encode them to mp4"
+            )
         self.stats = load_stats(self.root / STATS_PATH)
         self._episodes = self._episode_arrays()
         self._vector_keys = [k for k in self._data_features() if k != ACTION_KEY]  # per-frame extras
@@ -141,7 +145,8 @@ class LeRobotDataset(Dataset):
             raise CraftVLAError(
                 f"{self.root / 'data'}: row index {row} (episode {int(cols['episode_index'][row])}) has timestamp "
                 f"{cols['timestamp'][row]:.4f} s but frame_index {int(cols['frame_index'][row])} at "
-                f"{self.meta.fps} fps; timestamps must be frame_index / fps")
+                f"{self.meta.fps} fps; timestamps must be frame_index / fps"
+            )
         return cols
 
     def _check_video_files(self) -> dict[str, list[Path]]:
@@ -192,11 +197,13 @@ class LeRobotDataset(Dataset):
             if start[i] < 0 or abs(span * fps - length) > 0.5:
                 raise CraftVLAError(
                     f"{self.root / 'meta/episodes'}: episode {i} camera {key!r}: video slice [{start[i]:.4f}, "
-                    f"{end[i]:.4f}) s does not hold its {length} frames at {fps} fps")
+                    f"{end[i]:.4f}) s does not hold its {length} frames at {fps} fps"
+                )
             if end[i] > durations[path] + 0.5 / fps:
                 raise CraftVLAError(
                     f"{path}: episode {i} needs frames up to {end[i]:.4f} s but the video lasts "
-                    f"{durations[path]:.4f} s (camera {key!r})")
+                    f"{durations[path]:.4f} s (camera {key!r})"
+                )
 
     # -- items --------------------------------------------------------------------------------------
 
@@ -213,8 +220,10 @@ class LeRobotDataset(Dataset):
             raise CraftVLAError(f"{path}: frames are {frames.shape[1:]} but meta/info.json says {(h, w, 3)}")
         k = round(ts * self.meta.fps)  # the frame of this timestamp within the episode's slice
         if not 0 <= k < len(frames):
-            raise CraftVLAError(f"{path}: timestamp {ts:.4f} s of episode {ep} lies outside its "
-                                f"{len(frames)} video frames (camera {key!r})")
+            raise CraftVLAError(
+                f"{path}: timestamp {ts:.4f} s of episode {ep} lies outside its "
+                f"{len(frames)} video frames (camera {key!r})"
+            )
         frame = frames[k]  # (H, W, 3) uint8
         return torch.from_numpy(frame).permute(2, 0, 1).float().div_(255.0)
 
@@ -233,13 +242,18 @@ class LeRobotDataset(Dataset):
         for key in self.meta.camera_keys:
             item[key] = self._image(key, ep, ts)
         item.update(
-            task=self.meta.tasks[int(c["task_index"][i])], episode_index=ep,
-            frame_index=int(c["frame_index"][i]), index=i, timestamp=ts,
+            task=self.meta.tasks[int(c["task_index"][i])],
+            episode_index=ep,
+            frame_index=int(c["frame_index"][i]),
+            index=i,
+            timestamp=ts,
         )
         return self.transform(item) if self.transform is not None else item
 
     def __repr__(self) -> str:
         m = self.meta
-        return (f"LeRobotDataset({self.root}, episodes={m.total_episodes}, frames={m.total_frames}, "
-                f"fps={m.fps}, cameras={m.camera_keys}, state_dim={m.state_dim}, action_dim={m.action_dim}, "
-                f"chunk_size={self.chunk_size})")
+        return (
+            f"LeRobotDataset({self.root}, episodes={m.total_episodes}, frames={m.total_frames}, "
+            f"fps={m.fps}, cameras={m.camera_keys}, state_dim={m.state_dim}, action_dim={m.action_dim}, "
+            f"chunk_size={self.chunk_size})"
+        )

@@ -106,9 +106,7 @@ class DatasetMeta:
 
     def video_file(self, video_key: str, chunk_index: int, file_index: int) -> Path:
         """Absolute path of one camera's mp4 file."""
-        rel = self.info["video_path"].format(
-            video_key=video_key, chunk_index=chunk_index, file_index=file_index
-        )
+        rel = self.info["video_path"].format(video_key=video_key, chunk_index=chunk_index, file_index=file_index)
         return self.root / rel
 
 
@@ -158,8 +156,13 @@ def _check_features(features: Any, path: Path) -> None:
         raise CraftVLAError(f"{path}: features has no {ACTION_KEY!r} entry")
     for key, ft in features.items():
         shape = ft.get("shape") if isinstance(ft, dict) else None
-        if not isinstance(ft, dict) or not isinstance(ft.get("dtype"), str) or not isinstance(shape, list) \
-                or not shape or not all(isinstance(n, int) and n > 0 for n in shape):
+        if (
+            not isinstance(ft, dict)
+            or not isinstance(ft.get("dtype"), str)
+            or not isinstance(shape, list)
+            or not shape
+            or not all(isinstance(n, int) and n > 0 for n in shape)
+        ):
             raise CraftVLAError(f"{path}: features[{key!r}] = {ft!r}; expected a dtype and a list of positive sizes")
         if ft["dtype"] == "video" and (len(shape) != 3 or shape[2] != 3):
             raise CraftVLAError(f"{path}: features[{key!r}] is a video of shape {shape}; expected [height, width, 3]")
@@ -178,8 +181,10 @@ def _task_column(table: pa.Table, path: Path) -> str:
     index_cols = [c for c in pandas_meta.get("index_columns", []) if isinstance(c, str) and c in text]
     for choice in (["task"] if "task" in text else []) + index_cols + (text if len(text) == 1 else []):
         return choice
-    raise CraftVLAError(f"{path}: expected a task string column and a 'task_index' column, got "
-                        f"{[f'{f.name}: {f.type}' for f in table.schema]}")
+    raise CraftVLAError(
+        f"{path}: expected a task string column and a 'task_index' column, got "
+        f"{[f'{f.name}: {f.type}' for f in table.schema]}"
+    )
 
 
 def load_tasks(path: Path) -> list[str]:
@@ -217,8 +222,14 @@ def load_episodes(root: Path) -> pa.Table:
         table = pa.concat_tables(tables, promote_options="default")
     except pa.ArrowException as err:
         raise CraftVLAError(f"{root / EPISODES_DIR}: episode files have incompatible schemas ({err})") from err
-    required = ["episode_index", "length", "data/chunk_index", "data/file_index",
-                "dataset_from_index", "dataset_to_index"]
+    required = [
+        "episode_index",
+        "length",
+        "data/chunk_index",
+        "data/file_index",
+        "dataset_from_index",
+        "dataset_to_index",
+    ]
     missing = [c for c in required if c not in table.column_names]
     if missing:
         raise CraftVLAError(f"{paths[0]}: episode metadata lacks columns {missing}")

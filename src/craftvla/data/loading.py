@@ -28,9 +28,17 @@ class StepSampler(Sampler[int]):
     `index` maps a stream position to a dataset index: by default seeded per-epoch permutations
     of range(num_samples); a dataset mixture passes its `MixtureIndex` (data/mixture.py)."""
 
-    def __init__(self, num_samples: int, seed: int, batch_size: int, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 index: Optional[Callable[[int], int]] = None) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        batch_size: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        index: Optional[Callable[[int], int]] = None,
+    ) -> None:
         self.n, self.seed, self.start_step = num_samples, seed, start_step
         self.batch_size, self.micro, self.rank, self.world = batch_size, micro_batch_size, rank, world_size
         self._index = index or EpochPermutation(num_samples, seed)
@@ -67,9 +75,17 @@ def data_loader(dataset, sampler: StepSampler, num_workers: int, seed: int) -> D
     The explicit generator keeps the loader from drawing its worker base seed from the global
     torch RNG, so creating the iterator does not perturb the training RNG stream.
     """
-    return DataLoader(dataset, batch_size=sampler.micro, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size=sampler.micro,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def collate(items: list[dict]) -> dict:
@@ -79,8 +95,15 @@ def collate(items: list[dict]) -> dict:
     return crop_text_padding(default_collate(items))
 
 
-def fake_micro_batches(cfg: VLAConfig, seed: int, micro_batch_size: int, batch_size: int,
-                       rank: int = 0, world_size: int = 1, start_step: int = 0) -> Iterator[dict]:
+def fake_micro_batches(
+    cfg: VLAConfig,
+    seed: int,
+    micro_batch_size: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+) -> Iterator[dict]:
     """Endless `cfg.fake_batch` micro-batches, each seeded by its stream position (resumable)."""
     sampler = StepSampler(1, seed, batch_size, micro_batch_size, rank, world_size, start_step)
     step = start_step

@@ -145,8 +145,7 @@ def _aggregate_stats(stats_list: list[dict]) -> dict:
     from craftvla.data.stats import aggregate
 
     keys = set.intersection(*(set(s) for s in stats_list)) if stats_list else set()
-    return {key: aggregate([s[key] for s in stats_list]) if len(stats_list) > 1 else stats_list[0][key]
-            for key in keys}
+    return {key: aggregate([s[key] for s in stats_list]) if len(stats_list) > 1 else stats_list[0][key] for key in keys}
 
 
 class MixtureCounter:

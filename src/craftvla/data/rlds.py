@@ -86,11 +86,11 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
             value, pos = _varint(buf, pos)
         elif wire == 2:
             size, pos = _varint(buf, pos)
-            value, pos = buf[pos: pos + size], pos + size
+            value, pos = buf[pos : pos + size], pos + size
         elif wire == 5:
-            value, pos = buf[pos: pos + 4], pos + 4
+            value, pos = buf[pos : pos + 4], pos + 4
         elif wire == 1:
-            value, pos = buf[pos: pos + 8], pos + 8
+            value, pos = buf[pos : pos + 8], pos + 8
         else:
             raise CraftVLAError(f"protobuf: unsupported wire type {wire}")
         yield number, wire, value
@@ -162,14 +162,25 @@ def _leaves(node: dict, prefix: str) -> Iterator[Feature]:
         yield from _leaves(node["sequence"]["feature"], prefix)
     elif "image" in node:
         spec = node["image"]
-        yield Feature(prefix.rstrip("/"), "image", spec.get("dtype", "uint8"),
-                      tuple(int(d) for d in spec["shape"]["dimensions"]), spec.get("encodingFormat", "png"))
+        yield Feature(
+            prefix.rstrip("/"),
+            "image",
+            spec.get("dtype", "uint8"),
+            tuple(int(d) for d in spec["shape"]["dimensions"]),
+            spec.get("encodingFormat", "png"),
+        )
     elif "tensor" in node:
         spec = node["tensor"]
         if spec.get("encoding", "none") != "none":
-            raise CraftVLAError(f"feature {prefix.rstrip('/')!r}: tensor encoding {spec['encoding']!r} is not supported")
-        yield Feature(prefix.rstrip("/"), "tensor", spec["dtype"],
-                      tuple(int(d) for d in spec.get("shape", {}).get("dimensions", [])))
+            raise CraftVLAError(
+                f"feature {prefix.rstrip('/')!r}: tensor encoding {spec['encoding']!r} is not supported"
+            )
+        yield Feature(
+            prefix.rstrip("/"),
+            "tensor",
+            spec["dtype"],
+            tuple(int(d) for d in spec.get("shape", {}).get("dimensions", [])),
+        )
     elif "text" in node:
         yield Feature(prefix.rstrip("/"), "text", "string", ())
     else:
@@ -244,6 +255,7 @@ def _decode_image(data: bytes, feature: Feature) -> np.ndarray:
     except OSError as err:
         raise CraftVLAError(f"feature {feature.key!r}: undecodable {feature.encoding} image ({err})") from None
     if array.shape != feature.shape:
-        raise CraftVLAError(f"feature {feature.key!r}: image of shape {array.shape}, features.json says {feature.shape}")
+        raise CraftVLAError(
+            f"feature {feature.key!r}: image of shape {array.shape}, features.json says {feature.shape}"
+        )
     return array
-

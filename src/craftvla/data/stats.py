@@ -15,7 +15,6 @@ import numpy as np
 from craftvla.errors import CraftVLAError
 from craftvla.files import read_json
 
-
 QUANTILES = {"q01": 0.01, "q99": 0.99}
 
 
@@ -85,9 +84,7 @@ def from_jsonable(raw: dict, source: str = "stats") -> dict[str, dict[str, np.nd
     for key, ft in raw.items():
         if not isinstance(ft, dict):
             raise CraftVLAError(f"{source}: entry {key!r} is not a dict of statistics")
-        out[key] = {
-            name: np.asarray(v, dtype=np.int64 if name == "count" else np.float32) for name, v in ft.items()
-        }
+        out[key] = {name: np.asarray(v, dtype=np.int64 if name == "count" else np.float32) for name, v in ft.items()}
     return out
 
 

@@ -215,8 +215,9 @@ class VideoFrameSource:
             frames = decode_slice(self._container(path), path, from_ts, num_frames, fps)
         except av.error.FFmpegError as err:  # e.g. a file truncated after its header
             self._drop(path)
-            raise CraftVLAError(f"{path}: cannot decode the frames at {from_ts:.4f} s, truncated or "
-                                f"corrupt? ({err})") from None
+            raise CraftVLAError(
+                f"{path}: cannot decode the frames at {from_ts:.4f} s, truncated or corrupt? ({err})"
+            ) from None
         self.decoded_slices += 1
         self._cache[key] = frames
         self._cache_bytes += frames.nbytes

@@ -23,8 +23,17 @@ from craftvla.files import write_json_atomic
 
 from . import stats as S
 from .lerobot_meta import (
-    CODEBASE_VERSION, DATA_PATH, DEFAULT_CHUNKS_SIZE, DEFAULT_DATA_FILE_SIZE_IN_MB, DEFAULT_FEATURES,
-    DEFAULT_VIDEO_FILE_SIZE_IN_MB, EPISODES_PATH, INFO_PATH, STATS_PATH, TASKS_PATH, VIDEO_PATH,
+    CODEBASE_VERSION,
+    DATA_PATH,
+    DEFAULT_CHUNKS_SIZE,
+    DEFAULT_DATA_FILE_SIZE_IN_MB,
+    DEFAULT_FEATURES,
+    DEFAULT_VIDEO_FILE_SIZE_IN_MB,
+    EPISODES_PATH,
+    INFO_PATH,
+    STATS_PATH,
+    TASKS_PATH,
+    VIDEO_PATH,
     next_chunk_file,
 )
 from .video import VideoFileEncoder, pick_encoder, video_info
@@ -60,13 +69,24 @@ def _tasks_table(tasks: list[str]) -> pa.Table:
     table = pa.table({"task": pa.array(tasks, pa.string()), "task_index": pa.array(range(len(tasks)), pa.int64())})
     pandas_meta = {  # the pandas parquet metadata spec: lets pd.read_parquet restore the index
         "index_columns": ["task"],
-        "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode",
-                            "numpy_type": "object", "metadata": {"encoding": "UTF-8"}}],
+        "column_indexes": [
+            {
+                "name": None,
+                "field_name": None,
+                "pandas_type": "unicode",
+                "numpy_type": "object",
+                "metadata": {"encoding": "UTF-8"},
+            }
+        ],
         "columns": [
-            {"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
-             "numpy_type": "int64", "metadata": None},
-            {"name": "task", "field_name": "task", "pandas_type": "unicode",
-             "numpy_type": "object", "metadata": None},
+            {
+                "name": "task_index",
+                "field_name": "task_index",
+                "pandas_type": "int64",
+                "numpy_type": "int64",
+                "metadata": None,
+            },
+            {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object", "metadata": None},
         ],
         "creator": {"library": "craftvla"},
         "pandas_version": "2.2.0",
@@ -216,8 +236,12 @@ class LeRobotDatasetWriter:
         d["writer"].write_table(table)
         d["mb"] += size_mb
         start = int(columns["index"][0])
-        return {"data/chunk_index": d["chunk"], "data/file_index": d["file"],
-                "dataset_from_index": start, "dataset_to_index": start + len(table)}
+        return {
+            "data/chunk_index": d["chunk"],
+            "data/file_index": d["file"],
+            "dataset_from_index": start,
+            "dataset_to_index": start + len(table),
+        }
 
     def _write_video(self, key: str, frames: np.ndarray) -> dict[str, Any]:
         """Append an episode's frames to the camera's current mp4 (a new one once over the limit).
@@ -235,8 +259,12 @@ class LeRobotDatasetWriter:
             h, w, _ = self.features[key]["shape"]
             v["enc"] = VideoFileEncoder(path, self.fps, h, w, self.encoder)
         start, end = v["enc"].add_episode(frames)
-        return {f"videos/{key}/chunk_index": v["chunk"], f"videos/{key}/file_index": v["file"],
-                f"videos/{key}/from_timestamp": start / self.fps, f"videos/{key}/to_timestamp": end / self.fps}
+        return {
+            f"videos/{key}/chunk_index": v["chunk"],
+            f"videos/{key}/file_index": v["file"],
+            f"videos/{key}/from_timestamp": start / self.fps,
+            f"videos/{key}/to_timestamp": end / self.fps,
+        }
 
     # -- finalize -------------------------------------------------------------------------------
 
@@ -253,11 +281,18 @@ class LeRobotDatasetWriter:
         features.update({k: dict(ft) for k, ft in DEFAULT_FEATURES.items()})
         n = len(self._episodes)
         return {
-            "codebase_version": CODEBASE_VERSION, "robot_type": self.robot_type,
-            "total_episodes": n, "total_frames": self._total_frames, "total_tasks": len(self._tasks),
-            "chunks_size": self.chunks_size, "data_files_size_in_mb": self.data_mb,
-            "video_files_size_in_mb": self.video_mb, "fps": self.fps, "splits": {"train": f"0:{n}"},
-            "data_path": DATA_PATH, "video_path": VIDEO_PATH if self.video_keys else None,
+            "codebase_version": CODEBASE_VERSION,
+            "robot_type": self.robot_type,
+            "total_episodes": n,
+            "total_frames": self._total_frames,
+            "total_tasks": len(self._tasks),
+            "chunks_size": self.chunks_size,
+            "data_files_size_in_mb": self.data_mb,
+            "video_files_size_in_mb": self.video_mb,
+            "fps": self.fps,
+            "splits": {"train": f"0:{n}"},
+            "data_path": DATA_PATH,
+            "video_path": VIDEO_PATH if self.video_keys else None,
             "features": features,
         }
 

@@ -45,8 +45,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 # Projector key names in the wild -> ours. OpenVLA's HF export uses fc1/fc2/fc3 (ours too);
 # Prismatic's FusedMLPProjector / MLPProjector is an nn.Sequential: Linear(0) GELU(1) Linear(2) GELU(3) Linear(4).
-PROJECTOR_KEY_MAP = {"projector.0.": "fc1.", "projector.2.": "fc2.", "projector.4.": "fc3.",
-                     "0.": "fc1.", "2.": "fc2.", "4.": "fc3.", "projector.fc": "fc"}
+PROJECTOR_KEY_MAP = {
+    "projector.0.": "fc1.",
+    "projector.2.": "fc2.",
+    "projector.4.": "fc3.",
+    "0.": "fc1.",
+    "2.": "fc2.",
+    "4.": "fc3.",
+    "projector.fc": "fc",
+}
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -72,12 +79,17 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: s
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
-                 f"{len(shapes)} mis-shaped (e.g. {shapes[:2]})" if shapes else ""]
+        parts = [
+            f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+            f"{len(shapes)} mis-shaped (e.g. {shapes[:2]})" if shapes else "",
+        ]
         raise CraftVLAError(f"{source} does not match the model: " + "; ".join(p for p in parts if p))
     module.load_state_dict(state, strict=True)
 
@@ -87,7 +99,7 @@ def map_keys(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[st
     out = {}
     for key, value in state.items():
         prefix = next((p for p in key_map if key.startswith(p)), None)
-        out[key if prefix is None else key_map[prefix] + key[len(prefix):]] = value
+        out[key if prefix is None else key_map[prefix] + key[len(prefix) :]] = value
     return out
 
 
@@ -132,7 +144,7 @@ def _load_packaged_mobilenet(policy) -> None:
 
     path = packaged_mobilenet_v2_weights()
     tower = policy.vision.towers[0]
-    keep = {k[len("features."):]: v for k, v in read_state_dict(path).items() if k.startswith("features.")}
+    keep = {k[len("features.") :]: v for k, v in read_state_dict(path).items() if k.startswith("features.")}
     kept_blocks = {str(i) for i in range(len(tower.model))}  # we drop the final block(s)
     load_into(tower.model, {k: v for k, v in keep.items() if k.split(".")[0] in kept_blocks}, str(path))
 
@@ -159,8 +171,11 @@ def portable_config(config: VLAConfig) -> dict:
     every weight, so loading it must not need, or check, the original directories)."""
     data = config.to_dict()
     data.pop("load_action_head")  # a loading option of weights_dir, meaningless once the checkpoint holds every weight
-    sources = {"weights_dir": data.pop("weights_dir"), "llm.weights_dir": data["llm"]["weights_dir"],
-               "vision.weights_dir": data["vision"]["weights_dir"]}
+    sources = {
+        "weights_dir": data.pop("weights_dir"),
+        "llm.weights_dir": data["llm"]["weights_dir"],
+        "vision.weights_dir": data["vision"]["weights_dir"],
+    }
     data["llm"]["weights_dir"] = data["vision"]["weights_dir"] = None
     return {"craftvla_format": FORMAT_VERSION, "pretrained_from": sources, **data}
 
@@ -216,12 +231,16 @@ def read_policy_config(path: Path) -> VLAConfig:
     if version is None:
         raise CraftVLAError(f"{path}: no 'craftvla_format' key; not a craftvla checkpoint config")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CraftVLAError(f"{path}: craftvla_format {version!r} was written by a newer craftvla (this one "
-                            f"reads format {FORMAT_VERSION}); upgrade craftvla to load it")
+        raise CraftVLAError(
+            f"{path}: craftvla_format {version!r} was written by a newer craftvla (this one "
+            f"reads format {FORMAT_VERSION}); upgrade craftvla to load it"
+        )
     if version != FORMAT_VERSION:
-        raise CraftVLAError(f"{path}: craftvla_format {version!r} was written before the model-core rebuild (this "
-                            f"craftvla reads format {FORMAT_VERSION}: action heads as choice types, a saved processor); "
-                            "train it again with this version")
+        raise CraftVLAError(
+            f"{path}: craftvla_format {version!r} was written before the model-core rebuild (this "
+            f"craftvla reads format {FORMAT_VERSION}: action heads as choice types, a saved processor); "
+            "train it again with this version"
+        )
     try:
         return VLAConfig.from_dict(raw)
     except CraftVLAError as err:
@@ -237,8 +256,9 @@ def _read_llm_config(path: Path):
     try:
         return AutoConfig.for_model(model_type, **raw)
     except (ValueError, TypeError, KeyError) as err:
-        raise CraftVLAError(f"{path}: not a transformers config (model_type={model_type!r}: "
-                            f"{' '.join(str(err).split())})") from None
+        raise CraftVLAError(
+            f"{path}: not a transformers config (model_type={model_type!r}: {' '.join(str(err).split())})"
+        ) from None
 
 
 def _read_tokenizer(config: VLAConfig, directory: Path):

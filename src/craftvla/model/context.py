@@ -72,8 +72,9 @@ def pool_tokens(h: torch.Tensor, mask: Optional[torch.Tensor] = None, mode: str 
     return torch.where(keep.any(dim=1), pooled, 0.0)
 
 
-def bridge_features(context: VLMContext, layer: Optional[int] = None, pooling: str = "mean",
-                    anchor_type: str = "both") -> torch.Tensor:
+def bridge_features(
+    context: VLMContext, layer: Optional[int] = None, pooling: str = "mean", anchor_type: str = "both"
+) -> torch.Tensor:
     """Pooled bridge features: C_R (vision states of hidden_states[layer], default the middle
     layer) and C_AQ (action-query states of the last layer) -> (B, 2D) for "both", (B, D) for
     "vision" / "action_query". Vision tokens masked out in the layout are left out of the pool."""

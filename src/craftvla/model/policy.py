@@ -33,7 +33,6 @@ from craftvla.model.released import load_llm, open_release
 from craftvla.model.sequence import build_sequence
 from craftvla.model.vision import VisionBackbone
 
-
 # An auxiliary loss: (VLM context, batch) -> (scalar loss, detached metrics). Registered with
 # `VLAPolicy.add_aux_loss`, it is part of the policy's loss: every training path (plain, DDP,
 # CRaFT's action gradient g_act) sees it, and it can never be dropped silently.
@@ -58,8 +57,11 @@ class VLAPolicy(nn.Module):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.llm)
         release = open_release(Path(config.weights_dir)) if load_weights and config.weights_dir else None
         if llm_config is None:  # a release describes its own LLM; else the weights dir's or the shape fields
-            llm_config = configure_attention(release.llm_config(), config.llm) if release else hf_config(
-                config.llm, len(self.tokenizer))
+            llm_config = (
+                configure_attention(release.llm_config(), config.llm)
+                if release
+                else hf_config(config.llm, len(self.tokenizer))
+            )
         self.vision = VisionBackbone(config.vision)
         self.llm = LanguageBackbone(config.llm, llm_config, load_weights)
         if release is not None:
@@ -68,7 +70,9 @@ class VLAPolicy(nn.Module):
         self.projector = Projector(config.projector.type, self.vision.embed_dim, dim)
         self.action_queries = nn.Embedding(config.num_action_queries, dim)
         nn.init.zeros_(self.action_queries.weight)  # VLA-Adapter: queries start at zero
-        self.action_head = build_head(config, dim, self.llm.num_layers, self.vision.num_patches * len(config.camera_keys))
+        self.action_head = build_head(
+            config, dim, self.llm.num_layers, self.vision.num_patches * len(config.camera_keys)
+        )
         if load_weights and hasattr(self.action_head, "init_output"):  # discrete: the LM's last token rows
             vocab, bins = self.llm.model.config.vocab_size, self.action_head.num_bins
             if vocab >= bins:
@@ -209,8 +213,12 @@ class VLAPolicy(nn.Module):
         queries = self.action_queries.weight  # (Q, D)
         embeds, layout = build_sequence(special[0], vision, self.llm.embed(ids), text_mask, queries, special[1])
         first = 1 + vision.shape[1] + ids.shape[1]  # [BOS] + vision + text: where the slots begin (no host sync)
-        prefix = dataclasses.replace(layout, attention_mask=layout.attention_mask[:, :first],
-                                     position_ids=layout.position_ids[:, :first], token_index=layout.token_index[:, :first])
+        prefix = dataclasses.replace(
+            layout,
+            attention_mask=layout.attention_mask[:, :first],
+            position_ids=layout.position_ids[:, :first],
+            token_index=layout.token_index[:, :first],
+        )
         cache = self.llm.prefill(embeds[:, :first], prefix)
         bins, logits, previous = [], [], None
         for j in range(queries.shape[0]):
@@ -266,7 +274,9 @@ class VLAPolicy(nn.Module):
 
 def _special_ids(tokenizer) -> tuple[int, int]:
     """BOS and STOP token ids: <bos>/<eos> (byte, Llama), [CLS]/[SEP] (BERT), eos twice (Qwen: no BOS)."""
-    bos = next((t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id) if t is not None), None)
+    bos = next(
+        (t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id) if t is not None), None
+    )
     stop = next((t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None), None)
     if bos is None or stop is None:
         raise CraftVLAError("the tokenizer defines neither bos/cls nor eos/sep tokens")

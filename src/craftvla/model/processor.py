@@ -48,12 +48,16 @@ class Processor:
     def _transforms(self) -> tuple[Normalize, Unnormalize]:
         if self._normalize is None:
             if self.stats is None:
-                raise CraftVLAError("this policy has no normalisation statistics (it was never trained on a dataset); "
-                                    "train it with --dataset.root first")
+                raise CraftVLAError(
+                    "this policy has no normalisation statistics (it was never trained on a dataset); "
+                    "train it with --dataset.root first"
+                )
             mapping = dict(self.config.normalization)
             if self.config.action_clip == "stats" and not {"min", "max"} <= set(self.stats.get(ACTION_KEY, {})):
-                raise CraftVLAError(f"action_clip='stats' needs the action's min and max in the statistics "
-                                    f"({self.stats_source}); set --policy.action_clip none or add them")
+                raise CraftVLAError(
+                    f"action_clip='stats' needs the action's min and max in the statistics "
+                    f"({self.stats_source}); set --policy.action_clip none or add them"
+                )
             self._normalize = Normalize(self.stats, mapping)
             self._unnormalize = Unnormalize(self.stats, {k: v for k, v in mapping.items() if k == ACTION_KEY})
         return self._normalize, self._unnormalize
@@ -73,9 +77,14 @@ class Processor:
     def tokenize(self, tasks: Sequence[str], pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Instructions -> ids (B, T) long and mask (B, T) bool, right-padded, no special tokens;
         T = the longest instruction, or llm.max_text_tokens with `pad_to_max` (fixed-size items)."""
-        enc = self.tokenizer(list(tasks), add_special_tokens=False, truncation=True,
-                             padding="max_length" if pad_to_max else "longest",
-                             max_length=self.config.llm.max_text_tokens, return_tensors="pt")
+        enc = self.tokenizer(
+            list(tasks),
+            add_special_tokens=False,
+            truncation=True,
+            padding="max_length" if pad_to_max else "longest",
+            max_length=self.config.llm.max_text_tokens,
+            return_tensors="pt",
+        )
         return enc["input_ids"], enc["attention_mask"].bool()
 
     # ----- training items -----------------------------------------------------------------------
@@ -114,15 +123,21 @@ class Processor:
         for i, obs in enumerate(observations):
             missing = [k for k in needed if k not in obs]
             if missing:
-                raise CraftVLAError(f"observation {i} lacks {missing} (it has {sorted(obs)}); expected "
-                                    f"{needed}: images (H, W, 3) uint8, state ({self.config.state_dim},), instruction")
+                raise CraftVLAError(
+                    f"observation {i} lacks {missing} (it has {sorted(obs)}); expected "
+                    f"{needed}: images (H, W, 3) uint8, state ({self.config.state_dim},), instruction"
+                )
             for key in self.config.camera_keys:
                 image = np.asarray(obs[key])
                 if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                    raise CraftVLAError(f"observation {i}: {key} is {image.dtype} {image.shape}; expected (H, W, 3) uint8")
+                    raise CraftVLAError(
+                        f"observation {i}: {key} is {image.dtype} {image.shape}; expected (H, W, 3) uint8"
+                    )
             if np.shape(obs[STATE_KEY]) != (self.config.state_dim,):
-                raise CraftVLAError(f"observation {i}: {STATE_KEY} has shape {np.shape(obs[STATE_KEY])}; "
-                                    f"the policy expects ({self.config.state_dim},)")
+                raise CraftVLAError(
+                    f"observation {i}: {STATE_KEY} has shape {np.shape(obs[STATE_KEY])}; "
+                    f"the policy expects ({self.config.state_dim},)"
+                )
 
     def actions(self, chunk: torch.Tensor) -> np.ndarray:
         """Normalised actions (B, H, A) -> robot units, clipped to the training data's range
@@ -130,7 +145,9 @@ class Processor:
         actions = self._transforms()[1]({ACTION_KEY: chunk.float()})[ACTION_KEY]  # (B, H, A)
         if self.config.action_clip == "stats":
             low = torch.as_tensor(np.asarray(self.stats[ACTION_KEY]["min"]), dtype=actions.dtype, device=actions.device)
-            high = torch.as_tensor(np.asarray(self.stats[ACTION_KEY]["max"]), dtype=actions.dtype, device=actions.device)
+            high = torch.as_tensor(
+                np.asarray(self.stats[ACTION_KEY]["max"]), dtype=actions.dtype, device=actions.device
+            )
             actions = torch.maximum(torch.minimum(actions, high), low)
         return actions.cpu().numpy().astype(np.float32)
 

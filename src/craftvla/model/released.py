@@ -38,10 +38,20 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 # Prismatic names its LLM by an id; the transformers configs of the ids craftvla knows (Qwen2.5-0.5B's
 # model card; "-extra" adds 256 tokens, the vocabulary padded to a multiple of 64).
 PRISMATIC_LLMS = {
-    "qwen25-0_5b-extra": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                              num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
-                              tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-                              max_position_embeddings=32768, hidden_act="silu"),
+    "qwen25-0_5b-extra": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        max_position_embeddings=32768,
+        hidden_act="silu",
+    ),
 }
 PRISMATIC_LLMS["qwen25-0_5b"] = PRISMATIC_LLMS["qwen25-0_5b-extra"]
 
@@ -98,8 +108,9 @@ class Release:
         else:
             llm_id = _read_json(self.root / "config.json").get("model", {}).get("llm_backbone_id")
             if llm_id not in PRISMATIC_LLMS:
-                raise CraftVLAError(f"{self.root / 'config.json'}: llm_backbone_id {llm_id!r}; craftvla knows "
-                                    f"{sorted(PRISMATIC_LLMS)}")
+                raise CraftVLAError(
+                    f"{self.root / 'config.json'}: llm_backbone_id {llm_id!r}; craftvla knows {sorted(PRISMATIC_LLMS)}"
+                )
             text = PRISMATIC_LLMS[llm_id]
         text = dict(text)
         return AutoConfig.for_model(text.pop("model_type", "qwen2"), **text)
@@ -109,8 +120,12 @@ def open_release(root: Path) -> Optional[Release]:
     """Read a VLA-Adapter or Prismatic directory (None when `root` is craftvla's parts layout)."""
     kind = release_kind(root)
     if kind == VLA_ADAPTER:
-        return split_vla_adapter(root, _read_safetensors(root / "model.safetensors"),
-                                 _module_file(root, "proprio_projector"), _module_file(root, "action_head"))
+        return split_vla_adapter(
+            root,
+            _read_safetensors(root / "model.safetensors"),
+            _module_file(root, "proprio_projector"),
+            _module_file(root, "action_head"),
+        )
     if kind == PRISMATIC:
         path = _prismatic_file(root)
         return split_prismatic(root, path, _read_nested(path))
@@ -119,15 +134,32 @@ def open_release(root: Path) -> Optional[Release]:
 
 def split_vla_adapter(root: Path, state: dict, proprio: Optional[tuple], head: Optional[tuple]) -> Release:
     """model.safetensors' flat state (+ the two head files, each (path, state) or None) -> parts."""
-    parts = {prefix: _take(state, prefix) for prefix in ("vision_backbone.featurizer.", "vision_backbone.fused_featurizer.",
-                                                         "projector.", "language_model.model.")}
+    parts = {
+        prefix: _take(state, prefix)
+        for prefix in (
+            "vision_backbone.featurizer.",
+            "vision_backbone.fused_featurizer.",
+            "projector.",
+            "language_model.model.",
+        )
+    }
     state.pop("language_model.lm_head.weight", None)  # tied to the embeddings (never stored by save_pretrained)
     queries = state.pop("action_queries.weight", None)
     if state:
         raise CraftVLAError(f"{root / 'model.safetensors'}: {len(state)} unexpected keys (e.g. {sorted(state)[:3]})")
-    towers = [_layerscale_as_timm(parts[p]) for p in ("vision_backbone.featurizer.", "vision_backbone.fused_featurizer.")]
-    return Release(root, VLA_ADAPTER, [t for t in towers if t], parts["projector."], parts["language_model.model."],
-                   queries, proprio[1] if proprio else None, head)
+    towers = [
+        _layerscale_as_timm(parts[p]) for p in ("vision_backbone.featurizer.", "vision_backbone.fused_featurizer.")
+    ]
+    return Release(
+        root,
+        VLA_ADAPTER,
+        [t for t in towers if t],
+        parts["projector."],
+        parts["language_model.model."],
+        queries,
+        proprio[1] if proprio else None,
+        head,
+    )
 
 
 def split_prismatic(root: Path, path: Path, nested: dict) -> Release:
@@ -136,8 +168,10 @@ def split_prismatic(root: Path, path: Path, nested: dict) -> Release:
 
     modules = nested.get("model") if isinstance(nested, dict) else None
     if not isinstance(modules, dict) or not {"projector", "llm_backbone"} <= set(modules):
-        raise CraftVLAError(f"{path}: expected {{'model': {{'projector': ..., 'llm_backbone': ...}}}} (Prismatic's "
-                            f"checkpoint layout); found {sorted(modules) if isinstance(modules, dict) else type(nested)}")
+        raise CraftVLAError(
+            f"{path}: expected {{'model': {{'projector': ..., 'llm_backbone': ...}}}} (Prismatic's "
+            f"checkpoint layout); found {sorted(modules) if isinstance(modules, dict) else type(nested)}"
+        )
     llm = dict(modules["llm_backbone"])
     llm.pop("llm.lm_head.weight", None)  # tied in Qwen2.5; craftvla's LLM is the base model
     vision = dict(modules.get("vision_backbone") or {})
@@ -146,8 +180,16 @@ def split_prismatic(root: Path, path: Path, nested: dict) -> Release:
         unknown = [k for k in rest if not k.startswith("llm.model.")] if name == "llm_backbone" else list(rest)
         if unknown:
             raise CraftVLAError(f"{path}: {len(unknown)} unexpected keys in '{name}' (e.g. {sorted(unknown)[:3]})")
-    return Release(root, PRISMATIC, [t for t in towers if t], map_keys(modules["projector"], PROJECTOR_KEY_MAP),
-                   _take(llm, "llm.model."), None, None, None)
+    return Release(
+        root,
+        PRISMATIC,
+        [t for t in towers if t],
+        map_keys(modules["projector"], PROJECTOR_KEY_MAP),
+        _take(llm, "llm.model."),
+        None,
+        None,
+        None,
+    )
 
 
 def load_release(policy, release: Release, load_head: bool) -> None:
@@ -157,21 +199,31 @@ def load_release(policy, release: Release, load_head: bool) -> None:
     where = f"{release.root} ({release.kind})"
     if release.towers:
         if len(release.towers) != len(policy.vision.towers):
-            raise CraftVLAError(f"{where}: {len(release.towers)} vision towers, the policy has {len(policy.vision.towers)}")
+            raise CraftVLAError(
+                f"{where}: {len(release.towers)} vision towers, the policy has {len(policy.vision.towers)}"
+            )
         for tower, state in zip(policy.vision.towers, release.towers):
             load_into(tower.model, tower.pretrained_state(state), f"{where}: vision tower")
     elif policy.config.vision.weights_dir is None:
-        raise CraftVLAError(f"{where}: holds no vision backbone (a Prismatic run that kept it frozen); give the "
-                            "towers with --policy.vision.weights_dir DIR (featurizer / fused_featurizer files)")
+        raise CraftVLAError(
+            f"{where}: holds no vision backbone (a Prismatic run that kept it frozen); give the "
+            "towers with --policy.vision.weights_dir DIR (featurizer / fused_featurizer files)"
+        )
     load_into(policy.projector, release.projector, f"{where}: projector")
     if release.queries is not None:
         load_into(policy.action_queries, {"weight": release.queries}, f"{where}: action_queries.weight")
     if release.proprio is not None:
-        proprio = {"0.weight": release.proprio.get("fc1.weight"), "0.bias": release.proprio.get("fc1.bias"),
-                   "2.weight": release.proprio.get("fc2.weight"), "2.bias": release.proprio.get("fc2.bias")}
+        proprio = {
+            "0.weight": release.proprio.get("fc1.weight"),
+            "0.bias": release.proprio.get("fc1.bias"),
+            "2.weight": release.proprio.get("fc2.weight"),
+            "2.bias": release.proprio.get("fc2.bias"),
+        }
         if not hasattr(policy.action_head, "proprio") or any(v is None for v in proprio.values()):
-            raise CraftVLAError(f"{where}: proprio_projector keys {sorted(release.proprio)} do not fit the "
-                                f"{policy.config.head.type} head (expected fc1/fc2 and an l1_bridge or flow head)")
+            raise CraftVLAError(
+                f"{where}: proprio_projector keys {sorted(release.proprio)} do not fit the "
+                f"{policy.config.head.type} head (expected fc1/fc2 and an l1_bridge or flow head)"
+            )
         load_into(policy.action_head.proprio, proprio, f"{where}: proprio_projector")
     if release.head is not None and load_head:
         _load_head(policy, *release.head)
@@ -191,7 +243,8 @@ def _load_head(policy, path: Path, state: dict) -> None:
         raise CraftVLAError(
             f"{path}: {len(state)} tensors of another head architecture (e.g. {sorted(state)[:2]}: VLA-Adapter's "
             f"MLPResNet); craftvla's {policy.config.head.type} head has none of these keys. Pass "
-            "--policy.load_action_head false to start the head fresh and load every other part")
+            "--policy.load_action_head false to start the head fresh and load every other part"
+        )
     load_into(policy.action_head, state, str(path))
 
 
@@ -201,7 +254,7 @@ def _load_head(policy, path: Path, state: dict) -> None:
 def _take(state: dict, prefix: str) -> dict:
     """Pop every key starting with `prefix` from `state`, prefix removed."""
     keys = [k for k in state if k.startswith(prefix)]
-    return {k[len(prefix):]: state.pop(k) for k in keys}
+    return {k[len(prefix) :]: state.pop(k) for k in keys}
 
 
 def _layerscale_as_timm(state: dict) -> dict:
@@ -238,4 +291,3 @@ def _read_json(path: Path) -> dict:
     from craftvla.files import read_json
 
     return read_json(path, expect=dict)
-

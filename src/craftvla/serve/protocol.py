@@ -22,8 +22,12 @@ def _encode(obj: Any) -> Any:
     if isinstance(obj, (np.ndarray, np.generic)) and obj.dtype.kind in REFUSED_KINDS:
         raise CraftVLAError(f"cannot send a {obj.dtype} array (object, void and complex dtypes are refused)")
     if isinstance(obj, np.ndarray):
-        return {b"__ndarray__": True, b"data": np.ascontiguousarray(obj).tobytes(), b"dtype": obj.dtype.str,
-                b"shape": obj.shape}
+        return {
+            b"__ndarray__": True,
+            b"data": np.ascontiguousarray(obj).tobytes(),
+            b"dtype": obj.dtype.str,
+            b"shape": obj.shape,
+        }
     if isinstance(obj, np.generic):
         return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
     raise TypeError(f"cannot encode {type(obj).__name__}")
@@ -63,5 +67,12 @@ def unpack(data: bytes) -> Any:
         return msgpack.unpackb(data, object_hook=_decode, raw=False)
     except CraftVLAError:
         raise
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, msgpack.OutOfData, ValueError, TypeError) as err:
+    except (
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+        msgpack.OutOfData,
+        ValueError,
+        TypeError,
+    ) as err:
         raise CraftVLAError(f"not a msgpack message ({' '.join(str(err).split())})") from None

@@ -64,9 +64,16 @@ class ServeConfig:
 def policy_metadata(policy) -> dict[str, Any]:
     """What a client needs to build observations: sent once on connect."""
     cfg = policy.config
-    return {"server": "craftvla", "camera_keys": list(cfg.camera_keys), "image_size": int(cfg.vision.image_size),
-            "state_dim": int(cfg.state_dim), "action_dim": int(cfg.action_dim), "chunk_size": int(cfg.chunk_size),
-            "instruction_key": TASK_KEY, "stats_source": policy.processor.stats_source}
+    return {
+        "server": "craftvla",
+        "camera_keys": list(cfg.camera_keys),
+        "image_size": int(cfg.vision.image_size),
+        "state_dim": int(cfg.state_dim),
+        "action_dim": int(cfg.action_dim),
+        "chunk_size": int(cfg.chunk_size),
+        "instruction_key": TASK_KEY,
+        "stats_source": policy.processor.stats_source,
+    }
 
 
 class PolicyServer:
@@ -98,10 +105,18 @@ class PolicyServer:
         self._queue = asyncio.Queue()
         batcher = asyncio.create_task(self._batcher())
         try:
-            async with serve(self._handler, self.host, self.port, compression=None, max_size=None,
-                             process_request=self._process_request) as server:
+            async with serve(
+                self._handler,
+                self.host,
+                self.port,
+                compression=None,
+                max_size=None,
+                process_request=self._process_request,
+            ) as server:
                 self.port = server.sockets[0].getsockname()[1]
-                log.info("serving on ws://%s:%d (health: http://%s:%d/healthz)", self.host, self.port, self.host, self.port)
+                log.info(
+                    "serving on ws://%s:%d (health: http://%s:%d/healthz)", self.host, self.port, self.host, self.port
+                )
                 if ready is not None:
                     ready.set()
                 await (stop.wait() if stop is not None else asyncio.Future())

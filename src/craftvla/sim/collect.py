@@ -22,8 +22,15 @@ from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.keys import IMAGE_PREFIX, STATE_KEY
 
 from .metaworld import (
-    ACTION_NAMES, COLLECT_STREAM, DEFAULT_CAMERA, DEFAULT_TASKS, STATE_NAMES,
-    control_fps, instruction, parse_cameras, parse_tasks,
+    ACTION_NAMES,
+    COLLECT_STREAM,
+    DEFAULT_CAMERA,
+    DEFAULT_TASKS,
+    STATE_NAMES,
+    control_fps,
+    instruction,
+    parse_cameras,
+    parse_tasks,
 )
 from .policies import ExpertPolicy
 from .rollout import Episode, RolloutSpec, run_episodes
@@ -70,8 +77,11 @@ class CollectConfig:
 def dataset_features(cameras: list[str], image_size: int) -> dict[str, dict]:
     """The LeRobot feature spec of a Meta-World dataset: one video per camera, state, action."""
     features = {
-        IMAGE_PREFIX + cam: {"dtype": "video", "shape": (image_size, image_size, 3),
-                             "names": ["height", "width", "channels"]}
+        IMAGE_PREFIX + cam: {
+            "dtype": "video",
+            "shape": (image_size, image_size, 3),
+            "names": ["height", "width", "channels"],
+        }
         for cam in cameras
     }
     features[STATE_KEY] = {"dtype": "float32", "shape": (len(STATE_NAMES),), "names": list(STATE_NAMES)}
@@ -87,12 +97,20 @@ def collect(cfg: CollectConfig) -> dict[str, dict[str, int]]:
         raise CraftVLAError(f"--out {out}: already exists and is not empty; refusing to overwrite")
     from craftvla.data import LeRobotDatasetWriter
 
-    spec = RolloutSpec(seed=cfg.seed, stream=COLLECT_STREAM, max_steps=cfg.max_steps, extra_steps=cfg.extra_steps,
-                       image_size=cfg.image_size, cameras=tuple(cameras), record=True)
+    spec = RolloutSpec(
+        seed=cfg.seed,
+        stream=COLLECT_STREAM,
+        max_steps=cfg.max_steps,
+        extra_steps=cfg.extra_steps,
+        image_size=cfg.image_size,
+        cameras=tuple(cameras),
+        record=True,
+    )
     features = dataset_features(cameras, cfg.image_size)
     summary = {}
-    with LeRobotDatasetWriter(out, fps=control_fps(tasks[0]), features=features, robot_type="sawyer",
-                              video_codec=cfg.video_codec) as writer:
+    with LeRobotDatasetWriter(
+        out, fps=control_fps(tasks[0]), features=features, robot_type="sawyer", video_codec=cfg.video_codec
+    ) as writer:
         for task in tasks:
             summary[task] = _collect_task(writer, task, cfg, spec)
         writer.finalize()
@@ -113,8 +131,11 @@ def _collect_task(writer, task: str, cfg: CollectConfig, spec: RolloutSpec) -> d
             if counts["kept"] == cfg.episodes:
                 break
     if counts["kept"] < cfg.episodes:
-        tqdm.write(f"warning: {task}: the expert solved only {counts['solved']} of {counts['tried']} episodes; "
-                   f"kept {counts['kept']} (asked for {cfg.episodes})", file=sys.stderr)
+        tqdm.write(
+            f"warning: {task}: the expert solved only {counts['solved']} of {counts['tried']} episodes; "
+            f"kept {counts['kept']} (asked for {cfg.episodes})",
+            file=sys.stderr,
+        )
     return counts
 
 

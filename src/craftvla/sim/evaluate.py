@@ -81,8 +81,10 @@ class EvalConfig:
         self.out = self.out or str(default_out(self.policy, self.checkpoint, parse_tasks(self.tasks)))
         inside = Path(self.checkpoint).resolve() in (Path(self.out).resolve(), *Path(self.out).resolve().parents)
         if self.policy == "checkpoint" and inside:
-            raise ConfigError(f"--out={self.out!r}: inside the checkpoint {self.checkpoint}; results go in a "
-                              "directory of their own (leave --out unset for runs/eval/...)")
+            raise ConfigError(
+                f"--out={self.out!r}: inside the checkpoint {self.checkpoint}; results go in a "
+                "directory of their own (leave --out unset for runs/eval/...)"
+            )
 
 
 def default_out(policy: str, checkpoint: str, tasks: list[str]) -> Path:
@@ -101,18 +103,32 @@ def default_out(policy: str, checkpoint: str, tasks: list[str]) -> Path:
 def check_out(out: str | Path | None, overwrite: bool) -> None:
     """Refuse an output directory that holds finished results (before any work is done)."""
     if out is not None and (Path(out) / "results.json").exists() and not overwrite:
-        raise CraftVLAError(f"{Path(out) / 'results.json'}: already exists; choose another --out, or pass "
-                            "--overwrite true to replace it")
+        raise CraftVLAError(
+            f"{Path(out) / 'results.json'}: already exists; choose another --out, or pass "
+            "--overwrite true to replace it"
+        )
 
 
 # Videos are rendered at least this large, whatever the policy's input size (64 px is hard to watch).
 MIN_VIDEO_SIZE = 128
 
 
-def evaluate(policy: SimPolicy, tasks: str | list[str], episodes: int, seed: int = 0, execute_steps: int = 0,
-             out_dir: str | Path | None = None, max_steps: int = 200, num_videos: int = 2, num_envs: int = 5,
-             image_size: int = 0, camera: str = DEFAULT_CAMERA, overwrite: bool = False,
-             progress: bool = True, about: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate(
+    policy: SimPolicy,
+    tasks: str | list[str],
+    episodes: int,
+    seed: int = 0,
+    execute_steps: int = 0,
+    out_dir: str | Path | None = None,
+    max_steps: int = 200,
+    num_videos: int = 2,
+    num_envs: int = 5,
+    image_size: int = 0,
+    camera: str = DEFAULT_CAMERA,
+    overwrite: bool = False,
+    progress: bool = True,
+    about: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Roll `policy` out on each task; returns (and writes to out_dir/results.json) the results dict.
 
     execute_steps: actions executed from each chunk of H before re-planning (0 = max(1, H // 2)).
@@ -123,17 +139,29 @@ def evaluate(policy: SimPolicy, tasks: str | list[str], episodes: int, seed: int
     out = Path(out_dir) if out_dir is not None else None
     check_out(out, overwrite)
     size = image_size or policy.image_size or 64
-    spec = RolloutSpec(seed=seed, stream=EVAL_STREAM, max_steps=max_steps, num_envs=num_envs,
-                       execute_steps=execute_steps or max(1, policy.chunk_size // 2), image_size=size,
-                       video_camera=policy.cameras[0] if policy.cameras else parse_cameras(camera)[0],
-                       video_episodes=num_videos if out is not None else 0, video_size=max(size, MIN_VIDEO_SIZE))
+    spec = RolloutSpec(
+        seed=seed,
+        stream=EVAL_STREAM,
+        max_steps=max_steps,
+        num_envs=num_envs,
+        execute_steps=execute_steps or max(1, policy.chunk_size // 2),
+        image_size=size,
+        video_camera=policy.cameras[0] if policy.cameras else parse_cameras(camera)[0],
+        video_episodes=num_videos if out is not None else 0,
+        video_size=max(size, MIN_VIDEO_SIZE),
+    )
     per_task = {task: _run_task(policy, task, episodes, spec, progress) for task in tasks}
     seen_tasks = getattr(policy, "training_tasks", None)
     rows = {task: {**_summary(eps), **_provenance(task, seen_tasks)} for task, eps in per_task.items()}
-    settings = {"episodes": episodes, "seed": seed, "max_steps": max_steps, "execute_steps": spec.execute_steps,
-                "image_size": size, "num_envs": num_envs}
-    results = {"tasks": rows, **_means(rows), "policy": about or {}, "training_tasks": seen_tasks,
-               "settings": settings}
+    settings = {
+        "episodes": episodes,
+        "seed": seed,
+        "max_steps": max_steps,
+        "execute_steps": spec.execute_steps,
+        "image_size": size,
+        "num_envs": num_envs,
+    }
+    results = {"tasks": rows, **_means(rows), "policy": about or {}, "training_tasks": seen_tasks, "settings": settings}
     if out is not None:
         _write_outputs(out, results, per_task, control_fps(tasks[0]))
     return results
@@ -178,10 +206,14 @@ def _write_outputs(out: Path, results: dict, per_task: dict[str, list[Episode]],
     for task, episodes in per_task.items():
         for e in episodes:
             if e.video:
-                write_video(out / "videos" / f"{task}_ep{e.index}_{'success' if e.success else 'fail'}.mp4",
-                            e.video, fps)
-    rows = [{"task": e.task, "episode": e.index, "seed": e.seed, "success": e.success, "length": e.length}
-            for episodes in per_task.values() for e in episodes]
+                write_video(
+                    out / "videos" / f"{task}_ep{e.index}_{'success' if e.success else 'fail'}.mp4", e.video, fps
+                )
+    rows = [
+        {"task": e.task, "episode": e.index, "seed": e.seed, "success": e.success, "length": e.length}
+        for episodes in per_task.values()
+        for e in episodes
+    ]
     write_json_atomic(out / "episodes.json", rows)
     write_json_atomic(out / "results.json", results)  # last: its presence marks a finished run
 
@@ -226,15 +258,31 @@ def main(argv: list[str]) -> int:
     """CLI entry: parse flags, evaluate, print one line per task and the seen / unseen means."""
     cfg = parse_config(EvalConfig, args=argv, prog="craftvla eval")
     check_out(cfg.out, cfg.overwrite)  # before loading anything
-    results = evaluate(make_policy(cfg), cfg.tasks, cfg.episodes, seed=cfg.seed, execute_steps=cfg.execute_steps,
-                       out_dir=cfg.out, max_steps=cfg.max_steps, num_videos=cfg.num_videos, num_envs=cfg.num_envs,
-                       image_size=cfg.image_size, camera=cfg.camera, overwrite=cfg.overwrite, about=describe(cfg))
+    results = evaluate(
+        make_policy(cfg),
+        cfg.tasks,
+        cfg.episodes,
+        seed=cfg.seed,
+        execute_steps=cfg.execute_steps,
+        out_dir=cfg.out,
+        max_steps=cfg.max_steps,
+        num_videos=cfg.num_videos,
+        num_envs=cfg.num_envs,
+        image_size=cfg.image_size,
+        camera=cfg.camera,
+        overwrite=cfg.overwrite,
+        about=describe(cfg),
+    )
     label = {True: "seen in training", False: "not seen in training", None: "training tasks unknown"}
     for task, row in results["tasks"].items():
-        print(f"{task}: success {row['success_rate']:.2f} over {row['episodes']} episodes, "
-              f"mean length {row['mean_length']:.1f} ({label[row['seen_in_training']]})")
+        print(
+            f"{task}: success {row['success_rate']:.2f} over {row['episodes']} episodes, "
+            f"mean length {row['mean_length']:.1f} ({label[row['seen_in_training']]})"
+        )
     for name in ("seen", "unseen"):
         if results[name]["tasks"]:
             print(f"mean success rate, {name} tasks: {results[name]['mean_success_rate']:.3f}")
-    print(f"mean success rate, all tasks: {results['mean_success_rate']:.3f}; results in {Path(cfg.out) / 'results.json'}")
+    print(
+        f"mean success rate, all tasks: {results['mean_success_rate']:.3f}; results in {Path(cfg.out) / 'results.json'}"
+    )
     return 0

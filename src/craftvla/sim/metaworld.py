@@ -217,8 +217,13 @@ class MetaWorldEnv:
     Use as a context manager (or call `close()`) so the EGL context is freed deterministically.
     """
 
-    def __init__(self, task: str, image_size: int = 64, cameras: tuple[str, ...] | list[str] = (DEFAULT_CAMERA,),
-                 fast_render: bool = True) -> None:
+    def __init__(
+        self,
+        task: str,
+        image_size: int = 64,
+        cameras: tuple[str, ...] | list[str] = (DEFAULT_CAMERA,),
+        fast_render: bool = True,
+    ) -> None:
         parse_tasks([task])
         self.task, self.cameras, self.image_size = task, list(cameras), int(image_size)
         self.env = _env_classes()[task]()
@@ -290,8 +295,12 @@ class MetaWorldEnv:
         return np.ascontiguousarray(img[::-1, ::-1]) if self._flip[camera] else img
 
     def _observe(self, raw: np.ndarray) -> dict[str, Any]:
-        obs = {STATE_KEY: raw[:4].astype(np.float32), RAW_OBS_KEY: raw, ENV_TASK_KEY: self.task,
-               TASK_KEY: instruction(self.task)}
+        obs = {
+            STATE_KEY: raw[:4].astype(np.float32),
+            RAW_OBS_KEY: raw,
+            ENV_TASK_KEY: self.task,
+            TASK_KEY: instruction(self.task),
+        }
         if self.render_images:
             obs.update(self.render())
         return obs

@@ -88,8 +88,9 @@ def run_episodes(policy: SimPolicy, task: str, episodes: int, spec: RolloutSpec)
             env.close()
 
 
-def _lockstep(policy: SimPolicy, envs: list[MetaWorldEnv], task: str, episodes: int,
-              spec: RolloutSpec) -> Iterator[Episode]:
+def _lockstep(
+    policy: SimPolicy, envs: list[MetaWorldEnv], task: str, episodes: int, spec: RolloutSpec
+) -> Iterator[Episode]:
     slots: list[_Slot | None] = [None] * len(envs)
     next_index = 0
     for i in range(len(envs)):
@@ -135,7 +136,8 @@ def _advance(env: MetaWorldEnv, slot: _Slot, spec: RolloutSpec) -> bool:
     if success and slot.success_at is None:
         slot.success_at = slot.steps
     done = slot.steps >= spec.max_steps or (
-        slot.success_at is not None and slot.steps - slot.success_at >= spec.extra_steps)
+        slot.success_at is not None and slot.steps - slot.success_at >= spec.extra_steps
+    )
     if done:
         slot.episode.success = slot.success_at is not None
         slot.episode.length = slot.success_at if slot.success_at is not None else slot.steps
@@ -145,6 +147,9 @@ def _advance(env: MetaWorldEnv, slot: _Slot, spec: RolloutSpec) -> bool:
 def _record_video(env: MetaWorldEnv, slot: _Slot, spec: RolloutSpec) -> None:
     if spec.video_camera and slot.episode.index < spec.video_episodes:
         size = spec.video_size or spec.image_size
-        frame = (slot.obs[IMAGE_PREFIX + spec.video_camera] if size == spec.image_size
-                 else env.render_camera(spec.video_camera, size))
+        frame = (
+            slot.obs[IMAGE_PREFIX + spec.video_camera]
+            if size == spec.image_size
+            else env.render_camera(spec.video_camera, size)
+        )
         slot.episode.video.append(frame)

@@ -19,13 +19,12 @@ import yaml
 
 from craftvla.config import HeadConfig, VLAConfig, number_list, parse_config
 from craftvla.craft.config import CraftConfig
-from craftvla.model.peft import FreezeConfig, LoraConfig
 from craftvla.errors import ConfigError, require
+from craftvla.model.peft import FreezeConfig, LoraConfig
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "no", "bf16")
-
 
 
 @dataclass
@@ -45,16 +44,32 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "must be >= 0")
-        require(not (self.root and self.roots), "dataset.roots", self.roots,
-                f"conflicts with dataset.root={self.root!r} (give one of the two)")
-        require(self.weights is None or self.roots is not None, "dataset.weights", self.weights,
-                "needs --dataset.roots (the datasets it weights)")
+        require(
+            not (self.root and self.roots),
+            "dataset.roots",
+            self.roots,
+            f"conflicts with dataset.root={self.root!r} (give one of the two)",
+        )
+        require(
+            self.weights is None or self.roots is not None,
+            "dataset.weights",
+            self.weights,
+            "needs --dataset.roots (the datasets it weights)",
+        )
         if self.weights is not None:
             weights = number_list(self.weights, "dataset.weights")
-            require(len(weights) == len(self.paths()), "dataset.weights", self.weights,
-                    f"needs one weight per dataset in --dataset.roots ({len(self.paths())})")
-            require(all(w >= 0 for w in weights) and sum(weights) > 0, "dataset.weights", self.weights,
-                    "must be >= 0 and not all zero")
+            require(
+                len(weights) == len(self.paths()),
+                "dataset.weights",
+                self.weights,
+                f"needs one weight per dataset in --dataset.roots ({len(self.paths())})",
+            )
+            require(
+                all(w >= 0 for w in weights) and sum(weights) > 0,
+                "dataset.weights",
+                self.weights,
+                "must be >= 0 and not all zero",
+            )
 
     def paths(self) -> list[str]:
         """The dataset directories: [root], the roots, or [] (fake batches)."""
@@ -98,7 +113,12 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
-        require(self.warmup_steps is None or self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(
+            self.warmup_steps is None or self.warmup_steps >= 0,
+            "schedule.warmup_steps",
+            self.warmup_steps,
+            "must be >= 0",
+        )
         require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
 
 
@@ -173,8 +193,12 @@ class AccelConfig:
 
     def __post_init__(self) -> None:
         require(self.strategy in STRATEGIES, "accel.strategy", self.strategy, f"choose one of {STRATEGIES}")
-        require(self.mixed_precision in PRECISIONS, "accel.mixed_precision", self.mixed_precision,
-                 f"choose one of {PRECISIONS}")
+        require(
+            self.mixed_precision in PRECISIONS,
+            "accel.mixed_precision",
+            self.mixed_precision,
+            f"choose one of {PRECISIONS}",
+        )
 
 
 # Plug-in sections with an on-switch: section -> (switch field, an example value that turns it on).
@@ -194,8 +218,10 @@ def require_switched_on(section: str, cfg: Any, switch: tuple[str, str], explici
     changed += [field for field in explicit if field not in changed and field != name]
     if changed:
         flags = ", ".join(f"--{section}.{field}" for field in changed)
-        raise ConfigError(f"{flags}: set while {section}.{name}={getattr(cfg, name)!r}, so it would do nothing; "
-                          f"turn the section on (--{section}.{name} {example}) or drop the flag")
+        raise ConfigError(
+            f"{flags}: set while {section}.{name}={getattr(cfg, name)!r}, so it would do nothing; "
+            f"turn the section on (--{section}.{name} {example}) or drop the flag"
+        )
 
 
 @dataclass
@@ -250,19 +276,39 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for section, switch in SWITCHED_SECTIONS.items():
             require_switched_on(section, getattr(self, section), switch)
-        require(not (self.craft.enabled and self.accel.strategy == "fsdp"), "accel.strategy", self.accel.strategy,
-                 "CRaFT's gradient surgery needs whole (unsharded) gradients: use ddp with craft.enabled")
-        require(self.init_stats in ("keep", "dataset", "aggregate"), "init_stats", self.init_stats,
-                 "choose keep, dataset or aggregate")
+        require(
+            not (self.craft.enabled and self.accel.strategy == "fsdp"),
+            "accel.strategy",
+            self.accel.strategy,
+            "CRaFT's gradient surgery needs whole (unsharded) gradients: use ddp with craft.enabled",
+        )
+        require(
+            self.init_stats in ("keep", "dataset", "aggregate"),
+            "init_stats",
+            self.init_stats,
+            "choose keep, dataset or aggregate",
+        )
         require(self.steps >= 1, "steps", self.steps, "must be >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
-        require(self.batch_size % self.grad_accum_steps == 0, "batch_size", self.batch_size,
-                 f"must be divisible by grad_accum_steps={self.grad_accum_steps}")
-        require(self.warmup_steps() < self.steps, "schedule.warmup_steps", self.schedule.warmup_steps,
-                 f"must be < steps={self.steps}")
-        require(self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps, "stop_at_step",
-                 self.stop_at_step, f"must be in [1, steps={self.steps}]")
+        require(
+            self.batch_size % self.grad_accum_steps == 0,
+            "batch_size",
+            self.batch_size,
+            f"must be divisible by grad_accum_steps={self.grad_accum_steps}",
+        )
+        require(
+            self.warmup_steps() < self.steps,
+            "schedule.warmup_steps",
+            self.schedule.warmup_steps,
+            f"must be < steps={self.steps}",
+        )
+        require(
+            self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps,
+            "stop_at_step",
+            self.stop_at_step,
+            f"must be in [1, steps={self.steps}]",
+        )
 
     def warmup_steps(self) -> int:
         """schedule.warmup_steps, or 5% of `steps` when it is None (kept None so presets stay relative)."""
@@ -272,8 +318,10 @@ class TrainConfig:
         """Samples per forward on one process: batch_size / (world_size * grad_accum_steps)."""
         split = world_size * self.grad_accum_steps
         if self.batch_size % split:
-            raise ConfigError(f"batch_size={self.batch_size}: must be divisible by processes ({world_size}) "
-                              f"x grad_accum_steps ({self.grad_accum_steps}) = {split}")
+            raise ConfigError(
+                f"batch_size={self.batch_size}: must be divisible by processes ({world_size}) "
+                f"x grad_accum_steps ({self.grad_accum_steps}) = {split}"
+            )
         return self.batch_size // split
 
 
@@ -391,29 +439,39 @@ def init_policy_config(init_from: str, preset: Optional[str] = None) -> VLAConfi
 
     from craftvla.model.checkpoints import read_policy_config
 
-    require(preset is None, "preset", preset,
-            f"conflicts with init_from={init_from!r}: the policy is the checkpoint's (drop --preset)")
+    require(
+        preset is None,
+        "preset",
+        preset,
+        f"conflicts with init_from={init_from!r}: the policy is the checkpoint's (drop --preset)",
+    )
     require(Path(init_from).is_dir(), "init_from", init_from, "no such checkpoint directory")
     return read_policy_config(Path(init_from) / "config.json")
 
 
-def check_init_policy(policy: VLAConfig, start: VLAConfig, init_from: str,
-                      keys: Optional[Sequence[str]] = None) -> None:
+def check_init_policy(
+    policy: VLAConfig, start: VLAConfig, init_from: str, keys: Optional[Sequence[str]] = None
+) -> None:
     """Refuse a policy field that differs from the `init_from` checkpoint's (`start`) and that
     fine-tuning cannot change. `keys`: the dotted fields the user set (flags, YAML); None = all but
     the dataset's."""
     have, want = _flatten(start.to_dict()), _flatten(policy.to_dict())
     keys = [k for k in want if k not in _DATASET_FIELDS] if keys is None else keys
-    differ = [k for key in keys if key not in FINE_TUNE_POLICY_FIELDS
-              for k in sorted({*have, *want}) if (k == key or k.startswith(key + "."))
-              and have.get(k, "(absent)") != want.get(k, "(absent)")]
+    differ = [
+        k
+        for key in keys
+        if key not in FINE_TUNE_POLICY_FIELDS
+        for k in sorted({*have, *want})
+        if (k == key or k.startswith(key + ".")) and have.get(k, "(absent)") != want.get(k, "(absent)")
+    ]
     if differ:
         k = "head.type" if "head.type" in differ else differ[0]
         raise ConfigError(
             f"--policy.{k}={want.get(k, '(absent)')!r}: --init_from {init_from} fixes the policy's architecture "
             f"(its config.json has {k}={have.get(k, '(absent)')!r}); drop the flag, or train a fresh policy "
             "without --init_from. Fine-tuning may change --freeze.*, --lora.*, --init_stats, "
-            + ", ".join(f"--policy.{f}" for f in FINE_TUNE_POLICY_FIELDS))
+            + ", ".join(f"--policy.{f}" for f in FINE_TUNE_POLICY_FIELDS)
+        )
 
 
 def apply_fine_tune_fields(loaded: VLAConfig, wanted: VLAConfig) -> None:

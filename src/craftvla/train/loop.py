@@ -27,12 +27,19 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol, S
 import torch
 from torch import nn
 
-from craftvla.train import state as ckpt
 from craftvla.data.loading import StepSampler, data_loader, fake_micro_batches, to_device
-from craftvla.train.config import (TrainConfig, apply_fine_tune_fields, check_init_policy, dump_train_config,
-                                   flat_train_config, init_policy_config, parse_train_config)
-from craftvla.train.metrics import MetricsLogger, start_trackers, tracker_settings, truncate_metrics
 from craftvla.model.peft import train_mode
+from craftvla.train import state as ckpt
+from craftvla.train.config import (
+    TrainConfig,
+    apply_fine_tune_fields,
+    check_init_policy,
+    dump_train_config,
+    flat_train_config,
+    init_policy_config,
+    parse_train_config,
+)
+from craftvla.train.metrics import MetricsLogger, start_trackers, tracker_settings, truncate_metrics
 from craftvla.train.stop import EXIT_CODES, StopSignals, stop_reason
 
 if TYPE_CHECKING:
@@ -54,8 +61,15 @@ class GradPlugin(Protocol):
     def after_optimizer_step(self) -> Optional[dict[str, float]]: ...
 
 
-def train_step(model: nn.Module, micro_batches: Sequence[dict], optimizer, scheduler, accelerator,
-               grad_clip_norm: float, grad_plugin: Optional[GradPlugin] = None) -> dict[str, Any]:
+def train_step(
+    model: nn.Module,
+    micro_batches: Sequence[dict],
+    optimizer,
+    scheduler,
+    accelerator,
+    grad_clip_norm: float,
+    grad_plugin: Optional[GradPlugin] = None,
+) -> dict[str, Any]:
     """One optimizer step over the micro-batches of this process; returns averaged metrics
     (detached tensors or floats: nothing here waits for the device; the logger converts them when
     it writes a line). Auxiliary losses are part of the policy's own loss (`add_aux_loss`), so
@@ -140,8 +154,15 @@ def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False):
     # cpu=True on CPU-only machines: without it Accelerate ignores torchrun's WORLD_SIZE there and
     # every process would silently train alone.
     trackers = tracker_settings(cfg.log.tracker_list(), Path(cfg.output_dir))
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, fsdp_plugin=fsdp, dynamo_plugin=dynamo, kwargs_handlers=[ddp],
-                       step_scheduler_with_optimizer=False, **trackers)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision,
+        fsdp_plugin=fsdp,
+        dynamo_plugin=dynamo,
+        kwargs_handlers=[ddp],
+        step_scheduler_with_optimizer=False,
+        **trackers,
+    )
 
 
 def make_craft_plugin(policy: nn.Module, cfg: TrainConfig, accelerator, dataset=None) -> Optional[GradPlugin]:
@@ -150,10 +171,17 @@ def make_craft_plugin(policy: nn.Module, cfg: TrainConfig, accelerator, dataset=
         return None
     from craftvla.craft.plugin import build_craft_plugin
 
-    return build_craft_plugin(policy, cfg.craft, seed=cfg.seed, log_freq=cfg.log.log_freq,
-                              micro_per_step=cfg.grad_accum_steps, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, num_workers=cfg.dataset.num_workers,
-                              task_dataset=dataset)
+    return build_craft_plugin(
+        policy,
+        cfg.craft,
+        seed=cfg.seed,
+        log_freq=cfg.log.log_freq,
+        micro_per_step=cfg.grad_accum_steps,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=cfg.dataset.num_workers,
+        task_dataset=dataset,
+    )
 
 
 def unused_trainable_parameters(policy: nn.Module) -> list[str]:
@@ -173,8 +201,8 @@ def unused_trainable_parameters(policy: nn.Module) -> list[str]:
 def build_policy(cfg: TrainConfig, dataset) -> nn.Module:
     """The policy to train: from `init_from` or fresh from `cfg.policy` sized by the dataset,
     then freezing and LoRA (imported only when enabled)."""
-    from craftvla.model.policy import VLAPolicy
     from craftvla.model.peft import apply_freeze
+    from craftvla.model.policy import VLAPolicy
 
     policy_cfg = cfg.policy
     if dataset is not None:
@@ -197,8 +225,13 @@ def build_policy(cfg: TrainConfig, dataset) -> nn.Module:
         apply_lora(policy, cfg.lora)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
-    log.info("policy: %.2fM parameters, %.2fM trainable; frozen: %s; LoRA rank %d",
-             total / 1e6, trainable / 1e6, frozen or "none", cfg.lora.rank)
+    log.info(
+        "policy: %.2fM parameters, %.2fM trainable; frozen: %s; LoRA rank %d",
+        total / 1e6,
+        trainable / 1e6,
+        frozen or "none",
+        cfg.lora.rank,
+    )
     return policy
 
 
@@ -207,8 +240,9 @@ def _check_compatible(have, want, source: str) -> None:
         if getattr(have, name) != getattr(want, name):
             from craftvla.errors import ConfigError
 
-            raise ConfigError(f"init_from={source!r}: {name}={getattr(have, name)!r} but the dataset needs "
-                              f"{getattr(want, name)!r}")
+            raise ConfigError(
+                f"init_from={source!r}: {name}={getattr(have, name)!r} but the dataset needs {getattr(want, name)!r}"
+            )
 
 
 def training_tasks(policy: nn.Module, dataset, cfg: TrainConfig) -> Optional[list[str]]:
@@ -236,8 +270,10 @@ def training_stats(policy: nn.Module, dataset, cfg: TrainConfig) -> tuple[dict, 
         return new, where
     if cfg.init_stats == "keep":
         return old, f"kept from --init_from {cfg.init_from} ({policy.processor.stats_source})"
-    merged = {key: aggregate([old[key], new[key]]) if key in old and key in new else (old.get(key) or new[key])
-              for key in {*old, *new}}
+    merged = {
+        key: aggregate([old[key], new[key]]) if key in old and key in new else (old.get(key) or new[key])
+        for key in {*old, *new}
+    }
     return merged, f"aggregate of --init_from {cfg.init_from} ({policy.processor.stats_source}) and {where}"
 
 
@@ -250,14 +286,17 @@ def open_dataset(cfg: TrainConfig):
     from craftvla.data import LeRobotDataset
     from craftvla.data.mixture import MixedDataset, source_names
 
-    datasets = [LeRobotDataset(p, chunk_size=cfg.policy.chunk_size, video_cache_mb=cfg.dataset.video_cache_mb)
-                for p in paths]
+    datasets = [
+        LeRobotDataset(p, chunk_size=cfg.policy.chunk_size, video_cache_mb=cfg.dataset.video_cache_mb) for p in paths
+    ]
     if cfg.dataset.roots is None:
         return datasets[0]
     mixed = MixedDataset(datasets, source_names(paths))
     weights = mixing_weights(cfg, mixed)
-    log.info("dataset mixture: %s", ", ".join(f"{n} ({s} frames, weight {w:.3g})"
-                                              for n, s, w in zip(mixed.names, mixed.sizes, weights)))
+    log.info(
+        "dataset mixture: %s",
+        ", ".join(f"{n} ({s} frames, weight {w:.3g})" for n, s, w in zip(mixed.names, mixed.sizes, weights)),
+    )
     return mixed
 
 
@@ -289,8 +328,12 @@ def micro_batch_stream(cfg: TrainConfig, dataset, policy_cfg, accelerator, start
 PreparePolicy = Callable[[nn.Module], dict[str, float]]
 
 
-def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
-          aux_losses: Optional[dict[str, AuxLoss]] = None, prepare_policy: Optional[PreparePolicy] = None) -> Run:
+def setup(
+    cfg: TrainConfig,
+    make_grad_plugin: Optional[Callable] = None,
+    aux_losses: Optional[dict[str, AuxLoss]] = None,
+    prepare_policy: Optional[PreparePolicy] = None,
+) -> Run:
     """Build the accelerator, data, policy, optimizer and plug-ins; restore state on --resume."""
     from accelerate.utils import set_seed
 
@@ -307,24 +350,47 @@ def setup(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
         policy.add_aux_loss(name, fn)
     unused = unused_trainable_parameters(policy) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else []
     if unused:
-        log.warning("%d trainable parameters get no gradient (e.g. %s): DDP will search for unused "
-                    "parameters every step; freeze or remove them to avoid that cost", len(unused), unused[:3])
+        log.warning(
+            "%d trainable parameters get no gradient (e.g. %s): DDP will search for unused "
+            "parameters every step; freeze or remove them to avoid that cost",
+            len(unused),
+            unused[:3],
+        )
     accelerator = make_accelerator(cfg, find_unused_parameters=bool(unused))
     if cfg.log.tracker_list():
         start_trackers(accelerator, cfg.log.project, run_dir, flat_train_config(cfg))
-    log.info("processes: %d (%s on %s), %d samples each per micro-batch", accelerator.num_processes,
-             accelerator.distributed_type.value, accelerator.device, cfg.micro_batch_size(accelerator.num_processes))
+    log.info(
+        "processes: %d (%s on %s), %d samples each per micro-batch",
+        accelerator.num_processes,
+        accelerator.distributed_type.value,
+        accelerator.device,
+        cfg.micro_batch_size(accelerator.num_processes),
+    )
     optimizer = build_optimizer(policy, cfg.optim, lr_by_prefix)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps(), cfg.steps, cfg.schedule.min_lr_ratio)
     model, optimizer = accelerator.prepare(policy, optimizer)
     policy = accelerator.unwrap_model(model)  # the one unwrap; the trainer never touches .module
     # Built on the device-resident policy while it still holds its initial weights (before a
     # resume loads trained ones): CRaFT's anchors and L2-to-init refer to those.
-    grad_plugin = (make_grad_plugin(policy, cfg, accelerator) if make_grad_plugin
-                   else make_craft_plugin(policy, cfg, accelerator, dataset))
+    grad_plugin = (
+        make_grad_plugin(policy, cfg, accelerator)
+        if make_grad_plugin
+        else make_craft_plugin(policy, cfg, accelerator, dataset)
+    )
     plugins = {"grad_plugin": grad_plugin} if hasattr(grad_plugin, "state_dict") else {}
-    run = Run(cfg, accelerator, policy, model, optimizer, scheduler, iter(()), run_dir,
-              num_samples=len(dataset) if dataset is not None else None, grad_plugin=grad_plugin, plugins=plugins)
+    run = Run(
+        cfg,
+        accelerator,
+        policy,
+        model,
+        optimizer,
+        scheduler,
+        iter(()),
+        run_dir,
+        num_samples=len(dataset) if dataset is not None else None,
+        grad_plugin=grad_plugin,
+        plugins=plugins,
+    )
     if cfg.resume:
         run.start_step = resume(run)
     run.batches = micro_batch_stream(cfg, dataset, policy.config, accelerator, run.start_step)
@@ -343,8 +409,10 @@ def resume(run: Run) -> int:
     saved = ckpt.read_training_state(path, run.accelerator.process_index)
     for name in ("batch_size", "seed", "steps"):
         if saved["state"][name] != getattr(run.cfg, name):
-            raise ConfigError(f"--resume: {name}={getattr(run.cfg, name)!r} but {path} was trained with "
-                              f"{saved['state'][name]!r}; an exact resume needs the same value")
+            raise ConfigError(
+                f"--resume: {name}={getattr(run.cfg, name)!r} but {path} was trained with "
+                f"{saved['state'][name]!r}; an exact resume needs the same value"
+            )
     ckpt.load_model_weights(path, run.policy)
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
@@ -366,13 +434,22 @@ def save(run: Run, step: int) -> Path:
     from craftvla.model.peft import has_lora
 
     cfg = run.cfg
-    state = {"step": step, "samples_seen": step * cfg.batch_size, "batch_size": cfg.batch_size,
-             "seed": cfg.seed, "steps": cfg.steps, "world_size": run.accelerator.num_processes}
+    state = {
+        "step": step,
+        "samples_seen": step * cfg.batch_size,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "world_size": run.accelerator.num_processes,
+    }
 
     def write_main(ts: Path) -> None:
-        training = {"state": state, "optimizer": run.optimizer.state_dict(),
-                    "scheduler": run.scheduler.state_dict(),
-                    "plugins": {name: p.state_dict() for name, p in run.plugins.items()}}
+        training = {
+            "state": state,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "plugins": {name: p.state_dict() for name, p in run.plugins.items()},
+        }
         ckpt.write_training_state(ts, training, run.policy if has_lora(run.policy) else None)
 
     export = export_model(run.policy) if run.accelerator.is_main_process else run.policy
@@ -392,13 +469,21 @@ def periodic_eval(run: Run, step: int) -> dict[str, float]:
         e = run.cfg.eval
         try:
             sim_policy = CheckpointPolicy(export_model(run.policy), device=str(run.accelerator.device))
-            results = evaluate(sim_policy, e.tasks or list(DEFAULT_TASKS), e.episodes, seed=e.seed,
-                               out_dir=run.run_dir / "eval" / ckpt.step_dir_name(step), progress=False)
+            results = evaluate(
+                sim_policy,
+                e.tasks or list(DEFAULT_TASKS),
+                e.episodes,
+                seed=e.seed,
+                out_dir=run.run_dir / "eval" / ckpt.step_dir_name(step),
+                progress=False,
+            )
         finally:
             train_mode(run.policy)
             ckpt.set_rng_state(saved)
-        record = {"eval/mean_success_rate": results["mean_success_rate"],
-                  **{f"eval/{t}": r["success_rate"] for t, r in results["tasks"].items()}}
+        record = {
+            "eval/mean_success_rate": results["mean_success_rate"],
+            **{f"eval/{t}": r["success_rate"] for t, r in results["tasks"].items()},
+        }
     run.accelerator.wait_for_everyone()
     return record
 
@@ -409,8 +494,15 @@ def fit(run: Run) -> dict[str, Any]:
     cfg, acc = run.cfg, run.accelerator
     end = cfg.stop_at_step or cfg.steps
     metrics_path = run.run_dir / "metrics.jsonl"
-    logger = MetricsLogger(metrics_path, acc, cfg.log.log_freq, run.start_step, cfg.steps, cfg.log.progress,
-                           trackers=bool(cfg.log.tracker_list()))
+    logger = MetricsLogger(
+        metrics_path,
+        acc,
+        cfg.log.log_freq,
+        run.start_step,
+        cfg.steps,
+        cfg.log.progress,
+        trackers=bool(cfg.log.tracker_list()),
+    )
     plots = PlotRefresher(run, metrics_path)
     train_mode(run.model)
     last: dict[str, Any] = {}
@@ -421,17 +513,21 @@ def fit(run: Run) -> dict[str, Any]:
             run.step = step
             lr = run.scheduler.get_last_lr()[0]  # the LR this step's update uses
             micro = [to_device(next(run.batches), acc.device) for _ in range(cfg.grad_accum_steps)]
-            last = train_step(run.model, micro, run.optimizer, run.scheduler, acc, cfg.optim.grad_clip_norm,
-                              run.grad_plugin)
+            last = train_step(
+                run.model, micro, run.optimizer, run.scheduler, acc, cfg.optim.grad_clip_norm, run.grad_plugin
+            )
             epoch = {"epoch": step * cfg.batch_size / run.num_samples} if run.num_samples else {}
             if run.mixture is not None:  # samples drawn per source so far (replay runs)
                 epoch.update(run.mixture.update(step))
-            run.stopped_by = stop_reason(acc, t0, cfg.max_minutes, signals, step, cfg.log.log_freq) if step < end else None
+            run.stopped_by = (
+                stop_reason(acc, t0, cfg.max_minutes, signals, step, cfg.log.log_freq) if step < end else None
+            )
             final = step == end or run.stopped_by is not None
             if final and hasattr(run.grad_plugin, "flush_metrics"):  # a run shorter than its interval
                 last.update(run.grad_plugin.flush_metrics())
-            wrote = logger.update(step, {**last, "lr": lr}, cfg.batch_size, epoch,
-                                  force=final or _plugin_logs(run, step))
+            wrote = logger.update(
+                step, {**last, "lr": lr}, cfg.batch_size, epoch, force=final or _plugin_logs(run, step)
+            )
             _save_evaluate_plot(run, step, final, wrote, logger, plots)
             if run.stopped_by is not None:
                 log.warning("%s: stopped at step %d of %d (checkpoint written)", run.stopped_by, step, cfg.steps)
@@ -485,15 +581,20 @@ def _plugin_logs(run: Run, step: int) -> bool:
     return bool(freq) and step % freq == 0
 
 
-def train(cfg: TrainConfig, make_grad_plugin: Optional[Callable] = None,
-          aux_losses: Optional[dict[str, AuxLoss]] = None, prepare_policy: Optional[PreparePolicy] = None) -> Run:
+def train(
+    cfg: TrainConfig,
+    make_grad_plugin: Optional[Callable] = None,
+    aux_losses: Optional[dict[str, AuxLoss]] = None,
+    prepare_policy: Optional[PreparePolicy] = None,
+) -> Run:
     """Set up and run training from a parsed config (the programmatic entry point)."""
     run_dir = Path(cfg.output_dir)
     if not cfg.resume and (run_dir / "checkpoints" / ckpt.LAST).exists():
         from craftvla.errors import CraftVLAError
 
-        raise CraftVLAError(f"{run_dir}: already holds a run; pass --resume true to continue it, "
-                            "or choose another --output_dir")
+        raise CraftVLAError(
+            f"{run_dir}: already holds a run; pass --resume true to continue it, or choose another --output_dir"
+        )
     run = setup(cfg, make_grad_plugin, aux_losses, prepare_policy)
     if run.accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -514,8 +615,10 @@ def main(argv: list[str]) -> int:
     run = train(cfg)
     if run.accelerator.is_main_process:
         if run.stopped_by in EXIT_CODES:
-            print(f"{run.stopped_by}: stopped at step {run.step} of {cfg.steps}; its checkpoint is "
-                  f"{cfg.output_dir}/checkpoints/last. Continue the run with the same command and --resume")
+            print(
+                f"{run.stopped_by}: stopped at step {run.step} of {cfg.steps}; its checkpoint is "
+                f"{cfg.output_dir}/checkpoints/last. Continue the run with the same command and --resume"
+            )
         else:
             print(f"run written to {cfg.output_dir} (metrics.jsonl, checkpoints/last, plots/)")
     run.accelerator.end_training()

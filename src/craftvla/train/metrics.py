@@ -30,8 +30,10 @@ def tracker_settings(trackers: list[str], run_dir: Path) -> dict[str, Any]:
 
     for name in trackers:
         if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
-            raise ConfigError(f"log.trackers={name!r}: the {TRACKER_PACKAGES[name]!r} package is not installed "
-                              f"(pip install {TRACKER_PACKAGES[name]})")
+            raise ConfigError(
+                f"log.trackers={name!r}: the {TRACKER_PACKAGES[name]!r} package is not installed "
+                f"(pip install {TRACKER_PACKAGES[name]})"
+            )
     return {"log_with": trackers, "project_dir": str(run_dir / "tensorboard")} if trackers else {}
 
 
@@ -39,8 +41,9 @@ def start_trackers(accelerator, project: str, run_dir: Path, config: dict[str, A
     """Open the trackers' run with the flattened training config as its hyper-parameters."""
     values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
     run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.init_trackers(project, config=values,
-                              init_kwargs={"wandb": {"dir": str(run_dir), "name": run_dir.name}})
+    accelerator.init_trackers(
+        project, config=values, init_kwargs={"wandb": {"dir": str(run_dir), "name": run_dir.name}}
+    )
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -67,8 +70,16 @@ class MetricsLogger:
     `l1_loss`, `craft/lambda`) are logged under their own keys.
     """
 
-    def __init__(self, path: Path, accelerator, log_freq: int, start_step: int, total_steps: int,
-                 progress: bool, trackers: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        accelerator,
+        log_freq: int,
+        start_step: int,
+        total_steps: int,
+        progress: bool,
+        trackers: bool = False,
+    ) -> None:
         self.path, self.accelerator, self.log_freq = path, accelerator, log_freq
         self.total_steps, self.trackers = total_steps, trackers
         self.main = accelerator.is_main_process
@@ -82,11 +93,13 @@ class MetricsLogger:
         if self.main and progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True
+            )
 
-    def update(self, step: int, metrics: dict[str, float], samples: int, extra: Optional[dict] = None,
-               force: bool = False) -> bool:
+    def update(
+        self, step: int, metrics: dict[str, float], samples: int, extra: Optional[dict] = None, force: bool = False
+    ) -> bool:
         """Record one optimizer step; write a line when `step` is a multiple of log_freq or `force`
         (the run's last step; a plug-in's own logging step), and say whether it did. Every rank
         must pass the same `force`."""
@@ -105,19 +118,33 @@ class MetricsLogger:
     def _flush(self, step: int, extra: dict) -> None:
         keys = sorted(self.sums)
         device = self.accelerator.device
-        values = torch.stack([torch.as_tensor(self.sums[k] / self.counts[k], dtype=torch.float64, device=device)
-                              .reshape(()) for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
+        values = (
+            torch.stack(
+                [
+                    torch.as_tensor(self.sums[k] / self.counts[k], dtype=torch.float64, device=device).reshape(())
+                    for k in keys
+                ]
+            )
+            if keys
+            else torch.zeros(0, dtype=torch.float64)
+        )
         values = self.accelerator.reduce(values, reduction="mean") if self.accelerator.num_processes > 1 else values
         seconds = time.perf_counter() - self.t0
-        record = {"step": step, **dict(zip(keys, values.tolist())), "samples_per_s": self.samples / seconds,
-                  "elapsed_s": time.perf_counter() - self.started, **extra}
+        record = {
+            "step": step,
+            **dict(zip(keys, values.tolist())),
+            "samples_per_s": self.samples / seconds,
+            "elapsed_s": time.perf_counter() - self.started,
+            **extra,
+        }
         if torch.cuda.is_available():
             record["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if self.main:
             self._write(record)
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
-                                     samples_s=f"{record['samples_per_s']:.1f}")
+                self.bar.set_postfix(
+                    loss=f"{record.get('loss', float('nan')):.4f}", samples_s=f"{record['samples_per_s']:.1f}"
+                )
             else:
                 log.info("step %d/%d  %s", step, self.total_steps, _brief(record))
         self.sums.clear()
@@ -136,8 +163,9 @@ class MetricsLogger:
         if self.main:
             self._write(record)
             if self.bar is not None:
-                self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in record.items()))
+                self.bar.write(
+                    " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+                )
 
     def close(self, step: int, extra: Optional[dict] = None) -> None:
         """Write what is pending since the last line (a run ending off the log_freq grid)."""
@@ -149,6 +177,7 @@ class MetricsLogger:
 
 def _brief(record: dict) -> str:
     """The headline numbers of a metrics line, for a log without a progress bar."""
-    keys = [k for k in ("loss", "lr", "grad_norm", "craft/lambda", "craft/retention_loss", "samples_per_s")
-            if k in record]
+    keys = [
+        k for k in ("loss", "lr", "grad_norm", "craft/lambda", "craft/retention_loss", "samples_per_s") if k in record
+    ]
     return "  ".join(f"{k} {record[k]:.4g}" for k in keys)

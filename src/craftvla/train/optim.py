@@ -29,20 +29,26 @@ def param_groups(model: nn.Module, weight_decay: float, lr_by_prefix: Optional[d
     groups = []
     for prefix, params in parts.items():
         lr = {} if prefix is None else {"lr": lr_by_prefix[prefix]}
-        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **lr},
-                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **lr}]
+        groups += [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **lr},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **lr},
+        ]
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_by_prefix: Optional[dict[str, float]] = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, lr_by_prefix: Optional[dict[str, float]] = None
+) -> torch.optim.Optimizer:
     """AdamW over the model's trainable parameters; `adamw_8bit` needs bitsandbytes and CUDA."""
     groups = param_groups(model, cfg.weight_decay, lr_by_prefix)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
     if not torch.cuda.is_available():
-        raise CraftVLAError("optim.name='adamw_8bit' needs a CUDA GPU (bitsandbytes' 8-bit AdamW has no CPU "
-                            "kernels); use --optim.name adamw on this machine")
+        raise CraftVLAError(
+            "optim.name='adamw_8bit' needs a CUDA GPU (bitsandbytes' 8-bit AdamW has no CPU "
+            "kernels); use --optim.name adamw on this machine"
+        )
     try:
         import bitsandbytes as bnb
     except ImportError as err:

@@ -59,8 +59,13 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -207,7 +212,9 @@ def load_plugins(plugins: Mapping[str, Stateful], states: Mapping[str, dict], ck
     """Restore each registered plug-in from the saved `plugins.pt` mapping; the saved and the
     registered plug-ins must be the same set (a dropped one would silently lose its state)."""
     if set(plugins) != set(states):
-        raise CraftVLAError(f"{ckpt}/{TRAINING_STATE}/plugins.pt: saved plug-in state {sorted(states)} but this run "
-                            f"has {sorted(plugins)}; resume with the same plug-ins enabled (e.g. --craft.enabled)")
+        raise CraftVLAError(
+            f"{ckpt}/{TRAINING_STATE}/plugins.pt: saved plug-in state {sorted(states)} but this run "
+            f"has {sorted(plugins)}; resume with the same plug-ins enabled (e.g. --craft.enabled)"
+        )
     for name, plugin in plugins.items():
         plugin.load_state_dict(states[name])

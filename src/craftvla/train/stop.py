@@ -44,12 +44,16 @@ class StopSignals:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.received = signal.Signals(signum).name
-        log.warning("%s: stopping after this step; a checkpoint and the plots are written first "
-                    "(Ctrl-C again to stop at once, without them)", self.received)
+        log.warning(
+            "%s: stopping after this step; a checkpoint and the plots are written first "
+            "(Ctrl-C again to stop at once, without them)",
+            self.received,
+        )
 
 
-def stop_reason(accelerator, t0: float, max_minutes: Optional[float], signals: StopSignals, step: int,
-                every: int) -> Optional[str]:
+def stop_reason(
+    accelerator, t0: float, max_minutes: Optional[float], signals: StopSignals, step: int, every: int
+) -> Optional[str]:
     """Why the run stops after this step ("SIGINT", "SIGTERM", "max_minutes"), or None; the same
     answer on every rank (a signal or the clock on any rank stops them all). With several processes
     that takes an all-reduce and a host sync, so they decide only every `every` steps (the logging

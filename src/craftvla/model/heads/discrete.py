@@ -23,8 +23,16 @@ from craftvla.model.heads.base import ActionHead
 
 
 class DiscreteHead(ActionHead):
-    def __init__(self, cfg: DiscreteHeadConfig, llm_dim: int, num_layers: int, state_dim: int,
-                 action_dim: int, chunk_size: int, num_vision_tokens: int):
+    def __init__(
+        self,
+        cfg: DiscreteHeadConfig,
+        llm_dim: int,
+        num_layers: int,
+        state_dim: int,
+        action_dim: int,
+        chunk_size: int,
+        num_vision_tokens: int,
+    ):
         super().__init__()
         self.num_bins, self.chunk_size, self.action_dim = cfg.num_bins, chunk_size, action_dim
         self.register_buffer("low", -torch.ones(action_dim))  # (A,) normalised range the bins span
@@ -82,5 +90,7 @@ class DiscreteHead(ActionHead):
 
     def target_actions(self, context: VLMContext, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The expected bin centre under the predicted distribution (B, H, A): differentiable, unlike argmax."""
-        centres = self.from_bins(torch.arange(self.num_bins, device=self.low.device)[:, None].expand(-1, self.action_dim))
+        centres = self.from_bins(
+            torch.arange(self.num_bins, device=self.low.device)[:, None].expand(-1, self.action_dim)
+        )
         return torch.einsum("bhak,ka->bha", self.logits(context).softmax(-1), centres)  # centres (K, A)

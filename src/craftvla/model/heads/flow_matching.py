@@ -40,8 +40,16 @@ def flow_loss(velocity: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor
 
 
 class FlowMatchingHead(L1BridgeHead):
-    def __init__(self, cfg: FlowMatchingHeadConfig, llm_dim: int, num_layers: int, state_dim: int,
-                 action_dim: int, chunk_size: int, num_vision_tokens: int):
+    def __init__(
+        self,
+        cfg: FlowMatchingHeadConfig,
+        llm_dim: int,
+        num_layers: int,
+        state_dim: int,
+        action_dim: int,
+        chunk_size: int,
+        num_vision_tokens: int,
+    ):
         super().__init__(cfg, llm_dim, num_layers, state_dim, action_dim, chunk_size, num_vision_tokens)
         self.cfg = cfg
         dim = cfg.hidden_dim or llm_dim
@@ -60,8 +68,9 @@ class FlowMatchingHead(L1BridgeHead):
         beta = torch.distributions.Beta(torch.tensor(cfg.time_beta_a), torch.tensor(cfg.time_beta_b))
         return (beta.sample((batch_size,)) * (1 - cfg.time_min) + cfg.time_min).to(device)
 
-    def loss(self, context: VLMContext, batch: dict, noise: Optional[torch.Tensor] = None,
-             t: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, context: VLMContext, batch: dict, noise: Optional[torch.Tensor] = None, t: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         actions = batch[ACTION_KEY]  # (B, H, A)
         noise = torch.randn_like(actions) if noise is None else noise
         t = self.sample_time(actions.shape[0], actions.device) if t is None else t  # (B,)
@@ -69,8 +78,13 @@ class FlowMatchingHead(L1BridgeHead):
         loss = flow_loss(self.velocity(x_t, t, self.conditions(context)), noise - actions, batch[ACTION_PAD_KEY])
         return loss, {"flow_loss": loss.detach()}
 
-    def sample(self, context: VLMContext, noise: Optional[torch.Tensor] = None,
-               generator: Optional[torch.Generator] = None, num_steps: Optional[int] = None) -> torch.Tensor:
+    def sample(
+        self,
+        context: VLMContext,
+        noise: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        num_steps: Optional[int] = None,
+    ) -> torch.Tensor:
         """Euler integration from noise (t = 1) to an action chunk (t = 0): (B, H, A)."""
         conds = self.conditions(context)  # once per observation
         batch = context.state.shape[0]

@@ -37,8 +37,9 @@ class BridgeBlock(nn.Module):
         self.kv_vision = nn.Linear(llm_dim, 2 * dim)
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
         self.o_proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
-                                 nn.Linear(mlp_ratio * dim, dim))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
+        )
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, n, d) -> (B, heads, n, d / heads)
         return rearrange(t, "b n (h e) -> b h n e", h=self.num_heads)
@@ -46,7 +47,9 @@ class BridgeBlock(nn.Module):
     def condition(self, vision, queries, proprio, vision_mask=None) -> tuple:
         """The keys and values this block reads from the VLM context: computed once per context,
         reused by every call of `forward` (a flow head's denoising steps)."""
-        k_ad, v_ad = self.kv_adapter(self.norm_cond(torch.cat([queries, proprio], dim=1))).chunk(2, dim=-1)  # (B, Q+P, d)
+        k_ad, v_ad = self.kv_adapter(self.norm_cond(torch.cat([queries, proprio], dim=1))).chunk(
+            2, dim=-1
+        )  # (B, Q+P, d)
         k_vis, v_vis = self.kv_vision(self.norm_cond(vision)).chunk(2, dim=-1)  # (B, N, d)
         return self._heads(k_ad), self._heads(v_ad), self._heads(k_vis), self._heads(v_vis), vision_mask
 
@@ -55,7 +58,9 @@ class BridgeBlock(nn.Module):
         h = self.norm_x(x)
         q = self._heads(self.q_proj(h))  # (B, h, H, e)
         k_self, v_self = self.kv_self(h).chunk(2, dim=-1)  # (B, H, d) each
-        main = F.scaled_dot_product_attention(q, torch.cat([self._heads(k_self), k_ad], 2), torch.cat([self._heads(v_self), v_ad], 2))
+        main = F.scaled_dot_product_attention(
+            q, torch.cat([self._heads(k_self), k_ad], 2), torch.cat([self._heads(v_self), v_ad], 2)
+        )
         seen = self._attend_vision(q, k_vis, v_vis, vision_mask)
         mixed = rearrange(main + torch.tanh(self.gate) * seen, "b h n e -> b n (h e)")  # (B, H, d)
         x = x + self.o_proj(mixed)
@@ -93,8 +98,16 @@ class L1BridgeHead(ActionHead):
     vision tokens (after token removal) and masked-out tokens are both fine.
     """
 
-    def __init__(self, cfg: L1BridgeHeadConfig, llm_dim: int, num_layers: int, state_dim: int,
-                 action_dim: int, chunk_size: int, num_vision_tokens: int):
+    def __init__(
+        self,
+        cfg: L1BridgeHeadConfig,
+        llm_dim: int,
+        num_layers: int,
+        state_dim: int,
+        action_dim: int,
+        chunk_size: int,
+        num_vision_tokens: int,
+    ):
         super().__init__()
         self.vision_source = cfg.vision_source
         self.context_source = getattr(cfg, "context", "layers")  # flow_matching may read only the last layer
@@ -102,8 +115,9 @@ class L1BridgeHead(ActionHead):
         # VLA-Adapter's ProprioProjector: state -> one LLM-width token.
         self.proprio = nn.Sequential(nn.Linear(state_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
         self.chunk_embed = nn.Parameter(torch.randn(chunk_size, dim) * 0.02)  # one latent per future step
-        self.blocks = nn.ModuleList(BridgeBlock(dim, llm_dim, cfg.num_heads, cfg.gate_init, cfg.mlp_ratio)
-                                    for _ in range(num_layers))
+        self.blocks = nn.ModuleList(
+            BridgeBlock(dim, llm_dim, cfg.num_heads, cfg.gate_init, cfg.mlp_ratio) for _ in range(num_layers)
+        )
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, action_dim)
         # Built last so that without it the head's parameters (and their seeded init) are unchanged.
@@ -118,7 +132,9 @@ class L1BridgeHead(ActionHead):
         for i, block in enumerate(self.blocks):
             layer = i + 1 if self.context_source == "layers" else context.num_layers
             source = 0 if self.vision_source == "projector" else layer
-            conds.append(block.condition(context.vision(source), context.queries(layer), proprio, context.vision_mask(source)))
+            conds.append(
+                block.condition(context.vision(source), context.queries(layer), proprio, context.vision_mask(source))
+            )
         return conds
 
     def trunk(self, x: torch.Tensor, conds: list[tuple]) -> torch.Tensor:  # (B, H, d) latents -> (B, H, A)
