@@ -78,13 +78,14 @@ def test_broken_yaml_config_names_the_file(tmp_path, capsys):
 
 
 def test_broken_policy_yaml_names_the_file(tmp_path):
+    from craftvla.cli.parsing import parse_config
     from craftvla.config import VLAConfig
     from craftvla.errors import ConfigError
 
     bad = tmp_path / "policy.yaml"
     bad.write_text("vision: {image_size: 64\n")
     with pytest.raises(ConfigError, match=str(bad)):
-        VLAConfig.from_yaml(bad)
+        parse_config(VLAConfig, config_path=str(bad))
 
 
 @pytest.fixture()

@@ -235,7 +235,7 @@ def _stage(name: str, args: list, log: Path) -> Path:
                 BIN / "craftvla",
                 "prune",
                 "train",
-                "--dataset",
+                "--dataset.root",
                 DATA,
                 "--output_dir",
                 out,
@@ -243,9 +243,9 @@ def _stage(name: str, args: list, log: Path) -> Path:
                 STAGE_STEPS,
                 "--batch_size",
                 "32",
-                "--num_workers",
+                "--dataset.num_workers",
                 "1",
-                "--save_freq",
+                "--checkpoint.save_freq",
                 "100",
                 *args,
                 *resume,
@@ -266,7 +266,7 @@ def checkpoint_for(method: str, budget: float, log: Path) -> tuple[Path, list]:
     if plan.get("stage1"):
         ckpt = _stage(
             f"stage1_r{plan['stage1']:g}",
-            ["--stage", "1", "--checkpoint", base, "--merge_ratio", f"{plan['stage1']:g}"],
+            ["--stage", "1", "--init_from", base, "--merge_ratio", f"{plan['stage1']:g}"],
             log,
         )
     if plan.get("stage2"):
@@ -275,7 +275,7 @@ def checkpoint_for(method: str, budget: float, log: Path) -> tuple[Path, list]:
         name = f"stage2_{'m' if plan.get('stage1') else 'nom'}_{s2['objective']}_k{keep.replace(',', '_')}"
         ckpt = _stage(
             name,
-            ["--stage", "2", "--checkpoint", ckpt, "--objective", s2["objective"], "--layers", "1,2", "--keep", keep],
+            ["--stage", "2", "--init_from", ckpt, "--objective", s2["objective"], "--layers", "1,2", "--keep", keep],
             log,
         )
     return ckpt, []

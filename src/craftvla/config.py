@@ -3,19 +3,15 @@
 Every field is commented; `__post_init__` derives what can be derived (fused vision, projector
 type, head width) and raises `ConfigError` naming the field and value for anything invalid.
 YAML files and command-line overrides go through draccus (the convention of VLA-Adapter and
-LeRobot); presets are plain Python functions at the bottom of this file.
+LeRobot; cli/parsing.py); presets are plain Python functions at the bottom of this file. No file
+is read here: `weights_dir` is resolved when a policy is built (model/checkpoints.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
-import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import draccus
@@ -376,8 +372,6 @@ class VLAConfig:
         require(self.action_clip in ("stats", "none"), "action_clip", self.action_clip, "choose stats or none")
         for key, mode in self.normalization.items():
             require(mode in NORM_MODES, f"normalization[{key!r}]", mode, f"choose one of {NORM_MODES}")
-        if self.weights_dir is not None:
-            self._resolve_weights_dir(Path(self.weights_dir))
         if self.projector.type is None:
             self.projector.type = "fused_mlp" if self.vision.use_fused_vision_backbone else "mlp"
         if isinstance(self.head, DiscreteHeadConfig):  # one action slot per (step, dimension)
@@ -394,17 +388,6 @@ class VLAConfig:
             )
 
     # ----- construction -------------------------------------------------------------------------
-    def _resolve_weights_dir(self, root: Path) -> None:
-        """Point the LLM and vision parts at `root`'s layout (a release is read whole by the policy)."""
-        from craftvla.model.released import release_kind, tokenizer_dir
-
-        require(root.is_dir(), "weights_dir", str(root), "no such directory")
-        if release_kind(root) is None:  # craftvla's parts layout
-            self.llm.weights_dir = self.llm.weights_dir or str(root / "llm")
-            self.vision.weights_dir = self.vision.weights_dir or str(root / "vision")
-        elif self.llm.tokenizer is None and tokenizer_dir(root) is not None:
-            self.llm.tokenizer = str(root)
-
     @staticmethod
     def preset(name: str, **overrides: Any) -> "VLAConfig":
         """A named preset (`tiny`, `tiny-256`, `small-pretrained`, `vla-adapter-qwen2.5-0.5b`), with top-level overrides."""
@@ -414,13 +397,6 @@ class VLAConfig:
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     @staticmethod
-    def from_yaml(path: str | os.PathLike, args: Optional[list[str]] = None) -> "VLAConfig":
-        """Load a YAML config (draccus), optionally with `--field.sub value` overrides."""
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        return parse_config(VLAConfig, config_path=str(path), args=args or [])
-
-    @staticmethod
     def from_dict(data: dict) -> "VLAConfig":
         """Decode a dict (e.g. a checkpoint's config.json); unknown keys raise ConfigError."""
         try:
@@ -428,7 +404,9 @@ class VLAConfig:
         except ConfigError:
             raise
         except Exception as err:  # draccus raises its own DecodingError for unknown / mistyped keys
-            raise _config_error(err, "invalid policy config") from None
+            from craftvla.cli.parsing import config_error
+
+            raise config_error(err, "invalid policy config") from None
 
     def to_dict(self) -> dict:
         return draccus.encode(self)
@@ -456,76 +434,6 @@ class VLAConfig:
         instructions = ["close the drawer", "press the button from the top", "open the door", "pick up the red block"]
         batch[TASK_KEY] = [instructions[i % len(instructions)] for i in range(batch_size)]
         return batch
-
-
-def number_list(text: Optional[str], name: str, cast=float) -> list:
-    """A comma-separated command-line list ("0.98,0.02") as numbers; empty / None -> []."""
-    if text is None or not str(text).strip():
-        return []
-    try:
-        return [cast(x) for x in str(text).split(",")]
-    except ValueError:
-        raise ConfigError(
-            f"--{name}={text!r}: expected comma-separated {cast.__name__}s, e.g. "
-            f"{'0.98,0.02' if cast is float else '1,2'}"
-        ) from None
-
-
-def parse_config(
-    cls,
-    config_path: Optional[str] = None,
-    args: Optional[list[str]] = None,
-    prog: Optional[str] = None,
-    source: Optional[str] = None,
-):
-    """draccus.parse with its errors turned into one-line ConfigErrors (unknown keys, bad values).
-
-    `--help` prints every flag with its comment under `usage: <prog>` and raises SystemExit(0),
-    which the CLI turns into its return code; `prog` is the verb ("craftvla train"); `source`
-    names where the values came from in error messages (default: config_path and the command line)."""
-    args = list(args or [])
-    if "-h" in args or "--help" in args:
-        _print_help(cls, config_path, args, prog)
-    try:
-        return draccus.parse(config_class=cls, config_path=config_path, args=args, prog=prog, exit_on_error=False)
-    except SystemExit as err:
-        if err.code in (0, None):  # --help was printed
-            raise
-        raise ConfigError(f"invalid command-line arguments {args}") from None
-    except Exception as err:  # draccus: DecodingError, DraccusException, argparse.ArgumentError, ...
-        source = source or (f"{config_path} and the command line" if config_path else "the command line")
-        raise _config_error(err, f"invalid {prog or 'config'} flags (from {source})") from None
-
-
-# draccus lists a "--<section> str  Config file for <section>" flag for every nested dataclass: noise
-# between the flags a user looks for (one entry, possibly wrapped onto a second line).
-_SECTION_FILE_FLAG = re.compile(r"\n  --(?P<name>[\w.]+) str\s+Config file for [\w.]+ \(default: None\)")
-
-
-def _print_help(cls, config_path: Optional[str], args: list[str], prog: Optional[str]) -> None:
-    """draccus's --help text without the per-section config-file flags; raises SystemExit(0)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            draccus.parse(config_class=cls, config_path=config_path, args=args, prog=prog, exit_on_error=False)
-        except SystemExit:
-            pass
-    text = out.getvalue()
-    for name in set(_SECTION_FILE_FLAG.findall(text)):
-        text = text.replace(f" [--{name} str]", "")
-    text = re.sub(r"\n +\n(?= +\[)", "\n", text)  # usage lines emptied by the removal
-    print(_SECTION_FILE_FLAG.sub("", text), end="")
-    raise SystemExit(0)
-
-
-def _config_error(err: Exception, context: str) -> ConfigError:
-    """draccus wraps __post_init__ errors ("Couldn't instantiate class ..."): surface ours."""
-    cause = err
-    while cause is not None and not isinstance(cause, ConfigError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        return cause
-    return ConfigError(f"{context}: " + " ".join(str(err).split()))  # one line
 
 
 # ----- presets ------------------------------------------------------------------------------------

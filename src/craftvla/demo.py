@@ -22,24 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from craftvla.config import parse_config
+from craftvla.cli.parsing import parse_config
+from craftvla.craft.config import CraftConfig
 from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.sim.metaworld import GENERALIST_TASKS, NEW_TASK
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "assets" / "generalist" / "checkpoint"
-# CRaFT as the demo runs it: the behaviour (action-chunk) target held on the generalist's own
-# tasks' frames, a budget relative to the targets' spread (benchmarks/retention).
-CRAFT_FLAGS = [
-    "--craft.enabled",
-    "true",
-    "--craft.targets",
-    "actions",
-    "--craft.anchor_batch_size",
-    "16",
-    "--craft.log_freq",
-    "1",
-]
 
 
 @dataclass
@@ -98,9 +87,22 @@ def collect_once(root: Path, tasks: str, episodes: int, seed: int, label: str) -
     return root
 
 
-def fine_tune(cfg: DemoConfig, name: str, seed: int, data: Path, run_dir: Path, extra: list[str]) -> Path:
+def craft_config(cfg: DemoConfig, anchor_data: Path) -> CraftConfig:
+    """CRaFT as the demo runs it: the policy's own action chunks (the default target with an
+    anchor dataset) held on the generalist's tasks' frames, a budget relative to the targets'
+    spread (benchmarks/retention), its metrics logged every step for the report's curves."""
+    return CraftConfig(
+        enabled=True,
+        anchor_dataset=str(anchor_data),
+        anchor_batch_size=16,
+        retention_budget=cfg.retention_budget,
+        log_freq=1,
+    )
+
+
+def fine_tune(cfg: DemoConfig, name: str, seed: int, data: Path, run_dir: Path, craft: CraftConfig) -> Path:
     """One fine-tuning run from the generalist (skipped when finished); returns the run directory."""
-    from craftvla.train.config import parse_train_config
+    from craftvla.train.config import CheckpointConfig, DatasetConfig, OptimConfig, TrainConfig, init_policy_config
     from craftvla.train.loop import train
 
     last = run_dir / "checkpoints" / "last"
@@ -109,29 +111,19 @@ def fine_tune(cfg: DemoConfig, name: str, seed: int, data: Path, run_dir: Path, 
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run of an earlier demo
     print(f"  fine-tuning {name} (seed {seed}) for {cfg.steps} steps into {run_dir}")
+    generalist = str(cfg.generalist_path())
     train(
-        parse_train_config(
-            [
-                "--init_from",
-                str(cfg.generalist_path()),
-                "--dataset.root",
-                str(data),
-                "--output_dir",
-                str(run_dir),
-                "--steps",
-                str(cfg.steps),
-                "--batch_size",
-                str(cfg.batch_size),
-                "--optim.lr",
-                str(cfg.lr),
-                "--seed",
-                str(seed),
-                "--checkpoint.save_freq",
-                "0",
-                "--log.log_freq",
-                "10",
-                *extra,
-            ]
+        TrainConfig(
+            init_from=generalist,
+            policy=init_policy_config(generalist),
+            dataset=DatasetConfig(root=str(data)),
+            output_dir=str(run_dir),
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            optim=OptimConfig(lr=cfg.lr),
+            checkpoint=CheckpointConfig(save_freq=0),
+            craft=craft,
         )
     )
     return run_dir
@@ -180,16 +172,11 @@ def run_demo(cfg: DemoConfig) -> Path:
     )
     print("[2/4] fine-tuning")
     runs: dict[str, list[Path]] = {"plain": [], "craft": []}
-    craft_flags = [
-        *CRAFT_FLAGS,
-        "--craft.anchor_dataset",
-        str(anchor_data),
-        "--craft.retention_budget",
-        str(cfg.retention_budget),
-    ]
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        runs["plain"].append(fine_tune(cfg, "plain", seed, new_data, out / f"plain-s{seed}", []))
-        runs["craft"].append(fine_tune(cfg, "CRaFT", seed, new_data, out / f"craft-s{seed}", craft_flags))
+        runs["plain"].append(fine_tune(cfg, "plain", seed, new_data, out / f"plain-s{seed}", CraftConfig()))
+        runs["craft"].append(
+            fine_tune(cfg, "CRaFT", seed, new_data, out / f"craft-s{seed}", craft_config(cfg, anchor_data))
+        )
     print("[3/4] closed-loop evaluation on unseen positions")
     evals = {"generalist": [evaluate_once(cfg, generalist, out / "eval-generalist", "the generalist")]}
     for name, run_dirs in runs.items():

@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from craftvla import VLAConfig
+from craftvla.cli.parsing import parse_config
 from craftvla.config import L1BridgeHeadConfig, LLMConfig, VisionConfig
-from craftvla.errors import ConfigError
+from craftvla.errors import ConfigError, CraftVLAError
 
 
 @pytest.mark.parametrize(
@@ -30,13 +31,29 @@ from craftvla.errors import ConfigError
         (lambda: VLAConfig(camera_keys=[f"observation.images.c{i}" for i in range(4)]), "camera_keys"),
         (lambda: VLAConfig(chunk_size=0), "chunk_size"),
         (lambda: VLAConfig(normalization={"action": "zscore"}), "normalization"),
-        (lambda: VLAConfig(weights_dir="/nonexistent/dir"), "weights_dir"),
         (lambda: VLAConfig.preset("huge"), "preset"),
     ],
 )
 def test_invalid_configs_name_the_field(make, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("[", r"\[")):
         make()
+
+
+def test_weights_dir_is_resolved_when_the_policy_is_built_not_in_the_config(tmp_path):
+    """The config reads no file: a missing weights_dir is refused when a policy is built from it."""
+    from craftvla.model.policy import VLAPolicy
+
+    cfg = VLAConfig.preset("tiny", weights_dir=str(tmp_path / "missing"))  # no error: nothing read yet
+    with pytest.raises(ConfigError, match="weights_dir=.*missing.*no such directory"):
+        VLAPolicy(cfg)
+    (tmp_path / "parts").mkdir()  # craftvla's parts layout: llm/ and vision/ under it
+    cfg = VLAConfig.preset("tiny", weights_dir=str(tmp_path / "parts"))
+    with pytest.raises(CraftVLAError, match=r"llm.weights_dir=.*parts/llm': no config.json there"):
+        VLAPolicy(cfg)  # the parts are not there: the error names where the policy looked
+    assert (cfg.llm.weights_dir, cfg.vision.weights_dir) == (
+        str(tmp_path / "parts" / "llm"),
+        str(tmp_path / "parts" / "vision"),
+    )
 
 
 def test_fused_backbone_is_inferred_and_picks_the_fused_projector():
@@ -48,7 +65,7 @@ def test_fused_backbone_is_inferred_and_picks_the_fused_projector():
 def test_yaml_with_overrides_and_unknown_keys(tmp_path):
     path = tmp_path / "policy.yaml"
     path.write_text("chunk_size: 4\nllm:\n  num_layers: 2\nvision:\n  image_size: 96\n")
-    cfg = VLAConfig.from_yaml(path, args=["--llm.attention", "causal", "--action_dim", "7"])
+    cfg = parse_config(VLAConfig, config_path=str(path), args=["--llm.attention", "causal", "--action_dim", "7"])
     assert (cfg.chunk_size, cfg.llm.num_layers, cfg.vision.image_size, cfg.llm.attention, cfg.action_dim) == (
         4,
         2,
@@ -58,9 +75,9 @@ def test_yaml_with_overrides_and_unknown_keys(tmp_path):
     )
     path.write_text("chunk_sise: 4\n")
     with pytest.raises(ConfigError, match="chunk_sise"):
-        VLAConfig.from_yaml(path)
+        parse_config(VLAConfig, config_path=str(path))
     with pytest.raises(ConfigError, match="not found"):
-        VLAConfig.from_yaml(tmp_path / "missing.yaml")
+        parse_config(VLAConfig, config_path=str(tmp_path / "missing.yaml"))
 
 
 def test_dict_round_trip_and_unknown_key():

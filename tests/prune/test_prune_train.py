@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from craftvla.prune.train import PruneTrainConfig, StagePlugin, prepare_policy, run
+from craftvla.train.config import DatasetConfig, LogConfig
 from tests.train.conftest import micro_policy_config, write_tiny_dataset
 
 
@@ -30,16 +31,13 @@ def _weights(path):
 
 def _train(root, data, stage, **kw):
     cfg = PruneTrainConfig(
-        checkpoint=str(root / ("policy" if stage == 1 else "s1/checkpoints/last")),
-        dataset=str(data),
+        init_from=str(root / ("policy" if stage == 1 else "s1/checkpoints/last")),
+        dataset=DatasetConfig(root=str(data)),
         stage=stage,
         output_dir=str(root / f"s{stage}"),
         steps=4,
         batch_size=4,
-        num_workers=0,
-        log_freq=1,
-        progress=False,
-        plots=False,
+        log=LogConfig(log_freq=1, progress=False, plots=False),
         hidden_dim=16,
         **kw,
     )
@@ -110,8 +108,8 @@ def test_three_optimizers_each_with_its_own_lr(setup):
     if not (root / "s1" / "checkpoints" / "last").exists():
         _train(root, data, 1)
     cfg = PruneTrainConfig(
-        checkpoint=str(root / "s1/checkpoints/last"),
-        dataset=str(data),
+        init_from=str(root / "s1/checkpoints/last"),
+        dataset=DatasetConfig(root=str(data)),
         stage=2,
         steps=10,
         train_merger=True,
@@ -121,7 +119,7 @@ def test_three_optimizers_each_with_its_own_lr(setup):
         hidden_dim=16,
     )
     torch.manual_seed(0)
-    policy = VLAPolicy.from_pretrained(cfg.checkpoint)
+    policy = VLAPolicy.from_pretrained(cfg.init_from)
     lrs = prepare_policy(cfg)(policy)
     accelerator = make_accelerator(TrainConfig())
     optimizer = build_optimizer(policy, OptimConfig(lr=cfg.pruner_lr), lrs)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from craftvla.config import parse_config
+from craftvla.cli.parsing import parse_config
 from craftvla.craft.cache import (
     FORMAT_VERSION,
     IDS_KEY,

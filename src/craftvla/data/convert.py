@@ -172,7 +172,7 @@ def main(argv: list[str]) -> int:
 
 
 def _rlds_main(argv: list[str]) -> int:
-    from craftvla.config import parse_config
+    from craftvla.cli.parsing import parse_config
 
     cfg = parse_config(RldsConvertConfig, args=argv, prog="craftvla convert rlds")
     result = convert_rlds(cfg)

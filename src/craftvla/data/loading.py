@@ -1,4 +1,5 @@
-"""Micro-batches for training (the loop) and anchor data (CRaFT): a resumable, rank-sharded sample order, and fake batches.
+"""Micro-batches for training (the loop) and anchor data (CRaFT): a resumable, rank-sharded sample
+order, and fake batches.
 
 The sample order is one global stream: epoch e is `randperm(N)` seeded by (seed, e), epochs are
 concatenated, and optimizer step s consumes stream positions [s*B, (s+1)*B) for B = batch_size.

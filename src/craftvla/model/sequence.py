@@ -3,9 +3,9 @@
     [BOS] [vision patches x N_vis] [instruction x T] [action queries x Q] [STOP]
 
 Everything downstream (action heads, bridge features, anchor caches, trainers) reads positions from
-a `TokenLayout`'s index tensors. The one cut by an offset is the autoregressive decoder's prefix
-(`VLAPolicy.decode_autoregressive`: [BOS] + vision + text, computed from the tensors' shapes so the
-host never waits on the device), which is then decoded slot by slot. The layout is per layer:
+a `TokenLayout`'s index tensors; the one cut by length, the autoregressive decoder's prefix
+([BOS] + vision + text, `TokenLayout.prefix`), is computed here from the tensors' shapes so the host
+never waits on the device. The layout is per layer:
 when the LLM's layer loop removes vision tokens (`TokenLayout.keep_vision`), the layers after
 it get a shorter sequence and a new layout, while every survivor keeps its original position id.
 """
@@ -62,6 +62,18 @@ class TokenLayout:
     def last_token_index(self) -> torch.Tensor:  # (B,) position of each sample's last real token
         positions = torch.arange(self.seq_len, device=self.attention_mask.device)
         return (self.attention_mask.bool() * positions).argmax(dim=1)
+
+    def prefix(self) -> tuple[int, "TokenLayout"]:
+        """[BOS][vision][text], everything before the action queries (what an autoregressive decoder
+        prefills): its length, from the shapes (no host sync), and its layout. For a sequence as
+        `build_sequence` makes it, which ends [queries x Q][STOP]."""
+        first = self.seq_len - self.query_index.shape[1] - 1
+        return first, dataclasses.replace(
+            self,
+            attention_mask=self.attention_mask[:, :first],
+            position_ids=self.position_ids[:, :first],
+            token_index=self.token_index[:, :first],
+        )
 
     def mask_vision(self, weights: torch.Tensor) -> "TokenLayout":
         """The same tokens with relaxed keep weights (B, N_vis) applied: tokens with weight <= 0.5

@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from craftvla.config import VLAConfig, parse_config
+from craftvla.cli.parsing import parse_config
+from craftvla.config import VLAConfig
 
 
 @dataclass
@@ -47,6 +48,6 @@ def describe(cfg: VLAConfig, meta: bool = True) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_config(InfoConfig, args=argv, prog="craftvla info")
-    cfg = VLAConfig.from_yaml(args.config) if args.config else VLAConfig.preset(args.preset)
+    cfg = parse_config(VLAConfig, config_path=args.config) if args.config else VLAConfig.preset(args.preset)
     print(describe(cfg, meta=args.meta))
     return 0

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from craftvla.config import PruningConfig, number_list, parse_config
+from craftvla.cli.parsing import number_list, parse_config
+from craftvla.config import PruningConfig
 from craftvla.errors import ConfigError, require
 from craftvla.files import write_json_atomic
 

@@ -1,10 +1,10 @@
 """`craftvla prune train`: the two training stages of vision-token pruning, on a trained policy.
 
-    craftvla prune train --checkpoint CKPT --dataset DIR --stage 1     # -> runs/prune/stage1
-    craftvla prune train --dataset DIR --stage 2                       # reads runs/prune/stage1's last
+    craftvla prune train --init_from CKPT --dataset.root DIR --stage 1     # -> runs/prune/stage1
+    craftvla prune train --dataset.root DIR --stage 2                      # reads runs/prune/stage1's last
 
-Built on `craftvla train`'s loop (data, Accelerate, checkpoints, resume, metrics, plots); only the
-new parts train, the policy itself stays frozen.
+Built on `craftvla train`'s loop, with its run flags (RunConfig: data, Accelerate, checkpoints,
+resume, metrics, plots); only the new parts train, the policy itself stays frozen.
 - Stage 1: the token merger, with the task loss + `merge_sparsity_weight` x merge sparsity.
 - Stage 2: the pruner heads, with the task loss under straight-through soft masks (temperature
   annealed `temperature_start` -> `temperature_end` over the run) + an objective against the
@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from craftvla.config import MERGERS, SCORERS, PruningConfig, number_list, parse_config
+from craftvla.cli.parsing import number_list, parse_config
+from craftvla.config import MERGERS, SCORERS, PruningConfig
 from craftvla.errors import ConfigError, require
 from craftvla.prune.discriminator import (
     Discriminator,
@@ -36,6 +37,7 @@ from craftvla.prune.discriminator import (
     shared_tokens,
 )
 from craftvla.prune.gumbel import SCHEDULES, temperature_at
+from craftvla.train.config import OptimConfig, RunConfig, TrainConfig
 
 log = logging.getLogger("craftvla.prune")
 OBJECTIVES = ("adversarial", "distill", "task")
@@ -44,16 +46,12 @@ LEARNED_SCORERS = ("attention", "mlp")
 
 
 @dataclass
-class PruneTrainConfig:
-    # The policy to prune (a save_pretrained directory). None = stage 1 needs one; stage 2 reads
-    # runs/prune/stage1/checkpoints/last (what stage 1 writes by default).
-    checkpoint: Optional[str] = None
-    # LeRobot v3 dataset to train on (the policy's own training data, or a subset of it).
-    dataset: Optional[str] = None
+class PruneTrainConfig(RunConfig):
+    """`craftvla prune train`: a run of the training loop (RunConfig's fields: --init_from the
+    policy to prune, --dataset.root, --steps, --log.*, ...) and what the stage trains."""
+
     # 1 = train the merger; 2 = train the pruner heads.
     stage: int = 1
-    # Run directory; None = runs/prune/stage<stage>.
-    output_dir: Optional[str] = None
     # Merger: learned or learned_v2 (instruction-aware); None = learned_v2 in stage 1, the checkpoint's in stage 2.
     merger: Optional[str] = None
     # Fraction of the vision tokens the merger keeps; None = 0.5, or the checkpoint's.
@@ -88,24 +86,6 @@ class PruneTrainConfig:
     temperature_end: float = 0.1
     # Temperature annealing: exponential, linear or cosine.
     temperature_schedule: str = "exponential"
-    # Optimizer steps of this stage.
-    steps: int = 500
-    # Samples per optimizer step.
-    batch_size: int = 32
-    # Seed of initialisation, data order and Gumbel noise.
-    seed: int = 0
-    # Continue output_dir's run from its last checkpoint.
-    resume: bool = False
-    # DataLoader worker processes.
-    num_workers: int = 1
-    # Checkpoint every this many steps (and at the end); 0 = only at the end.
-    save_freq: int = 0
-    # Write one metrics.jsonl line every this many steps.
-    log_freq: int = 10
-    # Show a progress bar (false: a log line per metrics line).
-    progress: bool = True
-    # Write PNG training curves (plots/).
-    plots: bool = True
 
     def __post_init__(self) -> None:
         require(self.stage in (1, 2), "stage", self.stage, "choose 1 (merger) or 2 (pruners)")
@@ -138,9 +118,10 @@ class PruneTrainConfig:
             require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
         for name in ("adv_weight", "distill_weight", "merge_sparsity_weight"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
-        if self.checkpoint is None:
-            require(self.stage == 2, "checkpoint", None, "stage 1 needs --checkpoint (a trained policy)")
-            self.checkpoint = str(Path("runs/prune/stage1/checkpoints/last"))
+        super().__post_init__()
+        if self.init_from is None:
+            require(self.stage == 2, "init_from", None, "stage 1 needs --init_from (a trained policy)")
+            self.init_from = str(Path("runs/prune/stage1/checkpoints/last"))
         if self.output_dir is None:
             self.output_dir = f"runs/prune/stage{self.stage}"
 
@@ -280,45 +261,26 @@ def _average_grads(params: list, accelerator) -> None:
             p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
-def train_config(cfg: PruneTrainConfig):
-    """The `craftvla train` config the loop runs with."""
+def train_config(cfg: PruneTrainConfig) -> TrainConfig:
+    """The `craftvla train` config the loop runs with: this run, the checkpoint's policy, the stage's LR."""
     from craftvla.model.checkpoints import read_policy_config
-    from craftvla.train.config import (
-        CheckpointConfig,
-        DatasetConfig,
-        LogConfig,
-        OptimConfig,
-        ScheduleConfig,
-        TrainConfig,
-    )
 
-    policy = read_policy_config(Path(cfg.checkpoint) / "config.json")  # chunk size etc. follow the checkpoint
+    policy = read_policy_config(Path(cfg.init_from) / "config.json")  # chunk size etc. follow the checkpoint
     return TrainConfig(
-        policy=policy,
-        init_from=cfg.checkpoint,
-        dataset=DatasetConfig(root=cfg.dataset, num_workers=cfg.num_workers),
-        output_dir=cfg.output_dir,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        resume=cfg.resume,
-        optim=OptimConfig(lr=cfg.pruner_lr if cfg.stage == 2 else cfg.merger_lr),
-        schedule=ScheduleConfig(),
-        checkpoint=CheckpointConfig(save_freq=cfg.save_freq),
-        log=LogConfig(log_freq=cfg.log_freq, progress=cfg.progress, plots=cfg.plots),
+        **cfg.run_fields(), policy=policy, optim=OptimConfig(lr=cfg.pruner_lr if cfg.stage == 2 else cfg.merger_lr)
     )
 
 
 def run(cfg: PruneTrainConfig):
     from craftvla.train.loop import train
 
-    if not Path(cfg.checkpoint).is_dir():
+    if not Path(cfg.init_from).is_dir():
         raise ConfigError(
-            f"checkpoint={cfg.checkpoint!r}: no such directory"
-            + (" (run stage 1 first, or pass --checkpoint)" if cfg.stage == 2 else "")
+            f"init_from={cfg.init_from!r}: no such directory"
+            + (" (run stage 1 first, or pass --init_from)" if cfg.stage == 2 else "")
         )
-    if cfg.dataset is None:
-        raise ConfigError("dataset: required (a LeRobot v3 dataset directory)")
+    if not cfg.dataset.paths():
+        raise ConfigError("dataset.root: required (a LeRobot v3 dataset directory)")
     plugin = (lambda policy, _cfg, accelerator: StagePlugin(policy, cfg, accelerator)) if cfg.stage == 2 else None
     aux = {"merge_sparsity": merge_sparsity_loss(cfg.merge_sparsity_weight)} if cfg.stage == 1 else None
     return train(train_config(cfg), plugin, aux, prepare_policy(cfg))

@@ -212,7 +212,7 @@ def _observation(message) -> dict:
 
 def main(argv: list[str]) -> int:
     """CLI entry: load the checkpoint, serve until interrupted."""
-    from craftvla.config import parse_config
+    from craftvla.cli.parsing import parse_config
     from craftvla.model.policy import VLAPolicy
 
     cfg = parse_config(ServeConfig, args=argv, prog="craftvla serve")

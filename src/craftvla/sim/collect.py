@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from craftvla.config import parse_config
+from craftvla.cli.parsing import parse_config
 from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.keys import IMAGE_PREFIX, STATE_KEY
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from craftvla.config import parse_config
+from craftvla.cli.parsing import parse_config
 from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.files import atomic_path, write_json_atomic
 

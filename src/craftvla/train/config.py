@@ -17,7 +17,8 @@ from typing import Any, Optional, Sequence
 import draccus
 import yaml
 
-from craftvla.config import HeadConfig, VLAConfig, number_list, parse_config
+from craftvla.cli.parsing import number_list, parse_config
+from craftvla.config import HeadConfig, VLAConfig
 from craftvla.craft.config import CraftConfig
 from craftvla.errors import ConfigError, require
 from craftvla.model.peft import FreezeConfig, LoraConfig
@@ -167,7 +168,7 @@ class LogConfig:
 
 
 @dataclass
-class EvalConfig:
+class PeriodicEvalConfig:
     # Run closed-loop simulator evaluation every this many steps (on a saved checkpoint); 0 = off.
     freq: int = 0
     # Meta-World tasks, comma-separated; None = the dataset's tasks as `craftvla eval` infers them.
@@ -225,26 +226,20 @@ def require_switched_on(section: str, cfg: Any, switch: tuple[str, str], explici
 
 
 @dataclass
-class TrainConfig:
-    """Everything `craftvla train` needs; see the module docstring for how it is parsed."""
+class RunConfig:
+    """What every run of the training loop is given, whatever it trains (`craftvla train`, `craftvla
+    prune train`): where it starts, its data and run directory, its length, checkpoints, logs, launch."""
 
-    # Policy preset the `policy` section starts from (craftvla.config.PRESETS); None = "tiny", or,
-    # with --init_from, no preset: the policy is the checkpoint's.
-    preset: Optional[str] = None
-    # The policy; its camera/state/action sizes are replaced by the dataset's metadata.
-    policy: VLAConfig = field(default_factory=lambda: VLAConfig.preset("tiny"))
-    # A saved policy directory (save_pretrained layout) to fine-tune; None = fresh init from `policy`.
-    # The `policy` section is then the checkpoint's config.json (chunk size, head, layers, ...): a
-    # --policy.* flag that would change it is refused. What fine-tuning may change: --freeze.*,
-    # --lora.*, --init_stats, --policy.action_clip and, for flow matching, --policy.head.num_steps.
+    # A saved policy directory (save_pretrained layout) to start from. `craftvla train` fine-tunes
+    # it: its config.json is then the policy (chunk size, head, layers, ...) and a --policy.* flag
+    # that would change it is refused; what fine-tuning may change: --freeze.*, --lora.*,
+    # --init_stats, --policy.action_clip and, for flow matching, --policy.head.num_steps. None = a
+    # fresh policy from `policy`. (`craftvla prune train` adds its pruning parts to this policy.)
     init_from: Optional[str] = None
-    # With init_from: normalisation statistics to train with. "keep" = the checkpoint's (the policy's
-    # learned action mapping stays valid), "dataset" = recompute from --dataset.root, "aggregate" =
-    # both combined by frame counts. The choice is logged and saved with the checkpoint.
-    init_stats: str = "keep"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    # Run directory: metrics.jsonl, checkpoints/, plots/, train_config.yaml.
-    output_dir: str = "runs/train"
+    # Run directory: metrics.jsonl, checkpoints/, plots/, train_config.yaml; None = runs/train
+    # (`craftvla prune train`: runs/prune/stage<N>).
+    output_dir: Optional[str] = None
     # Optimizer steps in the whole run (the LR schedule spans exactly this many).
     steps: int = 1000
     # Samples per optimizer step, summed over processes and micro-batches: DDP and accumulation
@@ -262,18 +257,68 @@ class TrainConfig:
     # End this invocation (with a checkpoint) once this many minutes of training have passed (checked
     # every step in one process, every log.log_freq steps across several).
     max_minutes: Optional[float] = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    accel: AccelConfig = field(default_factory=AccelConfig)
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        require(
+            self.batch_size % self.grad_accum_steps == 0,
+            "batch_size",
+            self.batch_size,
+            f"must be divisible by grad_accum_steps={self.grad_accum_steps}",
+        )
+        require(
+            self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps,
+            "stop_at_step",
+            self.stop_at_step,
+            f"must be in [1, steps={self.steps}]",
+        )
+
+    def micro_batch_size(self, world_size: int) -> int:
+        """Samples per forward on one process: batch_size / (world_size * grad_accum_steps)."""
+        split = world_size * self.grad_accum_steps
+        if self.batch_size % split:
+            raise ConfigError(
+                f"batch_size={self.batch_size}: must be divisible by processes ({world_size}) "
+                f"x grad_accum_steps ({self.grad_accum_steps}) = {split}"
+            )
+        return self.batch_size // split
+
+    def run_fields(self) -> dict[str, Any]:
+        """This config's RunConfig fields by name (what a verb built on the loop hands it)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)}
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Everything `craftvla train` needs: the run (RunConfig's fields) and the policy, optimisation
+    and plug-ins it trains."""
+
+    # Policy preset the `policy` section starts from (craftvla.config.PRESETS); None = "tiny", or,
+    # with --init_from, no preset: the policy is the checkpoint's.
+    preset: Optional[str] = None
+    # The policy; its camera/state/action sizes are replaced by the dataset's metadata.
+    policy: VLAConfig = field(default_factory=lambda: VLAConfig.preset("tiny"))
+    # With init_from: normalisation statistics to train with. "keep" = the checkpoint's (the policy's
+    # learned action mapping stays valid), "dataset" = recompute from --dataset.root, "aggregate" =
+    # both combined by frame counts. The choice is logged and saved with the checkpoint.
+    init_stats: str = "keep"
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    accel: AccelConfig = field(default_factory=AccelConfig)
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     # CRaFT (--craft.enabled true) and the retention baselines (--craft.mode); off = plain fine-tuning.
     craft: CraftConfig = field(default_factory=CraftConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.output_dir is None:
+            self.output_dir = "runs/train"
         for section, switch in SWITCHED_SECTIONS.items():
             require_switched_on(section, getattr(self, section), switch)
         require(
@@ -288,41 +333,16 @@ class TrainConfig:
             self.init_stats,
             "choose keep, dataset or aggregate",
         )
-        require(self.steps >= 1, "steps", self.steps, "must be >= 1")
-        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
-        require(
-            self.batch_size % self.grad_accum_steps == 0,
-            "batch_size",
-            self.batch_size,
-            f"must be divisible by grad_accum_steps={self.grad_accum_steps}",
-        )
         require(
             self.warmup_steps() < self.steps,
             "schedule.warmup_steps",
             self.schedule.warmup_steps,
             f"must be < steps={self.steps}",
         )
-        require(
-            self.stop_at_step is None or 1 <= self.stop_at_step <= self.steps,
-            "stop_at_step",
-            self.stop_at_step,
-            f"must be in [1, steps={self.steps}]",
-        )
 
     def warmup_steps(self) -> int:
         """schedule.warmup_steps, or 5% of `steps` when it is None (kept None so presets stay relative)."""
         return self.steps // 20 if self.schedule.warmup_steps is None else self.schedule.warmup_steps
-
-    def micro_batch_size(self, world_size: int) -> int:
-        """Samples per forward on one process: batch_size / (world_size * grad_accum_steps)."""
-        split = world_size * self.grad_accum_steps
-        if self.batch_size % split:
-            raise ConfigError(
-                f"batch_size={self.batch_size}: must be divisible by processes ({world_size}) "
-                f"x grad_accum_steps ({self.grad_accum_steps}) = {split}"
-            )
-        return self.batch_size // split
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
