@@ -397,6 +397,13 @@ class VLAConfig:
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     @staticmethod
+    def from_yaml(path: str, args: Optional[list[str]] = None) -> "VLAConfig":
+        """A YAML config with optional `--field.sub value` overrides (draccus, through the CLI's parser)."""
+        from craftvla.cli.parsing import parse_config
+
+        return parse_config(VLAConfig, config_path=str(path), args=args or [])
+
+    @staticmethod
     def from_dict(data: dict) -> "VLAConfig":
         """Decode a dict (e.g. a checkpoint's config.json); unknown keys raise ConfigError."""
         try:

@@ -65,7 +65,7 @@ def test_fused_backbone_is_inferred_and_picks_the_fused_projector():
 def test_yaml_with_overrides_and_unknown_keys(tmp_path):
     path = tmp_path / "policy.yaml"
     path.write_text("chunk_size: 4\nllm:\n  num_layers: 2\nvision:\n  image_size: 96\n")
-    cfg = parse_config(VLAConfig, config_path=str(path), args=["--llm.attention", "causal", "--action_dim", "7"])
+    cfg = VLAConfig.from_yaml(path, args=["--llm.attention", "causal", "--action_dim", "7"])
     assert (cfg.chunk_size, cfg.llm.num_layers, cfg.vision.image_size, cfg.llm.attention, cfg.action_dim) == (
         4,
         2,

@@ -1,15 +1,18 @@
-"""The command line's parsing helpers: draccus with one-line errors and a clean --help, and
-comma-separated number lists. Every verb parses its config dataclass with `parse_config`."""
+"""The command line's parsing helpers: draccus with one-line errors and a clean --help, comma-separated
+number lists, and the argv / YAML helpers `craftvla train` layers its config with (train/config.py).
+Every verb parses its config dataclass with `parse_config`."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import draccus
+import yaml
 
 from craftvla.errors import ConfigError
 
@@ -84,3 +87,75 @@ def config_error(err: Exception, context: str) -> ConfigError:
     if cause is not None:
         return cause
     return ConfigError(f"{context}: " + " ".join(str(err).split()))  # one line
+
+
+# ----- argv and YAML layers (craftvla train: preset or checkpoint, then YAML, then flags) ----------
+
+FREE_FORM_KEYS = ("normalization",)  # mapping-valued fields (VLAConfig.normalization): replaced whole
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` merged into `base` key by key, recursively (YAML over a preset); free-form mappings
+    (FREE_FORM_KEYS) are replaced whole."""
+    out = dict(base)
+    for key, value in update.items():
+        both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if both_dicts and key not in FREE_FORM_KEYS else value
+    return out
+
+
+def prescan(argv: list[str], flag: str) -> Optional[str]:
+    """The value of `--flag v` / `--flag=v` in argv (draccus parses it again later)."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML config file's top-level mapping; a missing or malformed file is a ConfigError naming it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
+def bare_bools(argv: list[str], fields: dict) -> list[str]:
+    """A boolean flag given alone means true (`--resume` = `--resume true`); draccus wants a value."""
+    flags = {f"--{key}" for key, value in flatten(fields).items() if isinstance(value, bool)}
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
+def explicit_fields(argv: list[str]) -> dict[str, list[str]]:
+    """The dotted flags given on the command line by section: `--policy.llm.num_layers 8` ->
+    {"policy": ["llm.num_layers"]}."""
+    out: dict[str, list[str]] = {}
+    for arg in argv:
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            section, path = arg[2:].split("=", 1)[0].split(".", 1)
+            out.setdefault(section, []).append(path)
+    return out
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"llm": {"num_layers": 4}} -> {"llm.num_layers": 4}; free-form mappings (normalization) stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in FREE_FORM_KEYS:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

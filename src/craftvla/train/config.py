@@ -17,7 +17,16 @@ from typing import Any, Optional, Sequence
 import draccus
 import yaml
 
-from craftvla.cli.parsing import number_list, parse_config
+from craftvla.cli.parsing import (
+    bare_bools,
+    deep_merge,
+    explicit_fields,
+    flatten,
+    number_list,
+    parse_config,
+    prescan,
+    read_yaml,
+)
 from craftvla.config import HeadConfig, VLAConfig
 from craftvla.craft.config import CraftConfig
 from craftvla.errors import ConfigError, require
@@ -345,38 +354,6 @@ class TrainConfig(RunConfig):
         return self.steps // 20 if self.schedule.warmup_steps is None else self.schedule.warmup_steps
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
-        # `normalization` is a free-form mapping: replace it whole, never merge key by key.
-        out[key] = _deep_merge(out[key], value) if both_dicts and key != "normalization" else value
-    return out
-
-
-def _prescan(argv: list[str], flag: str) -> Optional[str]:
-    """The value of `--flag v` / `--flag=v` in argv (draccus parses it again later)."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config: file not found: {path}")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-    return data
-
-
 def parse_train_config(argv: list[str]) -> TrainConfig:
     """TrainConfig from `--preset` (or `--init_from`'s config.json), an optional `--config f.yaml`,
     then command-line overrides.
@@ -387,17 +364,17 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
     on-switch is off (SWITCHED_SECTIONS), are refused.
     """
     argv = list(argv)
-    config_path = _prescan(argv, "--config")
+    config_path = prescan(argv, "--config")
     if config_path is not None:
         i = next(i for i, a in enumerate(argv) if a.startswith("--config"))
         del argv[i : i + (1 if "=" in argv[i] else 2)]
-    user = _read_yaml(config_path) if config_path else {}
-    preset = _prescan(argv, "--preset") or user.get("preset")
-    init_from = _prescan(argv, "--init_from") or user.get("init_from")
+    user = read_yaml(config_path) if config_path else {}
+    preset = prescan(argv, "--preset") or user.get("preset")
+    init_from = prescan(argv, "--init_from") or user.get("init_from")
     start = init_policy_config(init_from, preset) if init_from else VLAConfig.preset(preset or "tiny")
     base = draccus.encode(TrainConfig(preset=None if init_from else preset or "tiny", policy=start))
-    merged = _deep_merge(base, user)
-    head_type = _prescan(argv, "--policy.head.type")
+    merged = deep_merge(base, user)
+    head_type = prescan(argv, "--policy.head.type")
     if head_type is not None and head_type != merged["policy"]["head"].get("type"):
         # Another head type: keep the preset's head fields that the new type also has (width, heads, ...).
         try:
@@ -405,7 +382,7 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
         except Exception:  # an unknown type: draccus names the valid ones when it parses the flag
             valid = {f.name for f in dataclasses.fields(HeadConfig)}
         merged["policy"]["head"] = {k: v for k, v in merged["policy"]["head"].items() if k in valid}
-    argv = _bare_bools(argv, merged)
+    argv = bare_bools(argv, merged)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(merged, f)
     origin = f"--init_from {init_from}" if init_from else f"preset {preset or 'tiny'!r}"
@@ -414,35 +391,13 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
         cfg = parse_config(TrainConfig, config_path=f.name, args=argv, prog="craftvla train", source=source)
     finally:
         os.unlink(f.name)
-    explicit = _explicit_fields(argv)
+    explicit = explicit_fields(argv)
     if init_from:
-        policy_keys = explicit.get("policy", []) + list(_flatten(user.get("policy") or {}))
+        policy_keys = explicit.get("policy", []) + list(flatten(user.get("policy") or {}))
         check_init_policy(cfg.policy, start, init_from, policy_keys)
     for section, switch in SWITCHED_SECTIONS.items():
         require_switched_on(section, getattr(cfg, section), switch, explicit.get(section, []))
     return cfg
-
-
-def _bare_bools(argv: list[str], fields: dict) -> list[str]:
-    """A boolean flag given alone means true (`--resume` = `--resume true`); draccus wants a value."""
-    flags = {f"--{key}" for key, value in _flatten(fields).items() if isinstance(value, bool)}
-    out = []
-    for i, arg in enumerate(argv):
-        out.append(arg)
-        if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            out.append("true")
-    return out
-
-
-def _explicit_fields(argv: list[str]) -> dict[str, list[str]]:
-    """The dotted flags given on the command line by section: `--policy.llm.num_layers 8` ->
-    {"policy": ["llm.num_layers"]}."""
-    out: dict[str, list[str]] = {}
-    for arg in argv:
-        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
-            section, path = arg[2:].split("=", 1)[0].split(".", 1)
-            out.setdefault(section, []).append(path)
-    return out
 
 
 # ----- fine-tuning a checkpoint (--init_from) ------------------------------------------------------
@@ -475,7 +430,7 @@ def check_init_policy(
     """Refuse a policy field that differs from the `init_from` checkpoint's (`start`) and that
     fine-tuning cannot change. `keys`: the dotted fields the user set (flags, YAML); None = all but
     the dataset's."""
-    have, want = _flatten(start.to_dict()), _flatten(policy.to_dict())
+    have, want = flatten(start.to_dict()), flatten(policy.to_dict())
     keys = [k for k in want if k not in _DATASET_FIELDS] if keys is None else keys
     differ = [
         k
@@ -506,17 +461,6 @@ def apply_fine_tune_fields(loaded: VLAConfig, wanted: VLAConfig) -> None:
             setattr(have, name, getattr(want, name))
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """{"llm": {"num_layers": 4}} -> {"llm.num_layers": 4}; free-form mappings (normalization) stay whole."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key != "normalization":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def dump_train_config(cfg: TrainConfig, path: str) -> None:
     """Write the resolved config as YAML (atomically), e.g. RUN/train_config.yaml."""
     from craftvla.files import write_text_atomic
@@ -526,7 +470,7 @@ def dump_train_config(cfg: TrainConfig, path: str) -> None:
 
 def flat_train_config(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config as {"optim.lr": 3e-4, ...} (the trackers' hyper-parameters)."""
-    return _flatten(draccus.encode(cfg))
+    return flatten(draccus.encode(cfg))
 
 
 def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
