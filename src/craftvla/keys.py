@@ -18,3 +18,6 @@ RAW_OBS_KEY = "raw_obs"  # the full 39-D Meta-World observation (what the script
 
 # Training batches from a dataset mixture (data/mixture.py) also carry each sample's source.
 SOURCE_KEY = "source_index"  # () int: the sample's dataset, its position in --dataset.roots
+
+# The environment variable holding the API key of `craftvla serve` (and of `eval --policy server`).
+API_KEY_ENV = "CRAFTVLA_API_KEY"

@@ -25,6 +25,7 @@ from craftvla.config import VLAConfig
 from craftvla.data.transforms import Normalize, Unnormalize
 from craftvla.errors import CraftVLAError
 from craftvla.keys import ACTION_KEY, STATE_KEY, TASK_KEY, TOKENS_KEY, TOKENS_MASK_KEY
+from craftvla.model.observations import ObservationLimits, check_actions, check_observations
 
 PROCESSOR_FILE = "processor.json"
 
@@ -38,6 +39,7 @@ class Processor:
         # The instructions of the policy's training data, its start's included when fine-tuned
         # (sorted); None = unknown. Evaluation reports each task as seen in training or not by them.
         self.training_tasks: Optional[list[str]] = None
+        self.limits = ObservationLimits()  # what infer accepts (runtime; `craftvla serve` sets its flags)
 
     # ----- statistics ---------------------------------------------------------------------------
     def set_stats(self, stats: Optional[dict], source: str) -> None:
@@ -106,9 +108,11 @@ class Processor:
 
     # ----- inference ----------------------------------------------------------------------------
     def observations(self, observations: Sequence[dict[str, Any]], device: torch.device | str = "cpu") -> dict:
-        """B raw observations (see the module docstring) -> a normalised model batch on `device`."""
-        self._check_observations(observations)
-        batch: dict[str, Any] = {TASK_KEY: [str(o[TASK_KEY]) for o in observations]}
+        """B raw observations (see the module docstring) -> a normalised model batch on `device`;
+        anything outside `self.limits` (model/observations.py) is refused first."""
+        check_observations(observations, self.config, self.stats, self.limits)
+        cut = self.limits.task_chars_per_token * self.config.llm.max_text_tokens
+        batch: dict[str, Any] = {TASK_KEY: [o[TASK_KEY][:cut] for o in observations]}
         for key in self.config.camera_keys:
             images = torch.from_numpy(np.stack([o[key] for o in observations]))  # (B, H, W, 3) uint8
             batch[key] = self.resize(images.permute(0, 3, 1, 2).float().div_(255.0)).to(device)  # (B, 3, S, S)
@@ -118,38 +122,18 @@ class Processor:
         batch[TOKENS_KEY], batch[TOKENS_MASK_KEY] = ids.to(device), mask.to(device)
         return self.normalize(batch)
 
-    def _check_observations(self, observations: Sequence[dict[str, Any]]) -> None:
-        needed = [*self.config.camera_keys, STATE_KEY, TASK_KEY]
-        for i, obs in enumerate(observations):
-            missing = [k for k in needed if k not in obs]
-            if missing:
-                raise CraftVLAError(
-                    f"observation {i} lacks {missing} (it has {sorted(obs)}); expected "
-                    f"{needed}: images (H, W, 3) uint8, state ({self.config.state_dim},), instruction"
-                )
-            for key in self.config.camera_keys:
-                image = np.asarray(obs[key])
-                if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                    raise CraftVLAError(
-                        f"observation {i}: {key} is {image.dtype} {image.shape}; expected (H, W, 3) uint8"
-                    )
-            if np.shape(obs[STATE_KEY]) != (self.config.state_dim,):
-                raise CraftVLAError(
-                    f"observation {i}: {STATE_KEY} has shape {np.shape(obs[STATE_KEY])}; "
-                    f"the policy expects ({self.config.state_dim},)"
-                )
-
     def actions(self, chunk: torch.Tensor) -> np.ndarray:
         """Normalised actions (B, H, A) -> robot units, clipped to the training data's range
-        (`action_clip="stats"`, as OpenVLA clips to its dataset bounds) -> float32 NumPy."""
+        (`action_clip="stats"`, as OpenVLA clips to its dataset bounds) -> float32 NumPy; a chunk
+        with a non-finite value is an error, never returned."""
         actions = self._transforms()[1]({ACTION_KEY: chunk.float()})[ACTION_KEY]  # (B, H, A)
         if self.config.action_clip == "stats":
             low = torch.as_tensor(np.asarray(self.stats[ACTION_KEY]["min"]), dtype=actions.dtype, device=actions.device)
             high = torch.as_tensor(
                 np.asarray(self.stats[ACTION_KEY]["max"]), dtype=actions.dtype, device=actions.device
             )
-            actions = torch.maximum(torch.minimum(actions, high), low)
-        return actions.cpu().numpy().astype(np.float32)
+            actions = torch.maximum(torch.minimum(actions, high), low)  # NaN stays NaN: checked next
+        return check_actions(actions.cpu().numpy().astype(np.float32))
 
     def metadata(self) -> dict:
         """What processor.json records beside stats.json and tokenizer/."""

@@ -35,15 +35,29 @@ def _encode(obj: Any) -> Any:
 
 def _decode(obj: dict) -> Any:
     if b"__ndarray__" in obj:
-        dtype = _dtype(obj[b"dtype"])
-        shape = tuple(obj[b"shape"])
-        data = obj[b"data"]
-        if len(data) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-            raise CraftVLAError(f"array of shape {shape} and dtype {dtype} with {len(data)} bytes")
+        dtype, shape, data = _dtype(_field(obj, b"dtype")), _shape(_field(obj, b"shape")), _field(obj, b"data")
+        if not isinstance(data, bytes) or len(data) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+            size = len(data) if isinstance(data, bytes) else type(data).__name__
+            raise CraftVLAError(f"array of shape {shape} and dtype {dtype} with {size} bytes")
         return np.frombuffer(data, dtype=dtype).reshape(shape)
     if b"__npgeneric__" in obj:
-        return _dtype(obj[b"dtype"]).type(obj[b"data"])
+        try:
+            return _dtype(_field(obj, b"dtype")).type(_field(obj, b"data"))
+        except (TypeError, ValueError, OverflowError):
+            raise CraftVLAError("a NumPy scalar whose data does not fit its dtype") from None
     return obj
+
+
+def _field(obj: dict, key: bytes) -> Any:
+    if key not in obj:
+        raise CraftVLAError(f"an encoded NumPy value without its {key.decode()!r} field")
+    return obj[key]
+
+
+def _shape(value) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(n, int) and n >= 0 for n in value):
+        raise CraftVLAError(f"an array shape must be a list of non-negative integers, got {value!r:.60}")
+    return tuple(value)
 
 
 def _dtype(text) -> np.dtype:

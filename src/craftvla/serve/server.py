@@ -1,6 +1,6 @@
 """`craftvla serve`: a trained policy behind a websocket, in openpi's protocol.
 
-    craftvla serve --checkpoint runs/train/checkpoints/last --port 8000 [--api_key KEY]
+    craftvla serve --checkpoint runs/train/checkpoints/last --port 8000 [--api_key_file FILE]
 
 Protocol (openpi's `WebsocketPolicyServer` / `WebsocketClientPolicy`, msgpack encoding in
 protocol.py): on connect the server sends its metadata (camera keys, state and action sizes,
@@ -10,7 +10,8 @@ chunk size, image size); then each binary message is one observation dict
     {"actions": (H, A) float32 in robot units, "server_timing": {"infer_ms", "batch_size", "prev_total_ms"}}.
 A request the server cannot serve gets one text frame with the reason, then the connection is
 closed (code 1011); the server keeps serving everyone else. `GET /healthz` answers 200 "OK".
-With an API key, clients must send `Authorization: Api-Key <key>` (openpi's header).
+With an API key (--api_key_file, or $CRAFTVLA_API_KEY), clients must send `Authorization: Api-Key <key>`
+(openpi's header); more than one Authorization header is refused with 400.
 
 Requests from different clients that wait at the same time run as one batch (`policy.infer_batch`,
 up to --max_batch), on one inference thread, so the event loop stays free for I/O. SIGINT / SIGTERM
@@ -26,13 +27,14 @@ import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
 from craftvla.errors import ConfigError, CraftVLAError
-from craftvla.keys import TASK_KEY
+from craftvla.keys import API_KEY_ENV, TASK_KEY
+from craftvla.model.observations import ObservationLimits
 
 from . import protocol
 
@@ -48,17 +50,46 @@ class ServeConfig:
     checkpoint: str = "runs/train/checkpoints/last"
     host: str = "127.0.0.1"  # interface to listen on (0.0.0.0: every interface)
     port: int = 8000  # TCP port (0: any free port, printed at start)
-    api_key: str = ""  # require "Authorization: Api-Key <key>" from clients; "" = no key
+    # require "Authorization: Api-Key <key>" from clients, the key read from this file (one line);
+    # None = the CRAFTVLA_API_KEY environment variable, else no key
+    api_key_file: Optional[str] = None
+    api_key: str = ""  # the key itself: visible to every local user in `ps`; use api_key_file (tests only)
     max_batch: int = 8  # requests waiting at the same time are run as one batch of up to this many
     device: str = "cpu"  # torch device of the policy
     precision: str = "auto"  # inference autocast: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32
     compile: bool = False  # torch.compile the inference path (the first request pays the compilation)
+    # what a request may hold (model/observations.py; `policy.infer` applies the same checks)
+    limits: ObservationLimits = field(default_factory=ObservationLimits)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port={self.port}: must be in 0..65535")
         if self.max_batch < 1:
             raise ConfigError(f"--max_batch={self.max_batch}: must be >= 1")
+
+
+def resolve_api_key(cfg: ServeConfig) -> str:
+    """The key clients must send: --api_key_file's, else $CRAFTVLA_API_KEY, else --api_key (with a
+    warning: the command line is public); "" = no key. Two sources given at once are refused."""
+    import os
+    from pathlib import Path
+
+    given = [name for name, value in (("--api_key_file", cfg.api_key_file), ("--api_key", cfg.api_key)) if value]
+    if len(given) > 1:
+        raise ConfigError("give the API key once: --api_key_file or --api_key, not both")
+    if cfg.api_key_file:
+        path = Path(cfg.api_key_file)
+        try:
+            key = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--api_key_file={path}: cannot read it ({type(err).__name__})") from None
+        if not key or "\n" in key:
+            raise ConfigError(f"--api_key_file={path}: expected one non-empty line (the key)")
+        return key
+    if cfg.api_key:
+        log.warning("--api_key is visible to every local user (ps, /proc); prefer --api_key_file or $%s", API_KEY_ENV)
+        return cfg.api_key
+    return os.environ.get(API_KEY_ENV, "").strip()
 
 
 def policy_metadata(policy) -> dict[str, Any]:
@@ -130,9 +161,12 @@ class PolicyServer:
     def _process_request(self, connection, request):
         if request.path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
+        given = request.headers.get_all("Authorization")
+        if len(given) > 1:  # which one would count? refuse rather than guess
+            return connection.respond(http.HTTPStatus.BAD_REQUEST, "more than one Authorization header\n")
         if self.api_key:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Api-Key {self.api_key}".encode()):
+            key = given[0] if given else ""
+            if not hmac.compare_digest(key.encode(), f"Api-Key {self.api_key}".encode()):
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
         return None
 
@@ -148,7 +182,7 @@ class PolicyServer:
                 try:
                     actions, infer_ms, batch = await self._infer(_observation(message))
                 except CraftVLAError as err:  # the request's fault: say why, close, serve the others
-                    await websocket.send(f"craftvla serve: {err}")
+                    await websocket.send(short_reason(f"craftvla serve: {err}"))
                     await websocket.close(code=1011, reason="bad request; the reason is in the previous frame")
                     return
                 timing = {"infer_ms": infer_ms, "batch_size": batch}
@@ -196,17 +230,35 @@ class PolicyServer:
             return [err]
 
 
+MAX_REASON_CHARS = 300  # an error frame says what is wrong, never echoes a whole request back
+
+
+def short_reason(text: str) -> str:
+    """One line of at most MAX_REASON_CHARS characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
+
+
 def _observation(message) -> dict:
-    """A decoded request: a dict with string keys; openpi's "prompt" accepted for the instruction."""
+    """A decoded request: a dict with string keys; openpi's "prompt" accepted for the instruction.
+    Whatever a client sends, the outcome is this dict or a CraftVLAError saying why not."""
     if isinstance(message, str):
         raise CraftVLAError("expected a binary msgpack message, got a text frame")
-    obs = protocol.unpack(message)
+    try:
+        obs = protocol.unpack(message)
+    except CraftVLAError:
+        raise
+    except Exception as err:  # noqa: BLE001  whatever else the decoder trips on is still the request's fault
+        raise CraftVLAError(f"undecodable request ({type(err).__name__})") from None
     if not isinstance(obs, dict) or not all(isinstance(k, str) for k in obs):
         raise CraftVLAError(f"expected an observation dict with string keys, got {type(obs).__name__}")
     if TASK_KEY not in obs and PROMPT_KEY in obs:
         obs[TASK_KEY] = obs.pop(PROMPT_KEY)
     if isinstance(obs.get(TASK_KEY), bytes):
-        obs[TASK_KEY] = obs[TASK_KEY].decode()
+        try:
+            obs[TASK_KEY] = obs[TASK_KEY].decode()
+        except UnicodeDecodeError:
+            raise CraftVLAError(f"{TASK_KEY} is not valid UTF-8") from None
     return obs
 
 
@@ -216,12 +268,14 @@ def main(argv: list[str]) -> int:
     from craftvla.model.policy import VLAPolicy
 
     cfg = parse_config(ServeConfig, args=argv, prog="craftvla serve")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    api_key = resolve_api_key(cfg)
     policy = VLAPolicy.from_pretrained(cfg.checkpoint, map_location=cfg.device).eval()
+    policy.processor.limits = cfg.limits
     policy.set_inference_precision(cfg.precision)
     if cfg.compile:
         policy.compile_inference()
-    server = PolicyServer(policy, cfg.host, cfg.port, cfg.api_key, cfg.max_batch)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    server = PolicyServer(policy, cfg.host, cfg.port, api_key, cfg.max_batch)
     print(f"craftvla serve: {cfg.checkpoint} (Ctrl-C to stop)", flush=True)
     server.run()
     print("craftvla serve: stopped", flush=True)

@@ -21,6 +21,7 @@ training loop and the demo.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from craftvla.cli.parsing import parse_config
 from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.files import atomic_path, write_json_atomic
+from craftvla.keys import API_KEY_ENV
 
 from .metaworld import DEFAULT_CAMERA, DEFAULT_TASKS, EVAL_STREAM, control_fps, instruction, parse_cameras, parse_tasks
 from .policies import CheckpointPolicy, ExpertPolicy, RandomPolicy, ServerPolicy, SimPolicy
@@ -52,7 +54,7 @@ class EvalConfig:
     episodes: int = 20  # episodes per task
     policy: str = "checkpoint"  # checkpoint | server (a running `craftvla serve`) | expert | random (reference rows)
     server: str = "ws://127.0.0.1:8000"  # with --policy server: the server's address
-    api_key: str = ""  # with --policy server: its API key, if it requires one
+    api_key: str = ""  # with --policy server: its API key, if it requires one; "" = $CRAFTVLA_API_KEY
     execute_steps: int = 0  # actions executed per predicted chunk before re-planning; 0 = H // 2
     seed: int = 0  # base seed of positions (evaluation stream: disjoint from collect's)
     num_videos: int = 2  # episodes per task saved as mp4
@@ -239,7 +241,7 @@ def make_policy(cfg: EvalConfig) -> SimPolicy:
     if cfg.policy == "random":
         return RandomPolicy(seed=cfg.seed)
     if cfg.policy == "server":
-        return ServerPolicy(cfg.server, api_key=cfg.api_key or None)
+        return ServerPolicy(cfg.server, api_key=cfg.api_key or os.environ.get(API_KEY_ENV) or None)
     policy = CheckpointPolicy.from_pretrained(cfg.checkpoint, device=cfg.device)
     policy.policy.set_inference_precision(cfg.precision)
     if cfg.compile:
