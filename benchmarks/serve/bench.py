@@ -4,11 +4,14 @@
     .venv/bin/python benchmarks/serve/bench.py report   # results.md
 
 The policy is the shipped generalist (tiny preset, 64 px). Cells: in-process `infer` (one caller,
-the floor), and the server in its own process (`craftvla serve`, as deployed) with N concurrent
-clients x M requests each, for --max_batch 1 (one request per forward) and 8 (requests waiting
-together share a forward). Each client sends a real Meta-World observation and waits for the
-answer before the next request (a robot's control loop). Per cell: p50/p95/p99 latency as the
-client sees it, and requests/s over the whole cell.
+the floor), and the server in its own process (`craftvla serve`, as deployed, default limits) with
+N = 1, 4, 16, 32 concurrent clients x M requests each, for --max_batch 1 (one request per forward)
+and 8 (requests waiting together share a forward); then two cells past the limits, 32 clients
+against --server.max_queue 8 (a request finding 8 already queued is answered "busy", the client
+reconnects and goes on) and against --server.max_connections 16 (16 clients are refused HTTP 503
+at the handshake). Each client sends a real Meta-World observation and waits for the answer before
+the next request (a robot's control loop). Per cell: p50/p95/p99 latency of the answered requests
+as the client sees it, requests/s over the whole cell, busy answers and refused connections.
 """
 
 from __future__ import annotations
@@ -31,7 +34,15 @@ from _lib import write_json  # noqa: E402
 
 RESULTS = HERE / "results"
 CHECKPOINT = ROOT / "assets" / "generalist" / "checkpoint"
-CELLS = [("inprocess", 1, 1)] + [("server", clients, batch) for batch in (1, 8) for clients in (1, 4, 8)]
+# (kind, clients, --max_batch, extra serve flags)
+CELLS = (
+    [("inprocess", 1, 1, ())]
+    + [("server", clients, batch, ()) for batch in (1, 8) for clients in (1, 4, 16, 32)]
+    + [
+        ("server", 32, 8, ("--server.max_queue", "8")),
+        ("server", 32, 8, ("--server.max_connections", "16")),
+    ]
+)
 
 
 def observation() -> dict:
@@ -72,7 +83,8 @@ def in_process(requests: int, warmup: int) -> dict:
     return summarise(latencies, time.perf_counter() - start)
 
 
-def over_server(clients: int, max_batch: int, requests: int, warmup: int) -> dict:
+def over_server(clients: int, max_batch: int, requests: int, warmup: int, flags: tuple = ()) -> dict:
+    from craftvla.errors import CraftVLAError
     from craftvla.serve.client import PolicyClient
     from tests.launch import free_port
 
@@ -89,6 +101,7 @@ def over_server(clients: int, max_batch: int, requests: int, warmup: int) -> dic
             str(port),
             "--max_batch",
             str(max_batch),
+            *flags,
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -97,22 +110,38 @@ def over_server(clients: int, max_batch: int, requests: int, warmup: int) -> dic
     try:
         _wait_healthy(port)
         url, obs = f"ws://127.0.0.1:{port}", observation()
-        connections = [PolicyClient(url) for _ in range(clients)]
+        connections, refused = [], 0
+        for _ in range(clients):
+            try:
+                connections.append(PolicyClient(url))
+            except CraftVLAError as err:  # HTTP 503 past --server.max_connections
+                assert "HTTP 503" in str(err), err
+                refused += 1
         for c in connections:
             for _ in range(warmup):
                 c.actions(obs)
         latencies: list[float] = []
-        lock, go = threading.Lock(), threading.Barrier(clients + 1)
+        busy = [0]
+        lock, go = threading.Lock(), threading.Barrier(len(connections) + 1)
 
         def loop(client):
-            mine = []
+            mine, refusals = [], 0
             go.wait()
             for _ in range(requests):
                 t = time.perf_counter()
-                client.actions(obs)
+                try:
+                    client.actions(obs)
+                except CraftVLAError as err:  # "busy" past --server.max_queue: the server closed; reconnect
+                    assert "busy" in str(err), err
+                    refusals += 1
+                    client.close()
+                    client = PolicyClient(url)
+                    continue
                 mine.append((time.perf_counter() - t) * 1000)
+            client.close()
             with lock:
                 latencies.extend(mine)
+                busy[0] += refusals
 
         threads = [threading.Thread(target=loop, args=(c,)) for c in connections]
         for t in threads:
@@ -122,9 +151,7 @@ def over_server(clients: int, max_batch: int, requests: int, warmup: int) -> dic
         for t in threads:
             t.join()
         wall = time.perf_counter() - start
-        for c in connections:
-            c.close()
-        return summarise(latencies, wall)
+        return {**summarise(latencies, wall), "busy": busy[0], "refused_connections": refused}
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -143,20 +170,25 @@ def _wait_healthy(port: int, timeout_s: float = 300) -> None:
 
 def run(args) -> None:
     sys.path.insert(0, str(ROOT))
-    for kind, clients, batch in CELLS:
-        out = RESULTS / f"{kind}__c{clients}__b{batch}.json"
+    for kind, clients, batch, flags in CELLS:
+        out = RESULTS / f"{cell_name(kind, clients, batch, flags)}.json"
         if out.is_file():
             continue
         if kind == "inprocess":
             record = in_process(args.requests * 4, args.warmup)
         else:
-            record = over_server(clients, batch, args.requests, args.warmup)
-        write_json(out, {"kind": kind, "clients": clients, "max_batch": batch, **record})
+            record = over_server(clients, batch, args.requests, args.warmup, flags)
+        write_json(out, {"kind": kind, "clients": clients, "max_batch": batch, "flags": list(flags), **record})
         print(out.name, f"p50 {record['p50_ms']:.1f} ms, {record['requests_per_s']:.1f} req/s", flush=True)
 
 
+def cell_name(kind: str, clients: int, batch: int, flags: tuple) -> str:
+    extra = "".join(f"__{f.lstrip('-').split('.')[-1]}{v}" for f, v in zip(flags[::2], flags[1::2]))
+    return f"{kind}__c{clients}__b{batch}{extra}"
+
+
 def report() -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    rows = [{**json.loads(p.read_text()), "name": p.stem} for p in sorted(RESULTS.glob("*.json"))]
     base = next((r for r in rows if r["kind"] == "inprocess"), None)
     lines = [
         "# `craftvla serve` under load (loopback) vs in-process `infer`",
@@ -165,15 +197,17 @@ def report() -> None:
         "(tiny preset, 64 px), one drawer-close observation; each client waits for its answer before the "
         "next request. Server in its own process. Latency is what the caller sees.",
         "",
-        "| where | clients | --max_batch | requests | p50 ms | p95 ms | p99 ms | requests/s | vs in-process req/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| where | clients | --max_batch | limit flags | answered | busy | refused conns | p50 ms | p95 ms "
+        "| p99 ms | requests/s | vs in-process req/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {("inprocess", 1, 1): 0, **{cell: i + 1 for i, cell in enumerate(CELLS[1:])}}
-    for r in sorted(rows, key=lambda r: order.get((r["kind"], r["clients"], r["max_batch"]), 99)):
+    order = {cell_name(*cell): i for i, cell in enumerate(CELLS)}
+    for r in sorted(rows, key=lambda r: order.get(r.get("name", ""), 99)):
         ratio = f"{r['requests_per_s'] / base['requests_per_s']:.2f}x" if base else "-"
         lines.append(
             f"| {'in-process infer' if r['kind'] == 'inprocess' else 'server'} | {r['clients']} | "
-            f"{r['max_batch'] if r['kind'] == 'server' else '-'} | {r['requests']} | {r['p50_ms']:.1f} | "
+            f"{r['max_batch'] if r['kind'] == 'server' else '-'} | {' '.join(r.get('flags', [])) or '-'} | "
+            f"{r['requests']} | {r.get('busy', 0)} | {r.get('refused_connections', 0)} | {r['p50_ms']:.1f} | "
             f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['requests_per_s']:.1f} | {ratio} |"
         )
     (HERE / "results.md").write_text("\n".join(lines) + "\n")

@@ -66,8 +66,15 @@ def state_bounds(stats: Optional[dict], tolerance: Optional[float]) -> Optional[
     return low - tolerance * width, high + tolerance * width
 
 
+def _array(i: int, key: str, value: Any) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, OverflowError):  # ragged lists and the like
+        raise CraftVLAError(f"observation {i}: {key} is a {type(value).__name__} that is not an array") from None
+
+
 def check_image(i: int, key: str, image: Any, min_side: int, max_side: int) -> None:
-    image = np.asarray(image)
+    image = _array(i, key, image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise CraftVLAError(f"observation {i}: {key} is {image.dtype} {image.shape}; expected (H, W, 3) uint8")
     height, width = image.shape[:2]
@@ -79,7 +86,7 @@ def check_image(i: int, key: str, image: Any, min_side: int, max_side: int) -> N
 
 
 def check_state(i: int, state: Any, dim: int, bounds: Optional[tuple[np.ndarray, np.ndarray]]) -> None:
-    array = np.asarray(state)
+    array = _array(i, STATE_KEY, state)
     if array.dtype.kind not in "biuf" or array.shape != (dim,):
         raise CraftVLAError(
             f"observation {i}: {STATE_KEY} is {array.dtype} {array.shape}; the policy expects ({dim},) numbers"

@@ -8,8 +8,14 @@ chunk size, image size); then each binary message is one observation dict
     {"observation.images.<cam>": (H, W, 3) uint8, "observation.state": (S,), "task": str}
 ("prompt" is accepted for "task", openpi's name) and the answer is
     {"actions": (H, A) float32 in robot units, "server_timing": {"infer_ms", "batch_size", "prev_total_ms"}}.
-A request the server cannot serve gets one text frame with the reason, then the connection is
-closed (code 1011); the server keeps serving everyone else. `GET /healthz` answers 200 "OK".
+A request the server cannot serve gets one text frame with the reason (at most 300 characters),
+then the connection is closed: 1011 for a bad request or one not answered within
+--server.request_timeout_s, 1013 (try again later) when --server.max_queue requests already wait;
+the server keeps serving everyone else. A message over --server.max_message_mb is closed with 1009
+by the websocket layer, a connection past --server.max_connections is answered HTTP 503, and the
+request of a client that disconnected while it waited is dropped before it is computed.
+Requests are validated by the policy (model/observations.py, the --limits.* flags) before any
+tensor is built. `GET /healthz` answers 200 "OK".
 With an API key (--api_key_file, or $CRAFTVLA_API_KEY), clients must send `Authorization: Api-Key <key>`
 (openpi's header); more than one Authorization header is refused with 400.
 
@@ -32,7 +38,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from craftvla.errors import ConfigError, CraftVLAError
+from craftvla.errors import ConfigError, CraftVLAError, require
 from craftvla.keys import API_KEY_ENV, TASK_KEY
 from craftvla.model.observations import ObservationLimits
 
@@ -40,6 +46,31 @@ from . import protocol
 
 log = logging.getLogger(__name__)
 PROMPT_KEY = "prompt"  # openpi's name for the instruction
+
+
+@dataclass
+class ServerLimits:
+    """What the server takes on at once; beyond it a client gets a clear answer, never a hang."""
+
+    # Largest request accepted, MiB (3 cameras of 640 x 480 are 2.6 MiB); bigger: close 1009 (too big).
+    max_message_mb: float = 8.0
+    # Requests waiting for the inference thread; one more gets a "busy" frame, then close 1013 (try again later).
+    max_queue: int = 64
+    # Open connections; one more is answered HTTP 503 at the handshake.
+    max_connections: int = 64
+    # A request not answered within this many seconds gets a "timed out" frame, then close 1011; its
+    # work is dropped if it has not started. (Requests of connections that closed are dropped too.)
+    request_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_mb", "request_timeout_s"):
+            require(getattr(self, name) > 0, f"server.{name}", getattr(self, name), "must be > 0")
+        for name in ("max_queue", "max_connections"):
+            require(getattr(self, name) >= 1, f"server.{name}", getattr(self, name), "must be >= 1")
+
+
+class Busy(CraftVLAError):
+    """The server is at a limit: the request is refused now and may succeed later."""
 
 
 @dataclass
@@ -60,6 +91,8 @@ class ServeConfig:
     compile: bool = False  # torch.compile the inference path (the first request pays the compilation)
     # what a request may hold (model/observations.py; `policy.infer` applies the same checks)
     limits: ObservationLimits = field(default_factory=ObservationLimits)
+    # what the server takes on at once (message size, queue, connections, time per request)
+    server: ServerLimits = field(default_factory=ServerLimits)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -111,12 +144,22 @@ class PolicyServer:
     """Serves `policy.infer_batch` over websockets; `run()` blocks until SIGINT / SIGTERM,
     `serve(ready, stop)` is the same as a coroutine (tests and benchmarks run it in a thread)."""
 
-    def __init__(self, policy, host: str = "127.0.0.1", port: int = 8000, api_key: str = "", max_batch: int = 8):
+    def __init__(
+        self,
+        policy,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        api_key: str = "",
+        max_batch: int = 8,
+        limits: Optional[ServerLimits] = None,
+    ):
         self.policy, self.host, self.port = policy, host, port
         self.api_key, self.max_batch = api_key, max_batch
+        self.limits = limits or ServerLimits()
         self.metadata = policy_metadata(policy)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="craftvla-infer")
         self._queue: Optional[asyncio.Queue] = None
+        self._open = 0  # connections being served
 
     # ----- lifecycle ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -141,7 +184,7 @@ class PolicyServer:
                 self.host,
                 self.port,
                 compression=None,
-                max_size=None,
+                max_size=int(self.limits.max_message_mb * 2**20),
                 process_request=self._process_request,
             ) as server:
                 self.port = server.sockets[0].getsockname()[1]
@@ -168,35 +211,74 @@ class PolicyServer:
             key = given[0] if given else ""
             if not hmac.compare_digest(key.encode(), f"Api-Key {self.api_key}".encode()):
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
+        if self._open >= self.limits.max_connections:
+            return connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"busy: {self._open} connections open, the limit (--server.max_connections); retry later\n",
+            )
         return None
 
     # ----- one connection -------------------------------------------------------------------------
     async def _handler(self, websocket) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        await websocket.send(protocol.pack(self.metadata))
-        previous: Optional[float] = None
+        self._open += 1
         try:
-            async for message in websocket:
-                start = time.perf_counter()
-                try:
-                    actions, infer_ms, batch = await self._infer(_observation(message))
-                except CraftVLAError as err:  # the request's fault: say why, close, serve the others
-                    await websocket.send(short_reason(f"craftvla serve: {err}"))
-                    await websocket.close(code=1011, reason="bad request; the reason is in the previous frame")
-                    return
-                timing = {"infer_ms": infer_ms, "batch_size": batch}
-                if previous is not None:
-                    timing["prev_total_ms"] = previous
-                await websocket.send(protocol.pack({"actions": actions, "server_timing": timing}))
-                previous = (time.perf_counter() - start) * 1000
+            await websocket.send(protocol.pack(self.metadata))
+            await self._serve_requests(websocket)
         except ConnectionClosed:
             pass
+        finally:
+            self._open -= 1
 
-    async def _infer(self, obs: dict) -> tuple[np.ndarray, float, int]:
+    async def _serve_requests(self, websocket) -> None:
+        closed = asyncio.ensure_future(websocket.wait_closed())  # one watcher per connection
+        try:
+            await self._answer(websocket, closed)
+        finally:
+            closed.cancel()
+
+    async def _answer(self, websocket, closed: asyncio.Future) -> None:
+        previous: Optional[float] = None
+        async for message in websocket:
+            start = time.perf_counter()
+            try:
+                result = await self._infer(_observation(message), closed)
+            except Busy as err:  # the server's state, not the request: retry later
+                await websocket.send(short_reason(f"craftvla serve: {err}"))
+                await websocket.close(code=1013, reason="busy; retry later")
+                return
+            except CraftVLAError as err:  # the request's fault: say why, close, serve the others
+                await websocket.send(short_reason(f"craftvla serve: {err}"))
+                await websocket.close(code=1011, reason="bad request; the reason is in the previous frame")
+                return
+            if result is None:  # the client left while its request waited
+                return
+            actions, infer_ms, batch = result
+            timing = {"infer_ms": infer_ms, "batch_size": batch}
+            if previous is not None:
+                timing["prev_total_ms"] = previous
+            await websocket.send(protocol.pack({"actions": actions, "server_timing": timing}))
+            previous = (time.perf_counter() - start) * 1000
+
+    async def _infer(self, obs: dict, closed: asyncio.Future) -> Optional[tuple[np.ndarray, float, int]]:
+        """Queue one request and wait for its answer; None when the connection closes first
+        (`closed` completes; the request is then dropped unless its batch already started)."""
+        if self._queue.qsize() >= self.limits.max_queue:
+            raise Busy(f"busy: {self._queue.qsize()} requests queued, the limit (--server.max_queue); retry later")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put((obs, future))
-        return await future
+        self._queue.put_nowait((obs, future))
+        done, _ = await asyncio.wait(
+            {future, closed}, timeout=self.limits.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if future in done:
+            return future.result()
+        future.cancel()  # the batcher skips it if it has not started
+        if closed in done:
+            return None
+        raise CraftVLAError(
+            f"no answer within {self.limits.request_timeout_s:g} s (--server.request_timeout_s): the server is overloaded"
+        )
 
     # ----- batching -------------------------------------------------------------------------------
     async def _batcher(self) -> None:
@@ -206,6 +288,9 @@ class PolicyServer:
             batch = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            batch = [(obs, future) for obs, future in batch if not future.done()]  # timed out or client gone
+            if not batch:
+                continue
             start = time.perf_counter()
             results = await loop.run_in_executor(self._executor, self._infer_many, [obs for obs, _ in batch])
             infer_ms = (time.perf_counter() - start) * 1000
@@ -275,7 +360,7 @@ def main(argv: list[str]) -> int:
     policy.set_inference_precision(cfg.precision)
     if cfg.compile:
         policy.compile_inference()
-    server = PolicyServer(policy, cfg.host, cfg.port, api_key, cfg.max_batch)
+    server = PolicyServer(policy, cfg.host, cfg.port, api_key, cfg.max_batch, cfg.server)
     print(f"craftvla serve: {cfg.checkpoint} (Ctrl-C to stop)", flush=True)
     server.run()
     print("craftvla serve: stopped", flush=True)
