@@ -40,6 +40,15 @@ def _open(url: str):
     return ws
 
 
+def _refusal(ws, starts: str, code: int) -> None:
+    """The server's answer on `ws` is a text frame starting with `starts`, then a close with `code`."""
+    reply = ws.recv(timeout=10)
+    assert isinstance(reply, str) and reply.startswith(starts), reply
+    with pytest.raises(ConnectionClosedError):
+        ws.recv(timeout=10)
+    assert ws.close_code == code
+
+
 def _wait_for(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -84,11 +93,7 @@ def test_a_request_past_the_queue_limit_is_answered_busy_1013(policy):
             b.send(protocol.pack(observation(task="b")))
             _wait_for(lambda: server._queue.qsize() == 1)  # b waits in the queue: it is full
             c.send(protocol.pack(observation(task="c")))
-            reply = c.recv(timeout=10)
-            assert reply.startswith("craftvla serve: busy: 1 requests queued, the limit (--server.max_queue)")
-            with pytest.raises(ConnectionClosedError):
-                c.recv(timeout=10)
-            assert c.close_code == 1013
+            _refusal(c, "craftvla serve: busy: 1 requests queued, the limit (--server.max_queue)", 1013)
         finally:
             gate.release.set()
         for ws in (a, b):
@@ -103,11 +108,7 @@ def test_a_request_not_answered_in_time_gets_timed_out_1011(policy):
         try:
             with _open(f"ws://127.0.0.1:{server.port}") as ws:
                 ws.send(protocol.pack(observation()))
-                reply = ws.recv(timeout=10)
-                assert reply.startswith("craftvla serve: no answer within 0.3 s (--server.request_timeout_s)")
-                with pytest.raises(ConnectionClosedError):
-                    ws.recv(timeout=10)
-                assert ws.close_code == 1011
+                _refusal(ws, "craftvla serve: no answer within 0.3 s (--server.request_timeout_s)", 1011)
         finally:
             gate.release.set()
 
