@@ -76,17 +76,12 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    """msgpack bytes -> the message; a malformed one is a CraftVLAError."""
+    """msgpack bytes -> the message; anything malformed is a CraftVLAError (a server answers it)."""
     try:
         return msgpack.unpackb(data, object_hook=_decode, raw=False)
     except CraftVLAError:
         raise
-    except (
-        msgpack.ExtraData,
-        msgpack.FormatError,
-        msgpack.StackError,
-        msgpack.OutOfData,
-        ValueError,
-        TypeError,
-    ) as err:
-        raise CraftVLAError(f"not a msgpack message ({' '.join(str(err).split())})") from None
+    except Exception as err:  # noqa: BLE001  msgpack raises assorted types (ExtraData, FormatError, ValueError, ...) on hostile bytes
+        raise CraftVLAError(
+            f"not a msgpack message ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+        ) from None

@@ -30,10 +30,12 @@ import asyncio
 import hmac
 import http
 import logging
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -104,9 +106,6 @@ class ServeConfig:
 def resolve_api_key(cfg: ServeConfig) -> str:
     """The key clients must send: --api_key_file's, else $CRAFTVLA_API_KEY, else --api_key (with a
     warning: the command line is public); "" = no key. Two sources given at once are refused."""
-    import os
-    from pathlib import Path
-
     given = [name for name, value in (("--api_key_file", cfg.api_key_file), ("--api_key", cfg.api_key)) if value]
     if len(given) > 1:
         raise ConfigError("give the API key once: --api_key_file or --api_key, not both")
@@ -326,15 +325,11 @@ def short_reason(text: str) -> str:
 
 def _observation(message) -> dict:
     """A decoded request: a dict with string keys; openpi's "prompt" accepted for the instruction.
-    Whatever a client sends, the outcome is this dict or a CraftVLAError saying why not."""
+    Whatever a client sends, the outcome is this dict or a CraftVLAError saying why not (the
+    decoder's guarantee, protocol.unpack)."""
     if isinstance(message, str):
         raise CraftVLAError("expected a binary msgpack message, got a text frame")
-    try:
-        obs = protocol.unpack(message)
-    except CraftVLAError:
-        raise
-    except Exception as err:  # noqa: BLE001  whatever else the decoder trips on is still the request's fault
-        raise CraftVLAError(f"undecodable request ({type(err).__name__})") from None
+    obs = protocol.unpack(message)
     if not isinstance(obs, dict) or not all(isinstance(k, str) for k in obs):
         raise CraftVLAError(f"expected an observation dict with string keys, got {type(obs).__name__}")
     if TASK_KEY not in obs and PROMPT_KEY in obs:
