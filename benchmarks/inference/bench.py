@@ -31,20 +31,37 @@ from _lib import write_json  # noqa: E402
 
 RESULTS = Path(os.environ.get("BENCH_RESULTS", HERE / "results"))
 PRESETS = ("tiny", "vla-adapter-qwen2.5-0.5b")
-HEADS = ("l1_bridge", "flow_matching", "discrete", "discrete_ar")
+HEADS = ("l1_bridge", "vla_adapter", "flow_matching", "discrete", "discrete_ar")
 BATCHES = (1, 8)
 MODES = ("eager", "compiled")
 
 
 def policy_config(preset: str, head: str):
-    """The preset with `head` in place of its own (same width, heads and flat read-out where they apply)."""
-    from craftvla.config import DiscreteHeadConfig, FlowMatchingHeadConfig, VLAConfig
+    """The preset with `head` in place of its own. The bridge heads (l1_bridge, flow_matching) take the
+    preset's own when it is one, else a VLA-Adapter-sized one (the LLM's width, its heads, a 1x MLP)."""
+    from craftvla.config import (
+        DiscreteHeadConfig,
+        FlowMatchingHeadConfig,
+        L1BridgeHeadConfig,
+        VLAAdapterHeadConfig,
+        VLAConfig,
+    )
 
     cfg = VLAConfig.preset(preset)
     cfg.llm.tokenizer, cfg.llm.weights_dir, cfg.vision.weights_dir, cfg.weights_dir = "bytes", None, None, None
     own = cfg.head
-    if head == "flow_matching":
-        cfg = dataclasses.replace(cfg, head=FlowMatchingHeadConfig(**dataclasses.asdict(own)))
+    bridge = (
+        own
+        if isinstance(own, L1BridgeHeadConfig)
+        else L1BridgeHeadConfig(hidden_dim=cfg.llm.hidden_size, num_heads=own.num_heads, mlp_ratio=1)
+    )
+    bridge = {f.name: getattr(bridge, f.name) for f in dataclasses.fields(L1BridgeHeadConfig)}
+    if head == "l1_bridge":
+        cfg = dataclasses.replace(cfg, head=L1BridgeHeadConfig(**bridge))
+    elif head == "vla_adapter":
+        cfg = dataclasses.replace(cfg, head=own if isinstance(own, VLAAdapterHeadConfig) else VLAAdapterHeadConfig())
+    elif head == "flow_matching":
+        cfg = dataclasses.replace(cfg, head=FlowMatchingHeadConfig(**bridge))
     elif head.startswith("discrete"):  # parallel slots need bidirectional attention; the KV cache a causal LLM
         cfg.llm.attention = "causal" if head == "discrete_ar" else "bidirectional"
         cfg = dataclasses.replace(cfg, head=DiscreteHeadConfig(num_heads=own.num_heads))

@@ -209,6 +209,36 @@ class L1BridgeHeadConfig(HeadConfig):
         require(self.mlp_ratio >= 1, "head.mlp_ratio", self.mlp_ratio, "must be >= 1")
 
 
+@HeadConfig.register_subclass("vla_adapter")
+@dataclass
+class VLAAdapterHeadConfig(HeadConfig):
+    """VLA-Adapter's released action head (its L1RegressionActionHead: an MLPResNet with one block per
+    LLM layer), key-compatible with its `action_head--*checkpoint.pt`; see model/heads/vla_adapter.py."""
+
+    # The head's width is the LLM's (the release's input_dim = hidden_dim = llm_dim): leave it unset.
+    hidden_dim: Optional[int] = None
+    # VLA-Adapter's blocks have 8 attention heads.
+    num_heads: int = 8
+    # true = the Pro block (per-stream keys and values, RoPE; VLA-Adapter's training default and the
+    # LIBERO-*-Pro releases); false = the original block (one shared q/k/v/o, no positions).
+    pro: bool = True
+    # Which hidden states the blocks read. "released" = as VLA-Adapter's code reads them: the task stream
+    # is the first N positions of the sequence (the first token, then every vision token but the last)
+    # and the adapter stream the Q positions before the STOP token (the last instruction token, then
+    # every query but the last) -- in a causal LM, the state that predicts each vision / query token.
+    # "tokens" = the N vision tokens' and Q queries' own states (as the l1_bridge head reads them).
+    streams: str = "released"
+    # Training only: std of the Gaussian added to the head's all-zero input, drawn afresh on every call
+    # and shared by the batch (VLA-Adapter's `learnable_random_perturbations`, never actually learned);
+    # 0 = off. Inference never adds it.
+    input_noise_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.streams in ("released", "tokens"), "head.streams", self.streams, "choose released or tokens")
+        require(self.input_noise_std >= 0, "head.input_noise_std", self.input_noise_std, "must be >= 0")
+
+
 @dataclass
 class PruningConfig:
     """Vision-token reduction in two stages (the original design notes' pruner): a token merger before the
@@ -503,7 +533,7 @@ def _small_pretrained() -> VLAConfig:
 def _vla_adapter_qwen25_05b() -> VLAConfig:
     # The real shapes (VLA-Adapter on Prismatic's prism-qwen25-dinosiglip-224px+0_5b): DINOv2 + SigLIP
     # fused at 224 px (256 patches each), Qwen2.5-0.5B (24 layers, width 896), 64 action queries,
-    # LIBERO-style 7-D actions and 8-D proprio. Set llm.weights_dir / vision.weights_dir to local dirs.
+    # LIBERO-style 7-D actions and 8-D proprio, VLA-Adapter's Pro head. Set weights_dir to a release.
     return VLAConfig(
         vision=VisionConfig(backbone_id="dinosiglip-vit-so-224px", image_size=224, patch_size=14),
         llm=LLMConfig(
@@ -516,7 +546,7 @@ def _vla_adapter_qwen25_05b() -> VLAConfig:
             vocab_size=151936,
             attention="causal",
         ),
-        head=L1BridgeHeadConfig(hidden_dim=896, num_heads=8, mlp_ratio=1),
+        head=VLAAdapterHeadConfig(pro=True),  # its released Pro head (model/heads/vla_adapter.py)
         camera_keys=[IMAGE_PREFIX + "image", IMAGE_PREFIX + "wrist_image"],
         state_dim=8,
         action_dim=7,

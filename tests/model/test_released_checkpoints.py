@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from craftvla import VLAConfig, VLAPolicy
-from craftvla.config import LLMConfig, VisionConfig
+from craftvla.config import L1BridgeHeadConfig, LLMConfig, VisionConfig
 from craftvla.errors import CraftVLAError
 from craftvla.model import released
 from craftvla.model.released import load_llm, load_release, split_prismatic, split_vla_adapter
@@ -101,13 +101,23 @@ def _release(root="release", drop=(), extra=()):
 
 
 def test_every_released_tensor_fits_the_real_shaped_preset(real_shaped_policy):
-    """All 982 tensors of model.safetensors and the proprio projector load strictly (meta device)."""
+    """All 982 tensors of model.safetensors, the proprio projector and the 217,864,223-parameter Pro
+    action head (its film_gen included) load strictly into the preset (meta device)."""
     release = _release()
     assert len(release.towers) == 2 and release.queries.shape == (64, 896)
     load_llm(real_shaped_policy.llm, release)
-    load_release(real_shaped_policy, release, load_head=False)
-    with pytest.raises(CraftVLAError, match="another head architecture.*MLPResNet.*load_action_head false"):
-        load_release(real_shaped_policy, release, load_head=True)
+    load_release(real_shaped_policy, release, load_head=True)
+    head = real_shaped_policy.action_head
+    assert sum(p.numel() for p in head.model.parameters()) == 217_864_223
+    assert set(head.model.state_dict()) == {k.removeprefix("model.") for k in release.head[1]}
+
+
+def test_a_released_head_asks_for_the_vla_adapter_head_type():
+    with torch.device("meta"):
+        cfg = VLAConfig.preset("vla-adapter-qwen2.5-0.5b", head=L1BridgeHeadConfig(hidden_dim=896, num_heads=8))
+        bridge = VLAPolicy(cfg, load_weights=False)
+    with pytest.raises(CraftVLAError, match="another head architecture.*MLPResNet.*--policy.head.type vla_adapter"):
+        load_release(bridge, _release(), load_head=True)
 
 
 def test_a_prismatic_checkpoint_fits_the_real_shaped_preset(real_shaped_policy):

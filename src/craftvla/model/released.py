@@ -7,8 +7,8 @@ VLA-Adapter release (a Hugging Face directory such as VLA-Adapter/LIBERO-Spatial
                                        projector.fc{1,2,3}.*, language_model.model.*, action_queries.weight
                                        (the LM head is tied to the embeddings and not stored)
     proprio_projector--*checkpoint.pt  [module.]fc1 / fc2: the proprioception MLP -> our head's `proprio`
-    action_head--*checkpoint.pt        VLA-Adapter's MLPResNet head: loaded only when the keys are
-                                       craftvla's; its own architecture is not implemented here
+    action_head--*checkpoint.pt        [module.]model.*: VLA-Adapter's MLPResNet head -> the `vla_adapter`
+                                       head (model/heads/vla_adapter.py), original or Pro
     tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, ...
 Prismatic training run (prismatic/training/strategies/{ddp,fsdp}.py):
     config.json                        {"model": {"llm_backbone_id": ..., ...}}
@@ -228,17 +228,12 @@ def load_release(policy, release: Release, load_head: bool) -> None:
     if release.queries is not None:
         load_into(policy.action_queries, {"weight": release.queries}, f"{where}: action_queries.weight")
     if release.proprio is not None:
-        proprio = {
-            "0.weight": release.proprio.get("fc1.weight"),
-            "0.bias": release.proprio.get("fc1.bias"),
-            "2.weight": release.proprio.get("fc2.weight"),
-            "2.bias": release.proprio.get("fc2.bias"),
-        }
-        if not hasattr(policy.action_head, "proprio") or any(v is None for v in proprio.values()):
+        if not hasattr(policy.action_head, "proprio"):
             raise CraftVLAError(
-                f"{where}: proprio_projector keys {sorted(release.proprio)} do not fit the "
-                f"{policy.config.head.type} head (expected fc1/fc2 and an l1_bridge or flow head)"
+                f"{where}: a proprio_projector, and the {policy.config.head.type} head has no proprio "
+                "input (use the vla_adapter, l1_bridge or flow_matching head)"
             )
+        proprio = proprio_state(release.proprio, f"{where}: proprio_projector")
         load_into(policy.action_head.proprio, proprio, f"{where}: proprio_projector")
     if release.head is not None and load_head:
         _load_head(policy, *release.head)
@@ -252,15 +247,47 @@ def load_llm(llm, release: Release) -> None:
 
 def _load_head(policy, path: Path, state: dict) -> None:
     from craftvla.model.checkpoints import load_into
+    from craftvla.model.heads.vla_adapter import VLAAdapterHead
 
+    if isinstance(policy.action_head, VLAAdapterHead):
+        load_vla_adapter_head(policy.action_head, path, state)
+        return
     own = policy.action_head.state_dict()
     if not set(state) & set(own):
         raise CraftVLAError(
             f"{path}: {len(state)} tensors of another head architecture (e.g. {sorted(state)[:2]}: VLA-Adapter's "
             f"MLPResNet); craftvla's {policy.config.head.type} head has none of these keys. Pass "
-            "--policy.load_action_head false to start the head fresh and load every other part"
+            "--policy.head.type vla_adapter to load it as released, or --policy.load_action_head false to "
+            "start the head fresh and load every other part"
         )
     load_into(policy.action_head, state, str(path))
+
+
+def load_vla_adapter_head(head, path: Path, state: dict) -> None:
+    """VLA-Adapter's action-head file (`module.` already stripped: `model.*` keys) into a `vla_adapter`
+    head, strictly; the Pro / original variant is read from the keys and must be the configured one."""
+    from craftvla.model.checkpoints import load_into
+    from craftvla.model.heads.vla_adapter import ProBlock
+
+    outside = sorted(k for k in state if not k.startswith("model."))
+    if outside:
+        raise CraftVLAError(f"{path}: {len(outside)} keys outside VLA-Adapter's head (e.g. {outside[:3]})")
+    model = {k.removeprefix("model."): v for k, v in state.items()}
+    pro = any(".k_self." in k for k in model)
+    if pro != isinstance(head.model.mlp_resnet_blocks[0], ProBlock):
+        raise CraftVLAError(
+            f"{path}: VLA-Adapter's {'Pro' if pro else 'original'} head; the policy's is the "
+            f"{'original' if pro else 'Pro'} (set --policy.head.pro {str(pro).lower()})"
+        )
+    load_into(head.model, model, str(path))
+
+
+def proprio_state(proprio: dict, where: str) -> dict:
+    """The release's proprio projector (fc1 / fc2) in the keys of a head's `proprio` Sequential."""
+    mapped = {f"{i}.{p}": proprio.get(f"fc{j}.{p}") for i, j in ((0, 1), (2, 2)) for p in ("weight", "bias")}
+    if any(v is None for v in mapped.values()) or len(proprio) != 4:
+        raise CraftVLAError(f"{where}: proprio_projector keys {sorted(proprio)}; expected fc1/fc2 weight and bias")
+    return mapped
 
 
 # ----- files -----------------------------------------------------------------------------------------

@@ -63,6 +63,14 @@ class TokenLayout:
         positions = torch.arange(self.seq_len, device=self.attention_mask.device)
         return (self.attention_mask.bool() * positions).argmax(dim=1)
 
+    def preceding(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, n) positions -> (B, n) the position of the last real token before each (instruction
+        padding skipped): in a causal LM, the state that predicts the token at `index`. Position 0
+        (the first token) has none and maps to itself."""
+        positions = torch.arange(self.seq_len, device=index.device)
+        last_real = torch.where(self.attention_mask.bool(), positions, 0).cummax(dim=1).values  # (B, L)
+        return last_real.gather(1, (index - 1).clamp(min=0))
+
     def prefix(self) -> tuple[int, "TokenLayout"]:
         """[BOS][vision][text], everything before the action queries (what an autoregressive decoder
         prefills): its length, from the shapes (no host sync), and its layout. For a sequence as

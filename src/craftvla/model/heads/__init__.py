@@ -8,11 +8,13 @@ from craftvla.model.heads.base import ActionHead
 from craftvla.model.heads.discrete import DiscreteHead
 from craftvla.model.heads.flow_matching import FlowMatchingHead
 from craftvla.model.heads.l1_bridge import L1BridgeHead
+from craftvla.model.heads.vla_adapter import VLAAdapterHead
 
 HEADS: dict[str, type[ActionHead]] = {
     "l1_bridge": L1BridgeHead,
     "flow_matching": FlowMatchingHead,
     "discrete": DiscreteHead,
+    "vla_adapter": VLAAdapterHead,
 }
 
 
@@ -30,4 +32,4 @@ def build_head(config: VLAConfig, llm_dim: int, num_layers: int, num_vision_toke
     )
 
 
-__all__ = ["HEADS", "ActionHead", "DiscreteHead", "FlowMatchingHead", "L1BridgeHead", "build_head"]
+__all__ = ["HEADS", "ActionHead", "DiscreteHead", "FlowMatchingHead", "L1BridgeHead", "VLAAdapterHead", "build_head"]
