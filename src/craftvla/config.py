@@ -25,7 +25,7 @@ VISION_BACKBONES = ("tiny-vit", "tiny-dinosiglip", "mobilenet_v2", "siglip-vit-s
 PROJECTORS = ("linear", "mlp", "fused_mlp")
 LLM_FAMILIES = ("qwen2", "llama", "mistral", "bert")
 ATTENTION_MODES = ("bidirectional", "causal")
-NORM_MODES = ("mean_std", "min_max", "identity")
+NORM_MODES = ("mean_std", "min_max", "q01_q99", "identity")  # data/transforms.py implements them
 MERGERS = ("none", "learned", "learned_v2", "pool", "tome")
 SCORERS = ("none", "attention", "mlp", "random", "fastv", "instruction")
 
@@ -126,9 +126,23 @@ class LLMConfig:
     vocab_size: Optional[int] = None
     # Instructions longer than this (in tokens) are truncated.
     max_text_tokens: int = 48
+    # The text around the instruction: a format string with one {task}; None = the bare instruction.
+    # Its first token opens the sequence in the BOS slot, before the vision tokens (Prismatic inserts
+    # the patches after the prompt's first token); the rest is the text. A VLA-Adapter release sets its own.
+    prompt: Optional[str] = None
+    # Lower-case the instruction before tokenising it (VLA-Adapter and OpenVLA do).
+    lowercase_task: bool = False
+    # The token that closes the sequence after the action queries; None = the tokenizer's eos / sep.
+    stop_token_id: Optional[int] = None
 
     def __post_init__(self) -> None:
         require(self.family in LLM_FAMILIES, "llm.family", self.family, f"choose one of {LLM_FAMILIES}")
+        require(
+            self.prompt is None or self.prompt.count("{task}") == 1,
+            "llm.prompt",
+            self.prompt,
+            "needs exactly one {task} (where the instruction goes)",
+        )
         require(self.attention in ATTENTION_MODES, "llm.attention", self.attention, f"choose one of {ATTENTION_MODES}")
         require(
             not (self.family == "bert" and self.attention == "causal"),

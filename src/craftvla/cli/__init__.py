@@ -22,7 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prune": ("craftvla.prune.commands", "vision-token pruning: prune train --stage 1|2, prune eval"),
     "serve": ("craftvla.serve.server", "serve a checkpoint over a websocket (openpi's protocol)"),
     "demo": ("craftvla.demo", "the whole story on a CPU with a built-in default"),
-    "info": ("craftvla.model.summary", "print a preset's shapes and parameter counts"),
+    "info": ("craftvla.model.summary", "print a preset's or a release's shapes, parameter counts and files"),
 }
 
 

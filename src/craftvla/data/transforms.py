@@ -15,10 +15,15 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from craftvla.config import NORM_MODES
 from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.keys import IMAGE_PREFIX
 
-MODES = ("mean_std", "min_max", "identity")
+MODES = NORM_MODES
+# The statistics each mode reads; q01_q99 also reads "mask" (dims left as they are) and "min"/"max"
+# (dims where min == max normalise to 0) when present (OpenVLA / VLA-Adapter's BOUNDS_Q99).
+NEEDED = {"mean_std": ("mean", "std"), "min_max": ("min", "max"), "q01_q99": ("q01", "q99")}
+OPTIONAL = {"q01_q99": ("mask", "min", "max")}
 EPS = 1e-8  # keeps constant features (std = 0 or max = min) finite
 
 
@@ -48,10 +53,11 @@ class _StatsTransform:
                 raise ConfigError(f"normalization mapping[{key!r}]={mode!r}: expected one of {MODES}")
             if mode == "identity":
                 continue
-            needed = ("mean", "std") if mode == "mean_std" else ("min", "max")
+            needed = NEEDED[mode]
             if key not in stats or any(n not in stats[key] for n in needed):
                 raise CraftVLAError(f"stats: no {'/'.join(needed)} for {key!r} (needed by mode {mode!r})")
-            self.stats[key] = {n: torch.as_tensor(np.asarray(stats[key][n]), dtype=torch.float32) for n in needed}
+            names = needed + tuple(n for n in OPTIONAL.get(mode, ()) if n in stats[key])
+            self.stats[key] = {n: torch.as_tensor(np.asarray(stats[key][n]), dtype=torch.float32) for n in names}
 
     def _apply(self, item: dict[str, Any], fn: Callable) -> dict[str, Any]:
         out = dict(item)
@@ -79,13 +85,23 @@ class Unnormalize(_StatsTransform):
 def _normalize(x: torch.Tensor, st: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
     if mode == "mean_std":
         return (x - st["mean"]) / (st["std"] + EPS)
+    if mode == "q01_q99":  # [q01, q99] -> [-1, 1], clipped; masked-off dims as they are; constant dims 0
+        scaled = (2.0 * (x - st["q01"]) / (st["q99"] - st["q01"] + EPS) - 1.0).clamp(-1.0, 1.0)
+        out = torch.where(_mask(st, x), scaled, x)
+        return torch.where(st["min"] == st["max"], 0.0, out) if "min" in st and "max" in st else out
     return 2.0 * (x - st["min"]) / (st["max"] - st["min"] + EPS) - 1.0
 
 
 def _unnormalize(x: torch.Tensor, st: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
     if mode == "mean_std":
         return x * (st["std"] + EPS) + st["mean"]
+    if mode == "q01_q99":  # not clipped, as theirs
+        return torch.where(_mask(st, x), 0.5 * (x + 1.0) * (st["q99"] - st["q01"] + EPS) + st["q01"], x)
     return (x + 1.0) / 2.0 * (st["max"] - st["min"] + EPS) + st["min"]
+
+
+def _mask(st: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:  # (A,) bool: dims normalised
+    return st["mask"] > 0.5 if "mask" in st else torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
 
 
 class _ImageTransform:

@@ -193,11 +193,16 @@ def _write_files(policy, out: Path) -> None:
 
 
 def load_policy(cls, directory, map_location="cpu"):
-    """Rebuild a policy from a craftvla checkpoint directory (no network, no pickle); any missing,
+    """Rebuild a policy from a craftvla checkpoint directory or a VLA-Adapter release (no network, no
+    pickle); any missing,
     truncated or mismatched file is one CraftVLAError naming it."""
+    from craftvla.model.released import VLA_ADAPTER, load_release_policy, release_kind
+
     root = Path(directory)
     if not root.is_dir():
         raise CraftVLAError(f"{root}: checkpoint directory not found")
+    if release_kind(root) == VLA_ADAPTER:  # a VLA-Adapter release acts as released
+        return load_release_policy(cls, root).to(map_location)
     config = read_policy_config(root / "config.json")
     llm_config = _read_llm_config(root / "llm_config.json")
     tokenizer = _read_tokenizer(config, root / "tokenizer")

@@ -88,7 +88,7 @@ class VLAPolicy(nn.Module):
         from craftvla.prune.module import build_pruning
 
         self.pruning = build_pruning(self)
-        self._bos_id, self._stop_id = _special_ids(self.tokenizer)
+        self._bos_id, self._stop_id = _special_ids(self.tokenizer, config.llm)
         if load_weights:
             from craftvla.model.checkpoints import load_pretrained_parts
 
@@ -271,12 +271,21 @@ class VLAPolicy(nn.Module):
         return load_policy(cls, directory, map_location)
 
 
-def _special_ids(tokenizer) -> tuple[int, int]:
-    """BOS and STOP token ids: <bos>/<eos> (byte, Llama), [CLS]/[SEP] (BERT), eos twice (Qwen: no BOS)."""
+def _special_ids(tokenizer, llm) -> tuple[int, int]:
+    """BOS and STOP token ids: the prompt's first token (`llm.prompt`), else <bos>/<eos> (byte, Llama),
+    [CLS]/[SEP] (BERT), eos twice (Qwen: no BOS); STOP = `llm.stop_token_id` when set."""
+    from craftvla.model.processor import prompt_first_token
+
     bos = next(
         (t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id) if t is not None), None
     )
     stop = next((t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None), None)
+    if llm.prompt is not None:
+        bos = prompt_first_token(tokenizer, llm)
+    if llm.stop_token_id is not None:
+        if not 0 <= llm.stop_token_id < len(tokenizer):
+            raise CraftVLAError(f"llm.stop_token_id={llm.stop_token_id}: outside the tokenizer's {len(tokenizer)} ids")
+        stop = llm.stop_token_id
     if bos is None or stop is None:
         raise CraftVLAError("the tokenizer defines neither bos/cls nor eos/sep tokens")
     if tokenizer.pad_token_id is None:

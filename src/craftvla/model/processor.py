@@ -78,16 +78,29 @@ class Processor:
     # ----- text ---------------------------------------------------------------------------------
     def tokenize(self, tasks: Sequence[str], pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Instructions -> ids (B, T) long and mask (B, T) bool, right-padded, no special tokens;
-        T = the longest instruction, or llm.max_text_tokens with `pad_to_max` (fixed-size items)."""
+        T = the longest instruction, or llm.max_text_tokens with `pad_to_max` (fixed-size items).
+        With `llm.prompt` each instruction is set in the prompt and the prompt's first token (the
+        sequence's BOS slot, `prompt_first_token`) is left out."""
+        llm = self.config.llm
+        extra = 0 if llm.prompt is None else 1
         enc = self.tokenizer(
-            list(tasks),
+            [render_prompt(llm, t) for t in tasks],
             add_special_tokens=False,
             truncation=True,
             padding="max_length" if pad_to_max else "longest",
-            max_length=self.config.llm.max_text_tokens,
+            max_length=llm.max_text_tokens + extra,
             return_tensors="pt",
         )
-        return enc["input_ids"], enc["attention_mask"].bool()
+        ids, mask = enc["input_ids"], enc["attention_mask"].bool()
+        if extra:
+            first = prompt_first_token(self.tokenizer, llm)
+            if not bool((ids[:, 0] == first).all()):
+                raise CraftVLAError(
+                    f"llm.prompt {llm.prompt!r}: its first token changes with the instruction; start it with "
+                    "fixed text (e.g. a special token)"
+                )
+            ids, mask = ids[:, 1:], mask[:, 1:]
+        return ids, mask
 
     # ----- training items -----------------------------------------------------------------------
     def transform(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +151,20 @@ class Processor:
     def metadata(self) -> dict:
         """What processor.json records beside stats.json and tokenizer/."""
         return {"stats_source": self.stats_source, "training_tasks": self.training_tasks}
+
+
+def render_prompt(llm, task: str) -> str:
+    """The text the tokenizer reads for one instruction (`llm.prompt`, `llm.lowercase_task`)."""
+    task = task.lower() if llm.lowercase_task else task
+    return task if llm.prompt is None else llm.prompt.replace("{task}", task)
+
+
+def prompt_first_token(tokenizer, llm) -> int:
+    """The id of `llm.prompt`'s first token: the sequence's BOS slot when a prompt is set."""
+    ids = tokenizer(render_prompt(llm, ""), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise CraftVLAError(f"llm.prompt {llm.prompt!r} tokenises to nothing")
+    return int(ids[0])
 
 
 def crop_text_padding(batch: dict[str, Any]) -> dict[str, Any]:

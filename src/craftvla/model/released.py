@@ -290,6 +290,149 @@ def proprio_state(proprio: dict, where: str) -> dict:
     return mapped
 
 
+# ----- a release as a whole policy -------------------------------------------------------------------
+
+STATS_FILE = "dataset_statistics.json"
+# What a release's files do not hold: VLA-Adapter takes the chunk length and camera count from its
+# platform constants (prismatic/vla/constants.py, chosen from the command line), i.e. from the
+# dataset its head was trained on. Its releases are LIBERO-* and CALVIN-ABC.
+PLATFORMS = {"libero": dict(chunk_size=8, cameras=2), "calvin": dict(chunk_size=8, cameras=2)}
+# The prompt its inference builds around the lower-cased instruction for the Qwen2.5 backbone
+# (experiments/robot/openvla_utils.py, get_vla_action with use_minivlm): Qwen's chat turns. Its
+# first token, <|im_start|>, precedes the vision tokens; token id 2 closes the sequence (STOP_INDEX).
+VLA_ADAPTER_PROMPT = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nWhat action should the robot take to {task}?<|im_end|>\n<|im_start|>assistant\n"
+)
+VLA_ADAPTER_STOP_ID = 2
+
+
+def release_stats(root: Path) -> tuple[str, dict]:
+    """dataset_statistics.json -> (its dataset key, craftvla stats {action, observation.state: {stat:
+    array}}) with q01 / q99 / mask / min / max as the release normalised with them."""
+    from craftvla.data.stats import from_jsonable
+    from craftvla.keys import ACTION_KEY, STATE_KEY
+
+    path = root / STATS_FILE
+    raw = _read_json(path)
+    if len(raw) != 1:
+        raise CraftVLAError(
+            f"{path}: {len(raw)} datasets ({sorted(raw)[:5]}); craftvla reads a release fine-tuned on one "
+            "(VLA-Adapter's own releases are): keep the entry of the dataset to act on"
+        )
+    key, entry = next(iter(raw.items()))
+    found = {name: entry.get(field) for name, field in ((ACTION_KEY, "action"), (STATE_KEY, "proprio"))}
+    for name, stats in found.items():
+        if not isinstance(stats, dict) or not {"q01", "q99"} <= set(stats):
+            raise CraftVLAError(f"{path}: {key}.{'action' if name == ACTION_KEY else 'proprio'} has no q01/q99")
+    return key, from_jsonable({n: {k: v for k, v in st.items() if k != "count"} for n, st in found.items()}, str(path))
+
+
+def release_base():
+    """What a release's files do not describe (the vision towers' architecture): the real-shaped preset."""
+    from craftvla.config import VLAConfig
+
+    return VLAConfig.preset("vla-adapter-qwen2.5-0.5b")
+
+
+def release_config(root: Path):
+    """The VLAConfig of a VLA-Adapter release: `release_base()` with the head variant its action-head
+    file holds, the action and state sizes of its statistics, the chunk length and camera count of its
+    platform, its normalisation (q01/q99, unclipped) and its prompt. The LLM's config is the release's
+    own (its config.json's text_config, read when the policy is built)."""
+    import dataclasses
+
+    from craftvla.config import VLAAdapterHeadConfig
+    from craftvla.keys import ACTION_KEY, IMAGE_PREFIX, STATE_KEY
+
+    if release_kind(root) != VLA_ADAPTER:
+        raise CraftVLAError(f"{root}: not a VLA-Adapter release (no model.safetensors with language_model.* keys)")
+    key, stats = release_stats(root)
+    platform = next((name for name in PLATFORMS if name in key.lower()), None)
+    if platform is None:
+        raise CraftVLAError(
+            f"{root / STATS_FILE}: dataset {key!r}: a release's files do not hold its chunk length (VLA-Adapter "
+            f"takes it from its platform's constants); craftvla knows {sorted(PLATFORMS)}"
+        )
+    preset = release_base()
+    vision = _read_json(root / "config.json").get("vision_backbone_id")
+    if vision != preset.vision.backbone_id:
+        raise CraftVLAError(
+            f"{root / 'config.json'}: vision_backbone_id {vision!r}; craftvla builds {preset.vision.backbone_id!r} "
+            "(the one VLA-Adapter releases use)"
+        )
+    head = _module_file(root, "action_head")
+    pro = head is None or any(".k_self." in k for k in head[1])
+    cameras = ["image", "wrist_image", "third_image"][: PLATFORMS[platform]["cameras"]]
+    llm = dataclasses.replace(
+        preset.llm,
+        prompt=VLA_ADAPTER_PROMPT,
+        lowercase_task=True,
+        stop_token_id=VLA_ADAPTER_STOP_ID,
+        max_text_tokens=128,
+    )
+    return dataclasses.replace(
+        preset,
+        llm=llm,
+        head=VLAAdapterHeadConfig(pro=pro),
+        camera_keys=[IMAGE_PREFIX + c for c in cameras],
+        state_dim=len(stats[STATE_KEY]["q01"]),
+        action_dim=len(stats[ACTION_KEY]["q01"]),
+        chunk_size=PLATFORMS[platform]["chunk_size"],
+        normalization={STATE_KEY: "q01_q99", ACTION_KEY: "q01_q99"},
+        action_clip="none",
+        weights_dir=str(root),
+        preset_name=f"vla-adapter release {root.name}",
+    )
+
+
+def load_release_policy(cls, root: Path):
+    """A VLA-Adapter release directory as a policy: every part loaded strictly, its statistics adopted."""
+    key, stats = release_stats(root)
+    policy = cls(release_config(root))
+    policy.set_stats(stats, f"{root / STATS_FILE} [{key}]")
+    return policy
+
+
+def describe_release(root: Path) -> str:
+    """What a release directory holds and what craftvla will load from it (`craftvla info --weights_dir`)."""
+    from craftvla.files import safetensors_header
+
+    kind = release_kind(root)
+    if kind is None:
+        raise CraftVLAError(f"{root}: neither a VLA-Adapter release nor a Prismatic run directory")
+    lines = [f"{root}: a {kind} directory"]
+    if kind == PRISMATIC:
+        lines.append(f"  {_prismatic_file(root).relative_to(root)}: projector, LLM (+ vision towers when trained)")
+        lines.append("  loads as the parts of a policy (--policy.weights_dir); no action head")
+        return "\n".join(lines)
+    keys, _ = safetensors_header(root / "model.safetensors")
+    groups = {p: sum(k.startswith(p) for k in keys) for p in ("vision_backbone.", "projector.", "language_model.")}
+    lines.append(
+        f"  model.safetensors: {len(keys)} tensors (vision {groups['vision_backbone.']}, projector "
+        f"{groups['projector.']}, LLM {groups['language_model.']}, action queries {int('action_queries.weight' in keys)})"
+    )
+    for name in ("proprio_projector", "action_head"):
+        found = _module_file(root, name)
+        variant = ""
+        if found and name == "action_head":
+            variant = ", the Pro head" if any(".k_self." in k for k in found[1]) else ", the original head"
+        lines.append(f"  {name}: {found[0].name + f' ({len(found[1])} tensors{variant})' if found else 'none'}")
+    tokenizer = tokenizer_dir(root)
+    lines.append(f"  tokenizer: {'its own' if tokenizer else 'none (give --policy.llm.tokenizer DIR)'}")
+    if (root / STATS_FILE).is_file():
+        key, stats = release_stats(root)
+        lines.append(f"  {STATS_FILE}: dataset {key!r} (q01/q99 bounds)")
+        cfg = release_config(root)
+        lines.append(
+            f"will load: head vla_adapter (pro={cfg.head.pro}), chunk {cfg.chunk_size} x {cfg.action_dim} actions, "
+            f"state {cfg.state_dim}, cameras {cfg.camera_keys}, normalisation q01/q99, VLA-Adapter's prompt"
+        )
+    else:
+        lines.append(f"  {STATS_FILE}: none -- loads as parts only (--policy.weights_dir), not as a policy")
+    return "\n".join(lines)
+
+
 # ----- files -----------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,8 @@ class InfoConfig:
     config: Optional[str] = None
     # Build on the meta device (no memory, no weights): shapes and counts only.
     meta: bool = True
+    # A VLA-Adapter release or Prismatic run directory: print what it holds and what will load.
+    weights_dir: Optional[str] = None
 
 
 def describe(cfg: VLAConfig, meta: bool = True) -> str:
@@ -48,6 +50,16 @@ def describe(cfg: VLAConfig, meta: bool = True) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_config(InfoConfig, args=argv, prog="craftvla info")
+    if args.weights_dir is not None:
+        from pathlib import Path
+
+        from craftvla.model.released import describe_release, release_config
+
+        root = Path(args.weights_dir)
+        print(describe_release(root))
+        if (root / "dataset_statistics.json").is_file():
+            print(describe(release_config(root), meta=True))
+        return 0
     cfg = parse_config(VLAConfig, config_path=args.config) if args.config else VLAConfig.preset(args.preset)
     print(describe(cfg, meta=args.meta))
     return 0
