@@ -1,7 +1,8 @@
 """Partial and parameter-efficient training of a policy: which components train (`FreezeConfig`),
-LoRA on the LLM through PEFT (`LoraConfig`), and the adapters' bookkeeping.
+LoRA through PEFT (`LoraConfig`: on the LLM, optionally on the vision towers and the projector too,
+as VLA-Adapter fine-tunes), and the adapters' bookkeeping.
 
-`apply_lora` injects PEFT LoRA layers into `policy.llm` in place (`peft.inject_adapter_in_model`),
+`apply_lora` injects PEFT LoRA layers into those components in place (`peft.inject_adapter_in_model`),
 so the policy's forward and module tree are unchanged except that each targeted Linear becomes
 a `lora.Linear` wrapping the original as `base_layer`. For inference checkpoints,
 `merged_copy` folds the adapters into the base weights (the plain `VLAPolicy` layout).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from torch import nn
@@ -19,6 +20,8 @@ from torch import nn
 from craftvla.errors import CraftVLAError, require
 
 COMPONENTS = ("vision", "projector", "llm", "action_queries", "action_head")
+LORA_COMPONENTS = ("llm", "vision", "projector")
+ALL_LINEAR = "all-linear"
 
 
 @dataclass
@@ -29,12 +32,24 @@ class LoraConfig:
     alpha: float = 16.0
     # Dropout on the LoRA branch input.
     dropout: float = 0.0
-    # LLM module names to adapt (e.g. [q_proj, v_proj]); None = policy.lora_target_modules().
+    # Module names to adapt (e.g. [q_proj, v_proj]), or [all-linear]: every Linear of the component;
+    # None = the LLM's attention and MLP projections (policy.lora_target_modules()), all-linear elsewhere.
     target_modules: Optional[list[str]] = None
+    # The components that get adapters (their other weights freeze): llm, vision, projector.
+    # VLA-Adapter's fine-tuning: --lora.rank 32 --lora.alpha 64 --lora.components [vision,projector,llm]
+    # --lora.target_modules [all-linear] (its action head and proprio projector train in full).
+    components: list[str] = field(default_factory=lambda: ["llm"])
 
     def __post_init__(self) -> None:
         require(self.rank >= 0, "lora.rank", self.rank, "must be >= 0 (0 disables LoRA)")
         require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+        require(
+            bool(self.components) and set(self.components) <= set(LORA_COMPONENTS),
+            "lora.components",
+            self.components,
+            f"choose among {LORA_COMPONENTS}",
+        )
+        require(len(set(self.components)) == len(self.components), "lora.components", self.components, "repeats")
 
 
 @dataclass
@@ -77,23 +92,33 @@ def train_mode(model: nn.Module) -> nn.Module:
 
 
 def apply_lora(policy: nn.Module, cfg: LoraConfig) -> list[str]:
-    """Inject rank-`cfg.rank` LoRA adapters into `policy.llm`; only the adapters of the LLM train.
-
-    Target modules: `cfg.target_modules`, else `policy.lora_target_modules()`. Components outside
-    the LLM keep their `requires_grad` (freeze them with FreezeConfig). Returns the targets used.
-    """
+    """Inject rank-`cfg.rank` LoRA adapters into each of `cfg.components`; within those components
+    only the adapters train. Components without adapters keep their `requires_grad` (freeze them with
+    FreezeConfig). Returns the targets used, as "component:module"."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    targets = list(cfg.target_modules or policy.lora_target_modules())
-    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
-    try:
-        inject_adapter_in_model(peft_cfg, policy.llm)
-    except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
-        raise CraftVLAError(f"lora.target_modules={targets}: {err}") from None
-    for name, param in policy.llm.named_parameters():
-        param.requires_grad_(is_lora_param(name))
-    return targets
+    used = []
+    for name in cfg.components:
+        component = getattr(policy, name)
+        targets = _lora_targets(policy, name, component, cfg.target_modules)
+        peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+        try:
+            inject_adapter_in_model(peft_cfg, component)
+        except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
+            raise CraftVLAError(f"lora.target_modules={targets} in policy.{name}: {err}") from None
+        for param_name, param in component.named_parameters():
+            param.requires_grad_(is_lora_param(param_name))
+        used += [f"{name}:{t}" for t in targets]
+    return used
+
+
+def _lora_targets(policy: nn.Module, name: str, component: nn.Module, wanted: Optional[list[str]]) -> list[str]:
+    """Module names to adapt in one component: `wanted`, every Linear's name for all-linear (PEFT's own
+    all-linear needs a transformers model; these components have no output layer to spare)."""
+    if wanted == [ALL_LINEAR] or (wanted is None and name != "llm"):
+        return sorted({n.rsplit(".", 1)[-1] for n, m in component.named_modules() if isinstance(m, nn.Linear)})
+    return list(wanted or policy.lora_target_modules())
 
 
 def is_lora_param(name: str) -> bool:

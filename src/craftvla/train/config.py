@@ -409,10 +409,12 @@ _DATASET_FIELDS = ("camera_keys", "state_dim", "action_dim", "preset_name")
 
 
 def init_policy_config(init_from: str, preset: Optional[str] = None) -> VLAConfig:
-    """The policy config of the checkpoint that `--init_from` names (its config.json)."""
+    """The policy config of the checkpoint that `--init_from` names (its config.json), or of a
+    VLA-Adapter release directory (model/released.py)."""
     from pathlib import Path
 
     from craftvla.model.checkpoints import read_policy_config
+    from craftvla.model.released import VLA_ADAPTER, release_config, release_kind
 
     require(
         preset is None,
@@ -421,6 +423,8 @@ def init_policy_config(init_from: str, preset: Optional[str] = None) -> VLAConfi
         f"conflicts with init_from={init_from!r}: the policy is the checkpoint's (drop --preset)",
     )
     require(Path(init_from).is_dir(), "init_from", init_from, "no such checkpoint directory")
+    if release_kind(Path(init_from)) == VLA_ADAPTER:
+        return release_config(Path(init_from))
     return read_policy_config(Path(init_from) / "config.json")
 
 
