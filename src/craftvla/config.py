@@ -25,6 +25,7 @@ VISION_BACKBONES = ("tiny-vit", "tiny-dinosiglip", "mobilenet_v2", "siglip-vit-s
 PROJECTORS = ("linear", "mlp", "fused_mlp")
 LLM_FAMILIES = ("qwen2", "llama", "mistral", "bert")
 ATTENTION_MODES = ("bidirectional", "causal")
+IMAGE_RESIZES = ("bilinear", "pil_bicubic")  # model/processor.py implements them
 NORM_MODES = ("mean_std", "min_max", "q01_q99", "identity")  # data/transforms.py implements them
 MERGERS = ("none", "learned", "learned_v2", "pool", "tome")
 SCORERS = ("none", "attention", "mlp", "random", "fastv", "instruction")
@@ -391,6 +392,10 @@ class VLAConfig:
     num_action_queries: int = 8
     # How each feature is normalised outside the model ("mean_std", "min_max", "identity").
     normalization: dict[str, str] = field(default_factory=_default_normalization)
+    # How camera images of another size reach the vision backbone's: "bilinear" (torch, antialiased,
+    # on float images) or "pil_bicubic" (Pillow's bicubic on the uint8 image, as Prismatic's image
+    # processor resizes: what a VLA-Adapter release was trained with).
+    image_resize: str = "bilinear"
     # Inference: "stats" clips actions in robot units to the training data's [min, max] per
     # dimension (OpenVLA clips to its dataset bounds); "none" returns them unclipped.
     action_clip: str = "stats"
@@ -414,6 +419,7 @@ class VLAConfig:
         for name in ("state_dim", "action_dim", "chunk_size", "num_action_queries"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.action_clip in ("stats", "none"), "action_clip", self.action_clip, "choose stats or none")
+        require(self.image_resize in IMAGE_RESIZES, "image_resize", self.image_resize, f"choose one of {IMAGE_RESIZES}")
         for key, mode in self.normalization.items():
             require(mode in NORM_MODES, f"normalization[{key!r}]", mode, f"choose one of {NORM_MODES}")
         if self.projector.type is None:

@@ -148,3 +148,21 @@ def test_infer_does_not_import_the_simulator(tmp_path, policy):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_pil_bicubic_resize_is_pillows_on_both_paths():
+    """image_resize pil_bicubic (a VLA-Adapter release's): a 48 px frame becomes exactly Pillow's
+    bicubic 32 px image, from raw observations and from decoded float training frames alike."""
+    from PIL import Image
+
+    policy = VLAPolicy(micro_config(image_resize="pil_bicubic")).eval()
+    policy.processor.set_stats(STATS, "test")
+    frame = np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    expected = torch.from_numpy(np.array(Image.fromarray(frame).resize((32, 32), Image.BICUBIC)))
+    expected = expected.permute(2, 0, 1).float()[None] / 255.0  # (1, 3, 32, 32)
+    obs = observation() | {CAM: frame}
+    assert torch.equal(policy.processor.observations([obs])[CAM], expected)
+    decoded = torch.from_numpy(frame).permute(2, 0, 1).float()[None] / 255.0
+    assert torch.equal(policy.processor.resize(decoded), expected)
+    bilinear = VLAPolicy(micro_config()).processor.resize(decoded)
+    assert (bilinear - expected).abs().max() > 0.05  # the default is another resize

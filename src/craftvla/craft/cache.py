@@ -75,7 +75,12 @@ def shard_name(index: int) -> str:
 
 
 # Config fields added after anchor caches were first built, with their defaults (see model_fingerprint).
-LATER_FIELDS = (("llm", "prompt", None), ("llm", "lowercase_task", False), ("llm", "stop_token_id", None))
+LATER_FIELDS = (
+    ("llm", "prompt", None),
+    ("llm", "lowercase_task", False),
+    ("llm", "stop_token_id", None),
+    (None, "image_resize", "bilinear"),
+)
 
 
 def model_fingerprint(policy) -> str:
@@ -92,8 +97,9 @@ def model_fingerprint(policy) -> str:
     if not policy.config.pruning.enabled:  # off: the same model as before the section existed
         config.pop("pruning", None)
     for section, name, default in LATER_FIELDS:  # at their defaults: the same model as before they existed
-        if config.get(section, {}).get(name, default) == default:
-            config.get(section, {}).pop(name, None)
+        holder = config if section is None else config.get(section, {})
+        if holder.get(name, default) == default:
+            holder.pop(name, None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     state = {k.replace(".base_layer.", "."): v for k, v in policy.state_dict().items() if "lora_" not in k}
     for key in sorted(state):

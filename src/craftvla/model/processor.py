@@ -114,9 +114,13 @@ class Processor:
         return item
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 3, S, S), S = vision.image_size
+        """Float images in [0, 1] at the model's size (`config.image_resize`; unchanged when already)."""
         size = self.config.vision.image_size
         if images.shape[-2:] == (size, size):
             return images
+        if self.config.image_resize == "pil_bicubic":  # the uint8 image, as the float one was decoded from
+            pixels = images.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            return pil_bicubic(pixels.cpu().numpy(), size).to(images.device).permute(0, 3, 1, 2).float().div_(255.0)
         return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
     # ----- inference ----------------------------------------------------------------------------
@@ -127,8 +131,11 @@ class Processor:
         cut = self.limits.task_chars_per_token * self.config.llm.max_text_tokens
         batch: dict[str, Any] = {TASK_KEY: [o[TASK_KEY][:cut] for o in observations]}
         for key in self.config.camera_keys:
-            images = torch.from_numpy(np.stack([o[key] for o in observations]))  # (B, H, W, 3) uint8
-            batch[key] = self.resize(images.permute(0, 3, 1, 2).float().div_(255.0)).to(device)  # (B, 3, S, S)
+            images = np.stack([o[key] for o in observations])  # (B, H, W, 3) uint8
+            if self.config.image_resize == "pil_bicubic":
+                images = pil_bicubic(images, self.config.vision.image_size).numpy()
+            images = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+            batch[key] = self.resize(images).to(device)  # (B, 3, S, S)
         state = np.stack([np.asarray(o[STATE_KEY], dtype=np.float32) for o in observations])  # (B, S)
         batch[STATE_KEY] = torch.from_numpy(state).to(device)
         ids, mask = self.tokenize(batch[TASK_KEY])
@@ -151,6 +158,17 @@ class Processor:
     def metadata(self) -> dict:
         """What processor.json records beside stats.json and tokenizer/."""
         return {"stats_source": self.stats_source, "training_tasks": self.training_tasks}
+
+
+def pil_bicubic(images: np.ndarray, size: int) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, S, S, 3) uint8 by Pillow's bicubic resize (what Prismatic's image
+    processor does to each camera frame: torchvision's resize on a PIL image); same size: unchanged."""
+    from PIL import Image
+
+    if images.shape[1:3] == (size, size):
+        return torch.from_numpy(np.ascontiguousarray(images))
+    out = [np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC)) for image in images]
+    return torch.from_numpy(np.stack(out))
 
 
 def render_prompt(llm, task: str) -> str:

@@ -381,6 +381,7 @@ def release_config(root: Path):
         chunk_size=PLATFORMS[platform]["chunk_size"],
         normalization={STATE_KEY: "q01_q99", ACTION_KEY: "q01_q99"},
         action_clip="none",
+        image_resize="pil_bicubic",
         weights_dir=str(root),
         preset_name=f"vla-adapter release {root.name}",
     )
