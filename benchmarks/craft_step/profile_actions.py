@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--anchor_batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default="profile_actions.md", help="file name in benchmarks/craft_step/")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = {}
@@ -169,7 +170,7 @@ def main() -> None:
         lines.append(f"| {phase} | {rows['plain'][1][phase]:.0f} | {rows['craft_actions'][1][phase]:.0f} |")
     table = rows["craft_actions"][2].key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     lines += ["", "Top operators of the CRaFT-actions steps by self CPU time:", "", "```", table, "```", ""]
-    (HERE / "profile_actions.md").write_text("\n".join(lines))
+    (HERE / args.out).write_text("\n".join(lines))
     print("\n".join(lines[:20]))
 
 
