@@ -133,13 +133,14 @@ def safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, st
         ) from None
 
 
-def read_torch(path: str | os.PathLike) -> Any:
-    """A torch.save file loaded with weights_only=True (tensors and plain containers, no code)."""
+def read_torch(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """A torch.save file loaded with weights_only=True (tensors and plain containers, no code);
+    `mmap`: tensors map the file and are read only when touched (listing keys costs no tensor reads)."""
     path = Path(path)
     if not path.is_file():
         raise CraftVLAError(f"{path}: file not found")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise CraftVLAError(
             f"{path}: cannot load with torch.load(weights_only=True), truncated or not a "

@@ -56,9 +56,9 @@ PROJECTOR_KEY_MAP = {
 }
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A weight file as a flat dict of tensors, never unpickling code."""
-    data = read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path)
+def read_state_dict(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A weight file as a flat dict of tensors, never unpickling code (`mmap`: see files.read_torch)."""
+    data = read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path, mmap=mmap)
     data = data.get("state_dict", data.get("model", data)) if isinstance(data, dict) else data
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CraftVLAError(f"{path} is not a flat tensor state dict")

@@ -40,6 +40,7 @@ class Processor:
         # (sorted); None = unknown. Evaluation reports each task as seen in training or not by them.
         self.training_tasks: Optional[list[str]] = None
         self.limits = ObservationLimits()  # what infer accepts (runtime; `craftvla serve` sets its flags)
+        self._first_token: tuple = (None, None)  # (llm.prompt, its first token id), see prompt_first_token
 
     # ----- statistics ---------------------------------------------------------------------------
     def set_stats(self, stats: Optional[dict], source: str) -> None:
@@ -93,7 +94,7 @@ class Processor:
         )
         ids, mask = enc["input_ids"], enc["attention_mask"].bool()
         if extra:
-            first = prompt_first_token(self.tokenizer, llm)
+            first = self.prompt_first_token()
             if not bool((ids[:, 0] == first).all()):
                 raise CraftVLAError(
                     f"llm.prompt {llm.prompt!r}: its first token changes with the instruction; start it with "
@@ -101,6 +102,13 @@ class Processor:
                 )
             ids, mask = ids[:, 1:], mask[:, 1:]
         return ids, mask
+
+    def prompt_first_token(self) -> int:
+        """`llm.prompt`'s first token id, tokenised once per prompt (tokenize runs per item and request)."""
+        prompt = self.config.llm.prompt
+        if self._first_token[0] != prompt:
+            self._first_token = (prompt, prompt_first_token(self.tokenizer, self.config.llm))
+        return self._first_token[1]
 
     # ----- training items -----------------------------------------------------------------------
     def transform(self, item: dict[str, Any]) -> dict[str, Any]:

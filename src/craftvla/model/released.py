@@ -361,7 +361,7 @@ def release_config(root: Path):
             f"{root / 'config.json'}: vision_backbone_id {vision!r}; craftvla builds {preset.vision.backbone_id!r} "
             "(the one VLA-Adapter releases use)"
         )
-    head = _module_file(root, "action_head")
+    head = _module_file(root, "action_head", mmap=True)  # its keys only: the weights load with the policy
     pro = head is None or any(".k_self." in k for k in head[1])
     cameras = ["image", "wrist_image", "third_image"][: PLATFORMS[platform]["cameras"]]
     llm = dataclasses.replace(
@@ -414,7 +414,7 @@ def describe_release(root: Path) -> str:
         f"{groups['projector.']}, LLM {groups['language_model.']}, action queries {int('action_queries.weight' in keys)})"
     )
     for name in ("proprio_projector", "action_head"):
-        found = _module_file(root, name)
+        found = _module_file(root, name, mmap=True)
         variant = ""
         if found and name == "action_head":
             variant = ", the Pro head" if any(".k_self." in k for k in found[1]) else ", the original head"
@@ -448,8 +448,9 @@ def _layerscale_as_timm(state: dict) -> dict:
     return {k[: -len("scale_factor")] + "gamma" if k.endswith(".scale_factor") else k: v for k, v in state.items()}
 
 
-def _module_file(root: Path, name: str) -> Optional[tuple[Path, dict]]:
-    """VLA-Adapter's `<name>--<step>_checkpoint.pt` (exactly one, as its loader requires), `module.` stripped."""
+def _module_file(root: Path, name: str, mmap: bool = False) -> Optional[tuple[Path, dict]]:
+    """VLA-Adapter's `<name>--<step>_checkpoint.pt` (exactly one, as its loader requires), `module.` stripped;
+    `mmap` for a look at the keys (the Pro head file is 436 MB) without reading the tensors."""
     found = sorted(p for p in root.glob(f"{name}--*") if "checkpoint" in p.name)
     if not found:
         return None
@@ -457,7 +458,7 @@ def _module_file(root: Path, name: str) -> Optional[tuple[Path, dict]]:
         raise CraftVLAError(f"{root}: {len(found)} {name} files ({[p.name for p in found]}); keep exactly one")
     from craftvla.model.checkpoints import read_state_dict
 
-    state = read_state_dict(found[0])
+    state = read_state_dict(found[0], mmap=mmap)
     return found[0], {k.removeprefix("module."): v for k, v in state.items()}
 
 
