@@ -54,6 +54,12 @@ def test_demo_end_to_end_at_a_reduced_size(tmp_path, capsys):
     metrics = [json.loads(x) for x in (out / "craft-s0" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "craft/lambda" in m] == [1, 2]  # CRaFT ran and logged every step
     assert "data_anchor" in (out / "craft-s0" / "train_config.yaml").read_text()  # anchors: the old tasks' data
+    plain_s, craft_s = (
+        json.loads(p.read_text().splitlines()[-1])["elapsed_s"]
+        for p in (out / "plain-s0" / "metrics.jsonl", out / "craft-s0" / "metrics.jsonl")
+    )
+    expected = f"training time: plain {plain_s:.0f} s, CRaFT {craft_s:.0f} s ({craft_s / plain_s:.2f}x plain)"
+    assert expected in (report / "table.txt").read_text()
 
     # a second run re-uses every finished stage and writes a second report
     assert main(args) == 0

@@ -79,12 +79,15 @@ def initial_policy(cfg: VLAConfig) -> VLAPolicy:
     return VLAPolicy(cfg)
 
 
-def build_anchor_cache(cfg: VLAConfig, work: Path, samples: int = 32) -> Path:
-    """A pooled-features cache (C_R, mean) of the initial policy on a synthetic dataset of random frames."""
+def build_anchor_cache(
+    cfg: VLAConfig, work: Path, samples: int = 32, target: str = "pooled", policy: VLAPolicy | None = None
+) -> Path:
+    """A `target` cache (pooled: C_R, mean) of `policy` (default: the initial policy) on a
+    synthetic dataset of random frames."""
     from craftvla.craft.cache_build import CacheBuildConfig, build_cache
     from craftvla.data import LeRobotDatasetWriter
 
-    initial_policy(cfg).save_pretrained(work / "ckpt")
+    (policy or initial_policy(cfg)).save_pretrained(work / "ckpt")
     size, rng = cfg.vision.image_size, np.random.default_rng(0)
     features = {
         k: {"dtype": "video", "shape": (size, size, 3), "names": ["height", "width", "channels"]}
@@ -113,8 +116,8 @@ def build_anchor_cache(cfg: VLAConfig, work: Path, samples: int = 32) -> Path:
             checkpoint=str(work / "ckpt"),
             dataset=str(writer.finalize()),
             out=str(work / "cache"),
-            target="pooled",
-            layer=cfg.llm.num_layers // 2,
+            target=target,
+            layer=cfg.llm.num_layers // 2 if target != "actions" else None,
             dtype="float32",
             image_dtype="float32",
             device="cpu",

@@ -64,6 +64,9 @@ BASE = [
 ]
 CRAFT = ["--craft.enabled", "true", "--craft.log_freq", "1"]
 ON_A = ["--craft.anchor_dataset", "{A}", "--craft.anchor_batch_size", "16"]
+MEMO = ["--craft.anchor_source", "memo", "--craft.anchor_frames", "1024"]
+# issue 33's cost options spelled out, so that a later change of their defaults leaves these cells as run
+EXACT = ["--craft.anchor_source", "online", "--craft.retention_every", "1"]
 
 
 def craft(targets: str, eps: float = 0.1, dual_lr: float = 0.1) -> list[str]:
@@ -107,6 +110,23 @@ METHODS: dict[str, list[str]] = {
     "craft_actions_A": [*craft("actions"), *ON_A],
     # `craftvla demo`'s CRaFT: the default dual step 0.01, so lambda stays near 1 under the budget
     "craft_demo": [*craft("actions", 0.1, 0.01), *ON_A],
+    # issue 33's cost levers, each against craft_demo (anchor batch 16, online teacher every step)
+    **{f"craft_demo_a{n}": [*craft("actions", 0.1, 0.01), *ON_A[:3], str(n), *EXACT] for n in (8, 4)},
+    **{
+        f"craft_demo_every{k}": [
+            *craft("actions", 0.1, 0.01),
+            *ON_A,
+            "--craft.anchor_source",
+            "online",
+            "--craft.retention_every",
+            str(k),
+        ]
+        for k in (2, 4)
+    },
+    # the teacher's chunks kept per frame of a fixed anchor set of 1,024 frames (as the action cache holds)
+    "craft_demo_memo": [*craft("actions", 0.1, 0.01), *ON_A, *MEMO, "--craft.retention_every", "1"],
+    "craft_demo_memo_a8_every2": [*craft("actions", 0.1, 0.01), *ON_A[:3], "8", *MEMO, "--craft.retention_every", "2"],
+    "craft_demo_memo_every4": [*craft("actions", 0.1, 0.01), *ON_A, *MEMO, "--craft.retention_every", "4"],
     "craft_all_A": [*craft("pooled,tokens,actions"), *ON_A],
     "craft_actions_cacheA": [*craft("actions"), "--craft.anchor_cache", "{CACHE_A}", "--craft.anchor_batch_size", "16"],
     "craft_actions_A_replay2": [

@@ -25,6 +25,17 @@ def table(summary: dict[str, list[dict]], new_task: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def training_seconds(runs: dict[str, list[Path]]) -> dict[str, float]:
+    """{name: training wall-clock in s, mean over seeds}: the last `elapsed_s` of each run's metrics."""
+    return {name: mean(read_metrics(run / "metrics.jsonl")[-1]["elapsed_s"] for run in rs) for name, rs in runs.items()}
+
+
+def time_line(seconds: dict[str, float]) -> str:
+    """'training time: plain 135 s, CRaFT 162 s (1.20x plain)'."""
+    ratio = seconds["craft"] / seconds["plain"]
+    return f"training time: plain {seconds['plain']:.0f} s, CRaFT {seconds['craft']:.0f} s ({ratio:.2f}x plain)\n"
+
+
 def markdown_table(summary: dict[str, list[dict]], new_task: str) -> str:
     tasks = list(summary["generalist"][0]["tasks"])
     head = "| policy | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " | old tasks (mean) |"
@@ -95,7 +106,7 @@ def write_demo_report(
     report: Path, cfg, summary: dict[str, list[dict]], runs: dict[str, list[Path]], evals_dirs: dict[str, list[Path]]
 ) -> None:
     report.mkdir(parents=True, exist_ok=True)
-    text = table(summary, cfg.task)
+    text = table(summary, cfg.task) + time_line(training_seconds(runs))
     (report / "table.txt").write_text(text)
     success_plot(summary, cfg.task, report / "success.png")
     craft_metrics = [run / "metrics.jsonl" for run in runs["craft"]]

@@ -10,7 +10,7 @@ from craftvla.craft.targets import TARGETS
 from craftvla.errors import require
 from craftvla.model.context import ANCHOR_TYPES, POOLING_MODES
 
-ANCHOR_SOURCES = ("online", "cache")
+ANCHOR_SOURCES = ("online", "memo", "cache")
 # craft: projection + dual ascent (the method). The other three are the retention-study
 # baselines run by the same plug-in: l2_init = L2-SP penalty (retention_weight/2)*||theta-theta0||^2;
 # distill_fixed = feature distillation with a fixed weight (no projection, no dual update);
@@ -51,8 +51,10 @@ class CraftConfig:
     # Token pooling for the bridge features: "mean" or "max"; None = "mean", or, with an anchor
     # cache, the cache's pooling.
     pooling: Optional[str] = None
-    # Where anchor features come from: "online" (initial weights on the same batch, exact and
-    # cheap: adapters disabled / functional_call) or "cache" (an offline anchor cache, see anchor_cache).
+    # Where the initial model's targets come from: "online" (the initial weights on every anchor
+    # batch: adapters disabled / functional_call; exact), "memo" (the same, but computed once per
+    # anchor frame, when training first meets it, and kept in memory: no teacher forward for a frame
+    # met before; needs anchor_dataset) or "cache" (an offline anchor cache, see anchor_cache).
     # None = "cache" when anchor_cache is given, else "online".
     anchor_source: Optional[str] = None
     # Anchor-cache directory (built by `craftvla cache build`); implies anchor_source="cache".
@@ -62,6 +64,14 @@ class CraftConfig:
     # A LeRobot dataset whose batches the online anchors use (e.g. the old tasks' data), instead of
     # the training batch; costs one more forward + backward of anchor_batch_size samples per micro-batch.
     anchor_dataset: Optional[str] = None
+    # Draw anchors from a fixed, seeded subset of this many frames of anchor_dataset (None, or more
+    # than it has = all of it). With anchor_source "memo" it bounds the teacher's work to this many
+    # frames for the whole run.
+    anchor_frames: Optional[int] = None
+    # Recompute the retention gradient (anchor forward + backward) every this many optimizer steps;
+    # the steps between reuse the last g_ret and L_ret for the projection, lambda's term and the dual
+    # update. 1 = every step (exact).
+    retention_every: int = 1
     # What is retained, comma-separated to combine: pooled (bridge features, the design note's),
     # tokens (the same states per token), actions (the policy's own action chunks: behaviour
     # distillation); see craft/targets.py. None = actions with an anchor_dataset (the retention
@@ -132,6 +142,25 @@ class CraftConfig:
             self.anchor_dataset,
             "is for online anchors; a cache already holds its anchor data (drop one of the two)",
         )
+        require(
+            self.source != "memo" or self.anchor_dataset,
+            "craft.anchor_source",
+            self.anchor_source,
+            "'memo' keeps the targets of anchor_dataset's frames; give --craft.anchor_dataset DIR",
+        )
+        require(
+            self.anchor_frames is None or self.anchor_frames >= 2,
+            "craft.anchor_frames",
+            self.anchor_frames,
+            "must be >= 2 (or null: the whole anchor dataset)",
+        )
+        require(
+            self.anchor_frames is None or self.anchor_dataset,
+            "craft.anchor_frames",
+            self.anchor_frames,
+            "picks frames of --craft.anchor_dataset; give that too",
+        )
+        require(self.retention_every >= 1, "craft.retention_every", self.retention_every, "must be >= 1")
         unknown = [t for t in self.target_names if t not in TARGETS]
         require(
             not unknown and len(set(self.target_names)) == len(self.target_names),

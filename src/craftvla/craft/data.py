@@ -32,6 +32,16 @@ def open_anchor_dataset(root: str, policy: nn.Module):
     return dataset
 
 
+def fixed_frames(dataset, count: int, seed: int):
+    """A seeded random subset of `count` frames of `dataset` (`--craft.anchor_frames`; all of them
+    when it has no more): the fixed anchor set the stream and the calibration then draw from.
+    Items keep their dataset `index`."""
+    if count >= len(dataset):
+        return dataset
+    picked = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return Subset(dataset, sorted(picked.tolist()))
+
+
 def anchor_batch_stream(
     dataset, batch_size: int, micro_per_step: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0
 ) -> BatchStream:

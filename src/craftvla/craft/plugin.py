@@ -14,6 +14,10 @@ The loop (train/loop.py) calls, with the *unwrapped* policy and no DDP gradient 
 views of it directly, so no per-micro-batch gradient copies); the surgery runs once per
 optimizer step on the accumulated, rank-averaged gradients, never per micro-batch (a per-micro-batch
 surgery would overwrite the accumulated gradient and run before DDP's all-reduce).
+
+With `retention_every` k > 1, only every k-th optimizer step (and a process's first) computes
+g_ret and L_ret; the steps between keep them in the buffer and reuse them for the projection,
+lambda's term and the dual update, so they cost a plain step plus the surgery.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from torch import nn
 
 from craftvla.craft import functional as CF
 from craftvla.craft.config import CraftConfig
-from craftvla.craft.data import BatchStream, anchor_batch_stream, calibration_batches, open_anchor_dataset
+from craftvla.craft.data import (
+    BatchStream,
+    anchor_batch_stream,
+    calibration_batches,
+    fixed_frames,
+    open_anchor_dataset,
+)
 from craftvla.craft.providers import make_anchor_provider
 from craftvla.craft.targets import combined_retention_loss, compute_targets, feature_variance
 from craftvla.errors import CraftVLAError
@@ -74,6 +84,7 @@ class CraftPlugin:
         self.lam = torch.tensor(float(cfg.retention_weight), device=device)  # stays on the device
         self.scales = {t: torch.ones((), device=device) for t in self.targets}  # see calibrate()
         self.step, self._micro, self._started = 0, 0, False
+        self._have_ret = False  # g_ret / L_ret computed at least once in this process (retention_every)
         self._pending = None
         self._log_sum, self._log_n = torch.zeros(len(self.metric_keys), device=device), 0
         self.initial = [p.detach().clone() for p in self.params] if cfg.mode == "l2_init" else None
@@ -125,6 +136,14 @@ class CraftPlugin:
         return values
 
     # ----- per micro-batch ----------------------------------------------------------------------
+    @property
+    def retention_step(self) -> bool:
+        """Whether this optimizer step recomputes g_ret and L_ret (every `retention_every` steps,
+        and on a process's first step: a resumed run has no last g_ret to reuse)."""
+        if self.anchors is None:
+            return False
+        return self.step % self.cfg.retention_every == 0 or not self._have_ret
+
     def _accumulate(self, loss: torch.Tensor, views, retain_graph: bool) -> None:
         """Backward `loss` so that autograd adds the gradients straight into `views`."""
         for p, v in zip(self.params, views):
@@ -135,14 +154,16 @@ class CraftPlugin:
         """One micro-batch: forward once, add scale * grad(L_act) and scale * grad(L_ret) into the
         buffers. `policy` is the unwrapped module (no DDP sync here). Returns the model's metrics
         plus "loss" (a detached tensor: no host sync)."""
+        refresh = self.retention_step
         if self._micro == 0:
-            self._buf.zero_()
+            (self._buf if refresh else self.g_act).zero_()  # between refreshes g_ret and L_ret are kept
         if not self._started and hasattr(self.anchors, "start"):
-            self.anchors.start(self.step)  # anchor batches continue where a resumed run stopped
+            # anchor batches continue where a resumed run stopped: one per retention step taken so far
+            self.anchors.start(-(-self.step // self.cfg.retention_every))
         self._started = True
         self._policy = policy
         out = policy.compute_loss(batch)
-        if self.anchors is not None:
+        if refresh:
             l_ret, terms = combined_retention_loss(
                 self.anchors.retention_pairs(policy, batch, out.context), self.scales
             )
@@ -160,10 +181,14 @@ class CraftPlugin:
             raise CraftVLAError("CRaFT: before_optimizer_step() without any backward() since the last step")
         if params is not None and len(list(params)) != len(self.params):
             raise CraftVLAError("CRaFT: the optimizer's parameters are not the policy's trainable ones")
-        self._l_ret /= self._micro
+        refresh = self.retention_step
+        if refresh:
+            self._l_ret /= self._micro
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self._buf)  # one collective: g_act | g_ret | L_ret
-            self._buf /= dist.get_world_size()
+            reduced = self._buf if refresh else self.g_act  # a reused g_ret is already averaged
+            dist.all_reduce(reduced)  # one collective: g_act | g_ret | L_ret
+            reduced /= dist.get_world_size()
+        self._have_ret = self._have_ret or refresh
         stats = self._combine()
         for p, v in zip(self.params, self._act_views):
             p.grad = v  # the optimizer reads the combined gradient from the buffer, no copy
@@ -254,6 +279,8 @@ def build_craft_plugin(
             "(actions); give the old tasks' data with --craft.anchor_dataset DIR"
         )
     anchor_data = open_anchor_dataset(cfg.anchor_dataset, policy) if cfg.anchor_dataset else None
+    if anchor_data is not None and cfg.anchor_frames is not None:
+        anchor_data = fixed_frames(anchor_data, cfg.anchor_frames, seed + 3)
     stream = (
         None
         if anchor_data is None

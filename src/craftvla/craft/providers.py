@@ -7,7 +7,9 @@ loss scale is measured on:
 
 - `OnlineAnchors` (default): the initial weights, without moving any weight, on the training
   batch (free: its forward is already done) or on batches of a separate anchor dataset
-  (`--craft.anchor_dataset`: one more forward per micro-batch). Under LoRA the adapters are
+  (`--craft.anchor_dataset`: one more forward per micro-batch). With `--craft.anchor_source memo`
+  the initial model's targets are kept per anchor frame (keyed by the dataset's frame index), so
+  a frame met before costs no teacher forward: only the frames of a batch not yet met are run. Under LoRA the adapters are
   bypassed (no extra memory) and the other trainable tensors that feed the targets (the action
   queries, the action head for the `actions` target...) take their initial values through
   `torch.func.functional_call` from device-resident copies; without LoRA the same functional call
@@ -32,7 +34,8 @@ from craftvla.craft.cache import AnchorCache, model_fingerprint, target_key
 from craftvla.craft.config import CraftConfig
 from craftvla.craft.data import BatchStream
 from craftvla.craft.targets import Extraction, absolute_layer
-from craftvla.data.loading import to_device
+from craftvla.data.loading import select_rows, to_device
+from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.model.context import VLMContext
 from craftvla.model.peft import has_lora, is_lora_param, lora_disabled
 
@@ -85,8 +88,16 @@ class OnlineAnchors:
     """Exact anchors from the initial weights; nothing moves between devices. `anchor_batches`
     (optional) gives the anchor dataset's micro-batches; without it the training batch is used."""
 
-    def __init__(self, policy: nn.Module, feature_fn: FeatureFn, anchor_batches: Optional[BatchStream] = None):
+    def __init__(
+        self,
+        policy: nn.Module,
+        feature_fn: FeatureFn,
+        anchor_batches: Optional[BatchStream] = None,
+        memo: bool = False,
+    ):
         self.feature_fn = feature_fn
+        self.memo: Optional[dict[int, dict[str, torch.Tensor]]] = {} if memo else None  # frame -> {target: row}
+        self._raw: Optional[dict] = None  # the current anchor batch as drawn (CPU), for the memo
         self.lora = _lora_context(policy)[1]
         self.initial = {
             n: p.detach().clone()
@@ -105,6 +116,8 @@ class OnlineAnchors:
         numel = sum(t.numel() for t in self.initial.values())
         how = "LoRA adapters disabled" if self.lora else "no adapters"
         data = "anchor-dataset batches" if self._make_stream else "the training batch"
+        if self.memo is not None:
+            data += ", the initial targets kept per frame once computed (memo)"
         if not self.initial and not self.lora:
             return f"on {data}; no trainable tensor feeds the targets: anchors = current targets (no extra forward)"
         return f"on {data}; {how} + functional_call with {len(self.initial)} initial tensors ({numel:,} values) on the device"
@@ -143,8 +156,25 @@ class OnlineAnchors:
             return batch, context
         if self._stream is None:
             self.start(0)
-        anchor = to_device(next(self._stream), policy.action_queries.weight.device)
+        raw = next(self._stream)
+        if self.memo is not None and "index" not in raw:
+            raise CraftVLAError("craft.anchor_source=memo: the anchor batches carry no frame `index` to key on")
+        self._raw = raw
+        anchor = to_device(raw, policy.action_queries.weight.device)
         return anchor, policy.encode(anchor)
+
+    def memo_targets(self, policy: nn.Module, raw: dict) -> dict[str, torch.Tensor]:
+        """{target: (B, ...)} of the initial model on `raw` (a collated CPU anchor batch with frame
+        `index`es), from the memo; the frames not met before are run (as one sub-batch) and kept."""
+        keys = raw["index"].tolist()
+        missing = sorted({k: r for r, k in enumerate(keys) if k not in self.memo}.items())
+        if missing:
+            sub = select_rows(raw, [r for _, r in missing])
+            computed = self.features(policy, to_device(sub, policy.action_queries.weight.device))
+            for j, (key, _) in enumerate(missing):
+                self.memo[key] = {name: f[j].clone() for name, f in computed.items()}
+        rows = [self.memo[k] for k in keys]
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
     def retention_pairs(
         self, policy: nn.Module, batch: dict, context: VLMContext
@@ -155,7 +185,8 @@ class OnlineAnchors:
             self._prune(f_theta)
         if not self.initial and not self.lora:
             return {k: (f, f.detach()) for k, f in f_theta.items()}
-        f_anchor = self.features(policy, batch)
+        memo = self.memo is not None and self._raw is not None
+        f_anchor = self.memo_targets(policy, self._raw) if memo else self.features(policy, batch)
         return {k: (f, f_anchor[k]) for k, f in f_theta.items()}
 
     @torch.no_grad()
@@ -242,6 +273,11 @@ def make_anchor_provider(
     anchor_batches: Optional[BatchStream] = None,
 ):
     """The provider named by `cfg.source` (`seed` orders the cache's anchor batches)."""
-    if cfg.source == "online":
-        return OnlineAnchors(policy, feature_fn, anchor_batches)
+    if cfg.source in ("online", "memo"):
+        if cfg.source == "memo" and "actions" in cfg.target_names and policy.config.head.type == "flow_matching":
+            raise ConfigError(
+                "craft.anchor_source=memo: a flow-matching head's chunk depends on the noise drawn for its "
+                "place in the batch, so a frame's target cannot be kept; use craft.anchor_source=online"
+            )
+        return OnlineAnchors(policy, feature_fn, anchor_batches, memo=cfg.source == "memo")
     return CacheAnchors(policy, cfg, batch_size=cfg.anchor_batch_size, seed=seed)

@@ -96,6 +96,21 @@ def collate(items: list[dict]) -> dict:
     return crop_text_padding(default_collate(items))
 
 
+def select_rows(batch: dict, rows: list[int]) -> dict:
+    """The samples `rows` of a collated CPU batch: tensors and lists taken along their first axis
+    (anything else kept as is), instruction tokens re-trimmed to the selection's longest."""
+    index = torch.tensor(rows, dtype=torch.long)
+    picked = {
+        k: v.index_select(0, index)
+        if torch.is_tensor(v) and v.dim()
+        else [v[r] for r in rows]
+        if isinstance(v, list)
+        else v
+        for k, v in batch.items()
+    }
+    return crop_text_padding(picked)
+
+
 def fake_micro_batches(
     cfg: VLAConfig,
     seed: int,
