@@ -1,4 +1,5 @@
-"""Worker for test_ddp.py, run as `torchrun --standalone --nproc_per_node 2 ddp_worker.py OUT.json`.
+"""Worker for test_ddp.py, run as `torchrun --standalone --nproc_per_node 2 ddp_worker.py OUT.json [K]`
+(K: --craft.retention_every; with 2 the compared step reuses the warm-up step's g_ret and L_ret).
 
 Each rank first computes the single-process reference on the combined batch (before the process
 group exists, so no collective runs), then the same step as one of two gloo ranks on its half.
@@ -28,8 +29,8 @@ def one_step(policy, plugin, batches):
     return grads, plugin.after_optimizer_step()
 
 
-def main(out_path: str) -> None:
-    cfg = CraftConfig(enabled=True, dual_lr=1.0, log_freq=1)
+def main(out_path: str, retention_every: int) -> None:
+    cfg = CraftConfig(enabled=True, dual_lr=1.0, log_freq=1, retention_every=retention_every)
     full = batch(8, seed=5)
     ref = small_policy()
     ref_grads, ref_log = one_step(ref, CraftPlugin(ref, cfg), [full])
@@ -51,4 +52,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)

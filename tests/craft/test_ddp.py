@@ -8,10 +8,12 @@ import pytest
 from tests.launch import run_child, torchrun
 
 
-def test_two_rank_gloo_equals_single_process(tmp_path):
+@pytest.mark.parametrize("retention_every", [1, 2])
+def test_two_rank_gloo_equals_single_process(tmp_path, retention_every):
+    """retention_every 2: the compared step all-reduces g_act alone and reuses the averaged g_ret."""
     out = tmp_path / "ddp.json"
     worker = Path(__file__).with_name("ddp_worker.py")
-    run_child(torchrun(2, str(worker), str(out)), PYTHONHASHSEED="0")
+    run_child(torchrun(2, str(worker), str(out), str(retention_every)), PYTHONHASHSEED="0")
     result = json.loads(out.read_text())
     assert result["max_abs_diff"] <= 1e-5 * max(result["grad_scale"], 1.0)
     for key, value in result["ref_log"].items():
