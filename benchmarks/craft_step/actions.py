@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -51,7 +50,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench import build_anchor_cache, configs, timed  # noqa: E402
+import bench  # noqa: E402
+from bench import build_anchor_cache, configs, peak_rss_growth, timed  # noqa: E402
 
 from craftvla.craft.config import CraftConfig  # noqa: E402
 from craftvla.craft.plugin import CraftPlugin  # noqa: E402
@@ -64,18 +64,19 @@ ACTIONS = dict(targets="actions", dual_lr=0.01)  # the demo's CRaFT: budget 0.1,
 
 
 def variants(cache: str) -> dict[str, dict | None]:
-    """name -> CraftConfig keywords (None: a plain step)."""
+    """name -> CraftConfig keywords (None: a plain step); each option spelled out, so a change of the
+    flags' defaults leaves a named variant as it was (`craft_defaults`: what the defaults are now)."""
     out: dict[str, dict | None] = {"plain": None, "replay50": None}
     out["distill_fixed_a16"] = dict(mode="distill_fixed", targets="actions", anchor_batch_size=16)
-    for n in (16, 8, 4):
-        out[f"craft_online_a{n}"] = dict(ACTIONS, anchor_batch_size=n)
-    for n, k in ((16, 4), (8, 2)):
-        out[f"craft_online_a{n}_every{k}"] = dict(ACTIONS, anchor_batch_size=n, retention_every=k)
-    out["craft_cache_a16"] = dict(dual_lr=0.01, anchor_cache=cache, anchor_batch_size=16)
-    for n in (16, 8, 4):
-        out[f"craft_memo_a{n}"] = dict(ACTIONS, anchor_source="memo", anchor_batch_size=n)
-    for n, k in ((16, 2), (16, 4), (8, 2), (8, 4)):
-        out[f"craft_memo_a{n}_every{k}"] = dict(ACTIONS, anchor_source="memo", anchor_batch_size=n, retention_every=k)
+    for source in ("online", "memo"):
+        for n, k in ((16, 1), (8, 1), (4, 1), (16, 2), (16, 4), (8, 2), (8, 4)):
+            if source == "online" and (n, k) in ((16, 2), (8, 4)):
+                continue
+            name = f"craft_{source}_a{n}" + (f"_every{k}" if k > 1 else "")
+            out[name] = dict(ACTIONS, anchor_source=source, anchor_batch_size=n, retention_every=k)
+        if source == "online":
+            out["craft_cache_a16"] = dict(dual_lr=0.01, anchor_cache=cache, anchor_batch_size=16)
+    out["craft_defaults"] = dict(dual_lr=0.01)  # --craft.enabled true --craft.anchor_dataset DIR, nothing else
     return out
 
 
@@ -116,8 +117,8 @@ def chunks(pool: list[dict], size: int) -> list[dict]:
     return out
 
 
-class Runner:
-    """One variant: its policy, AdamW, and plug-in; `step(batch)` is one optimizer step."""
+class Runner(bench.Runner):
+    """One variant: its policy, AdamW, and plug-in; `step(batch)` (bench.Runner's) is one optimizer step."""
 
     def __init__(self, policy: VLAPolicy, kwargs: dict | None, pool: list[dict]):
         self.policy = policy
@@ -137,22 +138,11 @@ class Runner:
     @property
     def cycle(self) -> int:
         """Steps per timing: a whole retention cycle (k steps: one that recomputes g_ret, k - 1 that reuse it)."""
-        return self.plugin.cfg.retention_every if self.plugin is not None else 1
+        return self.plugin.cfg.every if self.plugin is not None else 1
 
     def steps(self, batch: dict) -> None:
         for _ in range(self.cycle):
             self.step(batch)
-
-    def step(self, batch: dict) -> None:
-        if self.plugin is None:
-            self.policy(batch)[0].backward()
-        else:
-            self.plugin.backward(self.policy, batch, 1.0)
-            self.plugin.before_optimizer_step()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.plugin is not None:
-            self.plugin.after_optimizer_step()
 
     def held_mib(self) -> float:
         """What the plug-in keeps between steps: gradient buffer, initial copies, memo."""
@@ -173,17 +163,18 @@ def flops(policy: VLAPolicy, batch: dict, backward: bool) -> int:
     return counter.get_total_flops()
 
 
-def flop_floors(policy: VLAPolicy, names) -> dict[str, float]:
+def flop_floors(policy: VLAPolicy, runners: dict) -> dict[str, float]:
     """Each variant's FLOPs per step as a ratio to plain's (see the module docstring)."""
-    train = {n: flops(policy, task_batch(policy, n, 0), True) for n in (BATCH, 16, 8, 4)}
-    teacher = {n: flops(policy, task_batch(policy, n, 0), False) for n in (16, 8, 4)}
+    sizes = {r.plugin.cfg.anchor_batch_size for r in runners.values() if r.plugin is not None}
+    train = {n: flops(policy, task_batch(policy, n, 0), True) for n in {BATCH, *sizes}}
+    teacher = {n: flops(policy, task_batch(policy, n, 0), False) for n in sizes}
     out = {}
-    for name in names:
+    for name, runner in runners.items():
         extra = 0.0
-        if name.startswith(("craft", "distill")):
-            n = int(name.split("_a")[1].split("_")[0])
-            every = int(name.split("every")[1]) if "every" in name else 1
-            extra = (train[n] + (teacher[n] if "online" in name or "distill" in name else 0)) / every
+        if runner.plugin is not None:
+            cfg = runner.plugin.cfg
+            n = cfg.anchor_batch_size
+            extra = (train[n] + (teacher[n] if cfg.source == "online" else 0)) / cfg.every
         out[name] = (train[BATCH] + extra) / train[BATCH]
     return out
 
@@ -211,7 +202,7 @@ def time_config(config: str, rounds: int, cache: str) -> dict:
             if r >= 2:
                 times[name].append(seconds)
             print(f"{config} round {r} {name}: {seconds:.3f} s", flush=True)
-    floors = flop_floors(base, table)
+    floors = flop_floors(base, runners)
     return {
         "trainable": sum(p.numel() for p in base.parameters() if p.requires_grad),
         "seconds": {name: statistics.median(v) for name, v in times.items()},
@@ -222,31 +213,13 @@ def time_config(config: str, rounds: int, cache: str) -> dict:
     }
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * 4096 / 2**20
-
-
 def memory_child(config: str, name: str, cache: str) -> None:
     """Print the peak RSS growth (MiB) over 3 steps of one variant (run in a fresh interpreter)."""
     torch.set_num_threads(2)
     base = start_policy(config)
     runner = Runner(base, variants(cache)[name], anchor_pool(base))
     batch = task_batch(base, BATCH, 0)
-    start, peak, done = _rss_mib(), [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mib())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    for _ in range(3):
-        runner.step(batch)
-    done.set()
-    thread.join()
-    print(peak[0] - start)
+    print(peak_rss_growth(lambda: [runner.step(batch) for _ in range(3)]))
 
 
 def actions_cache(config: str, work: Path) -> str:

@@ -225,10 +225,8 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * 4096 / 2**20
 
 
-def memory_child(cfg_name: str, variant: str, cache: str, batch_size: int) -> None:
-    cfg = configs()[cfg_name]
-    runner = Runner(initial_policy(cfg), variant, Path(cache), batch_size)
-    batch = cfg.fake_batch(batch_size)
+def peak_rss_growth(run) -> float:
+    """MiB: the peak RSS while `run()` runs (sampled every 1 ms: coarse) minus the RSS before it."""
     start, peak, done = _rss_mib(), [0.0], threading.Event()
 
     def sample():
@@ -238,11 +236,19 @@ def memory_child(cfg_name: str, variant: str, cache: str, batch_size: int) -> No
 
     thread = threading.Thread(target=sample)
     thread.start()
-    for _ in range(3):
-        runner.step(batch)
-    done.set()
-    thread.join()
-    print(peak[0] - start)
+    try:
+        run()
+    finally:
+        done.set()
+        thread.join()
+    return peak[0] - start
+
+
+def memory_child(cfg_name: str, variant: str, cache: str, batch_size: int) -> None:
+    cfg = configs()[cfg_name]
+    runner = Runner(initial_policy(cfg), variant, Path(cache), batch_size)
+    batch = cfg.fake_batch(batch_size)
+    print(peak_rss_growth(lambda: [runner.step(batch) for _ in range(3)]))
 
 
 def table(results: dict, memory: dict, device) -> str:

@@ -67,6 +67,7 @@ ON_A = ["--craft.anchor_dataset", "{A}", "--craft.anchor_batch_size", "16"]
 MEMO = ["--craft.anchor_source", "memo", "--craft.anchor_frames", "1024"]
 # issue 33's cost options spelled out, so that a later change of their defaults leaves these cells as run
 EXACT = ["--craft.anchor_source", "online", "--craft.retention_every", "1"]
+ON_A_EXACT = [*ON_A, *EXACT]  # (the cells of 2026-11 ran these as the defaults then, before the flags existed)
 
 
 def craft(targets: str, eps: float = 0.1, dual_lr: float = 0.1) -> list[str]:
@@ -97,19 +98,19 @@ METHODS: dict[str, list[str]] = {
         "actions",
         "--craft.retention_weight",
         "1.0",
-        *ON_A,
+        *ON_A_EXACT,
     ],
     "replay2": ["--dataset.roots", "{B},{A}", "--dataset.weights", "0.98,0.02"],
     "replay10": ["--dataset.roots", "{B},{A}", "--dataset.weights", "0.9,0.1"],
     "replay50": ["--dataset.roots", "{B},{A}", "--dataset.weights", "0.5,0.5"],
-    "craft_dual_only": [*craft("actions"), "--craft.mode", "dual_only", *ON_A],
+    "craft_dual_only": [*craft("actions"), "--craft.mode", "dual_only", *ON_A_EXACT],
     "craft_pooled_B": craft("pooled"),
     "craft_actions_B": craft("actions"),
-    "craft_pooled_A": [*craft("pooled"), *ON_A],
-    "craft_tokens_A": [*craft("tokens"), *ON_A],
-    "craft_actions_A": [*craft("actions"), *ON_A],
+    "craft_pooled_A": [*craft("pooled"), *ON_A_EXACT],
+    "craft_tokens_A": [*craft("tokens"), *ON_A_EXACT],
+    "craft_actions_A": [*craft("actions"), *ON_A_EXACT],
     # `craftvla demo`'s CRaFT: the default dual step 0.01, so lambda stays near 1 under the budget
-    "craft_demo": [*craft("actions", 0.1, 0.01), *ON_A],
+    "craft_demo": [*craft("actions", 0.1, 0.01), *ON_A_EXACT],
     # issue 33's cost levers, each against craft_demo (anchor batch 16, online teacher every step)
     **{f"craft_demo_a{n}": [*craft("actions", 0.1, 0.01), *ON_A[:3], str(n), *EXACT] for n in (8, 4)},
     **{
@@ -127,17 +128,17 @@ METHODS: dict[str, list[str]] = {
     "craft_demo_memo": [*craft("actions", 0.1, 0.01), *ON_A, *MEMO, "--craft.retention_every", "1"],
     "craft_demo_memo_a8_every2": [*craft("actions", 0.1, 0.01), *ON_A[:3], "8", *MEMO, "--craft.retention_every", "2"],
     "craft_demo_memo_every4": [*craft("actions", 0.1, 0.01), *ON_A, *MEMO, "--craft.retention_every", "4"],
-    "craft_all_A": [*craft("pooled,tokens,actions"), *ON_A],
+    "craft_all_A": [*craft("pooled,tokens,actions"), *ON_A_EXACT],
     "craft_actions_cacheA": [*craft("actions"), "--craft.anchor_cache", "{CACHE_A}", "--craft.anchor_batch_size", "16"],
     "craft_actions_A_replay2": [
         *craft("actions"),
-        *ON_A,
+        *ON_A_EXACT,
         "--dataset.roots",
         "{B},{A}",
         "--dataset.weights",
         "0.98,0.02",
     ],
-    **{f"craft_actions_A_eps{eps:g}": [*craft("actions", eps), *ON_A] for eps in (0.01, 0.03, 0.3, 1.0)},
+    **{f"craft_actions_A_eps{eps:g}": [*craft("actions", eps), *ON_A_EXACT] for eps in (0.01, 0.03, 0.3, 1.0)},
 }
 
 
