@@ -90,11 +90,12 @@ def collect_once(root: Path, tasks: str, episodes: int, seed: int, label: str) -
 def craft_config(cfg: DemoConfig, anchor_data: Path) -> CraftConfig:
     """CRaFT as the demo runs it: the policy's own action chunks (the default target with an
     anchor dataset) held on the generalist's tasks' frames, a budget relative to the targets'
-    spread (benchmarks/retention), its metrics logged every step for the report's curves."""
+    spread (benchmarks/retention), its metrics logged every step for the report's curves; the
+    flags' defaults for that target otherwise (teacher chunks kept per frame of 1,024 anchor
+    frames, an anchor batch of 8, the retention gradient every 2 steps: benchmarks/craft_step)."""
     return CraftConfig(
         enabled=True,
         anchor_dataset=str(anchor_data),
-        anchor_batch_size=16,
         retention_budget=cfg.retention_budget,
         log_freq=1,
     )

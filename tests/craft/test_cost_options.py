@@ -178,14 +178,42 @@ def test_retention_every_k_recomputes_first_after_a_resume():
         CraftConfig(enabled=True, retention_every=0)
 
 
-def test_retention_every_one_is_the_exact_version():
-    """k=1 is every step: the same parameters as a plug-in built without the flag."""
+def test_retention_every_one_recomputes_on_every_step():
     stream = [indexed(3, seed=100 + i, first=3 * i) for i in range(3)]
-    runs = []
-    for extra in ({}, {"retention_every": 1}):
-        cfg = CraftConfig(enabled=True, targets="actions", anchor_dataset="A", **extra)
-        plugin = CraftPlugin(small_policy(), cfg, anchor_batches=lambda s: iter(stream[s:]))
-        train_steps(plugin._policy, plugin, [[batch(2, seed=s)] for s in range(3)])
-        runs.append(plugin.params)
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    cfg = CraftConfig(enabled=True, targets="actions", anchor_dataset="A", anchor_source="online", retention_every=1)
+    plugin = CraftPlugin(small_policy(), cfg, anchor_batches=lambda s: iter(stream[s:]))
+    drawn = []
+    inner = plugin.anchors.anchor_batch
+    plugin.anchors.anchor_batch = lambda *a: drawn.append(plugin.step) or inner(*a)
+    train_steps(plugin._policy, plugin, [[batch(2, seed=s)] for s in range(3)])
+    assert drawn == [0, 1, 2] and plugin.anchors.memo is None
+
+
+def test_defaults_of_the_fast_actions_configuration():
+    """CRaFT with the actions target on an anchor dataset defaults to the measured fast
+    configuration (memo on 1,024 frames, the retention gradient every 2 steps); anything else keeps
+    the exact one, and each flag set by hand wins."""
+    fast = CraftConfig(enabled=True, anchor_dataset="A")
+    assert (fast.source, fast.frames, fast.every, fast.anchor_batch_size) == ("memo", 1024, 2, 8)
+    for other in (
+        CraftConfig(enabled=True, anchor_dataset="A", targets="pooled"),
+        CraftConfig(enabled=True, anchor_dataset="A", targets="actions,tokens"),
+        CraftConfig(enabled=True, anchor_dataset="A", mode="distill_fixed"),
+        CraftConfig(enabled=True, targets="actions"),  # on the training batch
+    ):
+        assert (other.source, other.frames, other.every) == ("online", None, 1), other
+    online = CraftConfig(enabled=True, anchor_dataset="A", anchor_source="online")
+    assert (online.source, online.frames, online.every) == ("online", None, 2)
+    manual = CraftConfig(enabled=True, anchor_dataset="A", anchor_frames=0, retention_every=1)
+    assert (manual.source, manual.frames, manual.every) == ("memo", None, 1)
+    cache = CraftConfig(enabled=True, anchor_cache="c")
+    assert (cache.source, cache.every) == ("cache", 1)
+
+
+def test_a_default_memo_falls_back_to_online_for_a_flow_matching_head():
+    from craftvla.config import FlowMatchingHeadConfig
+    from craftvla.model.policy import VLAPolicy
+
+    policy = VLAPolicy(dataclasses.replace(small_config(), head=FlowMatchingHeadConfig(hidden_dim=32, num_heads=2)))
+    plugin = CraftPlugin(policy, CraftConfig(enabled=True, anchor_dataset="A"))
+    assert plugin.anchors.memo is None

@@ -16,6 +16,10 @@ ANCHOR_SOURCES = ("online", "memo", "cache")
 # distill_fixed = feature distillation with a fixed weight (no projection, no dual update);
 # dual_only = feature distillation with the dual update but no projection.
 MODES = ("craft", "l2_init", "distill_fixed", "dual_only")
+# The fast actions configuration's defaults (issue 33; benchmarks/craft_step/actions.md: 1.13x a plain
+# step at batch 32, against 1.57x for the exact version; benchmarks/retention: the same retention):
+MEMO_FRAMES = 1024  # anchor frames whose teacher chunks a memo run keeps (the action cache's 1,024)
+FAST_EVERY = 2  # the retention gradient every 2 steps, with an anchor batch of 8 (the flag default)
 
 
 @dataclass
@@ -55,7 +59,8 @@ class CraftConfig:
     # batch: adapters disabled / functional_call; exact), "memo" (the same, but computed once per
     # anchor frame, when training first meets it, and kept in memory: no teacher forward for a frame
     # met before; needs anchor_dataset) or "cache" (an offline anchor cache, see anchor_cache).
-    # None = "cache" when anchor_cache is given, else "online".
+    # None = "cache" when anchor_cache is given, "memo" for the actions target alone on an
+    # anchor_dataset (unless the head samples with noise: then "online"), else "online".
     anchor_source: Optional[str] = None
     # Anchor-cache directory (built by `craftvla cache build`); implies anchor_source="cache".
     anchor_cache: Optional[str] = None
@@ -64,14 +69,15 @@ class CraftConfig:
     # A LeRobot dataset whose batches the online anchors use (e.g. the old tasks' data), instead of
     # the training batch; costs one more forward + backward of anchor_batch_size samples per micro-batch.
     anchor_dataset: Optional[str] = None
-    # Draw anchors from a fixed, seeded subset of this many frames of anchor_dataset (None, or more
-    # than it has = all of it). With anchor_source "memo" it bounds the teacher's work to this many
-    # frames for the whole run.
+    # Draw anchors from a fixed, seeded subset of this many frames of anchor_dataset (0, or more than
+    # it has = all of it). With anchor_source "memo" it bounds the teacher's work to this many frames
+    # for the whole run. None = MEMO_FRAMES with memo, else all.
     anchor_frames: Optional[int] = None
     # Recompute the retention gradient (anchor forward + backward) every this many optimizer steps;
     # the steps between reuse the last g_ret and L_ret for the projection, lambda's term and the dual
-    # update. 1 = every step (exact).
-    retention_every: int = 1
+    # update. 1 = every step (exact). None = FAST_EVERY for the actions target alone on an
+    # anchor_dataset (benchmarks/craft_step/actions.md, benchmarks/retention), else 1.
+    retention_every: Optional[int] = None
     # What is retained, comma-separated to combine: pooled (bridge features, the design note's),
     # tokens (the same states per token), actions (the policy's own action chunks: behaviour
     # distillation); see craft/targets.py. None = actions with an anchor_dataset (the retention
@@ -149,18 +155,23 @@ class CraftConfig:
             "'memo' keeps the targets of anchor_dataset's frames; give --craft.anchor_dataset DIR",
         )
         require(
-            self.anchor_frames is None or self.anchor_frames >= 2,
+            self.anchor_frames in (None, 0) or self.anchor_frames >= 2,
             "craft.anchor_frames",
             self.anchor_frames,
-            "must be >= 2 (or null: the whole anchor dataset)",
+            "must be >= 2 (or 0: the whole anchor dataset)",
         )
         require(
-            self.anchor_frames is None or self.anchor_dataset,
+            not self.anchor_frames or self.anchor_dataset,
             "craft.anchor_frames",
             self.anchor_frames,
             "picks frames of --craft.anchor_dataset; give that too",
         )
-        require(self.retention_every >= 1, "craft.retention_every", self.retention_every, "must be >= 1")
+        require(
+            self.retention_every is None or self.retention_every >= 1,
+            "craft.retention_every",
+            self.retention_every,
+            "must be >= 1",
+        )
         unknown = [t for t in self.target_names if t not in TARGETS]
         require(
             not unknown and len(set(self.target_names)) == len(self.target_names),
@@ -174,8 +185,36 @@ class CraftConfig:
     # Unset fields stay None (so a saved config keeps meaning "the default"); these resolve them.
     @property
     def source(self) -> str:
-        """anchor_source, or "cache" when only anchor_cache is given, else "online"."""
-        return self.anchor_source or ("cache" if self.anchor_cache else "online")
+        """anchor_source, or "cache" when only anchor_cache is given, "memo" for the fast actions
+        configuration (`fast_actions`), else "online"."""
+        if self.anchor_source:
+            return self.anchor_source
+        return "cache" if self.anchor_cache else "memo" if self.fast_actions else "online"
+
+    @property
+    def fast_actions(self) -> bool:
+        """The configuration issue 33 made cheap (and measured): CRaFT with the actions target alone on an
+        anchor dataset's frames, the initial model as teacher (online or memo)."""
+        return (
+            self.mode == "craft"
+            and bool(self.anchor_dataset)
+            and self.target_names == ["actions"]
+            and self.anchor_source in (None, "online", "memo")
+        )
+
+    @property
+    def frames(self) -> Optional[int]:
+        """anchor_frames resolved: a frame count, or None for every frame of the anchor dataset."""
+        if self.anchor_frames is None:
+            return MEMO_FRAMES if self.source == "memo" else None
+        return self.anchor_frames or None
+
+    @property
+    def every(self) -> int:
+        """retention_every resolved: FAST_EVERY for the fast actions configuration, else 1."""
+        if self.retention_every is not None:
+            return self.retention_every
+        return FAST_EVERY if self.fast_actions else 1
 
     @property
     def target_names(self) -> list[str]:

@@ -142,7 +142,7 @@ class CraftPlugin:
         and on a process's first step: a resumed run has no last g_ret to reuse)."""
         if self.anchors is None:
             return False
-        return self.step % self.cfg.retention_every == 0 or not self._have_ret
+        return self.step % self.cfg.every == 0 or not self._have_ret
 
     def _accumulate(self, loss: torch.Tensor, views, retain_graph: bool) -> None:
         """Backward `loss` so that autograd adds the gradients straight into `views`."""
@@ -159,7 +159,7 @@ class CraftPlugin:
             (self._buf if refresh else self.g_act).zero_()  # between refreshes g_ret and L_ret are kept
         if not self._started and hasattr(self.anchors, "start"):
             # anchor batches continue where a resumed run stopped: one per retention step taken so far
-            self.anchors.start(-(-self.step // self.cfg.retention_every))
+            self.anchors.start(-(-self.step // self.cfg.every))
         self._started = True
         self._policy = policy
         out = policy.compute_loss(batch)
@@ -279,8 +279,8 @@ def build_craft_plugin(
             "(actions); give the old tasks' data with --craft.anchor_dataset DIR"
         )
     anchor_data = open_anchor_dataset(cfg.anchor_dataset, policy) if cfg.anchor_dataset else None
-    if anchor_data is not None and cfg.anchor_frames is not None:
-        anchor_data = fixed_frames(anchor_data, cfg.anchor_frames, seed + 3)
+    if anchor_data is not None and cfg.frames is not None:
+        anchor_data = fixed_frames(anchor_data, cfg.frames, seed + 3)
     stream = (
         None
         if anchor_data is None

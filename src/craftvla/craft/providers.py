@@ -274,10 +274,13 @@ def make_anchor_provider(
 ):
     """The provider named by `cfg.source` (`seed` orders the cache's anchor batches)."""
     if cfg.source in ("online", "memo"):
-        if cfg.source == "memo" and "actions" in cfg.target_names and policy.config.head.type == "flow_matching":
-            raise ConfigError(
-                "craft.anchor_source=memo: a flow-matching head's chunk depends on the noise drawn for its "
-                "place in the batch, so a frame's target cannot be kept; use craft.anchor_source=online"
-            )
-        return OnlineAnchors(policy, feature_fn, anchor_batches, memo=cfg.source == "memo")
+        memo = cfg.source == "memo"
+        if memo and "actions" in cfg.target_names and policy.config.head.type == "flow_matching":
+            if cfg.anchor_source == "memo":
+                raise ConfigError(
+                    "craft.anchor_source=memo: a flow-matching head's chunk depends on the noise drawn for its "
+                    "place in the batch, so a frame's target cannot be kept; use craft.anchor_source=online"
+                )
+            memo = False  # the default: online for a head that samples with noise
+        return OnlineAnchors(policy, feature_fn, anchor_batches, memo=memo)
     return CacheAnchors(policy, cfg, batch_size=cfg.anchor_batch_size, seed=seed)
