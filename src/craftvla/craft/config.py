@@ -94,6 +94,13 @@ class CraftConfig:
     log_freq: Optional[int] = None
 
     def __post_init__(self) -> None:
+        self._check_method()
+        self._check_targets()
+        self._check_anchor_source()
+        self._check_anchor_data()
+
+    def _check_method(self) -> None:
+        """The mode, the loss and the surgery's numbers."""
         require(self.mode in MODES, "craft.mode", self.mode, f"choose one of {MODES}")
         require(self.retention_weight >= 0, "craft.retention_weight", self.retention_weight, "must be >= 0")
         require(self.retention_budget >= 0, "craft.retention_budget", self.retention_budget, "must be >= 0")
@@ -104,6 +111,18 @@ class CraftConfig:
             "craft.projection_scope",
             self.projection_scope,
             f"choose one of {PROJECTION_SCOPES}",
+        )
+        require(self.scale_samples >= 2, "craft.scale_samples", self.scale_samples, "must be >= 2")
+        require(self.log_freq is None or self.log_freq >= 1, "craft.log_freq", self.log_freq, "must be >= 1")
+
+    def _check_targets(self) -> None:
+        """What is retained and where it is read."""
+        unknown = [t for t in self.target_names if t not in TARGETS]
+        require(
+            not unknown and len(set(self.target_names)) == len(self.target_names),
+            "craft.targets",
+            self.targets,
+            f"choose one or more of {tuple(TARGETS)}, comma-separated, each once",
         )
         require(
             self.anchor_layer_idx is None or self.anchor_layer_idx >= 0,
@@ -123,6 +142,9 @@ class CraftConfig:
             self.pooling,
             f"choose one of {POOLING_MODES}",
         )
+
+    def _check_anchor_source(self) -> None:
+        """Online, memo or cache, and the flags each one needs or refuses."""
         require(
             self.anchor_source is None or self.anchor_source in ANCHOR_SOURCES,
             "craft.anchor_source",
@@ -141,6 +163,9 @@ class CraftConfig:
             self.anchor_source,
             f"conflicts with craft.anchor_cache={self.anchor_cache!r} (drop one of the two flags)",
         )
+
+    def _check_anchor_data(self) -> None:
+        """The anchor batches: their size, dataset, frame set and how often they are used."""
         require(self.anchor_batch_size >= 1, "craft.anchor_batch_size", self.anchor_batch_size, "must be >= 1")
         require(
             not (self.anchor_dataset and self.source == "cache"),
@@ -172,15 +197,6 @@ class CraftConfig:
             self.retention_every,
             "must be >= 1",
         )
-        unknown = [t for t in self.target_names if t not in TARGETS]
-        require(
-            not unknown and len(set(self.target_names)) == len(self.target_names),
-            "craft.targets",
-            self.targets,
-            f"choose one or more of {tuple(TARGETS)}, comma-separated, each once",
-        )
-        require(self.scale_samples >= 2, "craft.scale_samples", self.scale_samples, "must be >= 2")
-        require(self.log_freq is None or self.log_freq >= 1, "craft.log_freq", self.log_freq, "must be >= 1")
 
     # Unset fields stay None (so a saved config keeps meaning "the default"); these resolve them.
     @property
