@@ -1,4 +1,4 @@
-"""Helpers shared by the long, resumable benchmark scripts (retention study, pruning benchmark)."""
+"""Helpers shared by the long, resumable benchmark scripts (retention and continual studies, pruning benchmark)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -28,6 +29,41 @@ def write_json(path: Path, record: dict) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
+
+
+def claim(cell: Path) -> bool:
+    """Take the cell for this process (a `.claim` file holding its pid); False if a live process has it.
+
+    Lets two study processes share the work (`OMP_NUM_THREADS=1`, one per core; the retention and
+    continual studies): evaluation runs the simulator on one core, so a second process fills the other.
+    """
+    lock = cell / ".claim"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)  # empty: its writer died (e.g. a full disk) before the pid
+                if pid <= 0:
+                    raise ValueError(pid)  # os.kill(0, 0) would signal our own process group: "alive"
+                os.kill(pid, 0)
+                return False  # alive
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def run_parallel(script: str, n: int, argv: list[str]) -> int:
+    """`n` copies of `script argv` (each claims cells as it goes), one torch thread each."""
+    flags = [a for i, a in enumerate(argv) if a != "--processes" and (i == 0 or argv[i - 1] != "--processes")]
+    flags = [a for a in flags if not a.startswith("--processes=")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STUDY_PROCESSES": str(n)}
+    procs = [subprocess.Popen([sys.executable, script, *flags], env=env) for _ in range(n)]
+    return max(p.wait() for p in procs)
 
 
 def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:

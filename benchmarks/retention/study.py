@@ -21,14 +21,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from _lib import sh, write_json  # noqa: E402
+from _lib import claim, run_parallel, sh, write_json  # noqa: E402
 
 REPO = HERE.parents[1]
 BIN = Path(os.environ.get("BIN", REPO / ".venv" / "bin"))
@@ -334,50 +333,6 @@ def l1_on_A(checkpoint: Path, samples: int = 512) -> float:
     return total / n
 
 
-def craft_log(run: Path) -> dict:
-    """From metrics.jsonl: wall-clock, and for CRaFT the share of steps with L_ret <= epsilon."""
-    import yaml
-
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    out = {"train_s": max(r.get("elapsed_s", 0) for r in lines)}
-    ret = [r["craft/retention_loss"] for r in lines if "craft/retention_loss" in r]
-    cfg = yaml.safe_load((run / "train_config.yaml").read_text())
-    if ret and cfg["craft"]["mode"] in ("craft", "dual_only"):
-        eps = cfg["craft"]["retention_budget"]
-        out.update(
-            within_budget=sum(x <= eps for x in ret) / len(ret),
-            final_retention_loss=ret[-1],
-            final_lambda=[r["craft/lambda"] for r in lines if "craft/lambda" in r][-1],
-        )
-    return out
-
-
-def claim(cell: Path) -> bool:
-    """Take the cell for this process (a `.claim` file holding its pid); False if a live process has it.
-
-    Lets two study processes share the work (`OMP_NUM_THREADS=1`, one per core): evaluation runs the
-    simulator on one core, so a second process fills the other.
-    """
-    lock = cell / ".claim"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)  # empty: its writer died (e.g. a full disk) before the pid
-                if pid <= 0:
-                    raise ValueError(pid)  # os.kill(0, 0) would signal our own process group: "alive"
-                os.kill(pid, 0)
-                return False  # alive
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return True
-    return False
-
-
 def run_cell(method: str, seed: int) -> Path | None:
     result = RESULTS / f"{method}__s{seed}.json"
     if result.is_file():
@@ -396,6 +351,8 @@ def run_cell(method: str, seed: int) -> Path | None:
 
 
 def _run_cell(method: str, seed: int, cell: Path, result: Path) -> Path:
+    from craftvla.continual import run_summary
+
     t0 = time.time()
     last = train_cell(method, seed, cell)
     ev_b, ev_a = eval_cell(last, cell, TASKS_B, "B"), eval_cell(last, cell, TASKS_A, "A")
@@ -409,7 +366,7 @@ def _run_cell(method: str, seed: int, cell: Path, result: Path) -> Path:
         "per_task": {t: r["success_rate"] for ev in (ev_b, ev_a) for t, r in ev["tasks"].items()},
         **drift_on_A(last),
         **head_probe(last, cell),
-        **craft_log(cell / "run"),
+        **run_summary(cell / "run"),
         "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
         "study_processes": int(os.environ.get("STUDY_PROCESSES", "1")),
         "cell_s": time.time() - t0,
@@ -442,15 +399,6 @@ def generalist_row() -> Path:
     return result
 
 
-def run_parallel(n: int, argv: list[str]) -> int:
-    """`n` copies of this command (each claims cells as it goes), one torch thread each."""
-    flags = [a for i, a in enumerate(argv) if a != "--processes" and (i == 0 or argv[i - 1] != "--processes")]
-    flags = [a for a in flags if not a.startswith("--processes=")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STUDY_PROCESSES": str(n)}
-    procs = [subprocess.Popen([sys.executable, __file__, *flags], env=env) for _ in range(n)]
-    return max(p.wait() for p in procs)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("verb", choices=("run", "report"))
@@ -475,7 +423,7 @@ def main(argv: list[str]) -> int:
     prepare()
     generalist_row()
     if args.processes > 1:
-        return run_parallel(args.processes, argv)
+        return run_parallel(__file__, args.processes, argv)
     for seed in map(int, args.seeds.split(",")):  # seed-major: every method gets seed 0 first
         for method in methods:
             run_cell(method, seed)

@@ -12,6 +12,7 @@ from craftvla.craft.data import fixed_frames
 from craftvla.craft.plugin import CraftPlugin
 from craftvla.data.loading import collate, select_rows
 from craftvla.errors import ConfigError, CraftVLAError
+from craftvla.keys import SOURCE_KEY
 from tests.craft._common import batch, small_config, small_policy, train_steps
 
 
@@ -74,6 +75,21 @@ def test_memo_targets_equal_online_and_each_frame_runs_once():
     with torch.no_grad():
         initial = small_policy().action_head.sample(small_policy().encode(frames([0, 5, 1, 4])))
     rows = torch.stack([memo.anchors.memo[k]["actions"] for k in (0, 5, 1, 4)])
+    torch.testing.assert_close(rows, initial, atol=1e-5, rtol=1e-4)
+
+
+def test_memo_keys_frames_by_source_when_there_are_several_anchor_datasets():
+    """Two anchor datasets both have a frame 0: the memo keeps one entry per (source, frame),
+    each the initial model's target on that frame."""
+    first, second = frames([0, 1]), indexed(2, seed=77, first=0)  # same indices, other content
+    first[SOURCE_KEY], second[SOURCE_KEY] = torch.tensor([0, 0]), torch.tensor([1, 1])
+    cfg = CraftConfig(enabled=True, targets="actions", anchor_dataset="A,B", anchor_source="memo", retention_every=1)
+    plugin = CraftPlugin(small_policy(), cfg, anchor_batches=lambda s: iter([first, second][s:]))
+    train_steps(plugin._policy, plugin, [[batch(2, seed=s)] for s in range(2)])
+    assert sorted(plugin.anchors.memo) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    with torch.no_grad():
+        initial = small_policy().action_head.sample(small_policy().encode(second))
+    rows = torch.stack([plugin.anchors.memo[(1, k)]["actions"] for k in (0, 1)])
     torch.testing.assert_close(rows, initial, atol=1e-5, rtol=1e-4)
 
 

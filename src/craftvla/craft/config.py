@@ -67,7 +67,9 @@ class CraftConfig:
     # Anchor samples per micro-batch drawn from the cache or from anchor_dataset.
     anchor_batch_size: int = 8
     # A LeRobot dataset whose batches the online anchors use (e.g. the old tasks' data), instead of
-    # the training batch; costs one more forward + backward of anchor_batch_size samples per micro-batch.
+    # the training batch; several, comma-separated, are concatenated (frames drawn uniformly from all:
+    # the start policy's tasks and earlier continual stages). Costs one more forward + backward of
+    # anchor_batch_size samples per micro-batch.
     anchor_dataset: Optional[str] = None
     # Draw anchors from a fixed, seeded subset of this many frames of anchor_dataset (0, or more than
     # it has = all of it). With anchor_source "memo" it bounds the teacher's work to this many frames

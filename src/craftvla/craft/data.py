@@ -18,18 +18,26 @@ from craftvla.errors import CraftVLAError
 BatchStream = Callable[[int], Iterator[dict]]  # optimizer step -> anchor micro-batches from that step on
 
 
-def open_anchor_dataset(root: str, policy: nn.Module):
-    """An anchor dataset converted by the policy's processor (its statistics, else the dataset's)."""
+def open_anchor_dataset(roots: str, policy: nn.Module):
+    """The anchor data converted by the policy's processor (its statistics, else the data's): one
+    LeRobot dataset, or several (`roots` comma-separated: e.g. the start policy's tasks and the tasks
+    of earlier continual stages) concatenated as a `MixedDataset`, whose items carry their source."""
     from craftvla.data import LeRobotDataset
+    from craftvla.data.mixture import MixedDataset, source_names
 
-    dataset = LeRobotDataset(root, chunk_size=policy.config.chunk_size)
-    missing = [k for k in policy.config.camera_keys if k not in dataset.meta.camera_keys]
-    if missing:
-        raise CraftVLAError(f"dataset {root}: cameras {dataset.meta.camera_keys} lack the policy's {missing}")
+    paths = [r.strip() for r in roots.split(",") if r.strip()]
+    datasets = []
+    for root in paths:
+        dataset = LeRobotDataset(root, chunk_size=policy.config.chunk_size)
+        missing = [k for k in policy.config.camera_keys if k not in dataset.meta.camera_keys]
+        if missing:
+            raise CraftVLAError(f"dataset {root}: cameras {dataset.meta.camera_keys} lack the policy's {missing}")
+        datasets.append(dataset)
+    data = datasets[0] if len(datasets) == 1 else MixedDataset(datasets, source_names(paths))
     if policy.processor.stats is None:
-        policy.set_stats(dataset.stats, f"anchor dataset {root}")
-    dataset.transform = policy.processor.transform
-    return dataset
+        policy.set_stats(data.stats, f"anchor dataset {roots}")
+    data.transform = policy.processor.transform
+    return data
 
 
 def fixed_frames(dataset, count: int, seed: int):

@@ -8,7 +8,7 @@ loss scale is measured on:
 - `OnlineAnchors` (default): the initial weights, without moving any weight, on the training
   batch (free: its forward is already done) or on batches of a separate anchor dataset
   (`--craft.anchor_dataset`: one more forward per micro-batch). With `--craft.anchor_source memo`
-  the initial model's targets are kept per anchor frame (keyed by the dataset's frame index), so
+  the initial model's targets are kept per anchor frame (keyed by the frame's dataset index, and its source with several anchor datasets), so
   a frame met before costs no teacher forward: only the frames of a batch not yet met are run. Under LoRA the adapters are
   bypassed (no extra memory) and the other trainable tensors that feed the targets (the action
   queries, the action head for the `actions` target...) take their initial values through
@@ -36,6 +36,7 @@ from craftvla.craft.data import BatchStream
 from craftvla.craft.targets import Extraction, absolute_layer
 from craftvla.data.loading import select_rows, to_device
 from craftvla.errors import ConfigError, CraftVLAError
+from craftvla.keys import SOURCE_KEY
 from craftvla.model.context import VLMContext
 from craftvla.model.peft import has_lora, is_lora_param, lora_disabled
 
@@ -167,6 +168,8 @@ class OnlineAnchors:
         """{target: (B, ...)} of the initial model on `raw` (a collated CPU anchor batch with frame
         `index`es), from the memo; the frames not met before are run (as one sub-batch) and kept."""
         keys = raw["index"].tolist()
+        if SOURCE_KEY in raw:  # several anchor datasets: frame indices repeat across them
+            keys = list(zip(raw[SOURCE_KEY].tolist(), keys))
         missing = sorted({k: r for r, k in enumerate(keys) if k not in self.memo}.items())
         if missing:
             sub = select_rows(raw, [r for _, r in missing])

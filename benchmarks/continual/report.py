@@ -1,0 +1,177 @@
+"""results/*.json -> results.md (the figures per method, mean +- std over seeds; every cell's budget
+record), matrices.png (the accuracy matrix of every method) and front.png (start tasks vs new tasks)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from statistics import mean, pstdev
+
+import numpy as np
+
+LABELS = {
+    "plain": "plain fine-tuning",
+    "replay2": "replay 2 %",
+    "replay10": "replay 10 %",
+    "replay50": "replay 50 %",
+    "distill0.1": "distillation of its actions, weight 0.1",
+    "distill1": "distillation, weight 1",
+    "distill10": "distillation, weight 10",
+    "l2_init": "L2-to-init (0.1)",
+    "lora": "LoRA rank 16",
+    "craft_eps0.03": "CRaFT actions, budget 0.03",
+    "craft_eps0.1": "CRaFT actions, budget 0.1 (default)",
+    "craft_eps0.3": "CRaFT actions, budget 0.3",
+    "craft_noproj": "CRaFT actions 0.1, projection off",
+    "craft_pooled": "CRaFT pooled features 0.1",
+}
+
+
+def load(results: Path, methods: list[str], stages: int) -> tuple[dict, dict]:
+    """(start row, {method: {seed: [stage records 1..T]}}) for the sequences with every stage done."""
+    start = json.loads((results / "start.json").read_text())
+    runs: dict[str, dict[int, list[dict]]] = {}
+    for path in sorted(results.glob("*__s*__stage*.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault(r["method"], {}).setdefault(r["seed"], []).append(r)
+    done = {
+        m: {s: sorted(rs, key=lambda r: r["stage"]) for s, rs in seeds.items() if len(rs) == stages}
+        for m, seeds in runs.items()
+        if m in methods
+    }
+    return start, {m: seeds for m, seeds in done.items() if seeds}
+
+
+def figures(start: dict, records: list[dict], columns: list[str], sequence: list[str], start_tasks) -> dict:
+    """One sequence's figures: its matrix, ACC per stage, BWT (all / start tasks / sequence tasks)."""
+    from craftvla.continual import accuracy_matrix, average_accuracy, backward_transfer, learned_at
+
+    matrix = accuracy_matrix(start["success"], records, columns)
+    learned = learned_at(columns, sequence)
+    own = [j for j, t in enumerate(columns) if t in start_tasks]
+    new = [j for j, t in enumerate(columns) if t in sequence]
+    return {
+        "matrix": matrix,
+        "acc": average_accuracy(matrix, learned),
+        "bwt": backward_transfer(matrix, learned),
+        "bwt_start": backward_transfer(matrix, learned, own),
+        "bwt_seq": backward_transfer(matrix, learned, new),
+        "start_final": float(np.nanmean(matrix[-1, own])),
+        "new_final": float(np.nanmean(matrix[-1, new])),
+        "just_learned": [float(matrix[k, learned.index(k)]) for k in range(1, len(matrix))],
+    }
+
+
+def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    return fmt.format(mean(values)) + (f" ± {fmt.format(pstdev(values))}" if len(values) > 1 else "")
+
+
+def summary_table(per_method: dict[str, list[dict]], sequence: list[str]) -> list[str]:
+    stages = range(1, len(sequence) + 1)
+    head = ["method", *(f"{t.removesuffix('-v3')} just learned" for t in sequence), "ACC (final)"]
+    head += ["BWT", "BWT start tasks", "BWT new tasks", "start tasks (final)", "new tasks (final)", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for method, figs in per_method.items():
+        cells = [_ms([f["just_learned"][k - 1] for f in figs]) for k in stages]
+        cells += [_ms([f["acc"][-1] for f in figs])]
+        cells += [_ms([f[k] for f in figs], "{:+.2f}") for k in ("bwt", "bwt_start", "bwt_seq")]
+        cells += [_ms([f["start_final"] for f in figs]), _ms([f["new_final"] for f in figs]), str(len(figs))]
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def budget_table(runs: dict[str, dict[int, list[dict]]], start_tasks) -> list[str]:
+    """Every cell: success on its new task, the start tasks' mean, the budget record and wall-clock."""
+    head = "| method | seed | stage | new task | start tasks | within budget | final L_ret | final lambda | max lambda | train s |"
+    lines = [head, "|---" * 10 + "|"]
+    for method, seeds in runs.items():
+        for seed, records in sorted(seeds.items()):
+            for r in records:
+                own = [v for t, v in r["success"].items() if t in start_tasks]
+                cells = [f"{r['success'][r['task']]:.1f}", f"{mean(own):.2f}"]
+                for key, fmt in (("within_budget", "{:.2f}"), ("final_retention_loss", "{:.3f}")):
+                    cells.append(fmt.format(r[key]) if key in r else "-")
+                for key in ("final_lambda", "max_lambda"):
+                    cells.append(f"{r[key]:.2f}" if key in r else "-")
+                cells.append(f"{r['train_s']:.0f}")
+                lines.append(
+                    f"| {method} | {seed} | {r['stage']} ({r['task'].removesuffix('-v3')}) | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    return lines
+
+
+def write_report(results: Path, out: Path, methods: list[str], start_tasks, sequence) -> None:
+    start, runs = load(results, methods, len(sequence))
+    runs = {m: runs[m] for m in methods if m in runs}
+    columns = [*start_tasks, *sequence]
+    per_method = {
+        m: [figures(start, rs, columns, list(sequence), start_tasks) for _, rs in sorted(seeds.items())]
+        for m, seeds in runs.items()
+    }
+    lines = [
+        "# Continual study: results",
+        "",
+        f"Sequence: {' -> '.join(sequence)}, from the generalist ({', '.join(start_tasks)}).",
+        "Mean ± std over seeds; success on 10 unseen positions per task after each stage.",
+        "",
+        *summary_table(per_method, list(sequence)),
+        "",
+        "## Every cell: did the budget bind?",
+        "",
+        *budget_table(runs, start_tasks),
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(lines))
+    if per_method:
+        matrices_plot(per_method, columns, start, out / "matrices.png")
+        front_plot(per_method, out / "front.png")
+
+
+def matrices_plot(per_method: dict[str, list[dict]], columns: list[str], start: dict, path: Path) -> None:
+    """One heatmap per method: rows = after stage 0..T, columns = tasks, mean success over seeds."""
+    from craftvla.train.plots import pyplot, save_figure
+
+    plt = pyplot()
+    n = len(per_method)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), dpi=100, squeeze=False)
+    for ax, (method, figs) in zip(axes.flat, per_method.items()):
+        matrix = np.nanmean(np.stack([f["matrix"] for f in figs]), axis=0)
+        ax.imshow(np.nan_to_num(matrix, nan=-0.2), vmin=-0.2, vmax=1.0, cmap="viridis", aspect="auto")
+        for (i, j), v in np.ndenumerate(matrix):
+            if math.isfinite(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+        ax.set_title(f"{LABELS.get(method, method)} ({len(figs)} seeds)", fontsize=8)
+        ax.set_xticks(range(len(columns)), [c.removesuffix("-v3")[:10] for c in columns], rotation=60, fontsize=6)
+        ax.set_yticks(range(len(matrix)), ["start", *(f"after {k}" for k in range(1, len(matrix)))], fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def front_plot(per_method: dict[str, list[dict]], path: Path) -> None:
+    """After the last stage: the start tasks' mean success against the new tasks', every seed and the mean."""
+    from craftvla.train.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    for i, (method, figs) in enumerate(per_method.items()):
+        xs, ys = [f["new_final"] for f in figs], [f["start_final"] for f in figs]
+        color = plt.cm.tab20(i % 20)
+        ax.scatter(xs, ys, s=12, alpha=0.4, color=color)
+        ax.scatter([mean(xs)], [mean(ys)], s=50, color=color, edgecolor="k", label=LABELS.get(method, method))
+    ax.set_xlabel("new tasks after the last stage (mean success)")
+    ax.set_ylabel("the generalist's tasks after the last stage")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=6, loc="lower left")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
