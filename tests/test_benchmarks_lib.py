@@ -13,3 +13,20 @@ def test_wilson_interval_against_hand_computed_values():
     low, high = wilson_interval(1.0, 60)  # all successes: the low end is n / (n + z^2)
     assert high == pytest.approx(1.0) and low == pytest.approx(60 / (60 + 1.96**2), abs=1e-9)
     assert wilson_interval(0.0, 0) == (0.0, 1.0)
+
+
+def test_claim_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from benchmarks._lib import claim
+
+    assert claim(tmp_path) is True
+    assert (tmp_path / ".claim").read_text() == str(__import__("os").getpid())
+    assert claim(tmp_path) is False  # held by a live process (this one)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".claim").write_text(str(dead.pid))  # its process is gone: stale
+    assert claim(tmp_path) is True
+    (tmp_path / ".claim").write_text("")  # a writer that died before writing its pid
+    assert claim(tmp_path) is True

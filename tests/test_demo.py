@@ -51,12 +51,13 @@ def test_demo_end_to_end_at_a_reduced_size(tmp_path, capsys):
             (rows[0]["tasks"]["drawer-close-v3"] + rows[0]["tasks"]["door-open-v3"]) / 2
         )
     assert (report / "table.txt").read_text() in printed
-    metrics = [json.loads(x) for x in (out / "craft-s0" / "metrics.jsonl").read_text().splitlines()]
+    run = out / "craft-s0" / "stage1" / "run"
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "craft/lambda" in m] == [1, 2]  # CRaFT ran and logged every step
-    assert "data_anchor" in (out / "craft-s0" / "train_config.yaml").read_text()  # anchors: the old tasks' data
+    assert "data_anchor" in (run / "train_config.yaml").read_text()  # anchors: the old tasks' data
     plain_s, craft_s = (
         json.loads(p.read_text().splitlines()[-1])["elapsed_s"]
-        for p in (out / "plain-s0" / "metrics.jsonl", out / "craft-s0" / "metrics.jsonl")
+        for p in (out / "plain-s0" / "stage1" / "run" / "metrics.jsonl", run / "metrics.jsonl")
     )
     expected = f"training time: plain {plain_s:.0f} s, CRaFT {craft_s:.0f} s ({craft_s / plain_s:.2f}x plain)"
     assert expected in (report / "table.txt").read_text()
@@ -65,3 +66,41 @@ def test_demo_end_to_end_at_a_reduced_size(tmp_path, capsys):
     assert main(args) == 0
     assert "re-using" in capsys.readouterr().out
     assert len(sorted(out.glob("report-*"))) == 2  # a new report, never over the first one
+
+
+def test_demo_learns_a_sequence_of_tasks(tmp_path, capsys):
+    """`--tasks a,b`: each run learns a then b (b from a's policy, CRaFT anchoring on the old tasks and
+    a), evaluates every task seen after each stage, and reports the accuracy matrices."""
+    import yaml
+
+    from craftvla.cli import main
+
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--tasks", "window-open-v3,drawer-open-v3", "--old_tasks", "drawer-close-v3"]
+    args += ["--steps", "2", "--episodes", "1", "--anchor_episodes", "1", "--eval_episodes", "1", "--batch_size", "4"]
+    assert main(args) == 0
+    report = next(out.glob("report-*"))
+    for name in ("matrices.png", "success.png", "craft_curves.png"):
+        assert (report / name).is_file(), name
+    text = (report / "table.txt").read_text()
+    assert "average accuracy" in text and "backward transfer" in text
+    assert "after stage" in (report / "report.md").read_text()
+    stage2 = yaml.safe_load((out / "craft-s0" / "stage2" / "run" / "train_config.yaml").read_text())
+    assert stage2["init_from"] == str(out / "craft-s0" / "stage1" / "run" / "checkpoints" / "last")
+    assert stage2["craft"]["anchor_dataset"] == f"{out / 'data_anchor'},{out / 'data_window-open-v3'}"
+    stage1 = json.loads((out / "plain-s0" / "stage1" / "result.json").read_text())
+    stage2 = json.loads((out / "plain-s0" / "stage2" / "result.json").read_text())
+    assert set(stage1["success"]) == {"drawer-close-v3", "window-open-v3"}
+    assert set(stage2["success"]) == {"drawer-close-v3", "window-open-v3", "drawer-open-v3"}
+    summary = json.loads((report / "summary.json").read_text())["summary"]
+    final = summary["plain"][0]  # the last stage's success: new = the mean over both new tasks
+    assert final["new"] == pytest.approx((stage2["success"]["window-open-v3"] + stage2["success"]["drawer-open-v3"]) / 2)
+
+
+def test_demo_refuses_a_task_twice_or_an_old_one(capsys):
+    from craftvla.cli import main
+
+    assert main(["demo", "--tasks", "window-open-v3,window-open-v3"]) != 0
+    assert "listed twice" in capsys.readouterr().err
+    assert main(["demo", "--tasks", "drawer-close-v3"]) != 0
+    assert "among --old_tasks" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "-"
-    return fmt.format(mean(values)) + (f" ± {fmt.format(pstdev(values))}" if len(values) > 1 else "")
+    return fmt.format(mean(values)) + (f" ± {pstdev(values):.2f}" if len(values) > 1 else "")
 
 
 def summary_table(per_method: dict[str, list[dict]], sequence: list[str]) -> list[str]:
@@ -129,32 +129,14 @@ def write_report(results: Path, out: Path, methods: list[str], start_tasks, sequ
     ]
     (out / "results.md").write_text("\n".join(lines))
     if per_method:
-        matrices_plot(per_method, columns, start, out / "matrices.png")
+        from craftvla.continual.plots import matrices_plot
+
+        matrices = {  # the seeds' mean (the not-evaluated cells are NaN in every seed)
+            f"{LABELS.get(m, m)} ({len(figs)} seeds)": np.mean(np.stack([f["matrix"] for f in figs]), axis=0)
+            for m, figs in per_method.items()
+        }
+        matrices_plot(matrices, columns, out / "matrices.png")
         front_plot(per_method, out / "front.png")
-
-
-def matrices_plot(per_method: dict[str, list[dict]], columns: list[str], start: dict, path: Path) -> None:
-    """One heatmap per method: rows = after stage 0..T, columns = tasks, mean success over seeds."""
-    from craftvla.train.plots import pyplot, save_figure
-
-    plt = pyplot()
-    n = len(per_method)
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), dpi=100, squeeze=False)
-    for ax, (method, figs) in zip(axes.flat, per_method.items()):
-        matrix = np.nanmean(np.stack([f["matrix"] for f in figs]), axis=0)
-        ax.imshow(np.nan_to_num(matrix, nan=-0.2), vmin=-0.2, vmax=1.0, cmap="viridis", aspect="auto")
-        for (i, j), v in np.ndenumerate(matrix):
-            if math.isfinite(v):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
-        ax.set_title(f"{LABELS.get(method, method)} ({len(figs)} seeds)", fontsize=8)
-        ax.set_xticks(range(len(columns)), [c.removesuffix("-v3")[:10] for c in columns], rotation=60, fontsize=6)
-        ax.set_yticks(range(len(matrix)), ["start", *(f"after {k}" for k in range(1, len(matrix)))], fontsize=6)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.tight_layout()
-    save_figure(fig, path)
 
 
 def front_plot(per_method: dict[str, list[dict]], path: Path) -> None:

@@ -1,13 +1,17 @@
-"""`craftvla demo`: teach the shipped generalist a new task, with and without CRaFT, and show
-what each keeps. No arguments needed; 11-13 minutes on 2 CPU cores (benchmarks/demo/).
+"""`craftvla demo`: teach the shipped generalist a new task (or a sequence of them, `--tasks a,b,c`),
+with and without CRaFT, and show what each keeps. No arguments needed; 11-13 minutes on 2 CPU cores
+for the default single task (benchmarks/demo/).
 
-1. collect scripted-expert demonstrations of the new task (window-open), and a few episodes of
-   the generalist's own five tasks (CRaFT's anchor data: what it should keep doing),
-2. fine-tune the generalist (assets/generalist) twice per seed: plain, and with CRaFT,
-3. evaluate the generalist and both fine-tuned policies closed-loop on the new task and on the
-   generalist's tasks (unseen positions),
-4. print a table and write a report directory: report.md, success.png, craft_curves.png and a
-   rollout video per policy.
+1. collect scripted-expert demonstrations of each new task (default: window-open), and a few episodes
+   of the generalist's own five tasks (CRaFT's anchor data: what it should keep doing),
+2. fine-tune the generalist (assets/generalist) per seed, plain and with CRaFT, one stage per new task,
+   each stage from the previous stage's policy; CRaFT's anchor data grows with the stages (the
+   generalist's tasks, then each task learned before: craftvla.continual),
+3. evaluate the generalist, and each policy after every stage, closed-loop on every task seen so far
+   (unseen positions),
+4. print a table and write a report directory: report.md, success.png, craft_curves.png, a rollout
+   video per policy and, for a sequence, the accuracy matrices (matrices.png) with average accuracy
+   and backward transfer.
 Flags scale it (`--steps`, `--episodes`, `--eval_episodes`, `--seeds`); every stage re-uses
 what a previous demo run in the same --out already finished.
 """
@@ -16,14 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from craftvla.cli.parsing import parse_config
-from craftvla.craft.config import CraftConfig
+from craftvla.continual import Method, Source, Stage, plan_stages, run_sequence
 from craftvla.errors import ConfigError, CraftVLAError
 from craftvla.sim.metaworld import GENERALIST_TASKS, NEW_TASK
 
@@ -37,8 +40,8 @@ class DemoConfig:
     out: str = "runs/demo"
     # The generalist to start from; None = the one shipped in assets/generalist/checkpoint.
     generalist: Optional[str] = None
-    # The new task taught to the generalist.
-    task: str = NEW_TASK
+    # The new task taught to the generalist, or several, comma-separated: learned one after another.
+    tasks: str = NEW_TASK
     # The generalist's tasks (evaluated for forgetting; CRaFT's anchor data comes from them).
     old_tasks: str = ",".join(GENERALIST_TASKS)
     # Expert demonstrations of the new task.
@@ -64,6 +67,16 @@ class DemoConfig:
         for name in ("episodes", "anchor_episodes", "steps", "batch_size", "eval_episodes", "seeds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 1")
+        from craftvla.sim.metaworld import parse_tasks
+
+        clash = sorted(set(parse_tasks(self.tasks)) & set(parse_tasks(self.old_tasks)))  # (each names a task once)
+        if clash:
+            raise ConfigError(f"--tasks={self.tasks}: {clash} among --old_tasks; a new task must be new")
+
+    @property
+    def sequence(self) -> list[str]:
+        """The new tasks, in the order they are learned."""
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
     def generalist_path(self) -> Path:
         path = Path(self.generalist) if self.generalist else SHIPPED
@@ -87,60 +100,36 @@ def collect_once(root: Path, tasks: str, episodes: int, seed: int, label: str) -
     return root
 
 
-def craft_config(cfg: DemoConfig, anchor_data: Path) -> CraftConfig:
-    """CRaFT as the demo runs it: the policy's own action chunks (the default target with an
-    anchor dataset) held on the generalist's tasks' frames, a budget relative to the targets'
-    spread (benchmarks/retention), its metrics logged every step for the report's curves; the
-    flags' defaults for that target otherwise (teacher chunks kept per frame of 1,024 anchor
-    frames, an anchor batch of 8, the retention gradient every 2 steps: benchmarks/craft_step)."""
-    return CraftConfig(
-        enabled=True,
-        anchor_dataset=str(anchor_data),
-        retention_budget=cfg.retention_budget,
-        log_freq=1,
-    )
+def methods(cfg: DemoConfig) -> dict[str, Method]:
+    """Plain fine-tuning, and CRaFT as the demo runs it: the policy's own action chunks (the default
+    target with an anchor dataset) held on the old tasks' frames, a budget relative to the targets'
+    spread (benchmarks/retention), its metrics logged every step for the report's curves; the flags'
+    defaults for that target otherwise (teacher chunks kept per frame of 1,024 anchor frames, an anchor
+    batch of 8, the retention gradient every 2 steps: benchmarks/craft_step)."""
+    craft = ("--craft.enabled", "true", "--craft.retention_budget", f"{cfg.retention_budget}", "--craft.log_freq", "1")
+    return {"plain": Method("plain"), "craft": Method("craft", craft, anchors=True)}
 
 
-def fine_tune(cfg: DemoConfig, name: str, seed: int, data: Path, run_dir: Path, craft: CraftConfig) -> Path:
-    """One fine-tuning run from the generalist (skipped when finished); returns the run directory."""
-    from craftvla.train.config import CheckpointConfig, DatasetConfig, OptimConfig, TrainConfig, init_policy_config
-    from craftvla.train.loop import train
-
-    last = run_dir / "checkpoints" / "last"
-    if last.exists():
-        print(f"  re-using {name} (seed {seed}): {run_dir}")
-        return run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run of an earlier demo
-    print(f"  fine-tuning {name} (seed {seed}) for {cfg.steps} steps into {run_dir}")
-    generalist = str(cfg.generalist_path())
-    train(
-        TrainConfig(
-            init_from=generalist,
-            policy=init_policy_config(generalist),
-            dataset=DatasetConfig(root=str(data)),
-            output_dir=str(run_dir),
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            seed=seed,
-            optim=OptimConfig(lr=cfg.lr),
-            checkpoint=CheckpointConfig(save_freq=0),
-            craft=craft,
-        )
-    )
-    return run_dir
+def train_flags(cfg: DemoConfig) -> list[str]:
+    """The `craftvla train` flags every stage of every run shares."""
+    return [
+        *("--steps", str(cfg.steps), "--batch_size", str(cfg.batch_size), "--optim.lr", f"{cfg.lr}"),
+        *("--checkpoint.save_freq", "0"),
+    ]
 
 
 def evaluate_once(cfg: DemoConfig, checkpoint: Path, out: Path, label: str) -> dict:
-    """Success on the new task and the old ones (re-used when already evaluated)."""
+    """Success on every task of the demo (re-used when already evaluated)."""
     from craftvla.sim.evaluate import evaluate
     from craftvla.sim.policies import CheckpointPolicy
 
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
-    print(f"  evaluating {label}: {cfg.eval_episodes} episodes on each of {len(cfg.old_tasks.split(',')) + 1} tasks")
+    tasks = [*cfg.sequence, *cfg.old_tasks.split(",")]
+    print(f"  evaluating {label}: {cfg.eval_episodes} episodes on each of {len(tasks)} tasks")
     return evaluate(
         CheckpointPolicy.from_pretrained(checkpoint),
-        [cfg.task, *cfg.old_tasks.split(",")],
+        tasks,
         cfg.eval_episodes,
         seed=cfg.seed,
         out_dir=out,
@@ -149,11 +138,18 @@ def evaluate_once(cfg: DemoConfig, checkpoint: Path, out: Path, label: str) -> d
     )
 
 
-def summarise(results: dict, new_task: str) -> dict:
-    """{new: success on the new task, old: mean over the old tasks, tasks: per task}."""
-    tasks = {t: r["success_rate"] for t, r in results["tasks"].items()}
-    old = [v for t, v in tasks.items() if t != new_task]
-    return {"new": tasks[new_task], "old": sum(old) / len(old), "tasks": tasks}
+def fine_tune_all(cfg: DemoConfig, data: dict[str, Path], anchor_data: Path) -> dict[str, list[list[Stage]]]:
+    """Every method's sequence per seed, run (finished stages re-used): {name: [stages of each seed]}."""
+    generalist = cfg.generalist_path()
+    start = Source(anchor_data, tuple(cfg.old_tasks.split(",")))
+    runs: dict[str, list[list[Stage]]] = {}
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        for name, method in methods(cfg).items():
+            stages = plan_stages(cfg.sequence, generalist, start, data, Path(cfg.out) / f"{name}-s{seed}")
+            print(f"  {name} (seed {seed}): {len(stages)} stage(s) in {stages[0].dir.parent}")
+            run_sequence(stages, method, seed, train_flags(cfg), cfg.eval_episodes, eval_seed=cfg.seed)
+            runs.setdefault(name, []).append(stages)
+    return runs
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -163,7 +159,10 @@ def run_demo(cfg: DemoConfig) -> Path:
     out = Path(cfg.out)
     generalist = cfg.generalist_path()
     print(f"[1/4] data (starting from the generalist in {generalist})")
-    new_data = collect_once(out / "data_new", cfg.task, cfg.episodes, cfg.seed + 1000, f"new task {cfg.task}")
+    data = {
+        task: collect_once(out / f"data_{task}", task, cfg.episodes, cfg.seed + 1000, f"new task {task}")
+        for task in cfg.sequence
+    }
     anchor_data = collect_once(
         out / "data_anchor",
         cfg.old_tasks,
@@ -171,36 +170,17 @@ def run_demo(cfg: DemoConfig) -> Path:
         cfg.seed + 2000,
         "anchor data of the generalist's tasks",
     )
-    print("[2/4] fine-tuning")
-    runs: dict[str, list[Path]] = {"plain": [], "craft": []}
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        runs["plain"].append(fine_tune(cfg, "plain", seed, new_data, out / f"plain-s{seed}", CraftConfig()))
-        runs["craft"].append(
-            fine_tune(cfg, "CRaFT", seed, new_data, out / f"craft-s{seed}", craft_config(cfg, anchor_data))
-        )
-    print("[3/4] closed-loop evaluation on unseen positions")
-    evals = {"generalist": [evaluate_once(cfg, generalist, out / "eval-generalist", "the generalist")]}
-    for name, run_dirs in runs.items():
-        evals[name] = [
-            evaluate_once(cfg, run / "checkpoints" / "last", run / "eval", f"{name} ({run.name})") for run in run_dirs
-        ]
+    print(f"[2/4] fine-tuning ({len(cfg.sequence)} stage(s) per run), evaluating after each stage on unseen positions")
+    runs = fine_tune_all(cfg, data, anchor_data)
+    print("[3/4] the generalist's closed-loop evaluation")
+    start = evaluate_once(cfg, generalist, out / "eval-generalist", "the generalist")
     print("[4/4] report")
-    summary = {name: [summarise(r, cfg.task) for r in results] for name, results in evals.items()}
     report = out / time.strftime("report-%Y%m%d-%H%M%S")
     for n in range(2, 1000):  # never write into an earlier report
         if not report.exists():
             break
         report = out / time.strftime(f"report-%Y%m%d-%H%M%S-{n}")
-    write_demo_report(
-        report,
-        cfg,
-        summary,
-        runs,
-        evals_dirs={
-            "generalist": [out / "eval-generalist"],
-            **{n: [run / "eval" for run in rs] for n, rs in runs.items()},
-        },
-    )
+    write_demo_report(report, cfg, start, runs, out / "eval-generalist")
     return report
 
 

@@ -1,4 +1,5 @@
-"""The report `craftvla demo` writes: report.md, table.txt, success.png, craft_curves.png, videos/."""
+"""The report `craftvla demo` writes: report.md, table.txt, success.png, craft_curves.png, videos/ and, for a
+sequence of tasks, matrices.png (the accuracy matrices)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from craftvla.train.plots import pyplot, save_figure
 LABELS = {"generalist": "generalist (before)", "plain": "plain fine-tuning", "craft": "CRaFT"}
 
 
+def summarise(success: dict[str, float], new_tasks: list[str]) -> dict:
+    """{new: mean success over the new tasks, old: mean over the old ones, tasks: per task}."""
+    new = [v for t, v in success.items() if t in new_tasks]
+    old = [v for t, v in success.items() if t not in new_tasks]
+    return {"new": sum(new) / len(new), "old": sum(old) / len(old), "tasks": dict(success)}
+
+
 def table(summary: dict[str, list[dict]], new_task: str) -> str:
     """Plain-text table: success on the new task and on the old ones, mean over seeds."""
     lines = [f"{'policy':<22} {new_task:>16} {'old tasks (mean)':>18}  seeds"]
@@ -25,9 +33,9 @@ def table(summary: dict[str, list[dict]], new_task: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def training_seconds(runs: dict[str, list[Path]]) -> dict[str, float]:
-    """{name: training wall-clock in s, mean over seeds}: the last `elapsed_s` of each run's metrics."""
-    return {name: mean(read_metrics(run / "metrics.jsonl")[-1]["elapsed_s"] for run in rs) for name, rs in runs.items()}
+def training_seconds(records: dict[str, list[list[dict]]]) -> dict[str, float]:
+    """{name: training wall-clock in s (every stage's), mean over seeds}."""
+    return {name: mean(sum(r["train_s"] for r in seq) for seq in seqs) for name, seqs in records.items()}
 
 
 def time_line(seconds: dict[str, float]) -> str:
@@ -68,13 +76,21 @@ def success_plot(summary: dict[str, list[dict]], new_task: str, path: Path) -> N
     save_figure(fig, path)
 
 
-def craft_plot(metrics_paths: list[Path], budget: float, path: Path) -> None:
-    """lambda and the (scale-free) retention loss against the budget, per CRaFT seed."""
+def craft_plot(runs: list[list[Path]], budget: float, path: Path) -> None:
+    """lambda and the (scale-free) retention loss against the budget, per CRaFT seed (a sequence's
+    stages one after another; a dotted line where each next stage starts)."""
     plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
-    for i, metrics in enumerate(metrics_paths):
-        rows = [r for r in read_metrics(metrics) if "craft/lambda" in r]
+    for i, stages in enumerate(runs):
+        rows, offset = [], 0
+        for k, run in enumerate(stages):
+            part = [r for r in read_metrics(run / "metrics.jsonl") if "craft/lambda" in r]
+            rows += [{**r, "step": r["step"] + offset} for r in part]
+            offset += part[-1]["step"] if part else 0
+            if i == 0 and k + 1 < len(stages):
+                for ax in (ax1, ax2):
+                    ax.axvline(offset, color="grey", ls=":", lw=0.8)
         steps = [r["step"] for r in rows]
         ax1.plot(steps, [r["craft/retention_loss"] for r in rows], label=f"seed {i}", lw=1)
         ax2.plot(steps, [r["craft/lambda"] for r in rows], label=f"seed {i}", lw=1)
@@ -102,37 +118,88 @@ def copy_videos(eval_dirs: dict[str, list[Path]], new_task: str, out: Path) -> d
     return picked
 
 
-def write_demo_report(
-    report: Path, cfg, summary: dict[str, list[dict]], runs: dict[str, list[Path]], evals_dirs: dict[str, list[Path]]
-) -> None:
+def sequence_figures(start: dict, records: dict[str, list[list[dict]]], cfg) -> tuple[dict, str]:
+    """For a sequence: each policy's accuracy matrix (mean over seeds; the generalist's row 0) and a
+    text block with its average accuracy and backward transfer."""
+    import numpy as np
+
+    from craftvla.continual import accuracy_matrix, average_accuracy, backward_transfer, learned_at
+
+    columns = [*cfg.old_tasks.split(","), *cfg.sequence]
+    learned = learned_at(columns, cfg.sequence)
+    matrices, lines = {}, ["", "after the last stage      average accuracy   backward transfer (forgetting < 0)"]
+    for name, seqs in records.items():
+        per_seed = [accuracy_matrix(start, seq, columns) for seq in seqs]
+        matrices[name] = np.mean(per_seed, axis=0)
+        acc = mean(float(average_accuracy(m, learned)[-1]) for m in per_seed)
+        bwt = mean(backward_transfer(m, learned) for m in per_seed)
+        lines.append(f"{LABELS[name]:<26} {acc:>16.0%} {bwt:>+19.2f}")
+    return matrices, "\n".join(lines) + "\n"
+
+
+def write_demo_report(report: Path, cfg, start_results: dict, runs: dict[str, list[list]], start_eval: Path) -> None:
+    """runs: {name: the stages (craftvla.continual.Stage) of each seed}, every stage finished."""
+    from craftvla.continual.plots import matrices_plot
+    from craftvla.files import read_json
+
     report.mkdir(parents=True, exist_ok=True)
-    text = table(summary, cfg.task) + time_line(training_seconds(runs))
+    records = {name: [[read_json(st.result, dict) for st in seq] for seq in seqs] for name, seqs in runs.items()}
+    start = {t: r["success_rate"] for t, r in start_results["tasks"].items()}
+    summary = {"generalist": [summarise(start, cfg.sequence)]}
+    summary.update({n: [summarise(seq[-1]["success"], cfg.sequence) for seq in seqs] for n, seqs in records.items()})
+    label = cfg.sequence[0] if len(cfg.sequence) == 1 else "new tasks (mean)"
+    text = table(summary, label) + time_line(training_seconds(records))
+    matrices = {}
+    if len(cfg.sequence) > 1:
+        matrices, block = sequence_figures(start, records, cfg)
+        text += block
+        columns = [*cfg.old_tasks.split(","), *cfg.sequence]
+        matrices_plot({LABELS[n]: m for n, m in matrices.items()}, columns, report / "matrices.png")
     (report / "table.txt").write_text(text)
-    success_plot(summary, cfg.task, report / "success.png")
-    craft_metrics = [run / "metrics.jsonl" for run in runs["craft"]]
-    craft_plot(craft_metrics, cfg.retention_budget, report / "craft_curves.png")
-    videos = copy_videos(evals_dirs, cfg.task, report / "videos")
+    success_plot(summary, label, report / "success.png")
+    craft_runs = [[st.dir / "run" for st in seq] for seq in runs["craft"]]
+    craft_plot(craft_runs, cfg.retention_budget, report / "craft_curves.png")
+    last = {n: [seq[-1].dir / "eval" for seq in seqs] for n, seqs in runs.items()}
+    videos = copy_videos({"generalist": [start_eval], **last}, cfg.sequence[-1], report / "videos")
     write_json_atomic(report / "summary.json", {"config": asdict(cfg), "summary": summary}, indent=1)
+    dirs = [seq[0].dir.parent for seqs in runs.values() for seq in seqs]
+    (report / "report.md").write_text(report_markdown(cfg, text, summary, matrices, videos, dirs))
+
+
+def report_markdown(cfg, text: str, summary: dict, matrices: dict, videos: dict[str, str], dirs: list[Path]) -> str:
+    from craftvla.continual.metrics import matrix_markdown
+
+    columns = [*cfg.old_tasks.split(","), *cfg.sequence]
     lines = [
-        f"# craftvla demo: teaching the generalist {cfg.task}",
+        f"# craftvla demo: teaching the generalist {' then '.join(cfg.sequence)}",
         "",
-        f"Fine-tuned {cfg.steps} steps (batch {cfg.batch_size}, lr {cfg.lr:g}) on {cfg.episodes} expert "
-        f"demonstrations, {cfg.seeds} seed(s); evaluated on {cfg.eval_episodes} unseen positions per task. "
-        f"CRaFT holds the generalist's action chunks on {cfg.anchor_episodes} episodes per old task "
-        f"(budget {cfg.retention_budget:g} of their spread).",
+        f"Fine-tuned {cfg.steps} steps per task (batch {cfg.batch_size}, lr {cfg.lr:g}) on {cfg.episodes} expert "
+        f"demonstrations each, {cfg.seeds} seed(s); evaluated on {cfg.eval_episodes} unseen positions per task. "
+        f"CRaFT holds the starting policy's action chunks on {cfg.anchor_episodes} episodes per generalist task "
+        f"(and, in a sequence, on the demonstrations of the tasks learned before; budget {cfg.retention_budget:g} "
+        "of their spread).",
         "",
         "```",
         text.rstrip(),
         "```",
         "",
-        markdown_table(summary, cfg.task),
+        markdown_table(summary, cfg.sequence),
+    ]
+    for name, matrix in matrices.items():
+        lines += [
+            f"**{LABELS[name]}**, success after each stage (mean over seeds):",
+            "",
+            matrix_markdown(matrix, columns),
+        ]
+    lines += ["![accuracy matrices](matrices.png)", ""] if matrices else []
+    lines += [
         "![success](success.png)",
         "",
         "![CRaFT lambda and retention loss](craft_curves.png)",
         "",
-        "Rollouts of the new task: " + ", ".join(f"[{LABELS[n]}](videos/{f})" for n, f in videos.items()),
+        f"Rollouts of {cfg.sequence[-1]}: " + ", ".join(f"[{LABELS[n]}](videos/{f})" for n, f in videos.items()),
         "",
-        "Runs: " + ", ".join(str(run) for rs in runs.values() for run in rs),
+        "Runs: " + ", ".join(map(str, dirs)),
         "",
     ]
-    (report / "report.md").write_text("\n".join(lines))
+    return "\n".join(lines)

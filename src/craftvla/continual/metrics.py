@@ -69,3 +69,13 @@ def run_summary(run_dir: Path) -> dict:
             max_lambda=max(lam),
         )
     return out
+
+
+def matrix_markdown(matrix: np.ndarray, columns: list[str]) -> str:
+    """The matrix as a markdown table: a row per stage (0 = the start), '-' where not evaluated."""
+    head = "| after stage | " + " | ".join(c.removesuffix("-v3") for c in columns) + " |"
+    lines = [head, "|---" * (len(columns) + 1) + "|"]
+    for k, row in enumerate(matrix):
+        cells = [f"{v:.2f}" if math.isfinite(v) else "-" for v in row]
+        lines.append(f"| {k if k else '0 (start)'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
