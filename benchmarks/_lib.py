@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -64,6 +65,26 @@ def run_parallel(script: str, n: int, argv: list[str]) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STUDY_PROCESSES": str(n)}
     procs = [subprocess.Popen([sys.executable, script, *flags], env=env) for _ in range(n)]
     return max(p.wait() for p in procs)
+
+
+def study_args(doc: str, methods: list[str], argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """A study's command line (`run` / `report`, --methods, --seeds, --processes) and the methods picked."""
+    parser = argparse.ArgumentParser(prog="study.py", description=doc.split("\n\n")[0])
+    parser.add_argument("verb", choices=("run", "report"))
+    parser.add_argument("--methods", default="all", help=f"comma-separated, or all: {', '.join(methods)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="study processes sharing the cells, one torch thread each (2 on a 2-core machine)",
+    )
+    args = parser.parse_args(argv)
+    picked = list(methods) if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in picked if m not in methods]
+    if unknown:
+        parser.error(f"unknown methods {unknown}")
+    return args, picked
 
 
 def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:

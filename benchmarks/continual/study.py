@@ -17,7 +17,6 @@ retrained first, and the record says whether its weights came out identical).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from _lib import claim, run_parallel, write_json  # noqa: E402
+from _lib import claim, run_parallel, study_args, write_json  # noqa: E402
 
 REPO = HERE.parents[1]
 WORK = Path(os.environ.get("STUDY_WORK", "runs/continual"))  # relative to the repository (records stay portable)
@@ -161,22 +160,13 @@ def run_cells(methods: list, seeds: list[int]) -> None:
 
 def main(argv: list[str]) -> int:
     methods = _methods()
-    parser = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("verb", choices=("run", "report"))
-    parser.add_argument("--methods", default="all", help=f"comma-separated, or all: {', '.join(methods)}")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--processes", type=int, default=1, help="workers sharing the cells, one torch thread each")
-    args = parser.parse_args(argv)
+    args, names = study_args(__doc__, list(methods), argv)
     os.chdir(REPO)
     if args.verb == "report":
         from report import write_report
 
         write_report(RESULTS, HERE, list(methods), START_TASKS, SEQUENCE)
         return 0
-    names = list(methods) if args.methods == "all" else args.methods.split(",")
-    unknown = [m for m in names if m not in methods]
-    if unknown:
-        parser.error(f"unknown methods {unknown}")
     prepare()
     start_row()
     if args.processes > 1:

@@ -17,7 +17,6 @@ cells (and a cell's finished stages: training, evaluation), so the study spans s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from _lib import claim, run_parallel, sh, write_json  # noqa: E402
+from _lib import claim, run_parallel, sh, study_args, write_json  # noqa: E402
 
 REPO = HERE.parents[1]
 BIN = Path(os.environ.get("BIN", REPO / ".venv" / "bin"))
@@ -400,26 +399,12 @@ def generalist_row() -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("verb", choices=("run", "report"))
-    parser.add_argument("--methods", default="all", help=f"comma-separated, or all: {', '.join(METHODS)}")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=1,
-        help="study processes sharing the cells, one torch thread each (2 on a 2-core machine)",
-    )
-    args = parser.parse_args(argv)
+    args, methods = study_args(__doc__, list(METHODS), argv)
     if args.verb == "report":
         from report import write_report
 
         write_report(RESULTS, HERE, list(METHODS))
         return 0
-    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}")
     prepare()
     generalist_row()
     if args.processes > 1:
