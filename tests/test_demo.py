@@ -68,9 +68,12 @@ def test_demo_end_to_end_at_a_reduced_size(tmp_path, capsys):
     assert len(sorted(out.glob("report-*"))) == 2  # a new report, never over the first one
 
 
-def test_demo_learns_a_sequence_of_tasks(tmp_path, capsys):
+def test_demo_learns_a_sequence_of_tasks_and_resumes_on_a_fresh_machine(tmp_path, capsys):
     """`--tasks a,b`: each run learns a then b (b from a's policy, CRaFT anchoring on the old tasks and
-    a), evaluates every task seen after each stage, and reports the accuracy matrices."""
+    a), evaluates every task seen after each stage, and reports the accuracy matrices. A rerun trains
+    nothing; with stage 1's weights gone (only its record kept), stage 2 retrains it, to the same weights."""
+    import shutil
+
     import yaml
 
     from craftvla.cli import main
@@ -85,16 +88,35 @@ def test_demo_learns_a_sequence_of_tasks(tmp_path, capsys):
     text = (report / "table.txt").read_text()
     assert "average accuracy" in text and "backward transfer" in text
     assert "after stage" in (report / "report.md").read_text()
-    stage2 = yaml.safe_load((out / "craft-s0" / "stage2" / "run" / "train_config.yaml").read_text())
-    assert stage2["init_from"] == str(out / "craft-s0" / "stage1" / "run" / "checkpoints" / "last")
-    assert stage2["craft"]["anchor_dataset"] == f"{out / 'data_anchor'},{out / 'data_window-open-v3'}"
-    stage1 = json.loads((out / "plain-s0" / "stage1" / "result.json").read_text())
-    stage2 = json.loads((out / "plain-s0" / "stage2" / "result.json").read_text())
+    craft = out / "craft-s0"
+    config = yaml.safe_load((craft / "stage2" / "run" / "train_config.yaml").read_text())
+    assert config["init_from"] == str(craft / "stage1" / "run" / "checkpoints" / "last")
+    assert config["craft"]["anchor_dataset"] == f"{out / 'data_anchor'},{out / 'data_window-open-v3'}"
+    stage1, stage2 = (json.loads((out / "plain-s0" / f"stage{k}" / "result.json").read_text()) for k in (1, 2))
     assert set(stage1["success"]) == {"drawer-close-v3", "window-open-v3"}
     assert set(stage2["success"]) == {"drawer-close-v3", "window-open-v3", "drawer-open-v3"}
     summary = json.loads((report / "summary.json").read_text())["summary"]
     final = summary["plain"][0]  # the last stage's success: new = the mean over both new tasks
-    assert final["new"] == pytest.approx((stage2["success"]["window-open-v3"] + stage2["success"]["drawer-open-v3"]) / 2)
+    assert final["new"] == pytest.approx(
+        (stage2["success"]["window-open-v3"] + stage2["success"]["drawer-open-v3"]) / 2
+    )
+    record = json.loads((craft / "stage2" / "result.json").read_text())
+    assert record["start"]["sha256"] == json.loads((craft / "stage1" / "result.json").read_text())["sha256"]
+    assert record["budget"] == 0.1 and 0.0 <= record["within_budget"] <= 1.0 and record["final_lambda"] >= 0.0
+
+    capsys.readouterr()
+    assert main(args) == 0  # finished: nothing trained or evaluated again
+    printed = capsys.readouterr().out
+    assert "): fine-tuning" not in printed and "): evaluating" not in printed
+    assert printed.count("): re-using") == 4  # 2 methods x 2 stages
+
+    for path in (craft / "stage1" / "run", craft / "stage2"):  # a fresh machine: stage 1's record kept
+        shutil.rmtree(path)
+    assert main(args) == 0
+    again = json.loads((craft / "stage2" / "result.json").read_text())
+    assert again["start"]["retrained"] is True
+    assert again["start"]["matches_record"] is True  # CPU training is deterministic: the same weights
+    assert again["sha256"] == record["sha256"]
 
 
 def test_demo_refuses_a_task_twice_or_an_old_one(capsys):

@@ -215,6 +215,7 @@ def run_sequence(
     records = []
     for stage in stages:
         if stage.result.is_file():
+            print(f"  stage {stage.index} ({stage.task}): re-using {stage.result}", flush=True)
             records.append(read_json(stage.result, dict))
             continue
         records.append(run_stage(stage, method, seed, train_flags, episodes, eval_seed))
