@@ -44,11 +44,11 @@ class DemoConfig:
     tasks: str = NEW_TASK
     # The generalist's tasks (evaluated for forgetting; CRaFT's anchor data comes from them).
     old_tasks: str = ",".join(GENERALIST_TASKS)
-    # Expert demonstrations of the new task.
+    # Expert demonstrations of each new task.
     episodes: int = 20
     # Expert episodes per old task for CRaFT's anchor data.
     anchor_episodes: int = 8
-    # Fine-tuning steps of each run.
+    # Fine-tuning steps of each run (of each stage, for a sequence of tasks).
     steps: int = 300
     # Samples per optimizer step.
     batch_size: int = 32
