@@ -25,6 +25,9 @@ LABELS = {
     "craft_eps0.3": "CRaFT actions, budget 0.3",
     "craft_noproj": "CRaFT actions 0.1, projection off",
     "craft_pooled": "CRaFT pooled features 0.1",
+    "craft_rel_eps0.03": "CRaFT actions 0.03, dual step relative to the budget",
+    "craft_rel_eps0.1": "CRaFT actions 0.1, dual step relative to the budget",
+    "craft_rel_eps0.3": "CRaFT actions 0.3, dual step relative to the budget",
 }
 
 

@@ -74,6 +74,12 @@ def _methods():
         Method("replay50", replay=0.50),
         Method("l2_init", ("--craft.enabled", "true", "--craft.mode", "l2_init", "--craft.retention_weight", "0.1")),
         Method("lora", ("--lora.rank", "16", "--freeze.vision", "true")),
+        # the dual step in units of the budget (--craft.dual_relative): at step 0.01 the absolute rule moves
+        # lambda by at most 0.01 x sum(L_ret - epsilon), about 0.03-0.3 in a 300-step stage
+        *(
+            Method(f"craft_rel_eps{eps}", craft(eps, "--craft.dual_relative", "true"), anchors=True)
+            for eps in (0.03, 0.1, 0.3)
+        ),
     ]
     return {m.name: m for m in methods}
 

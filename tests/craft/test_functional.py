@@ -101,3 +101,14 @@ def test_dual_update_sequence():
     assert CF.dual_update(0.02, 0.0, budget=0.1, lr=1.0) == 0.0  # clamped at zero
     t = CF.dual_update(torch.tensor(0.02), torch.tensor(0.5), budget=0.1, lr=1.0)
     assert isinstance(t, torch.Tensor) and t.item() == pytest.approx(0.42)
+
+
+def test_relative_dual_update_measures_the_violation_in_budgets():
+    # L_ret = 3 budgets: +2 x lr; at the budget: no change; L_ret = 0: -1 x lr, the same for every budget
+    for budget in (0.01, 0.1, 1.0):
+        assert CF.dual_update(1.0, 3 * budget, budget, lr=0.1, relative=True) == pytest.approx(1.2)
+        assert CF.dual_update(1.0, budget, budget, lr=0.1, relative=True) == pytest.approx(1.0)
+        assert CF.dual_update(1.0, 0.0, budget, lr=0.1, relative=True) == pytest.approx(0.9)
+    assert CF.dual_update(0.05, 0.0, 0.1, lr=0.1, relative=True) == 0.0  # clamped at zero
+    t = CF.dual_update(torch.tensor(1.0), torch.tensor(0.05), budget=0.1, lr=0.1, relative=True)
+    assert isinstance(t, torch.Tensor) and t.item() == pytest.approx(0.95)

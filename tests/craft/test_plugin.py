@@ -122,6 +122,19 @@ def test_lambda_follows_dual_rule_and_survives_resume():
         restored.load_state_dict({"step": 1})
 
 
+def test_relative_dual_rule_reaches_the_plugin():
+    """--craft.dual_relative: lambda moves by dual_lr * (L_ret / epsilon - 1) per step, by hand."""
+    cfg = CraftConfig(enabled=True, retention_budget=0.05, dual_lr=0.3, dual_relative=True, log_freq=1)
+    policy = small_policy()
+    logs = train_steps(policy, CraftPlugin(policy, cfg), [[batch(2, seed=s)] for s in range(3)], lr=0.05)
+    lam = 1.0
+    for entry in logs:
+        lam = max(0.0, lam + 0.3 * (entry["craft/retention_loss"] / 0.05 - 1.0))
+        assert entry["craft/lambda"] == pytest.approx(lam, rel=1e-5, abs=1e-6)
+    with pytest.raises(ConfigError, match="dual_relative"):
+        CraftConfig(enabled=True, retention_budget=0.0, dual_relative=True)
+
+
 def test_log_freq_averages_and_baselines():
     policy = small_policy()
     plugin = CraftPlugin(policy, CraftConfig(enabled=True, mode="distill_fixed", log_freq=2))

@@ -35,6 +35,9 @@ class CraftConfig:
     retention_budget: float = 0.1
     # eta_lambda: step size of the dual update lambda <- max(0, lambda + eta * (L_ret - epsilon)).
     dual_lr: float = 0.01
+    # Measure the violation in units of the budget: lambda <- max(0, lambda + eta * (L_ret / epsilon - 1))
+    # (the constraint L_ret / epsilon <= 1), so one dual step serves a budget of 0.01 and of 1 alike.
+    dual_relative: bool = False
     # delta in the projection denominator ||g_ret||^2 + delta (guards a vanishing g_ret).
     projection_eps: float = 1e-8
     # Project g_act off g_ret when they conflict (only read in mode "craft"; baselines never project).
@@ -107,6 +110,12 @@ class CraftConfig:
         require(self.retention_weight >= 0, "craft.retention_weight", self.retention_weight, "must be >= 0")
         require(self.retention_budget >= 0, "craft.retention_budget", self.retention_budget, "must be >= 0")
         require(self.dual_lr >= 0, "craft.dual_lr", self.dual_lr, "must be >= 0")
+        require(
+            not self.dual_relative or self.retention_budget > 0,
+            "craft.dual_relative",
+            self.dual_relative,
+            f"measures L_ret in units of craft.retention_budget={self.retention_budget}: the budget must be > 0",
+        )
         require(self.projection_eps >= 0, "craft.projection_eps", self.projection_eps, "must be >= 0")
         require(
             self.projection_scope in PROJECTION_SCOPES,

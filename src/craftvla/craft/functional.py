@@ -48,13 +48,16 @@ def surgery_beta(
     return lam - torch.where(dot < 0, coef, torch.zeros_like(coef))
 
 
-def dual_update(lam, l_ret, budget: float, lr: float):
-    """Projected dual ascent on the retention constraint: max(0, lam + lr * (L_ret - budget)).
+def dual_update(lam, l_ret, budget: float, lr: float, relative: bool = False):
+    """Projected dual ascent on the retention constraint: max(0, lam + lr * (L_ret - budget)); with
+    `relative`, on the constraint written in units of the budget, L_ret / budget - 1 <= 0:
+    max(0, lam + lr * (L_ret / budget - 1)), so one step size moves lambda alike for every budget.
 
     Works on floats or tensors (a device tensor stays on the device: no sync)."""
+    violation = (l_ret / budget - 1.0) if relative else (l_ret - budget)
     if isinstance(lam, torch.Tensor) or isinstance(l_ret, torch.Tensor):
-        return torch.clamp(torch.as_tensor(lam) + lr * (l_ret - budget), min=0.0)
-    return max(0.0, lam + lr * (l_ret - budget))
+        return torch.clamp(torch.as_tensor(lam) + lr * violation, min=0.0)
+    return max(0.0, lam + lr * violation)
 
 
 def _flat_reductions(a: torch.Tensor, r: torch.Tensor, lengths: torch.Tensor | None):

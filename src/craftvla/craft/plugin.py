@@ -220,7 +220,8 @@ class CraftPlugin:
             raise CraftVLAError("CRaFT: after_optimizer_step() without before_optimizer_step()")
         stats, self._pending = self._pending, None
         if self.cfg.dual_on:
-            self.lam = CF.dual_update(self.lam, stats["l_ret"], self.cfg.retention_budget, self.cfg.dual_lr)
+            cfg = self.cfg
+            self.lam = CF.dual_update(self.lam, stats["l_ret"], cfg.retention_budget, cfg.dual_lr, cfg.dual_relative)
         self.step += 1
         self._micro = 0
         main = torch.stack([stats["l_ret"], stats["conflict"], stats["cos"], stats["beta"]]).float()
