@@ -28,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from _lib import sh, write_json  # noqa: E402
+from methods import ABLATIONS, METHODS, recipe  # noqa: E402
 
 REPO = HERE.parents[1]
 BIN = Path(os.environ.get("BIN", REPO / ".venv" / "bin"))
@@ -72,53 +73,8 @@ PUBLISHED = HERE / "base_policy"
 BASE_SETUP = {k: SETUP[k] for k in ("preset", "image", "demos", "base_steps")}
 
 
-# ----- methods: budget -> how its pruned policy is made ------------------------------------------
-def in_llm(scorer: str):
-    """Parameter-free scorers, selecting after layers 1 and 2 of 4: 2b then b (the learned pruners' schedule)."""
-    return lambda b: {"apply": ["--scorer", scorer, "--layers", "1,2", "--keep", f"{min(1.0, 2 * b):g},{b:g}"]}
-
-
-def pre_llm(merger: str):
-    """Parameter-free mergers before the LLM, to b."""
-    return lambda b: {"apply": ["--merger", merger, "--merge_ratio", f"{b:g}"]}
-
-
-def learned(objective: str = "adversarial", merger: bool = True):
-    """The two-stage system: the merger (stage 1, to half) and pruner heads after layers 1 and 2
-    (stage 2) keeping the rest of the budget. At b = 0.5 the merger alone meets it."""
-
-    def make(b: float) -> dict:
-        if merger and b >= 0.5:
-            return {"stage1": 0.5}
-        keep = [min(1.0, 4 * b), 2 * b] if merger else [min(1.0, 2 * b), b]
-        return {"stage1": 0.5 if merger else None, "stage2": {"objective": objective, "keep": keep}}
-
-    return make
-
-
-METHODS = {
-    "random": in_llm("random"),
-    "fastv": in_llm("fastv"),
-    "instruction": in_llm("instruction"),
-    "pool": pre_llm("pool"),
-    "tome": pre_llm("tome"),
-    "merger": lambda b: {"stage1": b},  # stage 1 alone, merging to b
-    "learned": learned(),
-}
-# Ablations at b = 0.25 only: the objective, and the pruners without the merger.
-ABLATIONS = {
-    "learned_distill": learned("distill"),
-    "learned_task": learned("task"),
-    "pruners_only": learned(merger=False),
-}
-
-
 def cells() -> list[tuple[str, float]]:
     return [(m, b) for m in METHODS for b in BUDGETS] + [(m, 0.25) for m in ABLATIONS]
-
-
-def recipe(method: str, budget: float) -> dict:
-    return {**METHODS, **ABLATIONS}[method](budget)
 
 
 # ----- the pieces -----------------------------------------------------------------------------------
@@ -260,25 +216,15 @@ def checkpoint_for(method: str, budget: float, log: Path) -> tuple[Path, list]:
     """(policy directory, prune-eval flags to apply) for a cell, training what it needs."""
     base = base_policy()
     plan = recipe(method, budget)
-    if "apply" in plan:
-        return base, plan["apply"]
     ckpt = base
-    if plan.get("stage1"):
-        ckpt = _stage(
-            f"stage1_r{plan['stage1']:g}",
-            ["--stage", "1", "--init_from", base, "--merge_ratio", f"{plan['stage1']:g}"],
-            log,
-        )
-    if plan.get("stage2"):
-        s2 = plan["stage2"]
-        keep = ",".join(f"{k:g}" for k in s2["keep"])
-        name = f"stage2_{'m' if plan.get('stage1') else 'nom'}_{s2['objective']}_k{keep.replace(',', '_')}"
-        ckpt = _stage(
-            name,
-            ["--stage", "2", "--init_from", ckpt, "--objective", s2["objective"], "--layers", "1,2", "--keep", keep],
-            log,
-        )
-    return ckpt, []
+    if plan.stage1:
+        ratio = f"{plan.stage1:g}"
+        ckpt = _stage(f"stage1_r{ratio}", ["--stage", "1", "--init_from", base, "--merge_ratio", ratio], log)
+    if plan.stage2:
+        keep = ",".join(f"{k:g}" for k in plan.keep)
+        name = f"stage2_{'m' if plan.stage1 else 'nom'}_{plan.objective}_k{keep.replace(',', '_')}"
+        ckpt = _stage(name, ["--stage", "2", "--init_from", ckpt, "--objective", plan.objective, "--keep", keep], log)
+    return ckpt, plan.apply_flags()
 
 
 def closed_loop(checkpoint: Path, cell: Path) -> dict:
@@ -375,7 +321,7 @@ def run_cell(method: str, budget: float) -> Path:
         "method": method,
         "budget": budget,
         "setup": SETUP,
-        "recipe": recipe(method, budget),
+        "recipe": recipe(method, budget).record(),
         **success_of(ev),
         "l1": pe["task_l1"]["hard"],
         "l1_soft": pe["task_l1"]["soft"],

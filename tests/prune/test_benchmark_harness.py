@@ -1,0 +1,59 @@
+"""The pruning benchmark's method table (benchmarks/pruning/methods.py) and its real-shape harness
+(benchmarks/pruning/real_shapes.py), at the tiny preset."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.pruning.methods import recipe
+from craftvla.config import PruningConfig
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pruning" / "real_shapes.py"
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25, 0.125])
+def test_recipes_place_their_selections_by_depth(budget):
+    fastv = PruningConfig(**recipe("fastv", budget).pruning())
+    assert fastv.schedule(4) == [(1, min(1.0, 2 * budget)), (2, budget)]
+    assert fastv.schedule(24) == [(6, min(1.0, 2 * budget)), (12, budget)]  # the real shapes' 24 layers
+    pool = recipe("pool", budget)
+    assert pool.apply_flags() == ["--merger", "pool", "--merge_ratio", f"{budget:g}"] and pool.stage1 is None
+    assert PruningConfig(**pool.pruning()).merge_ratio == budget
+
+
+def test_the_learned_recipe_trains_both_stages_and_is_the_merger_alone_at_half():
+    quarter = recipe("learned", 0.25)
+    assert (quarter.stage1, quarter.stage2, quarter.keep) == (0.5, True, (1.0, 0.5))
+    assert quarter.apply_flags() == []  # nothing parameter-free to apply: both parts are trained
+    assert recipe("learned", 0.5) == recipe("merger", 0.5)  # the benchmark evaluates that policy once
+    assert recipe("pruners_only", 0.25).keep == (0.5, 0.25) and recipe("pruners_only", 0.25).stage1 is None
+
+
+def test_real_shapes_harness_runs_every_row_at_the_tiny_preset(tmp_path):
+    out = tmp_path / "rs.json"
+    args = ["--preset", "tiny", "--out", str(out), "--threads", "1", "--rounds", "2", "--repeats", "2", "--warmup", "0"]
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert "learned__b0.5" not in rows and "merger__b0.5" in rows  # the same recipe is timed once
+    assert rows["unpruned"]["speed_up"] == 1.0 and len(record["rounds"]) == 2
+    assert rows["unpruned"]["vision_tokens"] == [[0, 64]]
+    assert rows["fastv__b0.25"]["vision_tokens"] == [[0, 64], [1, 32], [2, 16]]  # 64 patches, 4 layers
+    assert rows["learned__b0.25"]["vision_tokens"] == [[0, 32], [1, 32], [2, 16]]
+    for name, row in rows.items():
+        split = row["flops"]
+        parts = sum(split[k] for k in ("vision", "projector", "merger", "llm", "head"))
+        assert 0.95 * split["total"] <= parts <= split["total"], name  # the parts are the whole forward
+        assert row["ms"] == pytest.approx(sum(row["round_ms"]) / 2)  # the median of two rounds
+    assert rows["pool__b0.25"]["flops_ratio"] < rows["pool__b0.5"]["flops_ratio"] < 1.0
+    assert rows["pool__b0.25"]["flops"]["vision"] == rows["unpruned"]["flops"]["vision"]  # towers run in full
+    assert "| pool__b0.25 | 16 |" in done.stdout  # the table
+
+
+def test_real_shapes_refuses_to_write_a_toy_preset_into_results():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny"], capture_output=True, text=True)
+    assert done.returncode == 2 and "pass --out" in done.stderr
