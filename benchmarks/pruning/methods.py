@@ -1,8 +1,9 @@
 """The pruning benchmark's methods: how each one reaches a budget b, the fraction of the vision tokens
 left after its last reduction.
 
-A `Recipe` is what a method does at one budget, independent of the policy's depth: a merger before
-the LLM (to `merge_ratio` of the tokens) and/or a scorer inside it that keeps `keep` of them after a
+A `Recipe` is what a method does at one budget, independent of the policy's depth: pooling inside
+the vision towers (to `vision_merge_ratio` of the patches, after `vision_merge_depth` of their
+blocks), a merger before the LLM (to `merge_ratio` of the tokens) and/or a scorer inside it that keeps `keep` of them after a
 quarter and half of the LLM's layers (`PruningConfig`'s default schedule: layers 1, 2 of 4; 6, 12
 of 24). Learned parts are trained by `craftvla prune train` (stage 1: the merger; stage 2: the
 scorer heads with `objective`); everything else applies to the base policy as it is.
@@ -19,6 +20,8 @@ LEARNED_SCORER = "attention"  # the pruner heads stage 2 trains
 
 @dataclass(frozen=True)
 class Recipe:
+    vision_merge_ratio: float = 1.0
+    vision_merge_depth: float = 0.33
     merger: str = "none"
     merge_ratio: float = 1.0
     scorer: str = "none"
@@ -37,11 +40,16 @@ class Recipe:
     def pruning(self) -> dict:
         """`PruningConfig` keyword arguments (learned parts freshly initialised)."""
         fields = {"merger": self.merger, "scorer": self.scorer, "keep": list(self.keep)}
+        if self.vision_merge_ratio < 1.0:
+            fields |= {"vision_merge_ratio": self.vision_merge_ratio, "vision_merge_depth": self.vision_merge_depth}
         return fields | ({"merge_ratio": self.merge_ratio} if self.merger != "none" else {})
 
     def apply_flags(self) -> list[str]:
         """`craftvla prune eval` flags that apply the parameter-free parts to a policy."""
         flags = []
+        if self.vision_merge_ratio < 1.0:
+            flags += ["--vision_merge_ratio", f"{self.vision_merge_ratio:g}"]
+            flags += ["--vision_merge_depth", f"{self.vision_merge_depth:g}"]
         if self.merger != "none" and self.stage1 is None:
             flags += ["--merger", self.merger, "--merge_ratio", f"{self.merge_ratio:g}"]
         if self.scorer != "none" and not self.stage2:
@@ -60,6 +68,11 @@ def in_llm(scorer: str) -> Callable[[float], Recipe]:
 def pre_llm(merger: str) -> Callable[[float], Recipe]:
     """Mergers before the LLM, straight to b."""
     return lambda b: Recipe(merger=merger, merge_ratio=b)
+
+
+def in_towers(depth: float) -> Callable[[float], Recipe]:
+    """Pooling inside the vision towers after `depth` of their blocks, straight to b."""
+    return lambda b: Recipe(vision_merge_ratio=b, vision_merge_depth=depth)
 
 
 def learned(objective: str = "adversarial", merger: bool = True) -> Callable[[float], Recipe]:
@@ -90,6 +103,7 @@ METHODS: dict[str, Callable[[float], Recipe]] = {
     "pool": pre_llm("pool"),
     "tome": pre_llm("tome"),
     "merger": pre_llm(LEARNED_MERGER),  # stage 1 alone, merging to b
+    "pool_vit": in_towers(0.33),
     "learned": learned(),
 }
 # Ablations at b = 0.25 only: stage 2's objective, and the pruner heads without the merger.

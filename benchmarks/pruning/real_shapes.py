@@ -115,15 +115,30 @@ def timed(policy, batch, args) -> float:
         return chunk_latency(policy, batch, args.warmup, args.repeats)["median_ms"]
 
 
+def resume(out: Path, setup: dict) -> dict:
+    """The record to go on from: `out`'s if made with this set-up; with another timing set-up (threads,
+    repeats, ...) its FLOPs still hold, its rounds do not; else a fresh one."""
+    fresh = {"setup": setup, "rows": {name: {"pruning": cfg} for name, cfg in rows().items()}, "rounds": []}
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    same_rows = [(n, r.get("pruning")) for n, r in old.get("rows", {}).items()] == [
+        (n, r["pruning"]) for n, r in fresh["rows"].items()
+    ]
+    if not same_rows or any(old["setup"][k] != setup[k] for k in ("preset", "batch")):
+        return fresh
+    if old["setup"] == setup:
+        return old
+    for name, row in fresh["rows"].items():
+        row.update({k: old["rows"][name][k] for k in ("flops", "vision_tokens") if k in old["rows"][name]})
+    return fresh
+
+
 def measure(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
     out = Path(args.out or HERE / "results" / f"real_shapes_{args.device}.json")
     setup = {k: getattr(args, k) for k in ("preset", "device", "dtype", "batch", "threads", "repeats", "warmup")}
-    record = json.loads(out.read_text()) if out.is_file() else {}
-    if record.get("setup") != setup or list(record.get("rows", {})) != list(rows()):
-        record = {"setup": setup, "rows": {name: {"pruning": cfg} for name, cfg in rows().items()}, "rounds": []}
+    record = resume(out, setup)
     policy, batch = build(args)
     attention = policy.llm.model.config._attn_implementation
     for name, row in record["rows"].items():
@@ -149,10 +164,10 @@ def summarise(record: dict, out: Path) -> dict:
     """Each row's latency (median of its round medians), speed-up and FLOPs ratio to unpruned."""
     for name, row in record["rows"].items():
         row["round_ms"] = [r[name] for r in record["rounds"]]
-        row["ms"] = statistics.median(row["round_ms"])
+        row["ms"] = statistics.median(row["round_ms"]) if record["rounds"] else None
     base = record["rows"]["unpruned"]
     for row in record["rows"].values():
-        row["speed_up"] = base["ms"] / row["ms"]
+        row["speed_up"] = base["ms"] / row["ms"] if row["ms"] else None
         row["flops_ratio"] = row["flops"]["total"] / base["flops"]["total"]
     write_json(out, record)
     return record
@@ -175,7 +190,7 @@ def table(record: dict) -> str:
         tokens = ", ".join([str(row["vision_tokens"][0][1]), *(f"{a}: {k}" for a, k in row["vision_tokens"][1:])])
         lines.append(
             f"| {name} | {tokens} | {f['total'] / 1e9:.3g} | {shares} | x{row['flops_ratio']:.2f} "
-            f"| {row['ms']:.0f} | {row['speed_up']:.2f}x |"
+            + (f"| {row['ms']:.0f} | {row['speed_up']:.2f}x |" if row["ms"] else "| - | - |")
         )
     return "\n".join(lines)
 
@@ -187,7 +202,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", default="bfloat16", help="CUDA autocast dtype (CPU runs float32)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="latency rounds (0: FLOPs only)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(

@@ -1,5 +1,5 @@
 """The pruning benchmark's method table (benchmarks/pruning/methods.py) and its real-shape harness
-(benchmarks/pruning/real_shapes.py), at the tiny preset."""
+(benchmarks/pruning/real_shapes.py), at the tiny-256 preset (256 vision tokens, 4 LLM layers)."""
 
 import json
 import subprocess
@@ -32,18 +32,24 @@ def test_the_learned_recipe_trains_both_stages_and_is_the_merger_alone_at_half()
     assert recipe("pruners_only", 0.25).keep == (0.5, 0.25) and recipe("pruners_only", 0.25).stage1 is None
 
 
-def test_real_shapes_harness_runs_every_row_at_the_tiny_preset(tmp_path):
+def test_real_shapes_harness_runs_every_row_at_a_small_preset(tmp_path):
     out = tmp_path / "rs.json"
-    args = ["--preset", "tiny", "--out", str(out), "--threads", "1", "--rounds", "2", "--repeats", "2", "--warmup", "0"]
-    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    args = [sys.executable, str(SCRIPT), "--preset", "tiny-256", "--out", str(out), "--threads", "1", "--warmup", "0"]
+    flops = subprocess.run([*args, "--rounds", "0"], capture_output=True, text=True, timeout=300)
+    assert flops.returncode == 0, flops.stderr[-2000:]
+    assert "unpruned: " in flops.stdout and "| unpruned | 256 |" in flops.stdout and "| - | - |" in flops.stdout
+    # another timing set-up (2 rounds of 2 calls, not 0 of 3): the FLOPs are kept, the rounds run
+    done = subprocess.run([*args, "--rounds", "2", "--repeats", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "unpruned: " not in done.stdout  # no FLOPs counted again
     record = json.loads(out.read_text())
     rows = record["rows"]
     assert "learned__b0.5" not in rows and "merger__b0.5" in rows  # the same recipe is timed once
     assert rows["unpruned"]["speed_up"] == 1.0 and len(record["rounds"]) == 2
-    assert rows["unpruned"]["vision_tokens"] == [[0, 64]]
-    assert rows["fastv__b0.25"]["vision_tokens"] == [[0, 64], [1, 32], [2, 16]]  # 64 patches, 4 layers
-    assert rows["learned__b0.25"]["vision_tokens"] == [[0, 32], [1, 32], [2, 16]]
+    assert rows["unpruned"]["vision_tokens"] == [[0, 256]]
+    assert rows["fastv__b0.25"]["vision_tokens"] == [[0, 256], [1, 128], [2, 64]]
+    assert rows["learned__b0.25"]["vision_tokens"] == [[0, 128], [1, 128], [2, 64]]
+    assert rows["pool_vit__b0.25"]["vision_tokens"] == [[0, 64]]
     for name, row in rows.items():
         split = row["flops"]
         parts = sum(split[k] for k in ("vision", "projector", "merger", "llm", "head"))
@@ -51,7 +57,8 @@ def test_real_shapes_harness_runs_every_row_at_the_tiny_preset(tmp_path):
         assert row["ms"] == pytest.approx(sum(row["round_ms"]) / 2)  # the median of two rounds
     assert rows["pool__b0.25"]["flops_ratio"] < rows["pool__b0.5"]["flops_ratio"] < 1.0
     assert rows["pool__b0.25"]["flops"]["vision"] == rows["unpruned"]["flops"]["vision"]  # towers run in full
-    assert "| pool__b0.25 | 16 |" in done.stdout  # the table
+    assert rows["pool_vit__b0.25"]["flops"]["projector"] < rows["pool__b0.25"]["flops"]["projector"]  # pooled sooner
+    assert "| pool__b0.25 | 64 |" in done.stdout  # the table
 
 
 def test_real_shapes_refuses_to_write_a_toy_preset_into_results():

@@ -126,9 +126,10 @@ class VLAPolicy(nn.Module):
 
     def _sequence(self, batch: dict, queries: torch.Tensor) -> tuple[torch.Tensor, TokenLayout, torch.Tensor, dict]:
         """The LLM's input [BOS][vision][text][queries][STOP] for a batch -> embeds (B, L, D), its
-        layout, the projected patches (B, N, D) before any merging, and the pruning part's stats
-        (its merger, if any, has run: the sequence holds the merged vision tokens)."""
-        patches = self.projector(self.vision([batch[k] for k in self.config.camera_keys]))  # (B, N, D)
+        layout, the projected patches (B, N, D) before the merger (pooled if the towers pool), and the
+        pruning part's stats (its merger, if any, has run: the sequence holds the merged vision tokens)."""
+        pool = self.pruning.vision_pool() if self.pruning is not None else None  # pools inside the towers
+        patches = self.projector(self.vision([batch[k] for k in self.config.camera_keys], pool))  # (B, N, D)
         ids, text_mask = self._text(batch)  # (B, T)
         text = self.llm.embed(ids)  # (B, T, D)
         vision, stats = patches, {}

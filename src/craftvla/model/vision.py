@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import torch
 from einops import rearrange
@@ -63,14 +64,24 @@ class ViTTower(nn.Module):
 
         return {k: v for k, v in state.items() if not pruned(k)}
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, N, D)
-        tokens = self.model.forward_intermediates(
-            self.normalize(images),
-            indices=[self.block_index],
-            intermediates_only=True,
-            output_fmt="NLC",
-            stop_early=True,
-        )
+    def forward(self, images: torch.Tensor, pool: Optional[nn.Module] = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, D); with `pool` (prune.merger.TowerPool) -> (B, M, D), pooled inside."""
+        handle = None
+        if pool is not None:  # the pooled tokens replace that block's output for the blocks after it
+            block = self.model.blocks[pool.block(self.block_index + 1)]
+            prefix = self.model.num_prefix_tokens
+            handle = block.register_forward_hook(lambda module, args, out: pool(out, prefix))
+        try:
+            tokens = self.model.forward_intermediates(
+                self.normalize(images),
+                indices=[self.block_index],
+                intermediates_only=True,
+                output_fmt="NLC",
+                stop_early=True,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
         return tokens[0]
 
 
@@ -161,15 +172,16 @@ class VisionBackbone(nn.Module):
         self.num_patches = patches.pop()  # per image
         self.embed_dim = sum(tower.embed_dim for tower in self.towers)
 
-    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """images: one (B, 3, H, W) float tensor in [0, 1] per camera -> (B, n_img * N, D)."""
+    def forward(self, images: list[torch.Tensor], pool: Optional[nn.Module] = None) -> torch.Tensor:
+        """images: one (B, 3, H, W) float tensor in [0, 1] per camera -> (B, n_img * N, D); with `pool`
+        (prune.merger.TowerPool, ViT towers only) -> (B, n_img * M, D)."""
         x = torch.cat(images, dim=0)  # (n_img * B, 3, H, W): all cameras in one pass
         if x.shape[-2:] != (self.image_size, self.image_size):  # the processor resizes (model/processor.py)
             raise CraftVLAError(
                 f"images of size {tuple(x.shape[-2:])}; the vision backbone takes "
                 f"{self.image_size}x{self.image_size} (convert with policy.processor)"
             )
-        feats = torch.cat([tower(x) for tower in self.towers], dim=-1)  # (n_img * B, N, D)
+        feats = torch.cat([tower(x) if pool is None else tower(x, pool) for tower in self.towers], dim=-1)
         return rearrange(feats, "(n b) t d -> b (n t) d", n=len(images))
 
 

@@ -39,6 +39,10 @@ class PruneEvalConfig:
     # Frames of `dataset` (a seeded random subset) for the task loss.
     samples: int = 256
     # Pruning to apply over the checkpoint's (each None = the checkpoint's value; see PruningConfig):
+    # the fraction of each image's patches left after pooling inside the vision towers (1 = off),
+    vision_merge_ratio: Optional[float] = None
+    # and the fraction of the towers' blocks that run before that pooling;
+    vision_merge_depth: Optional[float] = None
     # the merger before the LLM (learned, learned_v2, pool, tome, none).
     merger: Optional[str] = None
     # Fraction of the vision tokens the merger keeps.
@@ -78,6 +82,8 @@ class PruneEvalConfig:
 def configured(cfg: PruneEvalConfig, current: PruningConfig) -> PruningConfig:
     """The checkpoint's pruning config with the flags given applied."""
     return PruningConfig(
+        vision_merge_ratio=cfg.vision_merge_ratio or current.vision_merge_ratio,
+        vision_merge_depth=current.vision_merge_depth if cfg.vision_merge_depth is None else cfg.vision_merge_depth,
         merger=cfg.merger or current.merger,
         merge_ratio=cfg.merge_ratio or current.merge_ratio,
         scorer=cfg.scorer or current.scorer,

@@ -1,4 +1,5 @@
-"""Stage 1: merge the vision tokens before the LLM (N -> M = round(merge_ratio * N)).
+"""Stage 1: merge the vision tokens before the LLM (N -> M = round(merge_ratio * N)); and the optional
+stage before it, `TowerPool`: the same windows averaged inside the vision towers.
 
 Every merger maps `(vision (B, N, D), text (B, T, D), text_mask (B, T)) -> (merged (B, M, D),
 stats)`; the learned ones report `merge_sparsity` (the mean normalised entropy of each merged
@@ -62,6 +63,30 @@ class PoolMerger(nn.Module):
 
     def forward(self, vision, text, text_mask):
         return torch.einsum("mn,bnd->bmd", self.weights.to(vision.dtype), vision), {}
+
+
+class TowerPool(nn.Module):
+    """Inside every ViT tower, after the first `depth` of the blocks it runs, average windows of
+    neighbouring patches of each image (`PoolMerger`'s windows; prefix tokens such as CLS and registers
+    pass through): the later blocks, the projector and the LLM run on M of the N patches. Fused towers
+    pool the same windows, so their features stay aligned patch for patch. Unlike ToMe inside a ViT,
+    no proportional attention: every pooled token stands for the same number of patches.
+
+        (B, P + N, D) -> (B, P + M, D) at block `block(num_blocks)`"""
+
+    def __init__(self, grid: int, ratio: float, depth: float):
+        super().__init__()
+        self.pool = PoolMerger(patch_groups(1, grid, ratio))
+        self.depth = depth
+        self.num_out = self.pool.weights.shape[0]  # M per image
+
+    def block(self, num_blocks: int) -> int:
+        """Index of the block after which a tower running `num_blocks` blocks pools (>= 1 block unpooled)."""
+        return min(num_blocks, max(1, round(self.depth * num_blocks))) - 1
+
+    def forward(self, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+        patches, _ = self.pool(tokens[:, prefix:], None, None)
+        return torch.cat([tokens[:, :prefix], patches], dim=1)
 
 
 class LearnableTokenMerger(nn.Module):

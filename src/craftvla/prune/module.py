@@ -1,7 +1,8 @@
-"""`VisionTokenPruning`: the merger and the layer pruner as one opt-in part of a policy.
+"""`VisionTokenPruning`: the tower pooling, the merger and the layer pruner as one opt-in part of a policy.
 
     apply_pruning(policy, PruningConfig(merger="learned", scorer="attention"))  # adds policy.pruning
     policy.encode(batch)        # merges before the LLM, selects inside it (hard: tokens removed)
+    apply_pruning(policy, PruningConfig(vision_merge_ratio=0.25))  # pools patches inside the vision towers
     policy.pruning.set_soft(True, temperature=0.5)   # training: straight-through masks instead
 
 The config is part of the policy's config (`VLAConfig.pruning`), so a pruned checkpoint saves and
@@ -26,6 +27,7 @@ from craftvla.prune.merger import (
     LearnableTokenMergerV2,
     PoolMerger,
     ToMeMerger,
+    TowerPool,
     merged_count,
     patch_groups,
 )
@@ -40,24 +42,26 @@ from craftvla.prune.scorers import (
 
 
 class VisionTokenPruning(nn.Module):
-    def __init__(self, cfg: PruningConfig, llm, num_cameras: int, patches_per_camera: int):
+    def __init__(self, cfg: PruningConfig, llm, vision, num_cameras: int):
         super().__init__()
         self.cfg = cfg
         dim = llm.hidden_size
-        self.num_tokens = num_cameras * patches_per_camera  # vision tokens from the projector
-        self.merger = _build_merger(cfg, dim, num_cameras, patches_per_camera)
+        self.tower_pool = _build_tower_pool(cfg, vision)
+        patches = self.tower_pool.num_out if self.tower_pool is not None else vision.num_patches
+        self.num_tokens = num_cameras * patches  # vision tokens from the projector
+        self.merger = _build_merger(cfg, dim, num_cameras, patches)
         self.pruner = _build_pruner(cfg, llm)
         self.off: frozenset[str] = frozenset()  # parts switched off by `disabled()`
         if self.pruner is not None:
             llm.use_keep_attention()
 
     @contextlib.contextmanager
-    def disabled(self, parts: tuple[str, ...] = ("merger", "pruner")) -> Iterator[None]:
-        """Within: the given parts do nothing. By default both: the original, unpruned policy;
+    def disabled(self, parts: tuple[str, ...] = ("vision", "merger", "pruner")) -> Iterator[None]:
+        """Within: the given parts do nothing. By default all: the original, unpruned policy;
         ("pruner",): the merged policy without in-LLM selection (stage 2's reference)."""
-        unknown = set(parts) - {"merger", "pruner"}
+        unknown = set(parts) - {"vision", "merger", "pruner"}
         if unknown:
-            raise ValueError(f"disabled(): unknown parts {sorted(unknown)}; choose from merger, pruner")
+            raise ValueError(f"disabled(): unknown parts {sorted(unknown)}; choose from vision, merger, pruner")
         self.off = frozenset(parts)
         try:
             yield
@@ -76,6 +80,10 @@ class VisionTokenPruning(nn.Module):
             if temperature is not None:
                 self.pruner.temperature = float(temperature)
 
+    def vision_pool(self) -> Optional[TowerPool]:
+        """What the vision towers pool with (None: they run on every patch)."""
+        return None if "vision" in self.off else self.tower_pool
+
     def merge(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, stats: dict) -> torch.Tensor:
         """vision (B, N, D) -> (B, M, D); records merge_sparsity (learned mergers) and token counts."""
         if "merger" in self.off:
@@ -90,6 +98,21 @@ class VisionTokenPruning(nn.Module):
 
     def selector(self, num_input: int, stats: dict) -> Optional[TokenSelector]:
         return None if self.pruner is None or "pruner" in self.off else self.pruner.selector(num_input, stats)
+
+
+def _build_tower_pool(cfg: PruningConfig, vision) -> Optional[TowerPool]:
+    if cfg.vision_merge_ratio == 1.0:
+        return None
+    from craftvla.model.vision import ViTTower
+
+    if not all(isinstance(tower, ViTTower) for tower in vision.towers):
+        raise ConfigError("pruning.vision_merge_ratio pools patches inside ViT towers; this backbone has a CNN")
+    grid = math.isqrt(vision.num_patches)
+    if grid * grid != vision.num_patches:
+        raise ConfigError(
+            f"pruning.vision_merge_ratio groups a square patch grid; the towers give {vision.num_patches}"
+        )
+    return TowerPool(grid, cfg.vision_merge_ratio, cfg.vision_merge_depth)
 
 
 def _build_merger(cfg: PruningConfig, dim: int, num_cameras: int, patches: int) -> Optional[nn.Module]:
@@ -131,7 +154,12 @@ def build_pruning(policy) -> Optional[VisionTokenPruning]:
     cfg = policy.config.pruning
     if not cfg.enabled:
         return None
-    return VisionTokenPruning(cfg, policy.llm, len(policy.config.camera_keys), policy.vision.num_patches)
+    if cfg.vision_merge_ratio < 1.0 and getattr(policy.action_head, "flat", None) is not None:
+        raise ConfigError(
+            "pruning.vision_merge_ratio: this policy's head has a flat read-out of every patch "
+            f"(head.flat_readout={policy.config.head.flat_readout}), which needs all of them"
+        )
+    return VisionTokenPruning(cfg, policy.llm, policy.vision, len(policy.config.camera_keys))
 
 
 def apply_pruning(policy, cfg: PruningConfig):
@@ -144,7 +172,9 @@ def apply_pruning(policy, cfg: PruningConfig):
     policy.config.pruning = cfg
     policy.pruning = build_pruning(policy)
     if policy.pruning is not None and old is not None:  # parts whose settings are unchanged keep their weights
-        if old.merger is not None and _same(old_cfg, cfg, "merger", "merge_ratio", "hidden_dim"):
+        if old.merger is not None and _same(
+            old_cfg, cfg, "merger", "merge_ratio", "hidden_dim", "vision_merge_ratio", "vision_merge_depth"
+        ):
             policy.pruning.merger = old.merger
         if old.pruner is not None and _same(old_cfg, cfg, "scorer", "layers", "keep", "hidden_dim"):
             policy.pruning.pruner = old.pruner

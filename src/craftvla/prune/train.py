@@ -52,6 +52,10 @@ class PruneTrainConfig(RunConfig):
 
     # 1 = train the merger; 2 = train the pruner heads.
     stage: int = 1
+    # Pooling inside the vision towers (parameter-free; stage 2 only: one merge per policy): the fraction of
+    # each image's patches left, and of the towers' blocks run before it; None = the checkpoint's.
+    vision_merge_ratio: Optional[float] = None
+    vision_merge_depth: Optional[float] = None
     # Merger: learned or learned_v2 (instruction-aware); None = learned_v2 in stage 1, the checkpoint's in stage 2.
     merger: Optional[str] = None
     # Fraction of the vision tokens the merger keeps; None = 0.5, or the checkpoint's.
@@ -137,8 +141,17 @@ def resolve_pruning(cfg: PruneTrainConfig, current: PruningConfig) -> PruningCon
         raise ConfigError(f"stage 1 trains a learned merger; the checkpoint has merger={merger!r}")
     layers = number_list(cfg.layers, "layers", int) or (list(current.layers) if cfg.stage == 1 else [])
     keep = number_list(cfg.keep, "keep") or (list(current.keep) if cfg.stage == 1 else [])
+    vision_ratio = cfg.vision_merge_ratio or current.vision_merge_ratio
+    vision_depth = current.vision_merge_depth if cfg.vision_merge_depth is None else cfg.vision_merge_depth
     return PruningConfig(
-        merger=merger, merge_ratio=ratio, scorer=scorer, layers=layers, keep=keep, hidden_dim=cfg.hidden_dim
+        vision_merge_ratio=vision_ratio,
+        vision_merge_depth=vision_depth,
+        merger=merger,
+        merge_ratio=ratio,
+        scorer=scorer,
+        layers=layers,
+        keep=keep,
+        hidden_dim=cfg.hidden_dim,
     )
 
 

@@ -1,0 +1,108 @@
+"""Pooling patches inside the vision towers (PruningConfig.vision_merge_ratio): against hand-run
+towers, in a policy, its switches and its errors."""
+
+import pytest
+import torch
+
+from craftvla.config import L1BridgeHeadConfig, PruningConfig, VisionConfig, VLAConfig
+from craftvla.errors import ConfigError
+from craftvla.model.policy import VLAPolicy
+from craftvla.model.speed import chunk_flops
+from craftvla.model.vision import VisionBackbone
+from craftvla.prune.evaluate import PruneEvalConfig, configured
+from craftvla.prune.merger import TowerPool, group_matrix, patch_groups
+from craftvla.prune.module import apply_pruning
+from craftvla.prune.train import PruneTrainConfig, resolve_pruning
+
+
+def _backbone(backbone_id: str) -> VisionBackbone:
+    torch.manual_seed(0)
+    cfg = VisionConfig(backbone_id=backbone_id, image_size=32, patch_size=4, width=32, depth=4, num_heads=2)
+    return VisionBackbone(cfg).eval()  # 8 x 8 patches; feature layer -2: 3 of the 4 blocks run
+
+
+def _by_hand(tower, images, pooled_after: int, weights: torch.Tensor) -> torch.Tensor:
+    """Run a timm ViT tower block by block, averaging its patches with `weights` after one block."""
+    vit = tower.model
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(tower.normalize(images)))))
+    prefix = vit.num_prefix_tokens
+    for i in range(tower.block_index + 1):
+        x = vit.blocks[i](x)
+        if i == pooled_after:
+            x = torch.cat([x[:, :prefix], torch.einsum("mn,bnd->bmd", weights, x[:, prefix:])], dim=1)
+    return x[:, prefix:]
+
+
+@pytest.mark.parametrize("depth, block", [(1 / 3, 0), (0.5, 1), (1.0, 2), (0.0, 0)])
+def test_pooling_inside_a_tower_equals_running_it_by_hand(depth, block):
+    vision = _backbone("tiny-dinosiglip")  # tower 0 has 5 prefix tokens (CLS + 4 registers), tower 1 none
+    pool = TowerPool(grid=8, ratio=0.25, depth=depth)
+    assert pool.block(3) == block and pool.num_out == 16
+    images = torch.rand(2, 3, 32, 32)
+    weights = group_matrix(patch_groups(1, 8, 0.25))  # (16, 64): 2 x 2 windows
+    with torch.no_grad():
+        out = vision([images], pool)  # (2, 16, 64): both towers' features, concatenated
+        expected = torch.cat([_by_hand(tower, images, block, weights) for tower in vision.towers], dim=-1)
+        assert out.shape == (2, 16, 64)
+        assert torch.allclose(out, expected, atol=1e-5)
+        assert vision([images]).shape == (2, 64, 64)  # the hook is gone after the call
+
+
+def test_pooling_the_last_block_is_pooling_the_towers_output():
+    vision = _backbone("tiny-vit")
+    images = [torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)]  # two cameras: pooled per image
+    with torch.no_grad():
+        full = vision(images)  # (2, 128, 32)
+        pooled = vision(images, TowerPool(grid=8, ratio=0.5, depth=1.0))
+    weights = group_matrix(torch.cat([patch_groups(1, 8, 0.5), patch_groups(1, 8, 0.5) + 32]))  # (64, 128)
+    assert torch.allclose(pooled, torch.einsum("mn,bnd->bmd", weights, full), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def no_readout():
+    torch.manual_seed(0)
+    cfg = VLAConfig.preset("tiny", head=L1BridgeHeadConfig(hidden_dim=64, num_heads=4))  # no flat read-out
+    return VLAPolicy(cfg).eval(), cfg.fake_batch(2)
+
+
+def test_a_pooled_policy_runs_on_fewer_tokens_switches_off_and_saves(no_readout, tmp_path):
+    policy, batch = no_readout
+    apply_pruning(policy, PruningConfig())
+    original, flops = policy.encode(batch), chunk_flops(policy, batch)
+    apply_pruning(policy, PruningConfig(vision_merge_ratio=0.25, scorer="fastv", keep=[0.5, 0.25]))
+    assert [lay.num_vision for lay in policy.encode(batch).layouts] == [16, 16, 8, 4, 4]  # of 64 patches
+    assert chunk_flops(policy, batch) < 0.5 * flops
+    with torch.no_grad(), policy.pruning.disabled():
+        off = policy.encode(batch)
+    assert torch.equal(off.hidden_states[-1], original.hidden_states[-1])
+    with torch.no_grad(), policy.pruning.disabled(("pruner",)):  # pooled, nothing selected
+        assert [lay.num_vision for lay in policy.encode(batch).layouts] == [16] * 5
+    actions = policy.predict_action_chunk(batch)
+    policy.save_pretrained(tmp_path / "pooled")
+    loaded = VLAPolicy.from_pretrained(tmp_path / "pooled").eval()
+    assert loaded.config.pruning == policy.config.pruning
+    assert torch.equal(loaded.predict_action_chunk(batch), actions)
+
+
+def test_bad_tower_pooling_is_refused_with_the_reason(no_readout):
+    policy, _ = no_readout
+    with pytest.raises(ConfigError, match="merge once"):
+        PruningConfig(vision_merge_ratio=0.5, merger="pool")
+    with pytest.raises(ConfigError, match="vision_merge_depth"):
+        PruningConfig(vision_merge_ratio=0.5, vision_merge_depth=1.5)
+    with pytest.raises(ConfigError, match="power of two"):
+        apply_pruning(policy, PruningConfig(vision_merge_ratio=0.3))
+    torch.manual_seed(0)
+    with_readout = VLAPolicy(VLAConfig.preset("tiny"))  # the tiny preset's head reads every patch
+    with pytest.raises(ConfigError, match="flat read-out"):
+        apply_pruning(with_readout, PruningConfig(vision_merge_ratio=0.5))
+    apply_pruning(policy, PruningConfig())
+
+
+def test_prune_eval_and_train_carry_the_tower_pooling():
+    current = PruningConfig(vision_merge_ratio=0.25, vision_merge_depth=0.5)
+    assert configured(PruneEvalConfig(), current) == current
+    applied = configured(PruneEvalConfig(vision_merge_ratio=0.5, vision_merge_depth=0.0), PruningConfig())
+    assert (applied.vision_merge_ratio, applied.vision_merge_depth) == (0.5, 0.0)
+    stage2 = resolve_pruning(PruneTrainConfig(stage=2, init_from="x"), current)
+    assert (stage2.vision_merge_ratio, stage2.vision_merge_depth, stage2.scorer) == (0.25, 0.5, "attention")
