@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-LEARNED_MERGER = "learned_v2"  # the instruction-aware merger stage 1 trains
+LEARNED_MERGER = "learned_v2"  # the two-stage system's merger (stage 1 trains it)
 LEARNED_SCORER = "attention"  # the pruner heads stage 2 trains
 
 
@@ -31,7 +31,9 @@ class Recipe:
     @property
     def stage1(self) -> Optional[float]:
         """The merge ratio stage 1 trains a merger for, or None (no learned merger)."""
-        return self.merge_ratio if self.merger == LEARNED_MERGER else None
+        from craftvla.config import LEARNED_MERGERS
+
+        return self.merge_ratio if self.merger in LEARNED_MERGERS else None
 
     @property
     def stage2(self) -> bool:
@@ -103,6 +105,7 @@ METHODS: dict[str, Callable[[float], Recipe]] = {
     "pool": pre_llm("pool"),
     "tome": pre_llm("tome"),
     "merger": pre_llm(LEARNED_MERGER),  # stage 1 alone, merging to b
+    "window": pre_llm("learned_window"),  # stage 1 alone with the cheap merger (weights within pool's windows)
     "pool_vit": in_towers(0.33),
     "learned": learned(),
 }

@@ -116,19 +116,20 @@ def timed(policy, batch, args) -> float:
 
 
 def resume(out: Path, setup: dict) -> dict:
-    """The record to go on from: `out`'s if made with this set-up; with another timing set-up (threads,
-    repeats, ...) its FLOPs still hold, its rounds do not; else a fresh one."""
+    """The record to go on from: `out`'s if made with this set-up and these rows; else a fresh one that
+    keeps the FLOPs of every row measured before at the same preset and batch (timing rounds are only
+    comparable within one set-up, so they start over)."""
     fresh = {"setup": setup, "rows": {name: {"pruning": cfg} for name, cfg in rows().items()}, "rounds": []}
-    old = json.loads(out.read_text()) if out.is_file() else {}
-    same_rows = [(n, r.get("pruning")) for n, r in old.get("rows", {}).items()] == [
+    old = json.loads(out.read_text()) if out.is_file() else {"setup": {}, "rows": {}}
+    if old["setup"] == setup and [(n, r["pruning"]) for n, r in old["rows"].items()] == [
         (n, r["pruning"]) for n, r in fresh["rows"].items()
-    ]
-    if not same_rows or any(old["setup"][k] != setup[k] for k in ("preset", "batch")):
-        return fresh
-    if old["setup"] == setup:
+    ]:
         return old
-    for name, row in fresh["rows"].items():
-        row.update({k: old["rows"][name][k] for k in ("flops", "vision_tokens") if k in old["rows"][name]})
+    if all(old["setup"].get(k) == setup[k] for k in ("preset", "batch")):
+        for name, row in fresh["rows"].items():
+            before = old["rows"].get(name, {})
+            if before.get("pruning") == row["pruning"] and "flops" in before:
+                row.update(flops=before["flops"], vision_tokens=before["vision_tokens"])
     return fresh
 
 

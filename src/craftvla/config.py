@@ -27,7 +27,8 @@ LLM_FAMILIES = ("qwen2", "llama", "mistral", "bert")
 ATTENTION_MODES = ("bidirectional", "causal")
 IMAGE_RESIZES = ("bilinear", "pil_bicubic")  # model/processor.py implements them
 NORM_MODES = ("mean_std", "min_max", "q01_q99", "identity")  # data/transforms.py implements them
-MERGERS = ("none", "learned", "learned_v2", "pool", "tome")
+MERGERS = ("none", "learned", "learned_v2", "learned_window", "pool", "tome")
+LEARNED_MERGERS = ("learned", "learned_v2", "learned_window")  # what `craftvla prune train` stage 1 trains
 SCORERS = ("none", "attention", "mlp", "random", "fastv", "instruction")
 
 
@@ -267,7 +268,8 @@ class PruningConfig:
     vision_merge_ratio: float = 1.0
     vision_merge_depth: float = 0.33
 
-    # Before the LLM: "learned" (LearnableTokenMerger), "learned_v2" (instruction-aware), or the
+    # Before the LLM: "learned" (LearnableTokenMerger), "learned_v2" (instruction-aware), "learned_window"
+    # (WindowScoreMerger: instruction-aware weights within pool's windows, about pool's cost), or the
     # parameter-free baselines "pool" (average neighbouring patches) and "tome" (bipartite merging); "none".
     merger: str = "none"
     # Fraction of the vision tokens the merger keeps (0.5: 256 -> 128).

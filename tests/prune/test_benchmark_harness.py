@@ -29,6 +29,11 @@ def test_the_learned_recipe_trains_both_stages_and_is_the_merger_alone_at_half()
     assert (quarter.stage1, quarter.stage2, quarter.keep) == (0.5, True, (1.0, 0.5))
     assert quarter.apply_flags() == []  # nothing parameter-free to apply: both parts are trained
     assert recipe("learned", 0.5) == recipe("merger", 0.5)  # the benchmark evaluates that policy once
+    window = recipe("window", 0.25)
+    assert (window.merger, window.stage1, window.apply_flags()) == ("learned_window", 0.25, [])
+    assert recipe("pool_vit", 0.125).apply_flags() == [
+        *("--vision_merge_ratio", "0.125", "--vision_merge_depth", "0.33")
+    ]
     assert recipe("pruners_only", 0.25).keep == (0.5, 0.25) and recipe("pruners_only", 0.25).stage1 is None
 
 

@@ -88,3 +88,43 @@ def test_tome_size_weighted_average():
     x = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])  # A: rows 0, 2; B: rows 1, 3
     out, _ = ToMeMerger(1)(x, None, None)  # 4 -> 2 -> 1: every token averaged, each counted once
     assert torch.allclose(out[0, 0], x[0].mean(0), atol=1e-6)
+
+
+def test_window_score_merger_starts_as_pooling_and_weights_each_window_by_its_scores():
+    from craftvla.prune.merger import WindowScoreMerger
+
+    torch.manual_seed(0)
+    groups = patch_groups(2, 4, 0.25)  # two cameras of 4x4 patches -> 8 windows of 4
+    merger = WindowScoreMerger(dim=4, groups=groups, hidden_dim=4)
+    vision, text, mask = torch.randn(3, 32, 4), torch.randn(3, 5, 4), torch.ones(3, 5, dtype=torch.bool)
+    merged, stats = merger(vision, text, mask)
+    pooled, _ = PoolMerger(groups)(vision, text, mask)
+    assert torch.allclose(merged, pooled, atol=1e-6) and stats["merge_sparsity"].item() == pytest.approx(1.0)
+    with torch.no_grad():  # s_n = tanh(x_n[0]): the instruction plays no part
+        merger.vision.weight.copy_(torch.eye(4))
+        merger.vision.bias.zero_()
+        merger.text.weight.zero_()
+        merger.score.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    merged, _ = merger(vision, text, mask)
+    for m in range(8):  # by hand: each window's own softmax
+        members = (groups == m).nonzero().squeeze(1)
+        w = torch.tanh(vision[:, members, 0]).softmax(dim=1)  # (3, 4)
+        assert torch.allclose(merged[:, m], (w.unsqueeze(-1) * vision[:, members]).sum(1), atol=1e-6)
+    with pytest.raises(ConfigError, match="equal windows"):
+        WindowScoreMerger(4, torch.tensor([0, 0, 1]))
+
+
+def test_window_score_merger_reads_the_instruction_and_learns_from_zero():
+    from craftvla.prune.merger import WindowScoreMerger
+
+    torch.manual_seed(0)
+    merger = WindowScoreMerger(dim=8, groups=patch_groups(1, 4, 0.5), hidden_dim=6)
+    vision, mask = torch.randn(2, 16, 8), torch.ones(2, 3, dtype=torch.bool)
+    merged, _ = merger(vision, torch.randn(2, 3, 8), mask)
+    merged.pow(2).sum().backward()
+    assert merger.score.weight.grad.abs().sum() > 0  # zero-initialised, yet it learns
+    with torch.no_grad():
+        merger.score.weight.normal_()
+    a, _ = merger(vision, torch.randn(2, 3, 8), mask)
+    b, _ = merger(vision, torch.randn(2, 3, 8), mask)
+    assert not torch.allclose(a, b)  # another instruction, other weights

@@ -143,3 +143,24 @@ def test_three_optimizers_each_with_its_own_lr(setup):
         assert len(moved) > 0 and float(moved.max()) == pytest.approx(lr, rel=1e-3), name
         assert float(moved.median()) == pytest.approx(lr, rel=1e-2), name
     assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if n in frozen)
+
+
+def test_stage_one_trains_the_window_merger_from_pooling(setup):
+    root, data = setup
+    out = root / "s1_window"
+    cfg = PruneTrainConfig(
+        init_from=str(root / "policy"),
+        dataset=DatasetConfig(root=str(data)),
+        stage=1,
+        merger="learned_window",
+        output_dir=str(out),
+        steps=4,
+        batch_size=4,
+        log=LogConfig(log_freq=1, progress=False, plots=False),
+        hidden_dim=16,
+    )
+    run(cfg)
+    weights = _weights(out / "checkpoints" / "last")
+    assert weights["pruning.merger.score.weight"].abs().sum() > 0  # it started at zero: pooling
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["prune/merge_sparsity"] == pytest.approx(1.0)  # uniform windows at the first step

@@ -133,6 +133,39 @@ class LearnableTokenMergerV2(LearnableTokenMerger):
         return self.queries + self.text_to_slots(pooled).view(-1, *self.queries.shape)
 
 
+class WindowScoreMerger(nn.Module):
+    """Score once, merge locally: each output averages its own window of patches (`pool`'s windows),
+    weighted by a softmax over the window of one instruction-aware score per patch:
+
+        s_n = v . tanh(W x_n + U t)      (t: the mean instruction token),
+        out_m = sum_{n in window m} softmax_{window m}(s)_n x_n
+
+    Scoring is O(N h) and merging O(N D), the cost of `pool` plus one small projection, where the dense
+    merger's (M, N) slot-by-patch weights grow with N^2. `v` starts at zero, so the untrained merger
+    equals `pool`. Needs equal windows (`patch_groups` makes them)."""
+
+    def __init__(self, dim: int, groups: torch.Tensor, hidden_dim: int = 64):
+        super().__init__()
+        size = torch.bincount(groups)
+        if not bool((size == size[0]).all()):
+            raise ConfigError(f"WindowScoreMerger needs equal windows; got sizes {sorted(set(size.tolist()))}")
+        self.window = int(size[0])
+        self.register_buffer("order", torch.sort(groups, stable=True).indices, persistent=False)  # window-major
+        self.vision = nn.Linear(dim, hidden_dim)
+        self.text = nn.Linear(dim, hidden_dim, bias=False)
+        self.score = nn.Linear(hidden_dim, 1, bias=False)
+        nn.init.zeros_(self.score.weight)
+
+    def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), stats
+        keep = text_mask.unsqueeze(-1).to(text.dtype)  # (B, T, 1)
+        pooled = (text * keep).sum(1) / keep.sum(1).clamp_min(1)  # (B, D)
+        windows = vision[:, self.order].unflatten(1, (-1, self.window))  # (B, M, k, D)
+        scores = self.score(torch.tanh(self.vision(windows) + self.text(pooled)[:, None, None]))  # (B, M, k, 1)
+        weights = scores.softmax(dim=2)
+        merged = (weights * windows).sum(dim=2)  # (B, M, D)
+        return merged, {"merge_sparsity": normalised_entropy(weights.squeeze(-1))}
+
+
 class ToMeMerger(nn.Module):
     """ToMe bipartite soft matching (Bolya et al. 2023), parameter-free, repeated until M tokens remain:
     tokens alternate into sets A and B; each A token's most similar B token (cosine) is its edge; the

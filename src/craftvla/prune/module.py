@@ -28,6 +28,7 @@ from craftvla.prune.merger import (
     PoolMerger,
     ToMeMerger,
     TowerPool,
+    WindowScoreMerger,
     merged_count,
     patch_groups,
 )
@@ -128,6 +129,8 @@ def _build_merger(cfg: PruningConfig, dim: int, num_cameras: int, patches: int) 
     groups = patch_groups(num_cameras, grid, cfg.merge_ratio)
     if cfg.merger == "pool":
         return PoolMerger(groups)
+    if cfg.merger == "learned_window":
+        return WindowScoreMerger(dim, groups, cfg.hidden_dim)
     cls = LearnableTokenMerger if cfg.merger == "learned" else LearnableTokenMergerV2
     return cls(dim, groups, cfg.hidden_dim)
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from craftvla.cli.parsing import number_list, parse_config
-from craftvla.config import MERGERS, SCORERS, PruningConfig
+from craftvla.config import LEARNED_MERGERS, MERGERS, SCORERS, PruningConfig
 from craftvla.errors import ConfigError, require
 from craftvla.prune.discriminator import (
     Discriminator,
@@ -41,7 +41,6 @@ from craftvla.train.config import OptimConfig, RunConfig, TrainConfig
 
 log = logging.getLogger("craftvla.prune")
 OBJECTIVES = ("adversarial", "distill", "task")
-LEARNED_MERGERS = ("learned", "learned_v2")
 LEARNED_SCORERS = ("attention", "mlp")
 
 
