@@ -9,10 +9,10 @@ One policy is built and each method's pruning part is swapped onto it in turn (`
 every row shares the same weights; learned parts are freshly initialised (with fixed per-layer
 budgets their values do not change what is computed). Per row: FLOPs per chunk (torch's
 FlopCounterMode, attention included) split into vision towers / projector / merger / LLM (with any
-in-LLM scoring) / head, and latency: `--rounds` rounds, each timing every row (median of `--repeats`
-calls after `--warmup`) in an order rotated by one place per round; a row's latency is the median of
-its round medians. FLOPs and every round are written as they finish (results/real_shapes_<device>.json);
-a rerun goes on from there.
+in-LLM scoring) / the rest (the action head), and latency: `--rounds` rounds, each timing every row
+(median of `--repeats` calls after `--warmup`) in an order rotated by one place per round; a row's
+latency is the median of its round medians. FLOPs and every round are written as they finish
+(results/real_shapes_<device>.json); a rerun goes on from there.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def token_schedule(policy) -> list[list[int]]:
 
 
 def flop_split(policy, batch) -> dict[str, int]:
-    """FLOPs of one chunk by part: vision, projector, merger, llm (with any in-LLM scoring), head."""
+    """FLOPs of one chunk by part: vision, projector, merger, llm (with any in-LLM scoring); the rest
+    of `total` is the action head."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -98,8 +99,7 @@ def flop_split(policy, batch) -> dict[str, int]:
         "projector": counts.get("Projector", 0),
         "merger": counts.get(type(merger).__name__, 0) if merger is not None else 0,
         "llm": counts.get("LanguageBackbone", 0),
-        "head": counts.get(type(policy.action_head).__name__, 0),
-    }
+    }  # the rest is the action head's (its parts run outside its own forward, so the counter cannot name it)
 
 
 def timed(policy, batch, args) -> float:
@@ -187,7 +187,8 @@ def table(record: dict) -> str:
     ]
     for name, row in record["rows"].items():
         f = row["flops"]
-        shares = " / ".join(f"{100 * f[k] / f['total']:.0f} %" for k in ("vision", "llm", "head"))
+        head = f["total"] - sum(f[k] for k in ("vision", "projector", "merger", "llm"))
+        shares = " / ".join(f"{100 * part / f['total']:.0f} %" for part in (f["vision"], f["llm"], head))
         tokens = ", ".join([str(row["vision_tokens"][0][1]), *(f"{a}: {k}" for a, k in row["vision_tokens"][1:])])
         lines.append(
             f"| {name} | {tokens} | {f['total'] / 1e9:.3g} | {shares} | x{row['flops_ratio']:.2f} "

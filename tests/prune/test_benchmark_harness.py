@@ -57,8 +57,8 @@ def test_real_shapes_harness_runs_every_row_at_a_small_preset(tmp_path):
     assert rows["pool_vit__b0.25"]["vision_tokens"] == [[0, 64]]
     for name, row in rows.items():
         split = row["flops"]
-        parts = sum(split[k] for k in ("vision", "projector", "merger", "llm", "head"))
-        assert 0.95 * split["total"] <= parts <= split["total"], name  # the parts are the whole forward
+        parts = sum(split[k] for k in ("vision", "projector", "merger", "llm"))
+        assert 0.8 * split["total"] < parts < 0.99 * split["total"], name  # the rest: the action head
         assert row["ms"] == pytest.approx(sum(row["round_ms"]) / 2)  # the median of two rounds
     assert rows["pool__b0.25"]["flops_ratio"] < rows["pool__b0.5"]["flops_ratio"] < 1.0
     assert rows["pool__b0.25"]["flops"]["vision"] == rows["unpruned"]["flops"]["vision"]  # towers run in full
