@@ -191,7 +191,7 @@ def table(record: dict) -> str:
         shares = " / ".join(f"{100 * part / f['total']:.0f} %" for part in (f["vision"], f["llm"], head))
         tokens = ", ".join([str(row["vision_tokens"][0][1]), *(f"{a}: {k}" for a, k in row["vision_tokens"][1:])])
         lines.append(
-            f"| {name} | {tokens} | {f['total'] / 1e9:.3g} | {shares} | x{row['flops_ratio']:.2f} "
+            f"| {name} | {tokens} | {f['total'] / 1e9:.1f} | {shares} | x{row['flops_ratio']:.2f} "
             + (f"| {row['ms']:.0f} | {row['speed_up']:.2f}x |" if row["ms"] else "| - | - |")
         )
     return "\n".join(lines)
