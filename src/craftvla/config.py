@@ -263,9 +263,10 @@ class PruningConfig:
     0.5B-LLM VLA spends most of its FLOPs (58 % at the vla-adapter-qwen2.5-0.5b shapes)."""
 
     # Inside every ViT tower: the fraction of each image's patches left after average-pooling windows of
-    # neighbouring patches (the `pool` merger's windows; 1 = off), and the fraction of the tower's blocks
-    # that run on all patches before it (at least one block; 1 = pool the tower's output).
+    # neighbouring patches (the `pool` merger's windows; 1 = off).
     vision_merge_ratio: float = 1.0
+    # The fraction of each tower's blocks that run on all patches before that pooling (at least one
+    # block; 1 = pool the tower's output).
     vision_merge_depth: float = 0.33
 
     # Before the LLM: "learned" (LearnableTokenMerger), "learned_v2" (instruction-aware), "learned_window"

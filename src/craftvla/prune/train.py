@@ -52,8 +52,9 @@ class PruneTrainConfig(RunConfig):
     # 1 = train the merger; 2 = train the pruner heads.
     stage: int = 1
     # Pooling inside the vision towers (parameter-free; stage 2 only: one merge per policy): the fraction of
-    # each image's patches left, and of the towers' blocks run before it; None = the checkpoint's.
+    # each image's patches left; None = the checkpoint's.
     vision_merge_ratio: Optional[float] = None
+    # The fraction of the towers' blocks that run before that pooling; None = the checkpoint's.
     vision_merge_depth: Optional[float] = None
     # Merger: learned or learned_v2 (instruction-aware); None = learned_v2 in stage 1, the checkpoint's in stage 2.
     merger: Optional[str] = None
