@@ -9,9 +9,10 @@
               towers, projector and LLM; head in full) at batch 1: plain and CRaFT-actions (online
               teacher, anchor batch 1): seconds per step and peak memory, against their 9.6 GB.
 3. adamw_8bit the plain cell's steps with bitsandbytes' 8-bit AdamW (--optim.name adamw_8bit).
-4. pruned     bf16 latency with the vision tokens merged to 25 % before the LLM (pool) and to 50 %
-              before the LLM then 25 % inside it (learned merger + attention scorer, untrained weights:
-              latency only), against unpruned, in one run.
+4. pruned     bf16 latency with the vision tokens merged to 25 % before the LLM (pool), inside the
+              vision towers after a third of their blocks (pool_vit), and to 50 % before the LLM then 25 %
+              inside it (learned merger + attention scorer, untrained weights: latency only), against
+              unpruned, in one run.
 
 Each check writes results/<check>.json as it finishes (a rerun skips finished checks) and
 results.md collects them. Without CUDA it stops at once with one line and exit status 2.
@@ -83,6 +84,7 @@ def check_pruned() -> dict:
     configs = {
         "unpruned": None,
         "pool 25 %": PruningConfig(merger="pool", merge_ratio=0.25),
+        "pool inside the towers 25 %": PruningConfig(vision_merge_ratio=0.25),
         "learned 50 % -> 25 %": PruningConfig(merger="learned", merge_ratio=0.5, scorer="attention", layers=[6], keep=[0.5]),
     }  # fmt: skip
     return {name: latency_of(build(pruning=cfg)) for name, cfg in configs.items()}
