@@ -218,9 +218,9 @@ def checkpoint_for(method: str, budget: float, log: Path) -> tuple[Path, list]:
     plan = recipe(method, budget)
     ckpt = base
     if plan.stage1:
-        ratio, merger = f"{plan.stage1:g}", plan.merger
-        args = ["--stage", "1", "--init_from", base, "--merger", merger, "--merge_ratio", ratio]
-        ckpt = _stage(f"stage1_r{ratio}" if merger == "learned_v2" else f"stage1_{merger}_r{ratio}", args, log)
+        part = plan.merger if plan.vision_merge_ratio == 1.0 else f"vit_{plan.vision_merger}"
+        name = f"stage1_r{plan.stage1:g}" if part == "learned_v2" else f"stage1_{part}_r{plan.stage1:g}"
+        ckpt = _stage(name, ["--stage", "1", "--init_from", base, *plan.stage1_flags()], log)
     if plan.stage2:
         keep = ",".join(f"{k:g}" for k in plan.keep)
         name = f"stage2_{'m' if plan.stage1 else 'nom'}_{plan.objective}_k{keep.replace(',', '_')}"

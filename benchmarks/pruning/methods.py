@@ -22,6 +22,7 @@ LEARNED_SCORER = "attention"  # the pruner heads stage 2 trains
 class Recipe:
     vision_merge_ratio: float = 1.0
     vision_merge_depth: float = 0.33
+    vision_merger: str = "pool"
     merger: str = "none"
     merge_ratio: float = 1.0
     scorer: str = "none"
@@ -30,10 +31,26 @@ class Recipe:
 
     @property
     def stage1(self) -> Optional[float]:
-        """The merge ratio stage 1 trains a merger for, or None (no learned merger)."""
+        """The merge ratio stage 1 trains a merger (or the towers' learned merge) for, or None."""
         from craftvla.config import LEARNED_MERGERS
 
+        if self.vision_merge_ratio < 1.0 and self.vision_merger in LEARNED_MERGERS:
+            return self.vision_merge_ratio
         return self.merge_ratio if self.merger in LEARNED_MERGERS else None
+
+    def stage1_flags(self) -> list[str]:
+        """`craftvla prune train --stage 1` flags for the learned merge (call when `stage1`)."""
+        if self.vision_merge_ratio < 1.0:
+            return [*self.tower_flags(), "--vision_merger", self.vision_merger]
+        return ["--merger", self.merger, "--merge_ratio", f"{self.merge_ratio:g}"]
+
+    def tower_flags(self) -> list[str]:
+        return [
+            "--vision_merge_ratio",
+            f"{self.vision_merge_ratio:g}",
+            "--vision_merge_depth",
+            f"{self.vision_merge_depth:g}",
+        ]
 
     @property
     def stage2(self) -> bool:
@@ -43,15 +60,18 @@ class Recipe:
         """`PruningConfig` keyword arguments (learned parts freshly initialised)."""
         fields = {"merger": self.merger, "scorer": self.scorer, "keep": list(self.keep)}
         if self.vision_merge_ratio < 1.0:
-            fields |= {"vision_merge_ratio": self.vision_merge_ratio, "vision_merge_depth": self.vision_merge_depth}
+            fields |= {
+                "vision_merge_ratio": self.vision_merge_ratio,
+                "vision_merge_depth": self.vision_merge_depth,
+                "vision_merger": self.vision_merger,
+            }
         return fields | ({"merge_ratio": self.merge_ratio} if self.merger != "none" else {})
 
     def apply_flags(self) -> list[str]:
         """`craftvla prune eval` flags that apply the parameter-free parts to a policy."""
         flags = []
-        if self.vision_merge_ratio < 1.0:
-            flags += ["--vision_merge_ratio", f"{self.vision_merge_ratio:g}"]
-            flags += ["--vision_merge_depth", f"{self.vision_merge_depth:g}"]
+        if self.vision_merge_ratio < 1.0 and self.stage1 is None:
+            flags += self.tower_flags()
         if self.merger != "none" and self.stage1 is None:
             flags += ["--merger", self.merger, "--merge_ratio", f"{self.merge_ratio:g}"]
         if self.scorer != "none" and not self.stage2:
@@ -72,9 +92,9 @@ def pre_llm(merger: str) -> Callable[[float], Recipe]:
     return lambda b: Recipe(merger=merger, merge_ratio=b)
 
 
-def in_towers(depth: float) -> Callable[[float], Recipe]:
-    """Pooling inside the vision towers after `depth` of their blocks, straight to b."""
-    return lambda b: Recipe(vision_merge_ratio=b, vision_merge_depth=depth)
+def in_towers(depth: float, merger: str = "pool") -> Callable[[float], Recipe]:
+    """Merging inside the vision towers after `depth` of their blocks, straight to b."""
+    return lambda b: Recipe(vision_merge_ratio=b, vision_merge_depth=depth, vision_merger=merger)
 
 
 def learned(objective: str = "adversarial", merger: bool = True) -> Callable[[float], Recipe]:
@@ -107,6 +127,7 @@ METHODS: dict[str, Callable[[float], Recipe]] = {
     "merger": pre_llm(LEARNED_MERGER),  # stage 1 alone, merging to b
     "window": pre_llm("learned_window"),  # stage 1 alone with the cheap merger (weights within pool's windows)
     "pool_vit": in_towers(0.33),
+    "window_vit": in_towers(0.33, "learned_window"),  # learned weights within the towers' windows (stage 1)
     "learned": learned(),
 }
 # Ablations at b = 0.25 only: stage 2's objective, and the pruner heads without the merger.

@@ -29,6 +29,7 @@ IMAGE_RESIZES = ("bilinear", "pil_bicubic")  # model/processor.py implements the
 NORM_MODES = ("mean_std", "min_max", "q01_q99", "identity")  # data/transforms.py implements them
 MERGERS = ("none", "learned", "learned_v2", "learned_window", "pool", "tome")
 LEARNED_MERGERS = ("learned", "learned_v2", "learned_window")  # what `craftvla prune train` stage 1 trains
+VISION_MERGERS = ("pool", "learned_window")  # how the vision towers merge a window (PruningConfig.vision_merger)
 SCORERS = ("none", "attention", "mlp", "random", "fastv", "instruction")
 
 
@@ -268,6 +269,9 @@ class PruningConfig:
     # The fraction of each tower's blocks that run on all patches before that pooling (at least one
     # block; 1 = pool the tower's output).
     vision_merge_depth: float = 0.33
+    # How the towers merge a window: "pool" (its average) or "learned_window" (weights from one
+    # instruction-aware score per patch, starting as the average; `craftvla prune train` stage 1 trains them).
+    vision_merger: str = "pool"
 
     # Before the LLM: "learned" (LearnableTokenMerger), "learned_v2" (instruction-aware), "learned_window"
     # (WindowScoreMerger: instruction-aware weights within pool's windows, about pool's cost), or the
@@ -295,6 +299,12 @@ class PruningConfig:
         ratio, depth = self.vision_merge_ratio, self.vision_merge_depth
         require(0.0 < ratio <= 1.0, "pruning.vision_merge_ratio", ratio, "must be in (0, 1]")
         require(0.0 <= depth <= 1.0, "pruning.vision_merge_depth", depth, "must be in [0, 1]")
+        require(
+            self.vision_merger in VISION_MERGERS,
+            "pruning.vision_merger",
+            self.vision_merger,
+            f"choose one of {VISION_MERGERS}",
+        )
         require(
             ratio == 1.0 or self.merger == "none",
             "pruning.merger",

@@ -31,6 +31,9 @@ def test_the_learned_recipe_trains_both_stages_and_is_the_merger_alone_at_half()
     assert recipe("learned", 0.5) == recipe("merger", 0.5)  # the benchmark evaluates that policy once
     window = recipe("window", 0.25)
     assert (window.merger, window.stage1, window.apply_flags()) == ("learned_window", 0.25, [])
+    learned_vit = recipe("window_vit", 0.25)
+    assert (learned_vit.stage1, learned_vit.apply_flags()) == (0.25, [])
+    assert learned_vit.stage1_flags()[-2:] == ["--vision_merger", "learned_window"]
     assert recipe("pool_vit", 0.125).apply_flags() == [
         *("--vision_merge_ratio", "0.125", "--vision_merge_depth", "0.33")
     ]

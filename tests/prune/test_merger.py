@@ -101,10 +101,10 @@ def test_window_score_merger_starts_as_pooling_and_weights_each_window_by_its_sc
     pooled, _ = PoolMerger(groups)(vision, text, mask)
     assert torch.allclose(merged, pooled, atol=1e-6) and stats["merge_sparsity"].item() == pytest.approx(1.0)
     with torch.no_grad():  # s_n = tanh(x_n[0]): the instruction plays no part
-        merger.vision.weight.copy_(torch.eye(4))
-        merger.vision.bias.zero_()
-        merger.text.weight.zero_()
-        merger.score.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+        merger.scores.vision.weight.copy_(torch.eye(4))
+        merger.scores.vision.bias.zero_()
+        merger.scores.text.weight.zero_()
+        merger.scores.score.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
     merged, _ = merger(vision, text, mask)
     for m in range(8):  # by hand: each window's own softmax
         members = (groups == m).nonzero().squeeze(1)
@@ -122,9 +122,9 @@ def test_window_score_merger_reads_the_instruction_and_learns_from_zero():
     vision, mask = torch.randn(2, 16, 8), torch.ones(2, 3, dtype=torch.bool)
     merged, _ = merger(vision, torch.randn(2, 3, 8), mask)
     merged.pow(2).sum().backward()
-    assert merger.score.weight.grad.abs().sum() > 0  # zero-initialised, yet it learns
+    assert merger.scores.score.weight.grad.abs().sum() > 0  # zero-initialised, yet it learns
     with torch.no_grad():
-        merger.score.weight.normal_()
+        merger.scores.score.weight.normal_()
     a, _ = merger(vision, torch.randn(2, 3, 8), mask)
     b, _ = merger(vision, torch.randn(2, 3, 8), mask)
     assert not torch.allclose(a, b)  # another instruction, other weights

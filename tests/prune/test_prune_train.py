@@ -161,6 +161,44 @@ def test_stage_one_trains_the_window_merger_from_pooling(setup):
     )
     run(cfg)
     weights = _weights(out / "checkpoints" / "last")
-    assert weights["pruning.merger.score.weight"].abs().sum() > 0  # it started at zero: pooling
+    assert weights["pruning.merger.scores.score.weight"].abs().sum() > 0  # it started at zero: pooling
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["prune/merge_sparsity"] == pytest.approx(1.0)  # uniform windows at the first step
+
+
+def test_stage_one_trains_a_learned_merge_inside_the_towers(setup):
+    import dataclasses
+
+    from craftvla.config import PruningConfig
+    from craftvla.errors import ConfigError
+    from craftvla.model.policy import VLAPolicy
+    from craftvla.prune.train import resolve_pruning
+
+    root, data = setup
+    torch.manual_seed(0)
+    cfg = micro_policy_config().for_dataset([("observation.images.corner")], 4, 4)
+    cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, flat_readout=0))  # pooling needs no read-out
+    VLAPolicy(cfg).save_pretrained(root / "policy_no_readout")
+    out = root / "s1_towers"
+    run(
+        PruneTrainConfig(
+            init_from=str(root / "policy_no_readout"),
+            dataset=DatasetConfig(root=str(data)),
+            stage=1,
+            vision_merge_ratio=0.25,
+            vision_merger="learned_window",
+            output_dir=str(out),
+            steps=4,
+            batch_size=4,
+            log=LogConfig(log_freq=1, progress=False, plots=False),
+            hidden_dim=16,
+        )
+    )
+    before, after = _weights(root / "policy_no_readout"), _weights(out / "checkpoints" / "last")
+    assert after["pruning.tower_pool.scores.0.score.weight"].abs().sum() > 0  # it started at zero: pooling
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the policy stayed frozen
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["prune/merge_sparsity"] == pytest.approx(1.0) and rows[0]["prune/tokens/input"] == 4.0
+    plain = PruningConfig(vision_merge_ratio=0.25)  # nothing learned to train in stage 1
+    with pytest.raises(ConfigError, match="learned_window"):
+        resolve_pruning(PruneTrainConfig(stage=1, init_from="x"), plain)

@@ -106,3 +106,40 @@ def test_prune_eval_and_train_carry_the_tower_pooling():
     assert (applied.vision_merge_ratio, applied.vision_merge_depth) == (0.5, 0.0)
     stage2 = resolve_pruning(PruneTrainConfig(stage=2, init_from="x"), current)
     assert (stage2.vision_merge_ratio, stage2.vision_merge_depth, stage2.scorer) == (0.25, 0.5, "attention")
+
+
+def test_a_learned_tower_pool_weights_each_window_by_its_scores_and_the_instruction():
+    torch.manual_seed(0)
+    pool = TowerPool(grid=4, ratio=0.25, depth=0.5, learned_dims=[4], text_dim=3, hidden_dim=4)
+    tokens, text = torch.randn(4, 1 + 16, 4), torch.randn(2, 3)  # 2 cameras x batch 2; 1 prefix token
+    plain = TowerPool(grid=4, ratio=0.25, depth=0.5)(tokens, prefix=1)
+    assert torch.allclose(pool(tokens, 1, 0, text), plain, atol=1e-6)  # untrained: the average
+    with torch.no_grad():  # s_n = tanh(x_n[0] + t[0])
+        scores = pool.scores[0]
+        scores.vision.weight.copy_(torch.eye(4))
+        scores.vision.bias.zero_()
+        scores.text.weight.copy_(torch.eye(4, 3))
+        scores.score.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+        out = pool(tokens, 1, 0, text)
+    assert torch.equal(out[:, 0], tokens[:, 0])  # the prefix token passes through
+    groups = patch_groups(1, 4, 0.25)
+    for row in range(4):
+        t = text[row % 2]  # cameras are stacked on the batch axis: rows 0, 1 camera 1; 2, 3 camera 2
+        for m in range(4):
+            patches = tokens[row, 1:][groups == m]  # (4, 4)
+            w = torch.tanh(patches[:, 0] + t[0]).softmax(dim=0)
+            assert torch.allclose(out[row, 1 + m], (w[:, None] * patches).sum(0), atol=1e-6)
+    assert pool.sparsity and pool.sparsity[-1] < 1.0
+    with pytest.raises(ValueError, match="instruction"):
+        pool(tokens, 1, 0, None)
+
+
+def test_a_learned_tower_pool_in_a_policy_starts_as_pooling(no_readout):
+    policy, batch = no_readout
+    apply_pruning(policy, PruningConfig(vision_merge_ratio=0.25))
+    pooled = policy.predict_action_chunk(batch)
+    apply_pruning(policy, PruningConfig(vision_merge_ratio=0.25, vision_merger="learned_window"))
+    assert torch.allclose(policy.predict_action_chunk(batch), pooled, atol=1e-5)
+    assert policy.pruning.learned_merge is policy.pruning.tower_pool
+    assert "merge_sparsity" in policy.encode(batch).pruning
+    apply_pruning(policy, PruningConfig())

@@ -128,10 +128,12 @@ class VLAPolicy(nn.Module):
         """The LLM's input [BOS][vision][text][queries][STOP] for a batch -> embeds (B, L, D), its
         layout, the projected patches (B, N, D) before the merger (pooled if the towers pool), and the
         pruning part's stats (its merger, if any, has run: the sequence holds the merged vision tokens)."""
-        pool = self.pruning.vision_pool() if self.pruning is not None else None  # pools inside the towers
-        patches = self.projector(self.vision([batch[k] for k in self.config.camera_keys], pool))  # (B, N, D)
         ids, text_mask = self._text(batch)  # (B, T)
         text = self.llm.embed(ids)  # (B, T, D)
+        pool = self.pruning.vision_pool() if self.pruning is not None else None  # merges inside the towers
+        images = [batch[k] for k in self.config.camera_keys]
+        instruction = pool.instruction(text, text_mask) if pool is not None else None  # (B, D) or None
+        patches = self.projector(self.vision(images, pool, instruction))  # (B, N, D)
         vision, stats = patches, {}
         if self.pruning is not None:
             vision = self.pruning.merge(patches, text, text_mask, stats)  # (B, M, D)

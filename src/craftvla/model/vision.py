@@ -64,13 +64,20 @@ class ViTTower(nn.Module):
 
         return {k: v for k, v in state.items() if not pruned(k)}
 
-    def forward(self, images: torch.Tensor, pool: Optional[nn.Module] = None) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N, D); with `pool` (prune.merger.TowerPool) -> (B, M, D), pooled inside."""
+    def forward(
+        self,
+        images: torch.Tensor,
+        pool: Optional[nn.Module] = None,
+        tower: int = 0,
+        text: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, D); with `pool` (prune.merger.TowerPool; this is tower `tower` of the
+        backbone, `text` the instruction a learned pool reads) -> (B, M, D), merged inside."""
         handle = None
-        if pool is not None:  # the pooled tokens replace that block's output for the blocks after it
+        if pool is not None:  # the merged tokens replace that block's output for the blocks after it
             block = self.model.blocks[pool.block(self.block_index + 1)]
             prefix = self.model.num_prefix_tokens
-            handle = block.register_forward_hook(lambda module, args, out: pool(out, prefix))
+            handle = block.register_forward_hook(lambda module, args, out: pool(out, prefix, tower, text))
         try:
             tokens = self.model.forward_intermediates(
                 self.normalize(images),
@@ -172,16 +179,22 @@ class VisionBackbone(nn.Module):
         self.num_patches = patches.pop()  # per image
         self.embed_dim = sum(tower.embed_dim for tower in self.towers)
 
-    def forward(self, images: list[torch.Tensor], pool: Optional[nn.Module] = None) -> torch.Tensor:
+    def forward(
+        self, images: list[torch.Tensor], pool: Optional[nn.Module] = None, text: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """images: one (B, 3, H, W) float tensor in [0, 1] per camera -> (B, n_img * N, D); with `pool`
-        (prune.merger.TowerPool, ViT towers only) -> (B, n_img * M, D)."""
+        (prune.merger.TowerPool, ViT towers only; `text` (B, D_text) the instruction a learned one
+        reads) -> (B, n_img * M, D)."""
         x = torch.cat(images, dim=0)  # (n_img * B, 3, H, W): all cameras in one pass
         if x.shape[-2:] != (self.image_size, self.image_size):  # the processor resizes (model/processor.py)
             raise CraftVLAError(
                 f"images of size {tuple(x.shape[-2:])}; the vision backbone takes "
                 f"{self.image_size}x{self.image_size} (convert with policy.processor)"
             )
-        feats = torch.cat([tower(x) if pool is None else tower(x, pool) for tower in self.towers], dim=-1)
+        if pool is None:
+            feats = torch.cat([tower(x) for tower in self.towers], dim=-1)  # (n_img * B, N, D)
+        else:
+            feats = torch.cat([tower(x, pool, i, text) for i, tower in enumerate(self.towers)], dim=-1)
         return rearrange(feats, "(n b) t d -> b (n t) d", n=len(images))
 
 

@@ -84,6 +84,7 @@ def configured(cfg: PruneEvalConfig, current: PruningConfig) -> PruningConfig:
     return PruningConfig(
         vision_merge_ratio=cfg.vision_merge_ratio or current.vision_merge_ratio,
         vision_merge_depth=current.vision_merge_depth if cfg.vision_merge_depth is None else cfg.vision_merge_depth,
+        vision_merger=current.vision_merger,
         merger=cfg.merger or current.merger,
         merge_ratio=cfg.merge_ratio or current.merge_ratio,
         scorer=cfg.scorer or current.scorer,

@@ -11,6 +11,7 @@ Patches are grouped by `patch_groups`: windows of neighbouring patches of one ca
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,28 +66,93 @@ class PoolMerger(nn.Module):
         return torch.einsum("mn,bnd->bmd", self.weights.to(vision.dtype), vision), {}
 
 
+def mean_instruction(text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) instruction tokens, (B, T) real-token mask -> (B, D) their mean."""
+    keep = text_mask.unsqueeze(-1).to(text.dtype)
+    return (text * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
+def window_order(groups: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(N,) slot ids -> (the permutation that lists the patches window by window, the window size k);
+    `x[:, order].unflatten(1, (-1, k))` is then (B, M, k, D). Needs equal windows (`patch_groups`'s)."""
+    size = torch.bincount(groups)
+    if not bool((size == size[0]).all()):
+        raise ConfigError(f"window merging needs equal windows; got sizes {sorted(set(size.tolist()))}")
+    return torch.sort(groups, stable=True).indices, int(size[0])
+
+
+class WindowScores(nn.Module):
+    """Weights within each window from one instruction-aware score per token:
+
+        s_n = v . tanh(W x_n + U t),   w = softmax over the window of s
+
+    windows (B, M, k, D), instruction t (B, D_text) -> (B, M, k, 1). `v` starts at zero: uniform
+    weights, i.e. plain pooling, until trained."""
+
+    def __init__(self, dim: int, text_dim: int, hidden_dim: int = 64):
+        super().__init__()
+        self.vision = nn.Linear(dim, hidden_dim)
+        self.text = nn.Linear(text_dim, hidden_dim, bias=False)
+        self.score = nn.Linear(hidden_dim, 1, bias=False)
+        nn.init.zeros_(self.score.weight)
+
+    def forward(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.vision(windows) + self.text(text)[:, None, None])  # (B, M, k, h)
+        return self.score(hidden).softmax(dim=2)
+
+
 class TowerPool(nn.Module):
-    """Inside every ViT tower, after the first `depth` of the blocks it runs, average windows of
+    """Inside every ViT tower, after the first `depth` of the blocks it runs, merge windows of
     neighbouring patches of each image (`PoolMerger`'s windows; prefix tokens such as CLS and registers
     pass through): the later blocks, the projector and the LLM run on M of the N patches. Fused towers
-    pool the same windows, so their features stay aligned patch for patch. Unlike ToMe inside a ViT,
-    no proportional attention: every pooled token stands for the same number of patches.
+    merge the same windows, so their features stay aligned patch for patch. Plain averaging by
+    default; with `learned_dims` (each tower's width) a `WindowScores` per tower weights each window
+    by the instruction (`text_dim` wide), starting as the average. Unlike ToMe inside a ViT, no
+    proportional attention: every merged token stands for the same number of patches.
 
         (B, P + N, D) -> (B, P + M, D) at block `block(num_blocks)`"""
 
-    def __init__(self, grid: int, ratio: float, depth: float):
+    def __init__(
+        self,
+        grid: int,
+        ratio: float,
+        depth: float,
+        learned_dims: Optional[list[int]] = None,
+        text_dim: int = 0,
+        hidden_dim: int = 64,
+    ):
         super().__init__()
-        self.pool = PoolMerger(patch_groups(1, grid, ratio))
+        order, self.window = window_order(patch_groups(1, grid, ratio))
+        self.register_buffer("order", order, persistent=False)
         self.depth = depth
-        self.num_out = self.pool.weights.shape[0]  # M per image
+        self.num_out = len(order) // self.window  # M per image
+        dims = learned_dims or []
+        self.scores = nn.ModuleList(WindowScores(dim, text_dim, hidden_dim) for dim in dims) if dims else None
+        self.sparsity: list[torch.Tensor] = []  # learned: each tower's merge sparsity in the last forward
+
+    def instruction(self, text: torch.Tensor, text_mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """What `forward` reads of the instruction: its mean token (B, D_text) when learned, else None."""
+        return mean_instruction(text, text_mask) if self.scores is not None else None
 
     def block(self, num_blocks: int) -> int:
         """Index of the block after which a tower running `num_blocks` blocks pools (>= 1 block unpooled)."""
         return min(num_blocks, max(1, round(self.depth * num_blocks))) - 1
 
-    def forward(self, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
-        patches, _ = self.pool(tokens[:, prefix:], None, None)
-        return torch.cat([tokens[:, :prefix], patches], dim=1)
+    def forward(
+        self, tokens: torch.Tensor, prefix: int, tower: int = 0, text: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """tokens (n_img * B, P + N, D), text (B, D_text) the mean instruction (learned only)."""
+        windows = tokens[:, prefix:][:, self.order].unflatten(1, (-1, self.window))  # (n_img * B, M, k, D)
+        if self.scores is None:
+            merged = windows.mean(dim=2)
+        else:
+            if text is None:
+                raise ValueError("a learned TowerPool needs the instruction (text)")
+            text = text.repeat(tokens.shape[0] // text.shape[0], 1)  # cameras are stacked on the batch axis
+            weights = self.scores[tower](windows, text)  # (n_img * B, M, k, 1)
+            self.sparsity.append(normalised_entropy(weights.squeeze(-1)))
+            merged = (weights * windows).sum(dim=2)
+        return torch.cat([tokens[:, :prefix], merged], dim=1)
 
 
 class LearnableTokenMerger(nn.Module):
@@ -128,41 +194,26 @@ class LearnableTokenMergerV2(LearnableTokenMerger):
         nn.init.zeros_(self.text_to_slots.bias)
 
     def slot_queries(self, text, text_mask):
-        keep = text_mask.unsqueeze(-1).to(text.dtype)  # (B, T, 1)
-        pooled = (text * keep).sum(1) / keep.sum(1).clamp_min(1)  # (B, D)
+        pooled = mean_instruction(text, text_mask)  # (B, D)
         return self.queries + self.text_to_slots(pooled).view(-1, *self.queries.shape)
 
 
 class WindowScoreMerger(nn.Module):
     """Score once, merge locally: each output averages its own window of patches (`pool`'s windows),
-    weighted by a softmax over the window of one instruction-aware score per patch:
-
-        s_n = v . tanh(W x_n + U t)      (t: the mean instruction token),
-        out_m = sum_{n in window m} softmax_{window m}(s)_n x_n
-
+    weighted by `WindowScores` (a softmax over the window of one instruction-aware score per patch).
     Scoring is O(N h) and merging O(N D), the cost of `pool` plus one small projection, where the dense
-    merger's (M, N) slot-by-patch weights grow with N^2. `v` starts at zero, so the untrained merger
-    equals `pool`. Needs equal windows (`patch_groups` makes them)."""
+    merger's (M, N) slot-by-patch weights grow with N^2; it starts as `pool`."""
 
     def __init__(self, dim: int, groups: torch.Tensor, hidden_dim: int = 64):
         super().__init__()
-        size = torch.bincount(groups)
-        if not bool((size == size[0]).all()):
-            raise ConfigError(f"WindowScoreMerger needs equal windows; got sizes {sorted(set(size.tolist()))}")
-        self.window = int(size[0])
-        self.register_buffer("order", torch.sort(groups, stable=True).indices, persistent=False)  # window-major
-        self.vision = nn.Linear(dim, hidden_dim)
-        self.text = nn.Linear(dim, hidden_dim, bias=False)
-        self.score = nn.Linear(hidden_dim, 1, bias=False)
-        nn.init.zeros_(self.score.weight)
+        order, self.window = window_order(groups)
+        self.register_buffer("order", order, persistent=False)  # window-major
+        self.scores = WindowScores(dim, dim, hidden_dim)
 
     def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), stats
-        keep = text_mask.unsqueeze(-1).to(text.dtype)  # (B, T, 1)
-        pooled = (text * keep).sum(1) / keep.sum(1).clamp_min(1)  # (B, D)
         windows = vision[:, self.order].unflatten(1, (-1, self.window))  # (B, M, k, D)
-        scores = self.score(torch.tanh(self.vision(windows) + self.text(pooled)[:, None, None]))  # (B, M, k, 1)
-        weights = scores.softmax(dim=2)
-        merged = (weights * windows).sum(dim=2)  # (B, M, D)
+        weights = self.scores(windows, mean_instruction(text, text_mask))  # (B, M, k, 1)
+        merged = (weights * windows).sum(dim=2)
         return merged, {"merge_sparsity": normalised_entropy(weights.squeeze(-1))}
 
 

@@ -47,7 +47,7 @@ class VisionTokenPruning(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = llm.hidden_size
-        self.tower_pool = _build_tower_pool(cfg, vision)
+        self.tower_pool = _build_tower_pool(cfg, vision, dim)
         patches = self.tower_pool.num_out if self.tower_pool is not None else vision.num_patches
         self.num_tokens = num_cameras * patches  # vision tokens from the projector
         self.merger = _build_merger(cfg, dim, num_cameras, patches)
@@ -85,8 +85,20 @@ class VisionTokenPruning(nn.Module):
         """What the vision towers pool with (None: they run on every patch)."""
         return None if "vision" in self.off else self.tower_pool
 
+    @property
+    def learned_merge(self) -> Optional[nn.Module]:
+        """The learned part that merges before the LLM (stage 1 trains it): the merger or the towers' pool."""
+        if self.merger is not None and not isinstance(self.merger, (PoolMerger, ToMeMerger)):
+            return self.merger
+        return self.tower_pool if self.tower_pool is not None and self.tower_pool.scores is not None else None
+
     def merge(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, stats: dict) -> torch.Tensor:
-        """vision (B, N, D) -> (B, M, D); records merge_sparsity (learned mergers) and token counts."""
+        """vision (B, N, D) -> (B, M, D); records merge_sparsity (learned mergers and learned tower pools,
+        whose towers have just run) and token counts."""
+        pooled = self.tower_pool.sparsity if self.tower_pool is not None else []
+        if pooled:
+            stats["merge_sparsity"] = torch.stack(pooled).mean()
+            pooled.clear()
         if "merger" in self.off:
             return vision
         stats["tokens/input"] = torch.tensor(float(vision.shape[1]))
@@ -101,7 +113,7 @@ class VisionTokenPruning(nn.Module):
         return None if self.pruner is None or "pruner" in self.off else self.pruner.selector(num_input, stats)
 
 
-def _build_tower_pool(cfg: PruningConfig, vision) -> Optional[TowerPool]:
+def _build_tower_pool(cfg: PruningConfig, vision, text_dim: int) -> Optional[TowerPool]:
     if cfg.vision_merge_ratio == 1.0:
         return None
     from craftvla.model.vision import ViTTower
@@ -113,7 +125,8 @@ def _build_tower_pool(cfg: PruningConfig, vision) -> Optional[TowerPool]:
         raise ConfigError(
             f"pruning.vision_merge_ratio groups a square patch grid; the towers give {vision.num_patches}"
         )
-    return TowerPool(grid, cfg.vision_merge_ratio, cfg.vision_merge_depth)
+    learned = [tower.embed_dim for tower in vision.towers] if cfg.vision_merger == "learned_window" else None
+    return TowerPool(grid, cfg.vision_merge_ratio, cfg.vision_merge_depth, learned, text_dim, cfg.hidden_dim)
 
 
 def _build_merger(cfg: PruningConfig, dim: int, num_cameras: int, patches: int) -> Optional[nn.Module]:
@@ -175,10 +188,11 @@ def apply_pruning(policy, cfg: PruningConfig):
     policy.config.pruning = cfg
     policy.pruning = build_pruning(policy)
     if policy.pruning is not None and old is not None:  # parts whose settings are unchanged keep their weights
-        if old.merger is not None and _same(
-            old_cfg, cfg, "merger", "merge_ratio", "hidden_dim", "vision_merge_ratio", "vision_merge_depth"
-        ):
+        if old.merger is not None and _same(old_cfg, cfg, "merger", "merge_ratio", "hidden_dim"):
             policy.pruning.merger = old.merger
+        towers = ("vision_merge_ratio", "vision_merge_depth", "vision_merger", "hidden_dim")
+        if old.tower_pool is not None and _same(old_cfg, cfg, *towers):
+            policy.pruning.tower_pool = old.tower_pool
         if old.pruner is not None and _same(old_cfg, cfg, "scorer", "layers", "keep", "hidden_dim"):
             policy.pruning.pruner = old.pruner
     if policy.pruning is not None:

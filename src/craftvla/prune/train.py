@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from craftvla.cli.parsing import number_list, parse_config
-from craftvla.config import LEARNED_MERGERS, MERGERS, SCORERS, PruningConfig
+from craftvla.config import LEARNED_MERGERS, MERGERS, SCORERS, VISION_MERGERS, PruningConfig
 from craftvla.errors import ConfigError, require
 from craftvla.prune.discriminator import (
     Discriminator,
@@ -51,11 +51,14 @@ class PruneTrainConfig(RunConfig):
 
     # 1 = train the merger; 2 = train the pruner heads.
     stage: int = 1
-    # Pooling inside the vision towers (parameter-free; stage 2 only: one merge per policy): the fraction of
-    # each image's patches left; None = the checkpoint's.
+    # Merging inside the vision towers (one merge per policy: not with a merger before the LLM): the
+    # fraction of each image's patches left; None = the checkpoint's.
     vision_merge_ratio: Optional[float] = None
     # The fraction of the towers' blocks that run before that pooling; None = the checkpoint's.
     vision_merge_depth: Optional[float] = None
+    # How the towers merge a window: pool or learned_window (stage 1 trains it; with --vision_merge_ratio
+    # it replaces the merger before the LLM); None = the checkpoint's.
+    vision_merger: Optional[str] = None
     # Merger: learned or learned_v2 (instruction-aware); None = learned_v2 in stage 1, the checkpoint's in stage 2.
     merger: Optional[str] = None
     # Fraction of the vision tokens the merger keeps; None = 0.5, or the checkpoint's.
@@ -100,6 +103,12 @@ class PruneTrainConfig(RunConfig):
             f"prune train learns one of {LEARNED_MERGERS} (baselines need no training: {MERGERS})",
         )
         require(
+            self.vision_merger is None or self.vision_merger in VISION_MERGERS,
+            "vision_merger",
+            self.vision_merger,
+            f"choose one of {VISION_MERGERS}",
+        )
+        require(
             self.scorer is None or self.scorer in LEARNED_SCORERS,
             "scorer",
             self.scorer,
@@ -131,21 +140,29 @@ class PruneTrainConfig(RunConfig):
 
 
 def resolve_pruning(cfg: PruneTrainConfig, current: PruningConfig) -> PruningConfig:
-    """The pruning config to train: the checkpoint's, with this stage's parts and the flags."""
-    merger = cfg.merger or (
-        current.merger if current.merger != "none" else ("learned_v2" if cfg.stage == 1 else "none")
-    )
-    ratio = cfg.merge_ratio or (current.merge_ratio if current.merger != "none" else 0.5)
-    scorer = current.scorer if cfg.stage == 1 else (cfg.scorer or "attention")
-    if cfg.stage == 1 and merger not in LEARNED_MERGERS:
-        raise ConfigError(f"stage 1 trains a learned merger; the checkpoint has merger={merger!r}")
-    layers = number_list(cfg.layers, "layers", int) or (list(current.layers) if cfg.stage == 1 else [])
-    keep = number_list(cfg.keep, "keep") or (list(current.keep) if cfg.stage == 1 else [])
+    """The pruning config to train: the checkpoint's, with this stage's parts and the flags. Stage 1
+    trains a learned merger before the LLM, or (--vision_merger learned_window) inside the towers."""
     vision_ratio = cfg.vision_merge_ratio or current.vision_merge_ratio
     vision_depth = current.vision_merge_depth if cfg.vision_merge_depth is None else cfg.vision_merge_depth
+    vision_merger = cfg.vision_merger or current.vision_merger
+    in_towers = vision_ratio < 1.0
+    fallback = "learned_v2" if cfg.stage == 1 and not in_towers else "none"
+    merger = cfg.merger or (current.merger if current.merger != "none" else fallback)
+    ratio = cfg.merge_ratio or (current.merge_ratio if current.merger != "none" else 0.5)
+    scorer = current.scorer if cfg.stage == 1 else (cfg.scorer or "attention")
+    learned_towers = in_towers and vision_merger in LEARNED_MERGERS
+    if cfg.stage == 1 and merger not in LEARNED_MERGERS and not learned_towers:
+        raise ConfigError(
+            f"stage 1 trains a learned merger; the checkpoint has merger={merger!r} and vision_merger="
+            f"{vision_merger!r} (use --merger {LEARNED_MERGERS[1]}, or --vision_merge_ratio with "
+            "--vision_merger learned_window)"
+        )
+    layers = number_list(cfg.layers, "layers", int) or (list(current.layers) if cfg.stage == 1 else [])
+    keep = number_list(cfg.keep, "keep") or (list(current.keep) if cfg.stage == 1 else [])
     return PruningConfig(
         vision_merge_ratio=vision_ratio,
         vision_merge_depth=vision_depth,
+        vision_merger=vision_merger,
         merger=merger,
         merge_ratio=ratio,
         scorer=scorer,
@@ -164,7 +181,7 @@ def prepare_policy(cfg: PruneTrainConfig):
         policy.requires_grad_(False)
         parts = policy.pruning
         if cfg.stage == 1 or cfg.train_merger:
-            parts.merger.requires_grad_(True)
+            parts.learned_merge.requires_grad_(True)
         if cfg.stage == 2:
             parts.pruner.requires_grad_(True)
         log.info(
@@ -172,7 +189,11 @@ def prepare_policy(cfg: PruneTrainConfig):
             policy.config.pruning,
             "merger" if cfg.stage == 1 else "pruners" + (" + merger" if cfg.train_merger else ""),
         )
-        return {"pruning.merger.": cfg.merger_lr, "pruning.pruner.": cfg.pruner_lr}
+        return {
+            "pruning.merger.": cfg.merger_lr,
+            "pruning.tower_pool.": cfg.merger_lr,
+            "pruning.pruner.": cfg.pruner_lr,
+        }
 
     return prepare
 
@@ -205,7 +226,7 @@ class StagePlugin:
         # The reference the objective compares against: the policy as stage 2 found it, i.e. merged
         # but unselected (a frozen merger is not the pruners' to undo), or fully unpruned when the
         # merger trains too.
-        self.reference_off = ("merger", "pruner") if cfg.train_merger else ("pruner",)
+        self.reference_off = ("vision", "merger", "pruner") if cfg.train_merger else ("pruner",)
 
     def temperature(self) -> float:
         cfg = self.cfg
