@@ -29,12 +29,13 @@ def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def _train(root, data, stage, **kw):
+def _train(root, data, stage, init_from=None, out=None, **kw):
+    out = out or root / f"s{stage}"
     cfg = PruneTrainConfig(
-        init_from=str(root / ("policy" if stage == 1 else "s1/checkpoints/last")),
+        init_from=str(init_from or root / ("policy" if stage == 1 else "s1/checkpoints/last")),
         dataset=DatasetConfig(root=str(data)),
         stage=stage,
-        output_dir=str(root / f"s{stage}"),
+        output_dir=str(out),
         steps=4,
         batch_size=4,
         log=LogConfig(log_freq=1, progress=False, plots=False),
@@ -42,7 +43,7 @@ def _train(root, data, stage, **kw):
         **kw,
     )
     run(cfg)
-    return root / f"s{stage}"
+    return out
 
 
 def test_stages_train_only_their_parts_and_eval_reports(setup, capsys):
@@ -147,19 +148,7 @@ def test_three_optimizers_each_with_its_own_lr(setup):
 
 def test_stage_one_trains_the_window_merger_from_pooling(setup):
     root, data = setup
-    out = root / "s1_window"
-    cfg = PruneTrainConfig(
-        init_from=str(root / "policy"),
-        dataset=DatasetConfig(root=str(data)),
-        stage=1,
-        merger="learned_window",
-        output_dir=str(out),
-        steps=4,
-        batch_size=4,
-        log=LogConfig(log_freq=1, progress=False, plots=False),
-        hidden_dim=16,
-    )
-    run(cfg)
+    out = _train(root, data, 1, out=root / "s1_window", merger="learned_window")
     weights = _weights(out / "checkpoints" / "last")
     assert weights["pruning.merger.scores.score.weight"].abs().sum() > 0  # it started at zero: pooling
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -179,21 +168,8 @@ def test_stage_one_trains_a_learned_merge_inside_the_towers(setup):
     cfg = micro_policy_config().for_dataset([("observation.images.corner")], 4, 4)
     cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, flat_readout=0))  # pooling needs no read-out
     VLAPolicy(cfg).save_pretrained(root / "policy_no_readout")
-    out = root / "s1_towers"
-    run(
-        PruneTrainConfig(
-            init_from=str(root / "policy_no_readout"),
-            dataset=DatasetConfig(root=str(data)),
-            stage=1,
-            vision_merge_ratio=0.25,
-            vision_merger="learned_window",
-            output_dir=str(out),
-            steps=4,
-            batch_size=4,
-            log=LogConfig(log_freq=1, progress=False, plots=False),
-            hidden_dim=16,
-        )
-    )
+    towers = {"vision_merge_ratio": 0.25, "vision_merger": "learned_window"}
+    out = _train(root, data, 1, init_from=root / "policy_no_readout", out=root / "s1_towers", **towers)
     before, after = _weights(root / "policy_no_readout"), _weights(out / "checkpoints" / "last")
     assert after["pruning.tower_pool.scores.0.score.weight"].abs().sum() > 0  # it started at zero: pooling
     assert all(torch.equal(before[k], after[k]) for k in before)  # the policy stayed frozen

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from craftvla.config import PruningConfig
+from craftvla.config import LEARNED_MERGERS, PruningConfig
 from craftvla.errors import ConfigError
 from craftvla.model.language import TokenSelector
 from craftvla.prune.merger import (
@@ -88,9 +88,10 @@ class VisionTokenPruning(nn.Module):
     @property
     def learned_merge(self) -> Optional[nn.Module]:
         """The learned part that merges before the LLM (stage 1 trains it): the merger or the towers' pool."""
-        if self.merger is not None and not isinstance(self.merger, (PoolMerger, ToMeMerger)):
+        if self.cfg.merger in LEARNED_MERGERS:
             return self.merger
-        return self.tower_pool if self.tower_pool is not None and self.tower_pool.scores is not None else None
+        learned_towers = self.tower_pool is not None and self.cfg.vision_merger in LEARNED_MERGERS
+        return self.tower_pool if learned_towers else None
 
     def merge(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, stats: dict) -> torch.Tensor:
         """vision (B, N, D) -> (B, M, D); records merge_sparsity (learned mergers and learned tower pools,
