@@ -74,6 +74,42 @@ def write_report(results: Path, directory: Path) -> None:
         )
     (directory / "results.md").write_text("\n".join(lines) + "\n")
     plot(unpruned, rows, latency, directory / "success_vs_latency.png")
+    budget_plot(unpruned, rows, directory / "success_vs_budget.png")
+
+
+def budget_plot(unpruned: dict, rows: list[dict], path: Path) -> None:
+    """Per method, success (95% Wilson bars) and held-out L1 against the budget (log scale): where the
+    curves bend is where the kept tokens start to matter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
+    cmap = plt.get_cmap("tab10")
+    for i, method in enumerate(sorted({r["method"] for r in rows})):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
+        if len(mine) < 2:
+            continue  # an ablation at one budget is a point, not a curve (it is in the table)
+        xs = [r["budget"] for r in mine]
+        bounds = [wilson_interval(r["success"], r["episodes"]) for r in mine]
+        ys = [r["success"] for r in mine]
+        yerr = [[y - lo for y, (lo, _) in zip(ys, bounds)], [hi - y for y, (_, hi) in zip(ys, bounds)]]
+        ax_s.errorbar(xs, ys, yerr=yerr, color=cmap(i % 10), marker="o", capsize=3, label=method)
+        ax_l.plot(xs, [r["l1"] for r in mine], color=cmap(i % 10), marker="o", label=method)
+    if unpruned:
+        ax_s.axhline(unpruned["success"], color="black", ls="--", lw=1, label="unpruned")
+        ax_l.axhline(unpruned["l1"], color="black", ls="--", lw=1, label="unpruned")
+    for ax, ylabel in ((ax_s, "closed-loop success (bars: 95% CI)"), (ax_l, "held-out action L1 (lower is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget: fraction of the vision tokens kept")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_s.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Vision-token pruning: success and action error against the token budget", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path, size: int = 8) -> None:
