@@ -18,6 +18,7 @@ from craftvla.continual import (  # noqa: E402
     accuracy_matrix,
     average_accuracy,
     backward_transfer,
+    kept_accuracy,
     learned_at,
     plan_stages,
 )
@@ -40,6 +41,8 @@ def test_figures_against_a_hand_computed_sequence():
     assert learned == [0, 0, 1, 2]
     # row 0: the start tasks only; row 1: + t1; row 2: all four
     np.testing.assert_allclose(average_accuracy(matrix, learned), [0.9, 0.8, 0.7])
+    # kept: stage 1 over a1, a2 (0.9 + 0.8) / 2; stage 2 over a1, a2, t1 (0.6 + 0.8 + 0.5) / 3
+    np.testing.assert_allclose(kept_accuracy(matrix, learned), [0.85, 1.9 / 3])
     # BWT at stage 2 over a1, a2, t1: (0.6 - 1.0) + (0.8 - 0.8) + (0.5 - 0.7), / 3
     assert backward_transfer(matrix, learned) == pytest.approx(-0.2)
     assert backward_transfer(matrix, learned, columns=[2]) == pytest.approx(-0.2)  # t1 alone

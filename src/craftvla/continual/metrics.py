@@ -36,6 +36,13 @@ def average_accuracy(matrix: np.ndarray, learned: list[int]) -> np.ndarray:
     return np.array([np.nanmean(row) if np.isfinite(row).any() else math.nan for row in values])
 
 
+def kept_accuracy(matrix: np.ndarray, learned: list[int]) -> np.ndarray:
+    """(T,) mean success after each stage k >= 1 on the tasks learned before it (what stage k had to keep)."""
+    return np.array(
+        [np.nanmean(matrix[k, [j for j, at in enumerate(learned) if at < k]]) for k in range(1, len(matrix))]
+    )
+
+
 def backward_transfer(matrix: np.ndarray, learned: list[int], columns: list[int] | None = None) -> float:
     """Mean of R[T, j] - R[l(j), j] over tasks learned before the last stage T (optionally only over
     the column indices `columns`); NaN when there are none."""
