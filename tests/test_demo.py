@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -55,6 +56,8 @@ def test_demo_end_to_end_at_a_reduced_size(tmp_path, capsys):
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "craft/lambda" in m] == [1, 2]  # CRaFT ran and logged every step
     assert "data_anchor" in (run / "train_config.yaml").read_text()  # anchors: the old tasks' data
+    craft = yaml.safe_load((run / "train_config.yaml").read_text())["craft"]
+    assert (craft["retention_budget"], craft["dual_relative"]) == (0.03, True)  # the continual study's choice
     plain_s, craft_s = (
         json.loads(p.read_text().splitlines()[-1])["elapsed_s"]
         for p in (out / "plain-s0" / "stage1" / "run" / "metrics.jsonl", run / "metrics.jsonl")

@@ -177,7 +177,7 @@ def report_markdown(cfg, text: str, summary: dict, matrices: dict, videos: dict[
         f"demonstrations each, {cfg.seeds} seed(s); evaluated on {cfg.eval_episodes} unseen positions per task. "
         f"CRaFT holds the starting policy's action chunks on {cfg.anchor_episodes} episodes per generalist task "
         f"(and, in a sequence, on the demonstrations of the tasks learned before; budget {cfg.retention_budget:g} "
-        "of their spread).",
+        f"of their spread, dual step {'relative to the budget' if cfg.dual_relative else 'absolute'}).",
         "",
         "```",
         text.rstrip(),
