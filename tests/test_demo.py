@@ -105,7 +105,7 @@ def test_demo_learns_a_sequence_of_tasks_and_resumes_on_a_fresh_machine(tmp_path
     )
     record = json.loads((craft / "stage2" / "result.json").read_text())
     assert record["start"]["sha256"] == json.loads((craft / "stage1" / "result.json").read_text())["sha256"]
-    assert record["budget"] == 0.1 and 0.0 <= record["within_budget"] <= 1.0 and record["final_lambda"] >= 0.0
+    assert record["budget"] == 0.03 and 0.0 <= record["within_budget"] <= 1.0 and record["final_lambda"] >= 0.0
 
     capsys.readouterr()
     assert main(args) == 0  # finished: nothing trained or evaluated again
