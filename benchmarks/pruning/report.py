@@ -100,13 +100,22 @@ def budget_plot(unpruned: dict, rows: list[dict], path: Path) -> None:
     if unpruned:
         ax_s.axhline(unpruned["success"], color="black", ls="--", lw=1, label="unpruned")
         ax_l.axhline(unpruned["l1"], color="black", ls="--", lw=1, label="unpruned")
-    for ax, ylabel in ((ax_s, "closed-loop success (bars: 95% CI)"), (ax_l, "held-out action L1 (lower is better)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("budget: fraction of the vision tokens kept")
+    ax_s.set_xscale("log", base=2)
+    ax_l.set_xscale("log", base=2)
+    title = "Vision-token pruning: success and action error against the token budget"
+    _finish(fig, (ax_s, ax_l), "budget: fraction of the vision tokens kept", title, path)
+
+
+def _finish(fig, axes, xlabel: str, title: str, path: Path) -> None:
+    """Label the (success, L1) panels, legend the first, save the figure and close it."""
+    import matplotlib.pyplot as plt
+
+    for ax, ylabel in zip(axes, ("closed-loop success (bars: 95% CI)", "held-out action L1 (lower is better)")):
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    ax_s.legend(fontsize=8, loc="lower right")
-    fig.suptitle("Vision-token pruning: success and action error against the token budget", fontsize=11)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -164,12 +173,5 @@ def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path, size: int 
                 label="unpruned" if ax is ax_s else None,
             )
     xlabel = f"predict_action_chunk latency, batch {size} (ms)" if latency else "MFLOPs per chunk"
-    for ax, ylabel in ((ax_s, "closed-loop success (bars: 95% CI)"), (ax_l, "held-out action L1 (lower is better)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    ax_s.legend(fontsize=8, loc="lower right")
-    fig.suptitle("Vision-token pruning: o 50 %, s 25 %, ^ 12.5 % of the 256 vision tokens", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = "Vision-token pruning: o 50 %, s 25 %, ^ 12.5 % of the 256 vision tokens"
+    _finish(fig, (ax_s, ax_l), xlabel, title, path)

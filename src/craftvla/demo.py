@@ -107,11 +107,18 @@ def collect_once(root: Path, tasks: str, episodes: int, seed: int, label: str) -
 def methods(cfg: DemoConfig) -> dict[str, Method]:
     """Plain fine-tuning, and CRaFT as the demo runs it: the policy's own action chunks (the default
     target with an anchor dataset) held on the old tasks' frames, a budget relative to the targets'
-    spread and a dual step relative to the budget (benchmarks/continual), its metrics logged every step for the report's curves; the flags'
-    defaults for that target otherwise (teacher chunks kept per frame of 1,024 anchor frames, an anchor
-    batch of 8, the retention gradient every 2 steps: benchmarks/craft_step)."""
-    craft = ("--craft.enabled", "true", "--craft.retention_budget", f"{cfg.retention_budget}", "--craft.log_freq", "1")
-    craft += ("--craft.dual_relative", str(cfg.dual_relative).lower())
+    spread and a dual step relative to the budget (benchmarks/continual), its metrics logged every step
+    for the report's curves; the flags' defaults for that target otherwise (teacher chunks kept per frame
+    of 1,024 anchor frames, an anchor batch of 8, the retention gradient every 2 steps: benchmarks/craft_step)."""
+    craft = (
+        *("--craft.enabled", "true", "--craft.log_freq", "1"),
+        *(
+            "--craft.retention_budget",
+            f"{cfg.retention_budget}",
+            "--craft.dual_relative",
+            str(cfg.dual_relative).lower(),
+        ),
+    )
     return {"plain": Method("plain"), "craft": Method("craft", craft, anchors=True)}
 
 
