@@ -35,14 +35,15 @@ def _ms(latency: dict, name: str, size: int) -> float | None:
     return None if entry is None else entry["median_ms"]
 
 
-def write_report(results: Path, directory: Path) -> None:
+def write_report(results: Path, directory: Path, tokens: int, command: str = "bench.py run") -> None:
+    """The table (`results.md`) and both plots from the cells in `results`, for a base of `tokens` vision tokens."""
     unpruned, rows, latency = load(results)
     base1, base8 = _ms(latency, "unpruned", 1), _ms(latency, "unpruned", 8)
     lines = [
         "# Vision-token pruning: learned two-stage pruner vs baselines",
         "",
-        "Command: `.venv/bin/python benchmarks/pruning/bench.py run`, then `... latency` on an idle machine, "
-        "then `... report`. Budget = fraction of the 256 vision tokens left after the last selection.",
+        f"Command: `.venv/bin/python benchmarks/pruning/{command}`, then the same with `latency` on an idle "
+        f"machine, then with `report`. Budget = fraction of the {tokens} vision tokens left after the last reduction.",
         "",
     ]
     if unpruned:
@@ -73,7 +74,7 @@ def write_report(results: Path, directory: Path) -> None:
             + " |"
         )
     (directory / "results.md").write_text("\n".join(lines) + "\n")
-    plot(unpruned, rows, latency, directory / "success_vs_latency.png")
+    plot(unpruned, rows, latency, directory / "success_vs_latency.png", tokens)
     budget_plot(unpruned, rows, directory / "success_vs_budget.png")
 
 
@@ -121,7 +122,7 @@ def _finish(fig, axes, xlabel: str, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path, size: int = 8) -> None:
+def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path, tokens: int, size: int = 8) -> None:
     """Success and held-out L1 against latency at batch `size` (FLOPs where no latency was measured).
 
     Batch 8 by default: at batch 1 this tiny policy's 15-25 ms calls vary by about 20 % from one
@@ -133,7 +134,7 @@ def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path, size: int 
     import matplotlib.pyplot as plt
 
     fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
-    markers = {0.5: "o", 0.25: "s", 0.125: "^"}
+    markers = {0.5: "o", 0.25: "s", 0.125: "^", 0.0625: "v", 0.03125: "D"}
     cmap = plt.get_cmap("tab10")
 
     def x_of(name: str, row: dict) -> float:
@@ -173,5 +174,7 @@ def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path, size: int 
                 label="unpruned" if ax is ax_s else None,
             )
     xlabel = f"predict_action_chunk latency, batch {size} (ms)" if latency else "MFLOPs per chunk"
-    title = "Vision-token pruning: o 50 %, s 25 %, ^ 12.5 % of the 256 vision tokens"
+    shown = sorted({r["budget"] for r in rows}, reverse=True)
+    title = "Vision-token pruning: " + ", ".join(f"{markers.get(b, 'x')} {100 * b:g} %" for b in shown)
+    title += f" of the {tokens} vision tokens"
     _finish(fig, (ax_s, ax_l), xlabel, title, path)

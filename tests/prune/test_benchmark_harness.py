@@ -1,5 +1,5 @@
-"""The pruning benchmark's method table (benchmarks/pruning/methods.py) and its real-shape harness
-(benchmarks/pruning/real_shapes.py), at the tiny-256 preset (256 vision tokens, 4 LLM layers)."""
+"""The pruning benchmark's method table (benchmarks/pruning/methods.py), its bases (bench.py) and its
+real-shape harness (benchmarks/pruning/real_shapes.py, at the tiny-256 preset: 256 vision tokens, 4 LLM layers)."""
 
 import json
 import subprocess
@@ -11,7 +11,8 @@ import pytest
 from benchmarks.pruning.methods import recipe
 from craftvla.config import PruningConfig
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pruning" / "real_shapes.py"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "pruning" / "real_shapes.py"
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.25, 0.125])
@@ -72,3 +73,40 @@ def test_real_shapes_harness_runs_every_row_at_a_small_preset(tmp_path):
 def test_real_shapes_refuses_to_write_a_toy_preset_into_results():
     done = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny"], capture_output=True, text=True)
     assert done.returncode == 2 and "pass --out" in done.stderr
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks/pruning/bench.py as a module, with no smoke-run variables set."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "pruning"))
+    import bench as module
+
+    for name in module.SMOKE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("BENCH_WORK", raising=False)
+    monkeypatch.delenv("BENCH_RESULTS", raising=False)
+    return module
+
+
+def test_the_benchmark_bases_keep_their_committed_results_and_refuse_a_smoke_runs(bench, monkeypatch):
+    from craftvla.model.checkpoints import read_policy_config
+
+    tiny = bench.Bench.of("tiny-256")
+    committed = ROOT / "benchmarks" / "pruning" / "results"
+    assert tiny.results == committed and bench.base_policy(tiny) == bench.PUBLISHED
+    assert json.loads((committed / "unpruned.json").read_text())["setup"] == tiny.base.setup()
+    assert bench.finished(tiny, committed / "pool__b0.25.json")
+    assert json.loads((bench.PUBLISHED / "setup.json").read_text()) == tiny.base.base_setup()
+    generalist = bench.Bench.of("generalist")
+    shipped = bench.base_policy(generalist)
+    assert shipped == ROOT / "assets" / "generalist" / "checkpoint"
+    cfg = read_policy_config(shipped / "config.json")
+    assert (cfg.vision.image_size // cfg.vision.patch_size) ** 2 * len(cfg.camera_keys) == generalist.base.tokens
+    assert cfg.vision.image_size == generalist.base.image
+    assert generalist.results == ROOT / "benchmarks" / "pruning" / "generalist" / "results"
+    assert len(generalist.cells()) == len(bench.METHODS) * 5 + len(bench.ABLATIONS)
+    monkeypatch.setenv("BENCH_EPISODES", "2")
+    smoke = bench.Bench.of("tiny-256")
+    assert smoke.smoke and smoke.base.episodes == 2 and smoke.results != committed
+    with pytest.raises(SystemExit, match="set-up"):
+        bench.finished(smoke, committed / "pool__b0.25.json")

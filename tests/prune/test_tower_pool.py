@@ -92,11 +92,29 @@ def test_bad_tower_pooling_is_refused_with_the_reason(no_readout):
         PruningConfig(vision_merge_ratio=0.5, vision_merge_depth=1.5)
     with pytest.raises(ConfigError, match="power of two"):
         apply_pruning(policy, PruningConfig(vision_merge_ratio=0.3))
-    torch.manual_seed(0)
-    with_readout = VLAPolicy(VLAConfig.preset("tiny"))  # the tiny preset's head reads every patch
-    with pytest.raises(ConfigError, match="flat read-out"):
-        apply_pruning(with_readout, PruningConfig(vision_merge_ratio=0.5))
     apply_pruning(policy, PruningConfig())
+
+
+@pytest.mark.parametrize(
+    "pruning",
+    [PruningConfig(vision_merge_ratio=0.25), PruningConfig(merger="pool", merge_ratio=0.25)],
+    ids=["in the towers", "before the LLM"],
+)
+def test_a_flat_read_out_reads_each_patch_positions_merged_token(pruning):
+    torch.manual_seed(0)
+    cfg = VLAConfig.preset("tiny")  # 64 px, 8 x 8 patches; the head's flat read-out reads every patch
+    policy, batch = VLAPolicy(cfg).eval(), cfg.fake_batch(2)
+    assert policy.action_head.reads_patches
+    apply_pruning(policy, pruning)
+    with torch.no_grad():
+        context = policy.encode(batch)
+        merged = context.vision(0)  # (2, 16, D): what the LLM got
+        assert merged.shape[1] == 16 and context.patches.shape == (2, 64, merged.shape[2])
+        slots = patch_groups(1, 8, 0.25)  # 2 x 2 windows, the towers' and pool's
+        assert torch.equal(context.patches, merged[:, slots])  # every patch reads its window's token
+        with policy.pruning.disabled():
+            assert not torch.allclose(policy.encode(batch).patches, context.patches)
+        policy.predict_action_chunk(batch)  # the read-out's (B, 64 * C) input has its shape
 
 
 def test_prune_eval_and_train_carry_the_tower_pooling():

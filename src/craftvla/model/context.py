@@ -26,8 +26,9 @@ class VLMContext:
     hidden_states: tuple[torch.Tensor, ...]  # num_layers + 1 tensors (B, L_l, D); [0] = the LLM's input layer
     layouts: tuple[TokenLayout, ...]  # one per hidden state (layers after a token removal are shorter)
     state: torch.Tensor  # (B, S)
-    # (B, N, D) the projected patch tokens of every camera, before any merging: the LLM's input
-    # vision tokens unless a token merger reduced them (model/pruning); read by position-aware heads.
+    # (B, N, D) the projected patch tokens of every camera as the LLM receives them, read by
+    # position-aware heads; when vision tokens were merged (prune/), each position holds the merged
+    # token that stands for it (`VisionTokenPruning.merge`), so such a head sees what the LLM sees.
     patches: Optional[torch.Tensor] = None
     # What the policy's pruning part did in this forward (merge_sparsity, keep/<layer>, tokens/<layer>).
     pruning: dict = field(default_factory=dict)
@@ -39,7 +40,7 @@ class VLMContext:
     def vision(self, layer: int) -> torch.Tensor:  # -> (B, N_l, D) vision-patch states of hidden_states[layer]
         return self.layouts[layer].vision(self.hidden_states[layer])
 
-    def patch_tokens(self) -> torch.Tensor:  # (B, N, D) every projected patch, before any merging
+    def patch_tokens(self) -> torch.Tensor:  # (B, N, D) every patch position's token (see `patches`)
         return self.patches if self.patches is not None else self.vision(0)
 
     def vision_mask(self, layer: int) -> Optional[torch.Tensor]:  # (B, N_l) bool, None = all visible

@@ -126,17 +126,18 @@ class VLAPolicy(nn.Module):
 
     def _sequence(self, batch: dict, queries: torch.Tensor) -> tuple[torch.Tensor, TokenLayout, torch.Tensor, dict]:
         """The LLM's input [BOS][vision][text][queries][STOP] for a batch -> embeds (B, L, D), its
-        layout, the projected patches (B, N, D) before the merger (pooled if the towers pool), and the
-        pruning part's stats (its merger, if any, has run: the sequence holds the merged vision tokens)."""
+        layout, the projected patches (B, N, D) as the LLM receives them (under merging, with a head that
+        reads them, each patch position's stand-in: `VisionTokenPruning.merge`; else the projector's),
+        and the pruning part's stats (its merger, if any, has run: the sequence holds the merged tokens)."""
         ids, text_mask = self._text(batch)  # (B, T)
         text = self.llm.embed(ids)  # (B, T, D)
         pool = self.pruning.vision_pool() if self.pruning is not None else None  # merges inside the towers
         images = [batch[k] for k in self.config.camera_keys]
         instruction = pool.instruction(text, text_mask) if pool is not None else None  # (B, D) or None
-        patches = self.projector(self.vision(images, pool, instruction))  # (B, N, D)
+        patches = self.projector(self.vision(images, pool, instruction))  # (B, N', D); N' < N if the towers pooled
         vision, stats = patches, {}
-        if self.pruning is not None:
-            vision = self.pruning.merge(patches, text, text_mask, stats)  # (B, M, D)
+        if self.pruning is not None:  # (B, M, D), and each patch position's stand-in for a head that reads them
+            vision, patches = self.pruning.merge(patches, text, text_mask, stats, self.action_head.reads_patches)
         special = self.llm.embed(torch.tensor([self._bos_id, self._stop_id], device=ids.device))  # (2, D)
         embeds, layout = build_sequence(special[0], vision, text, text_mask, queries, special[1])
         return embeds, layout, patches, stats

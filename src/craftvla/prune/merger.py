@@ -2,8 +2,11 @@
 stage before it, `TowerPool`: the same windows averaged inside the vision towers.
 
 Every merger maps `(vision (B, N, D), text (B, T, D), text_mask (B, T)) -> (merged (B, M, D),
-stats)`; the learned ones report `merge_sparsity` (the mean normalised entropy of each merged
-token's weights over the input tokens: 0 = each output copies one input, 1 = a uniform average).
+sources (B or 1, N, M), stats)`. `sources` says which merged tokens stand for each input token (rows
+sum to 1; one-hot for the hard mergers): `sources @ merged` puts every input position's stand-in back
+in place (ToMe's "unmerge"), which is what a position-aware read-out of the patches reads. The learned
+mergers report `merge_sparsity` (the mean normalised entropy of each merged token's weights over the
+input tokens: 0 = each output copies one input, 1 = a uniform average).
 Patches are grouped by `patch_groups`: windows of neighbouring patches of one camera (rows x cols 1x2 at 0.5,
 2x2 at 0.25, 2x4 at 0.125), the `pool` baseline's windows and the learned mergers' starting point.
 """
@@ -49,6 +52,11 @@ def group_matrix(groups: torch.Tensor) -> torch.Tensor:
     return one_hot / one_hot.sum(dim=1, keepdim=True)
 
 
+def slot_sources(groups: torch.Tensor) -> torch.Tensor:
+    """(N,) slot ids -> (1, N, M) one-hot: each token stands in its own window's merged token."""
+    return F.one_hot(groups, int(groups.max()) + 1).float().unsqueeze(0)
+
+
 def normalised_entropy(weights: torch.Tensor) -> torch.Tensor:
     """weights (..., N) rows summing to 1 -> mean entropy / log N, a scalar in [0, 1]."""
     entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)
@@ -61,9 +69,10 @@ class PoolMerger(nn.Module):
     def __init__(self, groups: torch.Tensor):
         super().__init__()
         self.register_buffer("weights", group_matrix(groups), persistent=False)  # (M, N)
+        self.register_buffer("sources", slot_sources(groups), persistent=False)  # (1, N, M)
 
     def forward(self, vision, text, text_mask):
-        return torch.einsum("mn,bnd->bmd", self.weights.to(vision.dtype), vision), {}
+        return torch.einsum("mn,bnd->bmd", self.weights.to(vision.dtype), vision), self.sources, {}
 
 
 def mean_instruction(text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -175,12 +184,14 @@ class LearnableTokenMerger(nn.Module):
     def slot_queries(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:  # -> (B, M, h)
         return self.queries.expand(text.shape[0], -1, -1)
 
-    def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), stats
+    def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), (B, N, M), stats
         logits = (
             self.prior + torch.einsum("bmh,bnh->bmn", self.slot_queries(text, text_mask), self.key(vision)) * self.scale
         )
         weights = logits.softmax(dim=-1)  # (B, M, N)
-        return weights @ vision, {"merge_sparsity": normalised_entropy(weights)}
+        # Each input's stand-in: the merged tokens in proportion to how much of it each one took.
+        sources = weights.transpose(1, 2) / weights.sum(dim=1).unsqueeze(-1).clamp_min(1e-12)  # (B, N, M)
+        return weights @ vision, sources, {"merge_sparsity": normalised_entropy(weights)}
 
 
 class LearnableTokenMergerV2(LearnableTokenMerger):
@@ -208,19 +219,21 @@ class WindowScoreMerger(nn.Module):
         super().__init__()
         order, self.window = window_order(groups)
         self.register_buffer("order", order, persistent=False)  # window-major
+        self.register_buffer("sources", slot_sources(groups), persistent=False)  # (1, N, M)
         self.scores = WindowScores(dim, dim, hidden_dim)
 
-    def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), stats
+    def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), (1, N, M), stats
         windows = vision[:, self.order].unflatten(1, (-1, self.window))  # (B, M, k, D)
         weights = self.scores(windows, mean_instruction(text, text_mask))  # (B, M, k, 1)
         merged = (weights * windows).sum(dim=2)
-        return merged, {"merge_sparsity": normalised_entropy(weights.squeeze(-1))}
+        return merged, self.sources, {"merge_sparsity": normalised_entropy(weights.squeeze(-1))}
 
 
 class ToMeMerger(nn.Module):
     """ToMe bipartite soft matching (Bolya et al. 2023), parameter-free, repeated until M tokens remain:
     tokens alternate into sets A and B; each A token's most similar B token (cosine) is its edge; the
-    r most similar edges merge (size-weighted averages). (B, N, D) -> (B, M, D)."""
+    r most similar edges merge (size-weighted averages). (B, N, D) -> (B, M, D); every input token's
+    merged token is tracked through the rounds (one-hot `sources`)."""
 
     def __init__(self, num_out: int):
         super().__init__()
@@ -228,12 +241,15 @@ class ToMeMerger(nn.Module):
 
     def forward(self, vision, text, text_mask):
         x, size = vision, torch.ones(*vision.shape[:2], 1, dtype=vision.dtype, device=vision.device)  # (B, N, 1)
+        where = torch.arange(vision.shape[1], device=vision.device).expand(vision.shape[0], -1)  # (B, N)
         while x.shape[1] > self.num_out:
-            x, size = self._merge_step(x, size, min(x.shape[1] - self.num_out, x.shape[1] // 2))
-        return x, {}
+            x, size, moved = self._merge_step(x, size, min(x.shape[1] - self.num_out, x.shape[1] // 2))
+            where = moved.gather(1, where)
+        return x, F.one_hot(where, x.shape[1]).to(x.dtype), {}
 
     @staticmethod
-    def _merge_step(x, size, r):  # merge r tokens of A into B: (B, N, D) -> (B, N - r, D)
+    def _merge_step(x, size, r):
+        """Merge r tokens of A into B: (B, N, D) -> (B, N - r, D), sizes, and where each of the N went (B, N)."""
         a, b = x[:, ::2], x[:, 1::2]  # (B, Na, D), (B, Nb, D)
         sa, sb = size[:, ::2], size[:, 1::2]
         sim = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)  # (B, Na, Nb)
@@ -245,4 +261,12 @@ class ToMeMerger(nn.Module):
         take = lambda t, idx: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
         sum_b = (b * sb).scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, dim), take(a * sa, merged))
         size_b = sb.scatter_add(1, dst.unsqueeze(-1), take(sa, merged))
-        return torch.cat([take(a, kept), sum_b / size_b], dim=1), torch.cat([take(sa, kept), size_b], dim=1)
+        kept_count = kept.shape[1]
+        moved = torch.empty(x.shape[:2], dtype=torch.long, device=x.device)  # (B, N): new index of each token
+        moved[:, 1::2] = kept_count + torch.arange(b.shape[1], device=x.device)  # B tokens follow the kept A
+        new_a = torch.empty_like(target)
+        new_a.scatter_(1, kept, torch.arange(kept_count, device=x.device).expand_as(kept).contiguous())
+        new_a.scatter_(1, merged, kept_count + dst)
+        moved[:, ::2] = new_a
+        merged_x = torch.cat([take(a, kept), sum_b / size_b], dim=1)
+        return merged_x, torch.cat([take(sa, kept), size_b], dim=1), moved

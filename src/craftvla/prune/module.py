@@ -49,6 +49,9 @@ class VisionTokenPruning(nn.Module):
         dim = llm.hidden_size
         self.tower_pool = _build_tower_pool(cfg, vision, dim)
         patches = self.tower_pool.num_out if self.tower_pool is not None else vision.num_patches
+        if self.tower_pool is not None:  # (N,) the towers' merged token of every patch, cameras concatenated
+            slots = patch_groups(num_cameras, math.isqrt(vision.num_patches), cfg.vision_merge_ratio)
+            self.register_buffer("tower_slots", slots, persistent=False)
         self.num_tokens = num_cameras * patches  # vision tokens from the projector
         self.merger = _build_merger(cfg, dim, num_cameras, patches)
         self.pruner = _build_pruner(cfg, llm)
@@ -93,22 +96,29 @@ class VisionTokenPruning(nn.Module):
         learned_towers = self.tower_pool is not None and self.cfg.vision_merger in LEARNED_MERGERS
         return self.tower_pool if learned_towers else None
 
-    def merge(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, stats: dict) -> torch.Tensor:
-        """vision (B, N, D) -> (B, M, D); records merge_sparsity (learned mergers and learned tower pools,
-        whose towers have just run) and token counts."""
+    def merge(
+        self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, stats: dict, spread: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """vision (B, N', D) from the projector (N' < N when the towers pooled) -> the LLM's (B, M, D),
+        and with `spread` every one of the N patch positions' stand-in (B, N, D): the merged token
+        that took it (the towers' window, then the merger's sources), which is what a position-aware
+        read-out of the patches sees. Records merge_sparsity (learned mergers and learned tower
+        pools, whose towers have just run) and token counts."""
         pooled = self.tower_pool.sparsity if self.tower_pool is not None else []
         if pooled:
             stats["merge_sparsity"] = torch.stack(pooled).mean()
             pooled.clear()
-        if "merger" in self.off:
-            return vision
-        stats["tokens/input"] = torch.tensor(float(vision.shape[1]))
-        if self.merger is None:
-            return vision
-        merged, extra = self.merger(vision, text, text_mask)
-        stats.update(extra)
-        stats["tokens/merged"] = torch.tensor(float(merged.shape[1]))
-        return merged
+        merged, seen = vision, vision
+        if "merger" not in self.off:
+            stats["tokens/input"] = torch.tensor(float(vision.shape[1]))
+        if self.merger is not None and "merger" not in self.off:
+            merged, sources, extra = self.merger(vision, text, text_mask)
+            stats.update(extra)
+            stats["tokens/merged"] = torch.tensor(float(merged.shape[1]))
+            seen = sources.to(merged.dtype) @ merged if spread else None  # (B, N', D)
+        if spread and self.vision_pool() is not None:
+            seen = seen[:, self.tower_slots]  # (B, N, D): each patch reads its window's token
+        return merged, seen if spread else None
 
     def selector(self, num_input: int, stats: dict) -> Optional[TokenSelector]:
         return None if self.pruner is None or "pruner" in self.off else self.pruner.selector(num_input, stats)
@@ -171,11 +181,6 @@ def build_pruning(policy) -> Optional[VisionTokenPruning]:
     cfg = policy.config.pruning
     if not cfg.enabled:
         return None
-    if cfg.vision_merge_ratio < 1.0 and getattr(policy.action_head, "flat", None) is not None:
-        raise ConfigError(
-            "pruning.vision_merge_ratio: this policy's head has a flat read-out of every patch "
-            f"(head.flat_readout={policy.config.head.flat_readout}), which needs all of them"
-        )
     return VisionTokenPruning(cfg, policy.llm, policy.vision, len(policy.config.camera_keys))
 
 

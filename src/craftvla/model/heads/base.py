@@ -19,6 +19,10 @@ from craftvla.model.context import VLMContext
 
 
 class ActionHead(nn.Module, abc.ABC):
+    # Whether the head reads every patch position (`VLMContext.patch_tokens`), so that a policy that
+    # merges vision tokens must hand it each position's stand-in.
+    reads_patches: bool = False
+
     @abc.abstractmethod
     def loss(self, context: VLMContext, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar training loss over the batch's non-padded action steps, and detached metrics."""

@@ -122,6 +122,7 @@ class L1BridgeHead(ActionHead):
         self.out = nn.Linear(dim, action_dim)
         # Built last so that without it the head's parameters (and their seeded init) are unchanged.
         self.flat = FlatReadout(llm_dim, cfg.flat_readout, num_vision_tokens) if cfg.flat_readout else None
+        self.reads_patches = self.flat is not None
 
     def conditions(self, context: VLMContext) -> list[tuple]:
         """Every block's keys and values from the context (see `BridgeBlock.condition`)."""
