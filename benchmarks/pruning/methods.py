@@ -71,7 +71,9 @@ class Recipe:
         """`craftvla prune eval` flags that apply the parameter-free parts to a policy."""
         flags = []
         if self.vision_merge_ratio < 1.0 and self.stage1 is None:
-            flags += self.tower_flags()
+            flags += self.tower_flags() + (
+                ["--vision_merger", self.vision_merger] if self.vision_merger != "pool" else []
+            )
         if self.merger != "none" and self.stage1 is None:
             flags += ["--merger", self.merger, "--merge_ratio", f"{self.merge_ratio:g}"]
         if self.scorer != "none" and not self.stage2:
@@ -127,6 +129,7 @@ METHODS: dict[str, Callable[[float], Recipe]] = {
     "merger": pre_llm(LEARNED_MERGER),  # stage 1 alone, merging to b
     "window": pre_llm("learned_window"),  # stage 1 alone with the cheap merger (weights within pool's windows)
     "pool_vit": in_towers(0.33),
+    "tome_vit": in_towers(0.33, "tome"),  # ToMe's matching inside the towers (the first tower's; both merge alike)
     "window_vit": in_towers(0.33, "learned_window"),  # learned weights within the towers' windows (stage 1)
     "learned": learned(),
 }

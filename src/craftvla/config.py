@@ -29,7 +29,7 @@ IMAGE_RESIZES = ("bilinear", "pil_bicubic")  # model/processor.py implements the
 NORM_MODES = ("mean_std", "min_max", "q01_q99", "identity")  # data/transforms.py implements them
 MERGERS = ("none", "learned", "learned_v2", "learned_window", "pool", "tome")
 LEARNED_MERGERS = ("learned", "learned_v2", "learned_window")  # what `craftvla prune train` stage 1 trains
-VISION_MERGERS = ("pool", "learned_window")  # how the vision towers merge a window (PruningConfig.vision_merger)
+VISION_MERGERS = ("pool", "learned_window", "tome")  # how the vision towers merge (PruningConfig.vision_merger)
 SCORERS = ("none", "attention", "mlp", "random", "fastv", "instruction")
 
 
@@ -269,8 +269,9 @@ class PruningConfig:
     # The fraction of each tower's blocks that run on all patches before that pooling (at least one
     # block; 1 = pool the tower's output).
     vision_merge_depth: float = 0.33
-    # How the towers merge a window: "pool" (its average) or "learned_window" (weights from one
-    # instruction-aware score per patch, starting as the average; `craftvla prune train` stage 1 trains them).
+    # How the towers merge: "pool" (each window's average), "learned_window" (weights within each window
+    # from one instruction-aware score per patch, starting as the average; `craftvla prune train` stage 1
+    # trains them) or "tome" (ToMe's bipartite matching picks which patches merge; parameter-free).
     vision_merger: str = "pool"
 
     # Before the LLM: "learned" (LearnableTokenMerger), "learned_v2" (instruction-aware), "learned_window"

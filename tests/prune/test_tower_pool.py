@@ -10,7 +10,7 @@ from craftvla.model.policy import VLAPolicy
 from craftvla.model.speed import chunk_flops
 from craftvla.model.vision import VisionBackbone
 from craftvla.prune.evaluate import PruneEvalConfig, configured
-from craftvla.prune.merger import TowerPool, group_matrix, patch_groups
+from craftvla.prune.merger import ToMeMerger, TowerPool, group_matrix, patch_groups
 from craftvla.prune.module import apply_pruning
 from craftvla.prune.train import PruneTrainConfig, resolve_pruning
 
@@ -21,15 +21,16 @@ def _backbone(backbone_id: str) -> VisionBackbone:
     return VisionBackbone(cfg).eval()  # 8 x 8 patches; feature layer -2: 3 of the 4 blocks run
 
 
-def _by_hand(tower, images, pooled_after: int, weights: torch.Tensor) -> torch.Tensor:
-    """Run a timm ViT tower block by block, averaging its patches with `weights` after one block."""
+def _by_hand(tower, images, pooled_after: int, weights: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+    """Run a timm ViT tower block by block, averaging its patches with `weights` ((M, N), or (B, M, N)
+    per image) after one block; the patches after block `stop` if given, else after its last."""
     vit = tower.model
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(tower.normalize(images)))))
     prefix = vit.num_prefix_tokens
-    for i in range(tower.block_index + 1):
+    for i in range(tower.block_index + 1 if stop is None else stop + 1):
         x = vit.blocks[i](x)
         if i == pooled_after:
-            x = torch.cat([x[:, :prefix], torch.einsum("mn,bnd->bmd", weights, x[:, prefix:])], dim=1)
+            x = torch.cat([x[:, :prefix], weights @ x[:, prefix:]], dim=1)
     return x[:, prefix:]
 
 
@@ -46,6 +47,20 @@ def test_pooling_inside_a_tower_equals_running_it_by_hand(depth, block):
         assert out.shape == (2, 16, 64)
         assert torch.allclose(out, expected, atol=1e-5)
         assert vision([images]).shape == (2, 64, 64)  # the hook is gone after the call
+
+
+def test_tome_inside_fused_towers_matches_on_the_first_and_merges_the_same_patches_in_both():
+    vision = _backbone("tiny-dinosiglip")
+    pool = TowerPool(grid=8, ratio=0.25, depth=0.5, tome=True)  # after block 1 of 3, 64 -> 16 patches
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = vision([images], pool)  # (2, 16, 64)
+        first = _by_hand(vision.towers[0], images, -1, None, stop=1)  # tower 0's patches after block 1
+        merged, sources, _ = ToMeMerger(16)(first, None, None)  # (2, 16, 32), (2, 64, 16)
+        weights = sources.transpose(1, 2) / sources.sum(1).unsqueeze(-1)  # (2, 16, 64): each set's mean
+        expected = torch.cat([_by_hand(tower, images, 1, weights) for tower in vision.towers], dim=-1)
+    assert torch.equal(pool.sources, sources) and not torch.equal(sources, sources[[1, 0]])  # per image
+    assert torch.allclose(out, expected, atol=1e-5)
 
 
 def test_pooling_the_last_block_is_pooling_the_towers_output():
@@ -97,8 +112,12 @@ def test_bad_tower_pooling_is_refused_with_the_reason(no_readout):
 
 @pytest.mark.parametrize(
     "pruning",
-    [PruningConfig(vision_merge_ratio=0.25), PruningConfig(merger="pool", merge_ratio=0.25)],
-    ids=["in the towers", "before the LLM"],
+    [
+        PruningConfig(vision_merge_ratio=0.25),
+        PruningConfig(vision_merge_ratio=0.25, vision_merger="tome"),
+        PruningConfig(merger="pool", merge_ratio=0.25),
+    ],
+    ids=["pooled in the towers", "ToMe in the towers", "pooled before the LLM"],
 )
 def test_a_flat_read_out_reads_each_patch_positions_merged_token(pruning):
     torch.manual_seed(0)
@@ -110,8 +129,12 @@ def test_a_flat_read_out_reads_each_patch_positions_merged_token(pruning):
         context = policy.encode(batch)
         merged = context.vision(0)  # (2, 16, D): what the LLM got
         assert merged.shape[1] == 16 and context.patches.shape == (2, 64, merged.shape[2])
-        slots = patch_groups(1, 8, 0.25)  # 2 x 2 windows, the towers' and pool's
-        assert torch.equal(context.patches, merged[:, slots])  # every patch reads its window's token
+        towers = policy.pruning.tower_pool
+        slots = (towers.sources.argmax(-1) if towers is not None else patch_groups(1, 8, 0.25)).expand(2, -1)
+        if pruning.vision_merger == "tome":
+            assert not torch.equal(slots[0], slots[1])  # matched per image
+        expected = merged.gather(1, slots.unsqueeze(-1).expand(-1, -1, merged.shape[2]))  # (2, 64, D)
+        assert torch.equal(context.patches, expected)  # every patch reads the token it went into
         with policy.pruning.disabled():
             assert not torch.allclose(policy.encode(batch).patches, context.patches)
         policy.predict_action_chunk(batch)  # the read-out's (B, 64 * C) input has its shape
@@ -161,3 +184,18 @@ def test_a_learned_tower_pool_in_a_policy_starts_as_pooling(no_readout):
     assert policy.pruning.learned_merge is policy.pruning.tower_pool
     assert "merge_sparsity" in policy.encode(batch).pruning
     apply_pruning(policy, PruningConfig())
+
+
+def test_tome_in_the_towers_spreads_each_cameras_tokens_over_its_own_patches():
+    torch.manual_seed(0)
+    cfg = VLAConfig.preset("tiny", camera_keys=["observation.images.corner", "observation.images.wrist"])
+    policy, batch = VLAPolicy(cfg).eval(), cfg.fake_batch(3)
+    apply_pruning(policy, PruningConfig(vision_merge_ratio=0.25, vision_merger="tome"))
+    with torch.no_grad():
+        context = policy.encode(batch)
+    merged, slots = context.vision(0), policy.pruning.tower_pool.sources.argmax(-1)  # (3, 32, D), (6, 64)
+    assert merged.shape[1] == 32 and context.patches.shape[1] == 128
+    for camera in range(2):  # camera c's rows are c * B ... (c + 1) * B - 1; its tokens follow camera c-1's 16
+        for b in range(3):
+            index = 16 * camera + slots[3 * camera + b]  # (64,)
+            assert torch.equal(context.patches[b, 64 * camera : 64 * (camera + 1)], merged[b, index])

@@ -43,6 +43,8 @@ class PruneEvalConfig:
     vision_merge_ratio: Optional[float] = None
     # and the fraction of the towers' blocks that run before that pooling;
     vision_merge_depth: Optional[float] = None
+    # how the towers merge: pool or tome (parameter-free), learned_window (train it: prune train --stage 1);
+    vision_merger: Optional[str] = None
     # the merger before the LLM (learned, learned_v2, pool, tome, none).
     merger: Optional[str] = None
     # Fraction of the vision tokens the merger keeps.
@@ -84,7 +86,7 @@ def configured(cfg: PruneEvalConfig, current: PruningConfig) -> PruningConfig:
     return PruningConfig(
         vision_merge_ratio=cfg.vision_merge_ratio or current.vision_merge_ratio,
         vision_merge_depth=current.vision_merge_depth if cfg.vision_merge_depth is None else cfg.vision_merge_depth,
-        vision_merger=current.vision_merger,
+        vision_merger=cfg.vision_merger or current.vision_merger,
         merger=cfg.merger or current.merger,
         merge_ratio=cfg.merge_ratio or current.merge_ratio,
         scorer=cfg.scorer or current.scorer,

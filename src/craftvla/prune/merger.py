@@ -111,15 +111,19 @@ class WindowScores(nn.Module):
 
 
 class TowerPool(nn.Module):
-    """Inside every ViT tower, after the first `depth` of the blocks it runs, merge windows of
-    neighbouring patches of each image (`PoolMerger`'s windows; prefix tokens such as CLS and registers
-    pass through): the later blocks, the projector and the LLM run on M of the N patches. Fused towers
-    merge the same windows, so their features stay aligned patch for patch. Plain averaging by
-    default; with `learned_dims` (each tower's width) a `WindowScores` per tower weights each window
-    by the instruction (`text_dim` wide), starting as the average. Unlike ToMe inside a ViT, no
-    proportional attention: every merged token stands for the same number of patches.
+    """Inside every ViT tower, after the first `depth` of the blocks it runs, merge the patches of each
+    image to M (prefix tokens such as CLS and registers pass through): the later blocks, the projector
+    and the LLM run on M of the N patches. By default it averages windows of neighbouring patches
+    (`PoolMerger`'s windows); with `learned_dims` (each tower's width) a `WindowScores` per tower weights
+    each window by the instruction (`text_dim` wide), starting as the average; with `tome`, ToMe's
+    bipartite matching decides which patches merge (`ToMeMerger`; each merged token is its patches'
+    mean), from the first tower's tokens. Fused towers merge the same patches, so their features stay
+    aligned patch for patch. No proportional attention (ToMe's log-size bias) in the blocks after it.
 
-        (B, P + N, D) -> (B, P + M, D) at block `block(num_blocks)`"""
+        (B, P + N, D) -> (B, P + M, D) at block `block(num_blocks)`
+
+    `sources`: which merged token each patch went into (one-hot; the fixed windows' (1, N, M), or
+    ToMe's (n_img * B, N, M) from the last forward)."""
 
     def __init__(
         self,
@@ -129,15 +133,25 @@ class TowerPool(nn.Module):
         learned_dims: Optional[list[int]] = None,
         text_dim: int = 0,
         hidden_dim: int = 64,
+        tome: bool = False,
     ):
         super().__init__()
-        order, self.window = window_order(patch_groups(1, grid, ratio))
+        groups = patch_groups(1, grid, ratio)
+        order, self.window = window_order(groups)
         self.register_buffer("order", order, persistent=False)
+        self.register_buffer("windows", slot_sources(groups), persistent=False)  # (1, N, M)
         self.depth = depth
         self.num_out = len(order) // self.window  # M per image
+        self.tome = ToMeMerger(self.num_out) if tome else None
         dims = learned_dims or []
         self.scores = nn.ModuleList(WindowScores(dim, text_dim, hidden_dim) for dim in dims) if dims else None
         self.sparsity: list[torch.Tensor] = []  # learned: each tower's merge sparsity in the last forward
+        self.matched: Optional[torch.Tensor] = None  # ToMe: the last forward's (n_img * B, N, M)
+
+    @property
+    def sources(self) -> torch.Tensor:
+        """Which merged token each patch went into, one-hot: (1, N, M) windows, or ToMe's last matching."""
+        return self.windows if self.tome is None else self.matched
 
     def instruction(self, text: torch.Tensor, text_mask: torch.Tensor) -> Optional[torch.Tensor]:
         """What `forward` reads of the instruction: its mean token (B, D_text) when learned, else None."""
@@ -151,6 +165,8 @@ class TowerPool(nn.Module):
         self, tokens: torch.Tensor, prefix: int, tower: int = 0, text: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """tokens (n_img * B, P + N, D), text (B, D_text) the mean instruction (learned only)."""
+        if self.tome is not None:
+            return torch.cat([tokens[:, :prefix], self._match(tokens[:, prefix:], tower)], dim=1)
         windows = tokens[:, prefix:][:, self.order].unflatten(1, (-1, self.window))  # (n_img * B, M, k, D)
         if self.scores is None:
             merged = windows.mean(dim=2)
@@ -162,6 +178,13 @@ class TowerPool(nn.Module):
             self.sparsity.append(normalised_entropy(weights.squeeze(-1)))
             merged = (weights * windows).sum(dim=2)
         return torch.cat([tokens[:, :prefix], merged], dim=1)
+
+    def _match(self, patches: torch.Tensor, tower: int) -> torch.Tensor:
+        """ToMe: the first tower matches its patches (n_img * B, N, D); every tower averages the same sets."""
+        if tower == 0:
+            self.matched = self.tome(patches, None, None)[1].detach()  # (n_img * B, N, M)
+        members = self.matched.to(patches.dtype).transpose(1, 2)  # (n_img * B, M, N)
+        return members @ patches / members.sum(dim=2, keepdim=True)
 
 
 class LearnableTokenMerger(nn.Module):

@@ -49,9 +49,6 @@ class VisionTokenPruning(nn.Module):
         dim = llm.hidden_size
         self.tower_pool = _build_tower_pool(cfg, vision, dim)
         patches = self.tower_pool.num_out if self.tower_pool is not None else vision.num_patches
-        if self.tower_pool is not None:  # (N,) the towers' merged token of every patch, cameras concatenated
-            slots = patch_groups(num_cameras, math.isqrt(vision.num_patches), cfg.vision_merge_ratio)
-            self.register_buffer("tower_slots", slots, persistent=False)
         self.num_tokens = num_cameras * patches  # vision tokens from the projector
         self.merger = _build_merger(cfg, dim, num_cameras, patches)
         self.pruner = _build_pruner(cfg, llm)
@@ -117,8 +114,16 @@ class VisionTokenPruning(nn.Module):
             stats["tokens/merged"] = torch.tensor(float(merged.shape[1]))
             seen = sources.to(merged.dtype) @ merged if spread else None  # (B, N', D)
         if spread and self.vision_pool() is not None:
-            seen = seen[:, self.tower_slots]  # (B, N, D): each patch reads its window's token
+            seen = self._unpool(seen)
         return merged, seen if spread else None
+
+    def _unpool(self, seen: torch.Tensor) -> torch.Tensor:
+        """(B, n_img * M, D) -> (B, n_img * N, D): every patch reads the token its tower merged it into."""
+        sources = self.tower_pool.sources  # (1 or n_img * B, N, M), cameras stacked on the batch axis
+        images = self.num_tokens // self.tower_pool.num_out
+        sources = sources.expand(images * seen.shape[0], -1, -1).unflatten(0, (images, -1))  # (n, B, N, M)
+        per_image = seen.unflatten(1, (images, -1)).transpose(0, 1)  # (n, B, M, D)
+        return (sources.to(seen.dtype) @ per_image).transpose(0, 1).flatten(1, 2)
 
     def selector(self, num_input: int, stats: dict) -> Optional[TokenSelector]:
         return None if self.pruner is None or "pruner" in self.off else self.pruner.selector(num_input, stats)
@@ -137,7 +142,8 @@ def _build_tower_pool(cfg: PruningConfig, vision, text_dim: int) -> Optional[Tow
             f"pruning.vision_merge_ratio groups a square patch grid; the towers give {vision.num_patches}"
         )
     learned = [tower.embed_dim for tower in vision.towers] if cfg.vision_merger == "learned_window" else None
-    return TowerPool(grid, cfg.vision_merge_ratio, cfg.vision_merge_depth, learned, text_dim, cfg.hidden_dim)
+    tome = cfg.vision_merger == "tome"
+    return TowerPool(grid, cfg.vision_merge_ratio, cfg.vision_merge_depth, learned, text_dim, cfg.hidden_dim, tome)
 
 
 def _build_merger(cfg: PruningConfig, dim: int, num_cameras: int, patches: int) -> Optional[nn.Module]:

@@ -56,7 +56,7 @@ class PruneTrainConfig(RunConfig):
     vision_merge_ratio: Optional[float] = None
     # The fraction of the towers' blocks that run before that pooling; None = the checkpoint's.
     vision_merge_depth: Optional[float] = None
-    # How the towers merge a window: pool or learned_window (stage 1 trains it; with --vision_merge_ratio
+    # How the towers merge: pool, tome or learned_window (stage 1 trains it; with --vision_merge_ratio
     # it replaces the merger before the LLM); None = the checkpoint's.
     vision_merger: Optional[str] = None
     # Merger: learned or learned_v2 (instruction-aware); None = learned_v2 in stage 1, the checkpoint's in stage 2.
