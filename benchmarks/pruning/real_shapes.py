@@ -33,11 +33,12 @@ PRESET = "vla-adapter-qwen2.5-0.5b"
 BUDGETS = (0.5, 0.25, 0.125)
 
 
-def rows() -> dict[str, dict | None]:
-    """name -> PruningConfig kwargs (None: unpruned); a recipe met by an earlier row is not repeated."""
+def rows(methods: list[str] | None = None) -> dict[str, dict | None]:
+    """name -> PruningConfig kwargs (None: unpruned) for `methods` (default: all); a recipe met by an
+    earlier row is not repeated."""
     out: dict[str, dict | None] = {"unpruned": None}
     for budget in BUDGETS:
-        for method in METHODS:
+        for method in methods or METHODS:
             cfg = recipe(method, budget).pruning()
             if cfg not in out.values():
                 out[f"{method}__b{budget:g}"] = cfg
@@ -115,11 +116,11 @@ def timed(policy, batch, args) -> float:
         return chunk_latency(policy, batch, args.warmup, args.repeats)["median_ms"]
 
 
-def resume(out: Path, setup: dict) -> dict:
+def resume(out: Path, setup: dict, methods: list[str] | None = None) -> dict:
     """The record to go on from: `out`'s if made with this set-up and these rows; else a fresh one that
     keeps the FLOPs of every row measured before at the same preset and batch (timing rounds are only
     comparable within one set-up, so they start over)."""
-    fresh = {"setup": setup, "rows": {name: {"pruning": cfg} for name, cfg in rows().items()}, "rounds": []}
+    fresh = {"setup": setup, "rows": {name: {"pruning": cfg} for name, cfg in rows(methods).items()}, "rounds": []}
     old = json.loads(out.read_text()) if out.is_file() else {"setup": {}, "rows": {}}
     if old["setup"] == setup and [(n, r["pruning"]) for n, r in old["rows"].items()] == [
         (n, r["pruning"]) for n, r in fresh["rows"].items()
@@ -139,7 +140,7 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out or HERE / "results" / f"real_shapes_{args.device}.json")
     setup = {k: getattr(args, k) for k in ("preset", "device", "dtype", "batch", "threads", "repeats", "warmup")}
-    record = resume(out, setup)
+    record = resume(out, setup, args.methods.split(",") if args.methods else None)
     policy, batch = build(args)
     attention = policy.llm.model.config._attn_implementation
     for name, row in record["rows"].items():
@@ -210,7 +211,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--out", help="results file (default: results/real_shapes_<device>.json; required off the real preset)"
     )
+    parser.add_argument(
+        "--methods", help=f"comma-separated rows beside unpruned (default: all of {', '.join(METHODS)}; needs --out)"
+    )
     args = parser.parse_args(argv)
+    unknown = [m for m in (args.methods or "").split(",") if m and m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}")
+    if args.methods and not args.out:
+        parser.error("--methods: pass --out (the default file holds every method)")
     if args.repeats < 2:
         parser.error("--repeats must be at least 2 (a round's median and spread)")
     if args.preset != PRESET and not args.out:

@@ -110,3 +110,21 @@ def test_the_benchmark_bases_keep_their_committed_results_and_refuse_a_smoke_run
     assert smoke.smoke and smoke.base.episodes == 2 and smoke.results != committed
     with pytest.raises(SystemExit, match="set-up"):
         bench.finished(smoke, committed / "pool__b0.25.json")
+
+
+def test_real_shapes_times_a_chosen_subset_of_methods_beside_unpruned(tmp_path):
+    out = tmp_path / "subset.json"
+    args = [sys.executable, str(SCRIPT), "--preset", "tiny-256", "--out", str(out), "--rounds", "0"]
+    done = subprocess.run([*args, "--methods", "pool_vit,tome_vit"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(rows) == sorted(
+        ["unpruned", *(f"{m}__b{b:g}" for m in ("pool_vit", "tome_vit") for b in (0.5, 0.25, 0.125))]
+    )
+    assert rows["tome_vit__b0.25"]["pruning"]["vision_merger"] == "tome"
+    assert rows["tome_vit__b0.25"]["vision_tokens"] == [[0, 64]]
+    tome, pool = rows["tome_vit__b0.25"]["flops"], rows["pool_vit__b0.25"]["flops"]
+    assert tome["total"] < rows["unpruned"]["flops"]["total"]
+    assert tome["vision"] > pool["vision"]  # the matching's cost (tiny-256's one tower block runs before it)
+    refused = subprocess.run([*args, "--methods", "nope"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown ['nope']" in refused.stderr
