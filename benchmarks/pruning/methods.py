@@ -131,6 +131,7 @@ METHODS: dict[str, Callable[[float], Recipe]] = {
     "pool_vit": in_towers(0.33),
     "tome_vit": in_towers(0.33, "tome"),  # ToMe's matching inside the towers (the first tower's; both merge alike)
     "window_vit": in_towers(0.33, "learned_window"),  # learned weights within the towers' windows (stage 1)
+    "learned_vit": in_towers(0.33, LEARNED_MERGER),  # the dense instruction-aware merger inside the towers (stage 1)
     "learned": learned(),
 }
 # Ablations at b = 0.25 only: stage 2's objective, and the pruner heads without the merger.

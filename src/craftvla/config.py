@@ -29,7 +29,12 @@ IMAGE_RESIZES = ("bilinear", "pil_bicubic")  # model/processor.py implements the
 NORM_MODES = ("mean_std", "min_max", "q01_q99", "identity")  # data/transforms.py implements them
 MERGERS = ("none", "learned", "learned_v2", "learned_window", "pool", "tome")
 LEARNED_MERGERS = ("learned", "learned_v2", "learned_window")  # what `craftvla prune train` stage 1 trains
-VISION_MERGERS = ("pool", "learned_window", "tome")  # how the vision towers merge (PruningConfig.vision_merger)
+VISION_MERGERS = (
+    "pool",
+    "learned_window",
+    "tome",
+    "learned_v2",
+)  # how the vision towers merge (prune.merger.TowerPool)
 SCORERS = ("none", "attention", "mlp", "random", "fastv", "instruction")
 
 
@@ -271,7 +276,8 @@ class PruningConfig:
     vision_merge_depth: float = 0.33
     # How the towers merge: "pool" (each window's average), "learned_window" (weights within each window
     # from one instruction-aware score per patch, starting as the average; `craftvla prune train` stage 1
-    # trains them) or "tome" (ToMe's bipartite matching picks which patches merge; parameter-free).
+    # trains them), "tome" (ToMe's bipartite matching picks which patches merge; parameter-free) or
+    # "learned_v2" (the instruction-aware dense merger, starting as the windows' average; stage 1 trains it).
     vision_merger: str = "pool"
 
     # Before the LLM: "learned" (LearnableTokenMerger), "learned_v2" (instruction-aware), "learned_window"

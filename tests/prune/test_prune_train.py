@@ -155,9 +155,14 @@ def test_stage_one_trains_the_window_merger_from_pooling(setup):
     assert rows[0]["prune/merge_sparsity"] == pytest.approx(1.0)  # uniform windows at the first step
 
 
-def test_stage_one_trains_a_learned_merge_inside_the_towers(setup):
-    import dataclasses
-
+@pytest.mark.parametrize(
+    "merger, learned",
+    [
+        ("learned_window", "pruning.tower_pool.scores.0.score.weight"),
+        ("learned_v2", "pruning.tower_pool.dense.queries"),
+    ],
+)
+def test_stage_one_trains_a_learned_merge_inside_the_towers(setup, merger, learned):
     from craftvla.config import PruningConfig
     from craftvla.errors import ConfigError
     from craftvla.model.policy import VLAPolicy
@@ -166,15 +171,17 @@ def test_stage_one_trains_a_learned_merge_inside_the_towers(setup):
     root, data = setup
     torch.manual_seed(0)
     cfg = micro_policy_config().for_dataset([("observation.images.corner")], 4, 4)
-    cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, flat_readout=0))  # pooling needs no read-out
-    VLAPolicy(cfg).save_pretrained(root / "policy_no_readout")
-    towers = {"vision_merge_ratio": 0.25, "vision_merger": "learned_window"}
-    out = _train(root, data, 1, init_from=root / "policy_no_readout", out=root / "s1_towers", **towers)
-    before, after = _weights(root / "policy_no_readout"), _weights(out / "checkpoints" / "last")
-    assert after["pruning.tower_pool.scores.0.score.weight"].abs().sum() > 0  # it started at zero: pooling
+    assert cfg.head.flat_readout  # the read-out reads each patch's merged token: the task loss reaches the merge
+    VLAPolicy(cfg).save_pretrained(root / f"policy_{merger}")
+    towers = {"vision_merge_ratio": 0.25, "vision_merger": merger}
+    out = _train(root, data, 1, init_from=root / f"policy_{merger}", out=root / f"s1_towers_{merger}", **towers)
+    before, after = _weights(root / f"policy_{merger}"), _weights(out / "checkpoints" / "last")
+    assert after[learned].abs().sum() > 0  # it started at zero: pooling
     assert all(torch.equal(before[k], after[k]) for k in before)  # the policy stayed frozen
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["prune/merge_sparsity"] == pytest.approx(1.0) and rows[0]["prune/tokens/input"] == 4.0
+    assert rows[0]["prune/tokens/input"] == 4.0 and 0.0 < rows[0]["prune/merge_sparsity"] <= 1.0
+    if merger == "learned_window":
+        assert rows[0]["prune/merge_sparsity"] == pytest.approx(1.0)  # uniform windows at the first step
     plain = PruningConfig(vision_merge_ratio=0.25)  # nothing learned to train in stage 1
     with pytest.raises(ConfigError, match="learned_window"):
         resolve_pruning(PruneTrainConfig(stage=1, init_from="x"), plain)

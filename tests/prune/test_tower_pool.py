@@ -51,7 +51,7 @@ def test_pooling_inside_a_tower_equals_running_it_by_hand(depth, block):
 
 def test_tome_inside_fused_towers_matches_on_the_first_and_merges_the_same_patches_in_both():
     vision = _backbone("tiny-dinosiglip")
-    pool = TowerPool(grid=8, ratio=0.25, depth=0.5, tome=True)  # after block 1 of 3, 64 -> 16 patches
+    pool = TowerPool(grid=8, ratio=0.25, depth=0.5, merger="tome")  # after block 1 of 3, 64 -> 16 patches
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         out = vision([images], pool)  # (2, 16, 64)
@@ -61,6 +61,28 @@ def test_tome_inside_fused_towers_matches_on_the_first_and_merges_the_same_patch
         expected = torch.cat([_by_hand(tower, images, 1, weights) for tower in vision.towers], dim=-1)
     assert torch.equal(pool.sources, sources) and not torch.equal(sources, sources[[1, 0]])  # per image
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_the_dense_learned_merger_in_fused_towers_starts_as_pooling_and_learns_from_the_task():
+    vision = _backbone("tiny-dinosiglip")  # towers 32 + 32 wide; the instruction 12 wide here
+    pool = TowerPool(8, 0.25, 0.5, "learned_v2", dims=[32, 32], text_dim=12, hidden_dim=8)
+    plain = TowerPool(8, 0.25, 0.5)
+    images, text = torch.rand(2, 3, 32, 32), torch.randn(2, 12)
+    with torch.no_grad():
+        pool.dense.prior.mul_(4.0)  # windows nearly hard: the untrained merger is the windows' average
+        assert torch.allclose(vision([images], pool, text), vision([images], plain), atol=1e-4)
+        assert torch.allclose(pool.sources, plain.sources.expand(2, -1, -1), atol=1e-6)
+        pool.dense.text_to_slots.weight.normal_()  # another instruction, other slots
+        weights = pool.weights
+        vision([images], pool, torch.randn(2, 12))
+        assert not torch.allclose(pool.weights, weights)
+    first = _by_hand(vision.towers[0], images, -1, None, stop=1)
+    with torch.no_grad():  # both towers average with the weights decided on the first tower's patches
+        expected = torch.cat([_by_hand(t, images, 1, pool.dense.mix(first, text)) for t in vision.towers], dim=-1)
+        assert torch.allclose(vision([images], pool, text), expected, atol=1e-5)
+    vision([images], pool, text).pow(2).mean().backward()
+    assert pool.dense.key.weight.grad.abs().sum() > 0 and pool.dense.prior.grad.abs().sum() > 0
+    assert len(pool.sparsity) == 4  # one per forward, from the tower that decided (tower 0)
 
 
 def test_pooling_the_last_block_is_pooling_the_towers_output():
@@ -151,7 +173,7 @@ def test_prune_eval_and_train_carry_the_tower_pooling():
 
 def test_a_learned_tower_pool_weights_each_window_by_its_scores_and_the_instruction():
     torch.manual_seed(0)
-    pool = TowerPool(grid=4, ratio=0.25, depth=0.5, learned_dims=[4], text_dim=3, hidden_dim=4)
+    pool = TowerPool(4, 0.25, 0.5, "learned_window", dims=[4], text_dim=3, hidden_dim=4)
     tokens, text = torch.randn(4, 1 + 16, 4), torch.randn(2, 3)  # 2 cameras x batch 2; 1 prefix token
     plain = TowerPool(grid=4, ratio=0.25, depth=0.5)(tokens, prefix=1)
     assert torch.allclose(pool(tokens, 1, 0, text), plain, atol=1e-6)  # untrained: the average

@@ -113,49 +113,58 @@ class WindowScores(nn.Module):
 class TowerPool(nn.Module):
     """Inside every ViT tower, after the first `depth` of the blocks it runs, merge the patches of each
     image to M (prefix tokens such as CLS and registers pass through): the later blocks, the projector
-    and the LLM run on M of the N patches. By default it averages windows of neighbouring patches
-    (`PoolMerger`'s windows); with `learned_dims` (each tower's width) a `WindowScores` per tower weights
-    each window by the instruction (`text_dim` wide), starting as the average; with `tome`, ToMe's
-    bipartite matching decides which patches merge (`ToMeMerger`; each merged token is its patches'
-    mean), from the first tower's tokens. Fused towers merge the same patches, so their features stay
-    aligned patch for patch. No proportional attention (ToMe's log-size bias) in the blocks after it.
+    and the LLM run on M of the N patches. How (`merger`):
 
-        (B, P + N, D) -> (B, P + M, D) at block `block(num_blocks)`
+    - "pool": average windows of neighbouring patches (`PoolMerger`'s windows);
+    - "learned_window": weight each window by the instruction (a `WindowScores` per tower, each
+      tower's width in `dims`, the instruction `text_dim` wide), starting as the average;
+    - "tome": ToMe's bipartite matching decides which patches merge (`ToMeMerger`; each merged token
+      is its patches' mean);
+    - "learned_v2": the instruction-aware dense merger (`LearnableTokenMergerV2`, keys from the
+      first tower's patches), starting as the window average; each merged token a weighted mean.
 
-    `sources`: which merged token each patch went into (one-hot; the fixed windows' (1, N, M), or
-    ToMe's (n_img * B, N, M) from the last forward)."""
+    "tome" and "learned_v2" decide from the first tower's patches and every tower merges alike, so
+    fused features stay aligned patch for patch (as the fixed windows do). No proportional attention
+    (ToMe's log-size bias) in the blocks after it.
+
+        (B, P + N, D) -> (B, P + M, D) at block `block(num_blocks)`"""
 
     def __init__(
         self,
         grid: int,
         ratio: float,
         depth: float,
-        learned_dims: Optional[list[int]] = None,
+        merger: str = "pool",
+        dims: Optional[list[int]] = None,
         text_dim: int = 0,
         hidden_dim: int = 64,
-        tome: bool = False,
     ):
         super().__init__()
         groups = patch_groups(1, grid, ratio)
         order, self.window = window_order(groups)
         self.register_buffer("order", order, persistent=False)
         self.register_buffer("windows", slot_sources(groups), persistent=False)  # (1, N, M)
-        self.depth = depth
+        self.depth, self.kind = depth, merger
         self.num_out = len(order) // self.window  # M per image
-        self.tome = ToMeMerger(self.num_out) if tome else None
-        dims = learned_dims or []
-        self.scores = nn.ModuleList(WindowScores(dim, text_dim, hidden_dim) for dim in dims) if dims else None
+        self.tome = ToMeMerger(self.num_out) if merger == "tome" else None
+        self.scores = None  # learned_window: one WindowScores per tower
+        if merger == "learned_window":
+            self.scores = nn.ModuleList(WindowScores(dim, text_dim, hidden_dim) for dim in dims)
+        self.dense = (
+            LearnableTokenMergerV2(dims[0], groups, hidden_dim, text_dim=text_dim) if merger == "learned_v2" else None
+        )
         self.sparsity: list[torch.Tensor] = []  # learned: each tower's merge sparsity in the last forward
-        self.matched: Optional[torch.Tensor] = None  # ToMe: the last forward's (n_img * B, N, M)
+        self.weights: Optional[torch.Tensor] = None  # tome / learned_v2: the last forward's (n_img * B, M, N)
 
     @property
     def sources(self) -> torch.Tensor:
-        """Which merged token each patch went into, one-hot: (1, N, M) windows, or ToMe's last matching."""
-        return self.windows if self.tome is None else self.matched
+        """Which merged tokens each patch went into: the windows' (1, N, M) one-hot, or (n_img * B, N, M)
+        from the last forward's matching (one-hot) or dense weights (soft)."""
+        return self.windows if self.weights is None else stand_ins(self.weights)
 
     def instruction(self, text: torch.Tensor, text_mask: torch.Tensor) -> Optional[torch.Tensor]:
         """What `forward` reads of the instruction: its mean token (B, D_text) when learned, else None."""
-        return mean_instruction(text, text_mask) if self.scores is not None else None
+        return mean_instruction(text, text_mask) if self.kind in ("learned_window", "learned_v2") else None
 
     def block(self, num_blocks: int) -> int:
         """Index of the block after which a tower running `num_blocks` blocks pools (>= 1 block unpooled)."""
@@ -165,26 +174,32 @@ class TowerPool(nn.Module):
         self, tokens: torch.Tensor, prefix: int, tower: int = 0, text: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """tokens (n_img * B, P + N, D), text (B, D_text) the mean instruction (learned only)."""
-        if self.tome is not None:
-            return torch.cat([tokens[:, :prefix], self._match(tokens[:, prefix:], tower)], dim=1)
+        if self.kind in ("learned_window", "learned_v2"):
+            if text is None:
+                raise ValueError(f"a {self.kind} TowerPool needs the instruction (text)")
+            text = text.repeat(tokens.shape[0] // text.shape[0], 1)  # cameras are stacked on the batch axis
+        if self.kind in ("tome", "learned_v2"):
+            if tower == 0:
+                self.weights = self._decide(tokens[:, prefix:], text)
+            merged = self.weights.to(tokens.dtype) @ tokens[:, prefix:]
+            return torch.cat([tokens[:, :prefix], merged], dim=1)
         windows = tokens[:, prefix:][:, self.order].unflatten(1, (-1, self.window))  # (n_img * B, M, k, D)
         if self.scores is None:
             merged = windows.mean(dim=2)
         else:
-            if text is None:
-                raise ValueError("a learned TowerPool needs the instruction (text)")
-            text = text.repeat(tokens.shape[0] // text.shape[0], 1)  # cameras are stacked on the batch axis
             weights = self.scores[tower](windows, text)  # (n_img * B, M, k, 1)
             self.sparsity.append(normalised_entropy(weights.squeeze(-1)))
             merged = (weights * windows).sum(dim=2)
         return torch.cat([tokens[:, :prefix], merged], dim=1)
 
-    def _match(self, patches: torch.Tensor, tower: int) -> torch.Tensor:
-        """ToMe: the first tower matches its patches (n_img * B, N, D); every tower averages the same sets."""
-        if tower == 0:
-            self.matched = self.tome(patches, None, None)[1].detach()  # (n_img * B, N, M)
-        members = self.matched.to(patches.dtype).transpose(1, 2)  # (n_img * B, M, N)
-        return members @ patches / members.sum(dim=2, keepdim=True)
+    def _decide(self, patches: torch.Tensor, text: Optional[torch.Tensor]) -> torch.Tensor:
+        """The first tower's patches (n_img * B, N, D) -> merge weights (n_img * B, M, N), rows summing to 1."""
+        if self.tome is not None:  # each merged token: the mean of the patches ToMe put in it
+            members = self.tome(patches, None, None)[1].detach().transpose(1, 2)  # (n_img * B, M, N)
+            return members / members.sum(dim=2, keepdim=True)
+        weights = self.dense.mix(patches, text)
+        self.sparsity.append(normalised_entropy(weights))
+        return weights
 
 
 class LearnableTokenMerger(nn.Module):
@@ -194,7 +209,7 @@ class LearnableTokenMerger(nn.Module):
 
     `prior` starts at the window grouping (0 inside a window, -`spread` outside) and the slot
     queries `q` at zero, so the untrained merger equals the `pool` baseline; training moves both.
-    Outputs stay in the LLM's input space (a weighted average of its tokens)."""
+    Outputs stay in the input space (a weighted average of its tokens)."""
 
     def __init__(self, dim: int, groups: torch.Tensor, hidden_dim: int = 64, spread: float = 8.0):
         super().__init__()
@@ -204,32 +219,38 @@ class LearnableTokenMerger(nn.Module):
         self.key = nn.Linear(dim, hidden_dim)
         self.scale = hidden_dim**-0.5
 
-    def slot_queries(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:  # -> (B, M, h)
-        return self.queries.expand(text.shape[0], -1, -1)
+    def slot_queries(self, instruction: Optional[torch.Tensor], batch: int) -> torch.Tensor:  # -> (B, M, h)
+        return self.queries.expand(batch, -1, -1)
+
+    def mix(self, vision: torch.Tensor, instruction: Optional[torch.Tensor]) -> torch.Tensor:
+        """vision (B, N, D), the mean instruction token (B, D_text) -> the merge weights w (B, M, N)."""
+        queries = self.slot_queries(instruction, vision.shape[0])
+        logits = self.prior + torch.einsum("bmh,bnh->bmn", queries, self.key(vision)) * self.scale
+        return logits.softmax(dim=-1)
 
     def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), (B, N, M), stats
-        logits = (
-            self.prior + torch.einsum("bmh,bnh->bmn", self.slot_queries(text, text_mask), self.key(vision)) * self.scale
-        )
-        weights = logits.softmax(dim=-1)  # (B, M, N)
-        # Each input's stand-in: the merged tokens in proportion to how much of it each one took.
-        sources = weights.transpose(1, 2) / weights.sum(dim=1).unsqueeze(-1).clamp_min(1e-12)  # (B, N, M)
-        return weights @ vision, sources, {"merge_sparsity": normalised_entropy(weights)}
+        weights = self.mix(vision, mean_instruction(text, text_mask) if text is not None else None)
+        return weights @ vision, stand_ins(weights), {"merge_sparsity": normalised_entropy(weights)}
+
+
+def stand_ins(weights: torch.Tensor) -> torch.Tensor:
+    """Soft merge weights (B, M, N) -> sources (B, N, M): each input's stand-in is the merged tokens in
+    proportion to how much of it each one took."""
+    return weights.transpose(1, 2) / weights.sum(dim=1).unsqueeze(-1).clamp_min(1e-12)
 
 
 class LearnableTokenMergerV2(LearnableTokenMerger):
     """Instruction-aware: the slot queries are shifted by a projection of the pooled instruction
-    (zero-initialised, so it too starts as the `pool` baseline)."""
+    (`text_dim` wide, default `dim`; zero-initialised, so it too starts as the `pool` baseline)."""
 
-    def __init__(self, dim: int, groups: torch.Tensor, hidden_dim: int = 64, spread: float = 8.0):
+    def __init__(self, dim: int, groups: torch.Tensor, hidden_dim: int = 64, spread: float = 8.0, text_dim: int = 0):
         super().__init__(dim, groups, hidden_dim, spread)
-        self.text_to_slots = nn.Linear(dim, self.queries.numel())
+        self.text_to_slots = nn.Linear(text_dim or dim, self.queries.numel())
         nn.init.zeros_(self.text_to_slots.weight)
         nn.init.zeros_(self.text_to_slots.bias)
 
-    def slot_queries(self, text, text_mask):
-        pooled = mean_instruction(text, text_mask)  # (B, D)
-        return self.queries + self.text_to_slots(pooled).view(-1, *self.queries.shape)
+    def slot_queries(self, instruction, batch):
+        return self.queries + self.text_to_slots(instruction).view(-1, *self.queries.shape)
 
 
 class WindowScoreMerger(nn.Module):

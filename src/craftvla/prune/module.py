@@ -141,9 +141,10 @@ def _build_tower_pool(cfg: PruningConfig, vision, text_dim: int) -> Optional[Tow
         raise ConfigError(
             f"pruning.vision_merge_ratio groups a square patch grid; the towers give {vision.num_patches}"
         )
-    learned = [tower.embed_dim for tower in vision.towers] if cfg.vision_merger == "learned_window" else None
-    tome = cfg.vision_merger == "tome"
-    return TowerPool(grid, cfg.vision_merge_ratio, cfg.vision_merge_depth, learned, text_dim, cfg.hidden_dim, tome)
+    dims = [tower.embed_dim for tower in vision.towers]
+    return TowerPool(
+        grid, cfg.vision_merge_ratio, cfg.vision_merge_depth, cfg.vision_merger, dims, text_dim, cfg.hidden_dim
+    )
 
 
 def _build_merger(cfg: PruningConfig, dim: int, num_cameras: int, patches: int) -> Optional[nn.Module]:

@@ -56,8 +56,8 @@ class PruneTrainConfig(RunConfig):
     vision_merge_ratio: Optional[float] = None
     # The fraction of the towers' blocks that run before that pooling; None = the checkpoint's.
     vision_merge_depth: Optional[float] = None
-    # How the towers merge: pool, tome or learned_window (stage 1 trains it; with --vision_merge_ratio
-    # it replaces the merger before the LLM); None = the checkpoint's.
+    # How the towers merge: pool, tome, learned_window or learned_v2 (stage 1 trains the learned ones;
+    # with --vision_merge_ratio they replace the merger before the LLM); None = the checkpoint's.
     vision_merger: Optional[str] = None
     # Merger: learned or learned_v2 (instruction-aware); None = learned_v2 in stage 1, the checkpoint's in stage 2.
     merger: Optional[str] = None
@@ -155,7 +155,7 @@ def resolve_pruning(cfg: PruneTrainConfig, current: PruningConfig) -> PruningCon
         raise ConfigError(
             f"stage 1 trains a learned merger; the checkpoint has merger={merger!r} and vision_merger="
             f"{vision_merger!r} (use --merger {LEARNED_MERGERS[1]}, or --vision_merge_ratio with "
-            "--vision_merger learned_window)"
+            "--vision_merger learned_window or learned_v2)"
         )
     layers = number_list(cfg.layers, "layers", int) or (list(current.layers) if cfg.stage == 1 else [])
     keep = number_list(cfg.keep, "keep") or (list(current.keep) if cfg.stage == 1 else [])
