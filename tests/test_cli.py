@@ -17,7 +17,7 @@ HELP = {
     ("serve",): ("--api_key", "Api-Key"),
     ("convert", "rlds"): ("--map", "RLDS=LeRobot pairs"),
     ("info",): ("--preset", "preset"),
-    ("prune", "train"): ("--objective", "adversarial, distill or task"),
+    ("prune", "train"): ("--objective", "distill (MSE to the unselected states), adversarial"),
     ("prune", "eval"): ("--batch_sizes", "latency measurement"),
 }
 

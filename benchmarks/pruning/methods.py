@@ -132,6 +132,10 @@ METHODS: dict[str, Callable[[float], Recipe]] = {
     "tome_vit": in_towers(0.33, "tome"),  # ToMe's matching inside the towers (the first tower's; both merge alike)
     "window_vit": in_towers(0.33, "learned_window"),  # learned weights within the towers' windows (stage 1)
     "learned_vit": in_towers(0.33, LEARNED_MERGER),  # the dense instruction-aware merger inside the towers (stage 1)
+    "learned_tome": pre_llm("learned_tome"),  # ToMe's sets, learned instruction-aware weights within each (stage 1)
+    "learned_tome_vit": in_towers(
+        0.33, "learned_tome"
+    ),  # the same inside the towers (ToMe's sets decided on the first)
     "learned": learned(),
 }
 # Ablations at b = 0.25 only: stage 2's objective, and the pruner heads without the merger.

@@ -27,12 +27,18 @@ LLM_FAMILIES = ("qwen2", "llama", "mistral", "bert")
 ATTENTION_MODES = ("bidirectional", "causal")
 IMAGE_RESIZES = ("bilinear", "pil_bicubic")  # model/processor.py implements them
 NORM_MODES = ("mean_std", "min_max", "q01_q99", "identity")  # data/transforms.py implements them
-MERGERS = ("none", "learned", "learned_v2", "learned_window", "pool", "tome")
-LEARNED_MERGERS = ("learned", "learned_v2", "learned_window")  # what `craftvla prune train` stage 1 trains
+MERGERS = ("none", "learned", "learned_v2", "learned_window", "learned_tome", "pool", "tome")
+LEARNED_MERGERS = (
+    "learned",
+    "learned_v2",
+    "learned_window",
+    "learned_tome",
+)  # what `craftvla prune train` stage 1 trains
 VISION_MERGERS = (
     "pool",
     "learned_window",
     "tome",
+    "learned_tome",
     "learned_v2",
 )  # how the vision towers merge (prune.merger.TowerPool)
 SCORERS = ("none", "attention", "mlp", "random", "fastv", "instruction")
@@ -276,12 +282,14 @@ class PruningConfig:
     vision_merge_depth: float = 0.33
     # How the towers merge: "pool" (each window's average), "learned_window" (weights within each window
     # from one instruction-aware score per patch, starting as the average; `craftvla prune train` stage 1
-    # trains them), "tome" (ToMe's bipartite matching picks which patches merge; parameter-free) or
+    # trains them), "tome" (ToMe's bipartite matching picks which patches merge; parameter-free),
+    # "learned_tome" (ToMe's sets, instruction-aware weights within each; starts as "tome") or
     # "learned_v2" (the instruction-aware dense merger, starting as the windows' average; stage 1 trains it).
     vision_merger: str = "pool"
 
     # Before the LLM: "learned" (LearnableTokenMerger), "learned_v2" (instruction-aware), "learned_window"
-    # (WindowScoreMerger: instruction-aware weights within pool's windows, about pool's cost), or the
+    # (WindowScoreMerger: instruction-aware weights within pool's windows, about pool's cost),
+    # "learned_tome" (ToMeSetMerger: the same weights within ToMe's sets; starts as "tome"), or the
     # parameter-free baselines "pool" (average neighbouring patches) and "tome" (bipartite merging); "none".
     merger: str = "none"
     # Fraction of the vision tokens the merger keeps (0.5: 256 -> 128).

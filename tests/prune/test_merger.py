@@ -156,3 +156,54 @@ def test_window_score_merger_reads_the_instruction_and_learns_from_zero():
     a, _, _ = merger(vision, torch.randn(2, 3, 8), mask)
     b, _, _ = merger(vision, torch.randn(2, 3, 8), mask)
     assert not torch.allclose(a, b)  # another instruction, other weights
+
+
+def test_tome_set_merger_starts_as_tome_and_weights_each_set_by_its_scores():
+    from craftvla.prune.merger import ToMeSetMerger
+
+    torch.manual_seed(0)
+    vision, text, mask = torch.randn(3, 32, 4), torch.randn(3, 5, 4), torch.ones(3, 5, dtype=torch.bool)
+    merger = ToMeSetMerger(dim=4, num_out=6, hidden_dim=4)
+    merged, sources, stats = merger(vision, text, mask)
+    tome, tome_sources, _ = ToMeMerger(6)(vision, None, None)
+    assert torch.equal(sources, tome_sources) and torch.allclose(merged, tome, atol=1e-6)
+    assert stats["merge_sparsity"].item() == pytest.approx(1.0)  # each set's plain mean
+    with torch.no_grad():  # s_n = tanh(x_n[0]): the instruction plays no part
+        merger.scores.vision.weight.copy_(torch.eye(4))
+        merger.scores.vision.bias.zero_()
+        merger.scores.text.weight.zero_()
+        merger.scores.score.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    merged, sources, stats = merger(vision, text, mask)
+    assert torch.equal(sources, tome_sources)  # ToMe still decides the sets
+    for b in range(3):  # by hand: each set's own softmax over its members
+        for m in range(6):
+            members = sources[b, :, m].nonzero().squeeze(1)
+            w = torch.tanh(vision[b, members, 0]).softmax(dim=0)
+            assert torch.allclose(merged[b, m], (w.unsqueeze(-1) * vision[b, members]).sum(0), atol=1e-6)
+    assert 0.0 < stats["merge_sparsity"].item() < 1.0
+
+
+def test_tome_set_merger_learns_from_zero_and_reads_the_instruction():
+    from craftvla.prune.merger import ToMeSetMerger
+
+    torch.manual_seed(0)
+    merger = ToMeSetMerger(dim=8, num_out=4, hidden_dim=6)
+    vision, mask = torch.randn(2, 16, 8), torch.ones(2, 3, dtype=torch.bool)
+    merged, _, _ = merger(vision, torch.randn(2, 3, 8), mask)
+    merged.pow(2).sum().backward()
+    assert merger.scores.score.weight.grad.abs().sum() > 0  # zero-initialised, yet it learns
+    with torch.no_grad():
+        merger.scores.score.weight.normal_()
+    a, _, _ = merger(vision, torch.randn(2, 3, 8), mask)
+    b, _, _ = merger(vision, torch.randn(2, 3, 8), mask)
+    assert not torch.allclose(a, b)  # another instruction, other weights
+
+
+def test_set_sparsity_by_hand():
+    from craftvla.prune.merger import set_sparsity
+
+    members = torch.tensor([[[1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]]])
+    weights = torch.tensor([[[0.5, 0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]]])
+    # set 0 uniform (1), set 1 one-hot (0); set 2 has one member and does not count
+    assert set_sparsity(weights, members).item() == pytest.approx(0.5)
+    assert set_sparsity(weights[:, 2:], members[:, 2:]).item() == 0.0  # only single members: nothing to weigh

@@ -118,6 +118,7 @@ def test_three_optimizers_each_with_its_own_lr(setup):
         pruner_lr=3e-3,
         disc_lr=5e-4,
         hidden_dim=16,
+        objective="adversarial",  # the discriminator is the third optimizer
     )
     torch.manual_seed(0)
     policy = VLAPolicy.from_pretrained(cfg.init_from)
@@ -146,13 +147,14 @@ def test_three_optimizers_each_with_its_own_lr(setup):
     assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if n in frozen)
 
 
-def test_stage_one_trains_the_window_merger_from_pooling(setup):
+@pytest.mark.parametrize("merger", ["learned_window", "learned_tome"])
+def test_stage_one_trains_the_window_and_set_mergers_from_their_start(setup, merger):
     root, data = setup
-    out = _train(root, data, 1, out=root / "s1_window", merger="learned_window")
+    out = _train(root, data, 1, out=root / f"s1_{merger}", merger=merger)
     weights = _weights(out / "checkpoints" / "last")
     assert weights["pruning.merger.scores.score.weight"].abs().sum() > 0  # it started at zero: pooling
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["prune/merge_sparsity"] == pytest.approx(1.0)  # uniform windows at the first step
+    assert rows[0]["prune/merge_sparsity"] == pytest.approx(1.0)  # pool's windows / ToMe's sets at the first step
 
 
 @pytest.mark.parametrize(
@@ -160,6 +162,7 @@ def test_stage_one_trains_the_window_merger_from_pooling(setup):
     [
         ("learned_window", "pruning.tower_pool.scores.0.score.weight"),
         ("learned_v2", "pruning.tower_pool.dense.queries"),
+        ("learned_tome", "pruning.tower_pool.scores.0.score.weight"),
     ],
 )
 def test_stage_one_trains_a_learned_merge_inside_the_towers(setup, merger, learned):
@@ -180,8 +183,8 @@ def test_stage_one_trains_a_learned_merge_inside_the_towers(setup, merger, learn
     assert all(torch.equal(before[k], after[k]) for k in before)  # the policy stayed frozen
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["prune/tokens/input"] == 4.0 and 0.0 < rows[0]["prune/merge_sparsity"] <= 1.0
-    if merger == "learned_window":
-        assert rows[0]["prune/merge_sparsity"] == pytest.approx(1.0)  # uniform windows at the first step
+    if merger != "learned_v2":
+        assert rows[0]["prune/merge_sparsity"] == pytest.approx(1.0)  # uniform windows / sets at the first step
     plain = PruningConfig(vision_merge_ratio=0.25)  # nothing learned to train in stage 1
     with pytest.raises(ConfigError, match="learned_window"):
         resolve_pruning(PruneTrainConfig(stage=1, init_from="x"), plain)

@@ -85,6 +85,34 @@ def test_the_dense_learned_merger_in_fused_towers_starts_as_pooling_and_learns_f
     assert len(pool.sparsity) == 4  # one per forward, from the tower that decided (tower 0)
 
 
+def test_learned_tome_in_fused_towers_starts_as_tome_and_weights_the_same_sets_per_tower():
+    vision = _backbone("tiny-dinosiglip")
+    pool = TowerPool(8, 0.25, 0.5, "learned_tome", dims=[32, 32], text_dim=12, hidden_dim=8)
+    tome = TowerPool(8, 0.25, 0.5, "tome")
+    images, text = torch.rand(2, 3, 32, 32), torch.randn(2, 12)
+    with torch.no_grad():
+        assert torch.allclose(vision([images], pool, text), vision([images], tome), atol=1e-5)
+        for scores in pool.scores:  # s_n = tanh(x_n[0]) in each tower's own features
+            scores.vision.weight.copy_(torch.eye(8, 32))
+            scores.vision.bias.zero_()
+            scores.text.weight.zero_()
+            scores.score.weight.copy_(torch.eye(1, 8))
+        out = vision([images], pool, text)
+        first = _by_hand(vision.towers[0], images, -1, None, stop=1)
+        members = ToMeMerger(16)(first, None, None)[1].transpose(1, 2)  # (2, 16, 64): tower 0 decides
+        expected = []
+        for tower in vision.towers:  # each tower weighs the shared sets by its own patches' scores
+            patches = _by_hand(tower, images, -1, None, stop=1)  # (2, 64, 32)
+            scores = torch.tanh(patches[..., :1]).transpose(1, 2)  # (2, 1, 64)
+            weights = scores.masked_fill(members == 0, float("-inf")).softmax(-1)
+            expected.append(_by_hand(tower, images, 1, weights))
+    assert torch.allclose(out, torch.cat(expected, dim=-1), atol=1e-5)
+    assert torch.equal(pool.sources, members.transpose(1, 2))  # each patch reads its set's token
+    vision([images], pool, text).pow(2).mean().backward()
+    assert all(scores.score.weight.grad.abs().sum() > 0 for scores in pool.scores)
+    assert len(pool.sparsity) == 6 and 0.0 < pool.sparsity[-1].detach().item() < 1.0  # one per tower per forward
+
+
 def test_pooling_the_last_block_is_pooling_the_towers_output():
     vision = _backbone("tiny-vit")
     images = [torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)]  # two cameras: pooled per image

@@ -43,9 +43,10 @@ class PruneEvalConfig:
     vision_merge_ratio: Optional[float] = None
     # and the fraction of the towers' blocks that run before that pooling;
     vision_merge_depth: Optional[float] = None
-    # how the towers merge: pool or tome (parameter-free), learned_window (train it: prune train --stage 1);
+    # how the towers merge: pool or tome (parameter-free), learned_window, learned_tome or learned_v2
+    # (train them: prune train --stage 1);
     vision_merger: Optional[str] = None
-    # the merger before the LLM (learned, learned_v2, pool, tome, none).
+    # the merger before the LLM (learned, learned_v2, learned_window, learned_tome, pool, tome, none).
     merger: Optional[str] = None
     # Fraction of the vision tokens the merger keeps.
     merge_ratio: Optional[float] = None

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from craftvla.config import LEARNED_MERGERS
 from craftvla.errors import ConfigError
 
 
@@ -90,13 +91,14 @@ def window_order(groups: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.sort(groups, stable=True).indices, int(size[0])
 
 
-class WindowScores(nn.Module):
-    """Weights within each window from one instruction-aware score per token:
+class GroupScores(nn.Module):
+    """Weights within each group of tokens (a window of neighbouring patches, or one of ToMe's sets)
+    from one instruction-aware score per token:
 
-        s_n = v . tanh(W x_n + U t),   w = softmax over the window of s
+        s_n = v . tanh(W x_n + U t),   w = softmax over the group of s
 
-    windows (B, M, k, D), instruction t (B, D_text) -> (B, M, k, 1). `v` starts at zero: uniform
-    weights, i.e. plain pooling, until trained."""
+    `v` starts at zero: uniform weights, i.e. each group's plain average, until trained. Scoring is
+    O(N h), once per token, never per pair."""
 
     def __init__(self, dim: int, text_dim: int, hidden_dim: int = 64):
         super().__init__()
@@ -105,9 +107,31 @@ class WindowScores(nn.Module):
         self.score = nn.Linear(hidden_dim, 1, bias=False)
         nn.init.zeros_(self.score.weight)
 
+    def logits(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """tokens (B, ..., D), instruction t (B, D_text) -> scores s (B, ..., 1)."""
+        instruction = self.text(text).view(text.shape[0], *[1] * (tokens.dim() - 2), -1)  # (B, 1.., h)
+        return self.score(torch.tanh(self.vision(tokens) + instruction))
+
     def forward(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        hidden = torch.tanh(self.vision(windows) + self.text(text)[:, None, None])  # (B, M, k, h)
-        return self.score(hidden).softmax(dim=2)
+        """windows (B, M, k, D), t (B, D_text) -> each window's weights (B, M, k, 1)."""
+        return self.logits(windows, text).softmax(dim=2)
+
+    def within_sets(self, tokens: torch.Tensor, members: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, D), members (B, M, N) (> 0 where token n is in set m; every set non-empty),
+        t (B, D_text) -> weights (B, M, N): each set's softmax of its members' scores, 0 elsewhere."""
+        scores = self.logits(tokens, text).transpose(1, 2)  # (B, 1, N)
+        return scores.masked_fill(members <= 0, float("-inf")).softmax(dim=-1)
+
+
+def set_sparsity(weights: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """Weights within sets (B, M, N) -> the mean over sets of more than one token of entropy / log(size):
+    0 = each merged token copies one member, 1 = its members' plain average."""
+    size = (members > 0).sum(dim=-1).to(weights.dtype)  # (B, M)
+    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)
+    several = size > 1
+    if not bool(several.any()):
+        return weights.new_zeros(())
+    return (entropy[several] / size[several].log()).mean()
 
 
 class TowerPool(nn.Module):
@@ -116,15 +140,17 @@ class TowerPool(nn.Module):
     and the LLM run on M of the N patches. How (`merger`):
 
     - "pool": average windows of neighbouring patches (`PoolMerger`'s windows);
-    - "learned_window": weight each window by the instruction (a `WindowScores` per tower, each
+    - "learned_window": weight each window by the instruction (a `GroupScores` per tower, each
       tower's width in `dims`, the instruction `text_dim` wide), starting as the average;
     - "tome": ToMe's bipartite matching decides which patches merge (`ToMeMerger`; each merged token
       is its patches' mean);
+    - "learned_tome": ToMe's sets, weighted within each set by the instruction (a `GroupScores` per
+      tower), starting as "tome";
     - "learned_v2": the instruction-aware dense merger (`LearnableTokenMergerV2`, keys from the
       first tower's patches), starting as the window average; each merged token a weighted mean.
 
-    "tome" and "learned_v2" decide from the first tower's patches and every tower merges alike, so
-    fused features stay aligned patch for patch (as the fixed windows do). No proportional attention
+    "tome", "learned_tome" and "learned_v2" decide from the first tower's patches and every tower
+    merges the same sets, so fused features stay aligned patch for patch (as the fixed windows do). No proportional attention
     (ToMe's log-size bias) in the blocks after it.
 
         (B, P + N, D) -> (B, P + M, D) at block `block(num_blocks)`"""
@@ -146,15 +172,15 @@ class TowerPool(nn.Module):
         self.register_buffer("windows", slot_sources(groups), persistent=False)  # (1, N, M)
         self.depth, self.kind = depth, merger
         self.num_out = len(order) // self.window  # M per image
-        self.tome = ToMeMerger(self.num_out) if merger == "tome" else None
-        self.scores = None  # learned_window: one WindowScores per tower
-        if merger == "learned_window":
-            self.scores = nn.ModuleList(WindowScores(dim, text_dim, hidden_dim) for dim in dims)
+        self.tome = ToMeMerger(self.num_out) if merger in ("tome", "learned_tome") else None
+        self.scores = None  # learned_window / learned_tome: one GroupScores per tower
+        if merger in ("learned_window", "learned_tome"):
+            self.scores = nn.ModuleList(GroupScores(dim, text_dim, hidden_dim) for dim in dims)
         self.dense = (
             LearnableTokenMergerV2(dims[0], groups, hidden_dim, text_dim=text_dim) if merger == "learned_v2" else None
         )
         self.sparsity: list[torch.Tensor] = []  # learned: each tower's merge sparsity in the last forward
-        self.weights: Optional[torch.Tensor] = None  # tome / learned_v2: the last forward's (n_img * B, M, N)
+        self.weights: Optional[torch.Tensor] = None  # decided merges: the last forward's (n_img * B, M, N)
 
     @property
     def sources(self) -> torch.Tensor:
@@ -164,7 +190,7 @@ class TowerPool(nn.Module):
 
     def instruction(self, text: torch.Tensor, text_mask: torch.Tensor) -> Optional[torch.Tensor]:
         """What `forward` reads of the instruction: its mean token (B, D_text) when learned, else None."""
-        return mean_instruction(text, text_mask) if self.kind in ("learned_window", "learned_v2") else None
+        return mean_instruction(text, text_mask) if self.kind in LEARNED_MERGERS else None
 
     def block(self, num_blocks: int) -> int:
         """Index of the block after which a tower running `num_blocks` blocks pools (>= 1 block unpooled)."""
@@ -174,15 +200,19 @@ class TowerPool(nn.Module):
         self, tokens: torch.Tensor, prefix: int, tower: int = 0, text: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """tokens (n_img * B, P + N, D), text (B, D_text) the mean instruction (learned only)."""
-        if self.kind in ("learned_window", "learned_v2"):
+        if self.kind in LEARNED_MERGERS:
             if text is None:
                 raise ValueError(f"a {self.kind} TowerPool needs the instruction (text)")
             text = text.repeat(tokens.shape[0] // text.shape[0], 1)  # cameras are stacked on the batch axis
-        if self.kind in ("tome", "learned_v2"):
+        if self.kind in ("tome", "learned_tome", "learned_v2"):
+            patches = tokens[:, prefix:]
             if tower == 0:
-                self.weights = self._decide(tokens[:, prefix:], text)
-            merged = self.weights.to(tokens.dtype) @ tokens[:, prefix:]
-            return torch.cat([tokens[:, :prefix], merged], dim=1)
+                self.weights = self._decide(patches, text)
+            weights = self.weights
+            if self.kind == "learned_tome":  # the same sets, each tower's own weights within them
+                weights = self.scores[tower].within_sets(patches, self.weights, text)
+                self.sparsity.append(set_sparsity(weights, self.weights))
+            return torch.cat([tokens[:, :prefix], weights.to(tokens.dtype) @ patches], dim=1)
         windows = tokens[:, prefix:][:, self.order].unflatten(1, (-1, self.window))  # (n_img * B, M, k, D)
         if self.scores is None:
             merged = windows.mean(dim=2)
@@ -255,7 +285,7 @@ class LearnableTokenMergerV2(LearnableTokenMerger):
 
 class WindowScoreMerger(nn.Module):
     """Score once, merge locally: each output averages its own window of patches (`pool`'s windows),
-    weighted by `WindowScores` (a softmax over the window of one instruction-aware score per patch).
+    weighted by `GroupScores` (a softmax over the window of one instruction-aware score per patch).
     Scoring is O(N h) and merging O(N D), the cost of `pool` plus one small projection, where the dense
     merger's (M, N) slot-by-patch weights grow with N^2; it starts as `pool`."""
 
@@ -264,13 +294,31 @@ class WindowScoreMerger(nn.Module):
         order, self.window = window_order(groups)
         self.register_buffer("order", order, persistent=False)  # window-major
         self.register_buffer("sources", slot_sources(groups), persistent=False)  # (1, N, M)
-        self.scores = WindowScores(dim, dim, hidden_dim)
+        self.scores = GroupScores(dim, dim, hidden_dim)
 
     def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), (1, N, M), stats
         windows = vision[:, self.order].unflatten(1, (-1, self.window))  # (B, M, k, D)
         weights = self.scores(windows, mean_instruction(text, text_mask))  # (B, M, k, 1)
         merged = (weights * windows).sum(dim=2)
         return merged, self.sources, {"merge_sparsity": normalised_entropy(weights.squeeze(-1))}
+
+
+class ToMeSetMerger(nn.Module):
+    """ToMe decides, a score weighs: ToMe's bipartite matching picks which tokens merge (parameter-free,
+    no gradient), and each merged token is a softmax-weighted average of its set by `GroupScores`
+    (one instruction-aware score per token) instead of the plain mean. The scores start at zero, so
+    the untrained merger is `ToMeMerger`. (B, N, D) -> (B, M, D); one-hot sources (ToMe's sets)."""
+
+    def __init__(self, dim: int, num_out: int, hidden_dim: int = 64):
+        super().__init__()
+        self.tome = ToMeMerger(num_out)
+        self.scores = GroupScores(dim, dim, hidden_dim)
+
+    def forward(self, vision, text, text_mask):  # (B, N, D), (B, T, D), (B, T) -> (B, M, D), (B, N, M), stats
+        sources = self.tome(vision.detach(), None, None)[1]  # (B, N, M) one-hot
+        members = sources.transpose(1, 2)  # (B, M, N)
+        weights = self.scores.within_sets(vision, members, mean_instruction(text, text_mask))
+        return weights @ vision, sources, {"merge_sparsity": set_sparsity(weights, members)}
 
 
 class ToMeMerger(nn.Module):

@@ -27,6 +27,7 @@ from craftvla.prune.merger import (
     LearnableTokenMergerV2,
     PoolMerger,
     ToMeMerger,
+    ToMeSetMerger,
     TowerPool,
     WindowScoreMerger,
     merged_count,
@@ -150,8 +151,9 @@ def _build_tower_pool(cfg: PruningConfig, vision, text_dim: int) -> Optional[Tow
 def _build_merger(cfg: PruningConfig, dim: int, num_cameras: int, patches: int) -> Optional[nn.Module]:
     if cfg.merger == "none":
         return None
-    if cfg.merger == "tome":
-        return ToMeMerger(merged_count(num_cameras * patches, cfg.merge_ratio))
+    if cfg.merger in ("tome", "learned_tome"):
+        num_out = merged_count(num_cameras * patches, cfg.merge_ratio)
+        return ToMeMerger(num_out) if cfg.merger == "tome" else ToMeSetMerger(dim, num_out, cfg.hidden_dim)
     grid = math.isqrt(patches)
     if grid * grid != patches:
         raise ConfigError(
