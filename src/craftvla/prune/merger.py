@@ -128,10 +128,9 @@ def set_sparsity(weights: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     0 = each merged token copies one member, 1 = its members' plain average."""
     size = (members > 0).sum(dim=-1).to(weights.dtype)  # (B, M)
     entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)
-    several = size > 1
-    if not bool(several.any()):
-        return weights.new_zeros(())
-    return (entropy[several] / size[several].log()).mean()
+    several = (size > 1).to(weights.dtype)  # masked, not indexed: no host sync on a GPU
+    ratio = entropy / size.log().clamp_min(1e-12)
+    return (ratio * several).sum() / several.sum().clamp_min(1.0)
 
 
 class TowerPool(nn.Module):
