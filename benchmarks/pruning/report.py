@@ -87,8 +87,9 @@ def budget_plot(unpruned: dict, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
-    cmap = plt.get_cmap("tab10")
-    for i, method in enumerate(sorted({r["method"] for r in rows})):
+    methods = sorted({r["method"] for r in rows})
+    colour = _colours(plt, methods)
+    for method in methods:
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
         if len(mine) < 2:
             continue  # an ablation at one budget is a point, not a curve (it is in the table)
@@ -96,8 +97,9 @@ def budget_plot(unpruned: dict, rows: list[dict], path: Path) -> None:
         bounds = [wilson_interval(r["success"], r["episodes"]) for r in mine]
         ys = [r["success"] for r in mine]
         yerr = [[y - lo for y, (lo, _) in zip(ys, bounds)], [hi - y for y, (_, hi) in zip(ys, bounds)]]
-        ax_s.errorbar(xs, ys, yerr=yerr, color=cmap(i % 10), marker="o", capsize=3, label=method)
-        ax_l.plot(xs, [r["l1"] for r in mine], color=cmap(i % 10), marker="o", label=method)
+        style = {"color": colour[method], "marker": "o", "ls": "--" if method.endswith("_vit") else "-"}
+        ax_s.errorbar(xs, ys, yerr=yerr, capsize=3, label=method, **style)  # dashed: inside the towers
+        ax_l.plot(xs, [r["l1"] for r in mine], label=method, **style)
     if unpruned:
         ax_s.axhline(unpruned["success"], color="black", ls="--", lw=1, label="unpruned")
         ax_l.axhline(unpruned["l1"], color="black", ls="--", lw=1, label="unpruned")
@@ -107,17 +109,24 @@ def budget_plot(unpruned: dict, rows: list[dict], path: Path) -> None:
     _finish(fig, (ax_s, ax_l), "budget: fraction of the vision tokens kept", title, path)
 
 
+def _colours(plt, methods: list[str]) -> dict:
+    """One distinct colour per method (tab20 once there are more than ten)."""
+    cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    return {method: cmap(i % cmap.N) for i, method in enumerate(methods)}
+
+
 def _finish(fig, axes, xlabel: str, title: str, path: Path) -> None:
-    """Label the (success, L1) panels, legend the first, save the figure and close it."""
+    """Label the (success, L1) panels, legend the first beside them, save the figure and close it."""
     import matplotlib.pyplot as plt
 
     for ax, ylabel in zip(axes, ("closed-loop success (bars: 95% CI)", "held-out action L1 (lower is better)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right")  # beside the panels, off the curves
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -135,13 +144,13 @@ def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path, tokens: in
 
     fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
     markers = {0.5: "o", 0.25: "s", 0.125: "^", 0.0625: "v", 0.03125: "D"}
-    cmap = plt.get_cmap("tab10")
+    colour = _colours(plt, sorted({r["method"] for r in rows}))
 
     def x_of(name: str, row: dict) -> float:
         ms = _ms(latency, name, size)
         return ms if ms is not None else row["flops"] / 1e6
 
-    for i, method in enumerate(sorted({r["method"] for r in rows})):
+    for method in colour:
         for row in (r for r in rows if r["method"] == method):
             x = x_of(_timed_as(row), row)
             low, high = wilson_interval(row["success"], row["episodes"]) if "episodes" in row else (row["success"],) * 2
@@ -149,7 +158,7 @@ def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path, tokens: in
                 [x],
                 [row["success"]],
                 yerr=[[row["success"] - low], [high - row["success"]]],
-                color=cmap(i % 10),
+                color=colour[method],
                 alpha=0.35,
                 capsize=2,
                 fmt="none",
@@ -158,7 +167,7 @@ def plot(unpruned: dict, rows: list[dict], latency: dict, path: Path, tokens: in
                 ax.scatter(
                     [x],
                     [y],
-                    color=cmap(i % 10),
+                    color=colour[method],
                     marker=markers.get(row["budget"], "x"),
                     s=50,
                     label=method if row["budget"] == 0.25 and ax is ax_s else None,
