@@ -5,9 +5,9 @@
 A whole chunk of the `vla-adapter-qwen2.5-0.5b` preset takes 7-11 s on this CPU and its round medians
 spread by 5-30 %, so the 0.1 GFLOPs a learned merger adds cannot show in `real_shapes.py`. Here the
 `TowerPool` of each merger (`pool`, `tome`, `learned_tome`, `learned_window`, `learned_v2`) runs by
-itself on the towers' real shapes (2 cameras stacked on the batch axis, a prefix token and 16 x 16
-patches, DINOv2's then SigLIP's width, the LLM's width for the instruction): tower 0 (which decides
-the sets), then tower 1, as the policy calls it. `--rounds` rounds time every merger (median of
+itself on the towers' real shapes (2 cameras stacked on the batch axis, 16 x 16 patches, DINOv2's
+width with its 5 prefix tokens, then SigLIP's; the LLM's width for the instruction): tower 0 (which
+decides the sets), then tower 1, as the policy calls it. `--rounds` rounds time every merger (median of
 `--repeats` calls after a warm-up) in an order rotated by one place per round; a merger's latency is
 the median of its round medians. Results: results/merge_step_cpu.json.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,52 +28,42 @@ RATIOS = (0.5, 0.25, 0.125)
 
 
 def shapes(preset: str) -> dict:
-    """The towers' widths, the patch grid and the instruction width of `preset`'s policy."""
-    import torch
+    """The towers' widths and prefix tokens, the patch grid, the cameras and the instruction width of
+    `preset` (only its vision towers are built)."""
+    from craftvla import VLAConfig
+    from craftvla.model.vision import VisionBackbone
 
-    from craftvla import VLAConfig, VLAPolicy
-
-    torch.manual_seed(0)
     cfg = VLAConfig.preset(preset)
-    policy = VLAPolicy(cfg)
-    vision = policy.vision
+    vision = VisionBackbone(cfg.vision)
     return {
         "dims": [tower.embed_dim for tower in vision.towers],
+        "prefixes": [tower.model.num_prefix_tokens for tower in vision.towers],
         "grid": int(round(vision.num_patches**0.5)),
-        "text_dim": policy.llm.hidden_size,
+        "text_dim": cfg.llm.hidden_size,
         "images": len(cfg.camera_keys),
     }
 
 
 def merge_call(kind: str, ratio: float, shape: dict):
-    """A function that merges both towers' tokens once, as the policy does (no gradient)."""
+    """A function that merges both towers' tokens once, as the policy does (tower 0 decides)."""
     import torch
 
     from craftvla.prune.merger import TowerPool
 
+    torch.manual_seed(0)
     pool = TowerPool(shape["grid"], ratio, 0.33, kind, shape["dims"], shape["text_dim"]).eval()
     n = shape["grid"] ** 2
-    tokens = [torch.randn(shape["images"], 1 + n, d) for d in shape["dims"]]  # (cameras * B, P + N, D)
+    tokens = [
+        torch.randn(shape["images"], p + n, d) for p, d in zip(shape["prefixes"], shape["dims"])
+    ]  # (cameras * B, P + N, D)
     text = torch.randn(1, shape["text_dim"])
 
     def call():
-        with torch.no_grad():
-            for tower, x in enumerate(tokens):
-                pool(x, 1, tower, text)
-            pool.sparsity.clear()
+        for tower, (prefix, x) in enumerate(zip(shape["prefixes"], tokens)):
+            pool(x, prefix, tower, text)
+        pool.sparsity.clear()
 
     return call
-
-
-def median_ms(call, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def main(argv: list[str]) -> int:
@@ -87,13 +76,15 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from craftvla.model.speed import call_latency
+
     torch.set_num_threads(args.threads)
     shape = shapes(args.preset)
     calls = {f"{kind}__b{ratio:g}": merge_call(kind, ratio, shape) for ratio in RATIOS for kind in KINDS}
     names, rounds = list(calls), []
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
-        rounds.append({name: median_ms(calls[name], args.repeats, 5) for name in order})
+        rounds.append({name: call_latency(calls[name], 5, args.repeats)["median_ms"] for name in order})
         print(f"round {r + 1}/{args.rounds}", flush=True)
     rows = {name: statistics.median(t[name] for t in rounds) for name in names}
     write_json(Path(args.out), {"setup": vars(args) | shape, "median_ms": rows, "rounds": rounds})

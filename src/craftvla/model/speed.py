@@ -40,13 +40,19 @@ def chunk_flops(policy, batch: dict) -> int:
 def chunk_latency(policy, batch: dict, warmup: int = 5, repeats: int = 20) -> dict[str, float]:
     """Per-call wall-clock of `predict_action_chunk(batch)`: median, 10th and 90th percentile (ms)."""
     cuda = next(policy.parameters()).is_cuda
+    return call_latency(lambda: policy.predict_action_chunk(batch), warmup, repeats, cuda)
+
+
+def call_latency(call, warmup: int = 5, repeats: int = 20, cuda: bool = False) -> dict[str, float]:
+    """Per-call wall-clock of `call()` without gradients (synchronised around each call on CUDA):
+    median, 10th and 90th percentile (ms) of `repeats` calls after `warmup`."""
     times = []
     with torch.no_grad():
         for i in range(warmup + repeats):
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            policy.predict_action_chunk(batch)
+            call()
             if cuda:
                 torch.cuda.synchronize()
             if i >= warmup:
